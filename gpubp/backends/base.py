@@ -1,0 +1,117 @@
+"""The backend interface: the kernel set of SPEC section 3 and the few array utilities around it.
+
+Layers, losses and optimizers are written once against this class; the numpy, cupy and numba backends each
+implement it. Arrays are the backend's own (numpy.ndarray, cupy.ndarray, numba DeviceNDArray), C-contiguous,
+of the model's dtype (float32 or float64). Every op writes into the output buffers it is given and allocates
+nothing, so that a train step at a fixed batch size allocates nothing after its first call.
+
+Shapes (rows are samples):  A_prev (N, in)   W (out, in)   b (out,)   Z, A, dA, delta (N, out)
+
+    dense_forward   Z = A_prev · Wᵀ + b,  A = g(Z)
+    activation_mask δ = dA ⊙ g'(Z)
+    weight_grad     dW = δᵀ · A_prev,  db = Σₙ δₙ          (overwrite, or += when accumulate=True)
+    input_grad      dA_prev = δ · W
+    loss_grad       L = loss(F(Z), y),  δ = ∂L/∂Z          (output activation, loss and its gradient, fused)
+    sgd_update      θ ← θ − η·(PyTorch SGD direction)      (in place, over the whole flat buffer)
+    adam_update     θ ← θ − η·m̂/(√v̂ + ε)                   (in place, over the whole flat buffer)
+
+Activations and losses are passed as the integer ids of gpubp.activations and gpubp.losses.
+"""
+
+
+class Backend:
+    """Base class; a backend sets `name` and implements every method below."""
+
+    name = "base"
+
+    def __init__(self, deterministic=False):
+        # deterministic=True: every op must give bit-identical results run to run (no atomics in reductions).
+        self.deterministic = bool(deterministic)
+
+    # ---- arrays ------------------------------------------------------------------------------------------
+    def empty(self, shape, dtype):
+        """An uninitialised C-contiguous device array."""
+        raise NotImplementedError
+
+    def zeros(self, shape, dtype):
+        raise NotImplementedError
+
+    def is_device_array(self, x):
+        """True when `x` is an array this backend uses without a host round trip."""
+        raise NotImplementedError
+
+    def asarray(self, x, dtype):
+        """`x` (numpy or a device array of this backend) as a C-contiguous device array of `dtype`; no copy when
+        it already is one."""
+        raise NotImplementedError
+
+    def copy_into(self, dst, src):
+        """dst[...] = src, where src is a numpy array or a device array of the same shape; cast to dst's dtype."""
+        raise NotImplementedError
+
+    def to_numpy(self, x):
+        """A numpy copy of a device array (synchronises)."""
+        raise NotImplementedError
+
+    def view(self, flat, offset, shape):
+        """A view of `flat[offset : offset + prod(shape)]` with `shape` (the per-layer views of a flat buffer)."""
+        raise NotImplementedError
+
+    def all_finite(self, x):
+        """True when every element of `x` is finite (a host bool; synchronises)."""
+        raise NotImplementedError
+
+    def one_hot(self, labels, classes, out):
+        """out[n, :] = 0, out[n, labels[n]] = 1. `labels` is an integer numpy or device array of shape (N,)."""
+        raise NotImplementedError
+
+    def synchronize(self):
+        """Wait until every launched op has finished (for timing)."""
+
+    # ---- the kernel set ----------------------------------------------------------------------------------
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+        """Z = A_prev · Wᵀ + b and A = g(Z) (b may be None: no bias). Z is kept for backward; where
+        act == IDENTITY, A may be the same array as Z."""
+        raise NotImplementedError
+
+    def activation_mask(self, dA, Z, A, act, alpha, delta):
+        """δ = dA ⊙ g'(Z). delta may be the same array as dA."""
+        raise NotImplementedError
+
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+        """dW (=|+=) δᵀ · A_prev, db (=|+=) Σₙ δₙ (db may be None: no bias)."""
+        raise NotImplementedError
+
+    def input_grad(self, delta, W, dA_prev):
+        """dA_prev = δ · W."""
+        raise NotImplementedError
+
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+        """The fused output step. From the output layer's pre-activation Z (N, out) and targets y (N, out):
+        A = F(Z) (the prediction), loss_out[0] = L, delta = ∂L/∂Z. The forms (SPEC section 1):
+            MSE        L = (1/N) Σₙ ½‖F(Zₙ) − yₙ‖²       δ = (A − y)/N ⊙ F'(Z)
+            BCE        (act must be SIGMOID) L = mean over N·out of BCE-with-logits   δ = (σ(Z) − y)/(N·out)
+            SOFTMAX_CE (act must be IDENTITY) L = (1/N) Σₙ −Σₖ yₙₖ log softmax(Zₙ)ₖ    δ = (softmax(Z) − y)/N
+        loss_out is a device array of shape (1,) in the model's dtype."""
+        raise NotImplementedError
+
+    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
+        """torch.optim.SGD's rule over the flat buffers, in place; `step` is a device int64 array of shape (1,),
+        the number of updates done so far, which this op increments:
+            g = grad + wd·θ
+            if momentum: b = g when step == 0 else μ·b + (1 − dampening)·g;  g = g + μ·b if nesterov else b
+            θ = θ − lr·g"""
+        raise NotImplementedError
+
+    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        """torch.optim.Adam's rule over the flat buffers, in place; t = step[0] + 1 and step[0] is set to t:
+            g = grad + wd·θ;  m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²
+            θ = θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)"""
+        raise NotImplementedError
+
+    # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------
+    def run_step(self, key, fn):
+        """Run `fn()`, a closure that launches a fixed sequence of ops on fixed buffers. `key` identifies that
+        sequence (shapes, loss, optimizer settings): a GPU backend may capture it once as a CUDA graph and
+        replay it for later calls with the same key. The default runs it eagerly."""
+        fn()
