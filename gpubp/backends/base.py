@@ -49,6 +49,16 @@ class Backend:
         """dst[...] = src, where src is a numpy array or a device array of the same shape; cast to dst's dtype."""
         raise NotImplementedError
 
+    def stage(self, x, buf):
+        """`x` itself when it is a C-contiguous device array of buf's dtype and shape (used in place, no copy);
+        otherwise x copied into `buf`, and `buf`."""
+        flags = getattr(x, "flags", None)
+        if (self.is_device_array(x) and x.dtype == buf.dtype and tuple(x.shape) == tuple(buf.shape)
+                and flags is not None and flags["C_CONTIGUOUS"]):
+            return x
+        self.copy_into(buf, x)
+        return buf
+
     def to_numpy(self, x):
         """A numpy copy of a device array (synchronises)."""
         raise NotImplementedError
@@ -112,6 +122,8 @@ class Backend:
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------
     def run_step(self, key, fn):
         """Run `fn()`, a closure that launches a fixed sequence of ops on fixed buffers. `key` identifies that
-        sequence (shapes, loss, optimizer settings): a GPU backend may capture it once as a CUDA graph and
-        replay it for later calls with the same key. The default runs it eagerly."""
+        sequence (shapes, loss, optimizer settings, and the buffers it reads): a GPU backend may capture it once
+        as a CUDA graph and replay it for later calls with the same key. key None: the closure reads buffers
+        that may differ from call to call (a caller's device array used in place), so it must run eagerly.
+        The default always runs it eagerly."""
         fn()
