@@ -53,3 +53,17 @@ def loss_grad(loss, act, alpha, Z, y, A, delta):
     else:
         raise ValueError(f"unknown loss id {loss}")
     return value
+
+
+def accuracy_applies(loss):
+    return loss in (BCE, SOFTMAX_CE)
+
+
+def accuracy(loss, A, Y):
+    """The fraction of right answers, from predictions A and float targets Y (N, out), numpy; None for mse.
+    bce: every output thresholded at 0.5; softmax_ce: the arg-max class."""
+    if loss == BCE:
+        return float(np.mean((A > 0.5) == (Y > 0.5)))
+    if loss == SOFTMAX_CE:
+        return float(np.mean(A.argmax(axis=1) == Y.argmax(axis=1)))
+    return None

@@ -1,0 +1,67 @@
+"""Dense: the one layer of an MLP. Forward and backward side by side, as the seed's equations.
+
+    forward   Z = A_prev · Wᵀ + b        A = g(Z)
+    backward  δ = dA ⊙ g'(Z)             dW = δᵀ · A_prev     db = Σₙ δₙ     dA_prev = δ · W
+
+W (out, in) and b (out,) are views into the model's flat parameter buffer, dW and db views into its flat
+gradient buffer; the network binds them (Sequential._bind) once the backend is known.
+"""
+import math
+import numbers
+
+from . import activations as acts
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+class Dense:
+    def __init__(self, n_in, n_out, activation="identity", bias=True, alpha=acts.DEFAULT_ALPHA):
+        self.n_in = _positive_int(n_in, "Dense n_in")
+        self.n_out = _positive_int(n_out, "Dense n_out")
+        self.activation = activation
+        self.act = acts.activation_id(activation)
+        if not isinstance(bias, bool):
+            raise TypeError(f"Dense bias: expected True or False, got {bias!r}")
+        self.bias = bias
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"Dense alpha: expected a finite number, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.W = self.b = self.dW = self.db = None
+
+    def param_shapes(self):
+        """[(name, shape)] in the order they sit in the flat buffers."""
+        shapes = [("W", (self.n_out, self.n_in))]
+        if self.bias:
+            shapes.append(("b", (self.n_out,)))
+        return shapes
+
+    def init_params(self, rng):
+        """PyTorch's nn.Linear default: W and b drawn from U(−1/√in, 1/√in)."""
+        bound = 1.0 / math.sqrt(self.n_in)
+        return {name: rng.uniform(-bound, bound, size=shape) for name, shape in self.param_shapes()}
+
+    def forward(self, be, A_prev, Z, A):
+        """Z = A_prev · Wᵀ + b,  A = g(Z)."""
+        be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A)
+
+    def backward(self, be, A_prev, Z, A, G, dA_prev, masked):
+        """G holds dA on entry (or δ already, when `masked`: the output layer, whose loss fused g').
+        δ = dA ⊙ g'(Z) in place in G; dW = δᵀ · A_prev; db = Σₙ δₙ; dA_prev = δ · W unless dA_prev is None
+        (the first layer: nobody needs the gradient of the input)."""
+        if not masked:
+            be.activation_mask(G, Z, A, self.act, self.alpha, G)
+        be.weight_grad(G, A_prev, self.dW, self.db)
+        if dA_prev is not None:
+            be.input_grad(G, self.W, dA_prev)
+
+    def config(self):
+        return {"n_in": self.n_in, "n_out": self.n_out, "activation": self.activation, "bias": self.bias,
+                "alpha": self.alpha}
+
+    def __repr__(self):
+        return (f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}"
+                + ("" if self.bias else ", bias=False") + ")")

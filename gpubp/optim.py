@@ -1,0 +1,122 @@
+"""Optimizers: PyTorch's SGD and Adam rules, their state in flat buffers, one backend launch per step.
+
+The base class owns validation, the step counter and the state's save/restore; each subclass names its state
+buffers and makes one backend call (tinygrad's shape: one `_update` per optimizer)."""
+import json
+import math
+import numbers
+
+import numpy as np
+
+
+def _number(value, what, low=None, high=None, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    value = float(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{what}: expected a value {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{what}: expected a value {'<' if high_open else '<='} {high}, got {value!r}")
+    return value
+
+
+class Optimizer:
+    state_names = ()   # flat state buffers, each the size of the parameter buffer
+
+    def __init__(self, net, lr):
+        from .network import Sequential
+        if not isinstance(net, Sequential):
+            raise TypeError(f"{type(self).__name__}: expected a gpubp.Sequential as first argument, got {type(net).__name__}")
+        self.net = net
+        self.lr = _number(lr, f"{type(self).__name__} lr", 0.0, low_open=True)
+        be = net.backend
+        self.state = {name: be.zeros((net.layout.size,), net.dtype) for name in self.state_names}
+        self.step_count = be.zeros((1,), np.int64)   # on the device: a captured step reads and bumps it
+        net.optimizer = self
+
+    def step(self):
+        """θ ← update(θ, ∇θ) over the whole flat buffer, in place."""
+        self._update(self.net.backend, self.net.params, self.net.grads)
+
+    def _update(self, be, params, grads):
+        raise NotImplementedError
+
+    @property
+    def steps_taken(self):
+        return int(self.net.backend.to_numpy(self.step_count)[0])
+
+    def config(self):
+        raise NotImplementedError
+
+    def key(self):
+        """What a captured update depends on besides the buffers (settings are baked into the launch)."""
+        return type(self).__name__ + json.dumps(self.config(), sort_keys=True)
+
+    def state_arrays(self):
+        """{name: numpy copy} of the state, for a checkpoint."""
+        be = self.net.backend
+        arrays = {name: be.to_numpy(buf) for name, buf in self.state.items()}
+        arrays["step"] = be.to_numpy(self.step_count)
+        return arrays
+
+    def load_state_arrays(self, arrays):
+        be = self.net.backend
+        for name in self.state_names:
+            be.copy_into(self.state[name], arrays[name])
+        be.copy_into(self.step_count, arrays["step"])
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: g = ∇θ + wd·θ; b = g (first step) or μ·b + (1 − dampening)·g;
+    g = g + μ·b (Nesterov) or b;  θ ← θ − lr·g."""
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, net, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0):
+        self.momentum = _number(momentum, "SGD momentum", 0.0)
+        self.weight_decay = _number(weight_decay, "SGD weight_decay", 0.0)
+        self.dampening = _number(dampening, "SGD dampening")
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"SGD nesterov: expected True or False, got {nesterov!r}")
+        if nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(f"SGD nesterov: needs momentum > 0 and dampening = 0 (as torch.optim.SGD), "
+                             f"got momentum={momentum!r}, dampening={dampening!r}")
+        self.nesterov = nesterov
+        super().__init__(net, lr)
+
+    def _update(self, be, params, grads):
+        be.sgd_update(params, grads, self.state["momentum_buffer"], self.step_count, self.lr, self.momentum,
+                      self.dampening, self.weight_decay, self.nesterov)
+
+    def config(self):
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "nesterov": self.nesterov, "dampening": self.dampening}
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam: g = ∇θ + wd·θ; m = β1·m + (1 − β1)·g; v = β2·v + (1 − β2)·g²;
+    θ ← θ − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, net, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Adam betas: expected a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_number(betas[0], "Adam betas[0]", 0.0, 1.0, high_open=True),
+                      _number(betas[1], "Adam betas[1]", 0.0, 1.0, high_open=True))
+        self.eps = _number(eps, "Adam eps", 0.0)
+        self.weight_decay = _number(weight_decay, "Adam weight_decay", 0.0)
+        super().__init__(net, lr)
+
+    def _update(self, be, params, grads):
+        be.adam_update(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"], self.step_count,
+                       self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay)
+
+    def config(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+
+OPTIMIZERS = {"SGD": SGD, "Adam": Adam}
