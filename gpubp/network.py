@@ -392,6 +392,7 @@ class Sequential:
         return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path, extra=None):
+        """Checkpoint to `path` (atomic); `extra`: a JSON-able dict returned by gpubp.load as net.extra."""
         from .serialize import save
-        save(self, path)
+        save(self, path, extra=extra)

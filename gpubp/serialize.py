@@ -2,7 +2,10 @@
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
 Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, seed, deterministic, steps, rng state,
-       optimizer type and config)  params (flat)  opt.<state name> (flat)  opt.step (int64, (1,))
+       optimizer type and config, extra)  params (flat)  opt.<state name> (flat)  opt.step (int64, (1,))
+
+`extra` is the caller's own JSON-able metadata (the command line keeps its preprocessing there); load returns
+it as net.extra ({} when none was saved), and saving a loaded model again keeps it.
 """
 import json
 import os
@@ -17,10 +20,19 @@ from .params import FlatLayout
 FORMAT = "gpubp-checkpoint-1"
 
 
-def save(net, path):
+def save(net, path, extra=None):
     """Write the checkpoint atomically: a temporary file beside `path`, then a rename, so an interrupted save
-    never leaves a half-written checkpoint in its place."""
+    never leaves a half-written checkpoint in its place. `extra`: a JSON-able dict kept with the model
+    (default: net.extra, where a loaded model has one)."""
     path = os.fspath(path)
+    extra = getattr(net, "extra", None) if extra is None else extra
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra: expected a dict of JSON-able metadata, got {type(extra).__name__}")
+        try:
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"extra: expected JSON-able metadata ({exc})") from None
     meta = {
         "layers": [layer.config() for layer in net.layers],
         "dtype": net.dtype.name,
@@ -29,6 +41,7 @@ def save(net, path):
         "steps": net.steps,
         "rng": net.rng.bit_generator.state,
         "optimizer": None,
+        "extra": extra or {},
     }
     arrays = {"format": np.array(FORMAT), "params": net.backend.to_numpy(net.params)}
     if net.optimizer is not None:
@@ -116,6 +129,9 @@ def load(path, backend="auto"):
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     net.backend.copy_into(net.params, params)
     net.steps = steps
+    net.extra = meta.get("extra") or {}
+    if not isinstance(net.extra, dict):
+        raise _bad(path, f"its extra metadata is not a dict ({type(net.extra).__name__})")
     if opt_meta is not None:
         config = dict(opt_meta.get("config") or {})
         if "betas" in config:
