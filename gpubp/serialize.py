@@ -93,13 +93,17 @@ def load(path, backend="auto"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    # We open the file ourselves: np.load leaves its own handle open when a truncated archive makes it fail.
+    fh = open(path, "rb")
     try:
-        npz = np.load(path, allow_pickle=False)
+        npz = np.load(fh, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        fh.close()
         raise _bad(path, f"cannot be read as .npz ({type(exc).__name__}: {exc}); truncated or another format?") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
+        fh.close()
         raise _bad(path, "it is a single .npy array, not an .npz archive")
-    with npz:
+    with fh, npz:
         fmt = _read(npz, path, "format", (), "U")
         if str(fmt) != FORMAT:
             raise _bad(path, f"format is {str(fmt)!r}, expected {FORMAT!r}")
