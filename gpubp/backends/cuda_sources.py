@@ -1,0 +1,89 @@
+"""The CUDA sources of the cupy backend as NVRTC compiles them: one place that says, per kernels/*.cu file,
+the final source string, the options and the name expressions (the template instances to build).
+
+The runtime (cupy_backend.py) hands exactly `module_source(filename)` to cupy.RawModule, and the CI test
+(tests/test_kernels_compile.py) hands the same to NVRTC with `runtime_nvrtc_options(arch)`, so CI compiles
+what a GPU machine will compile. Needs no GPU and no CuPy: plain text work.
+
+`#include "x.cuh"` lines are replaced by the header's text (recursively, each header once), because CuPy's
+kernel cache keys on the source string and options, not on headers found through -I: an edited header
+must change the source string.
+"""
+import re
+from importlib import resources
+
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
+
+# Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
+# option and '--device-as-default-execution-space': see runtime_nvrtc_options.
+OPTIONS = ("-std=c++17",)
+
+# GEMM block tiles (BM, BN, BK, TM, TN): 256 threads each. LARGE_TILE (8x8 accumulators per thread) for
+# problems that fill the GPU with 128x128 tiles; SMALL_TILE (4x4 per thread) gives 4x the blocks otherwise.
+LARGE_TILE = (128, 128, 8, 8, 8)
+SMALL_TILE = (64, 64, 8, 4, 4)
+GEMM_TILES = (LARGE_TILE, SMALL_TILE)
+
+C_TYPES = {"float32": "float", "float64": "double"}
+
+_GEMM_KERNELS = {"dense_forward.cu": ("dense_forward_kernel",),
+                 "dense_backward.cu": ("input_grad_kernel", "weight_grad_kernel")}
+_PLAIN_KERNELS = {"dense_forward.cu": (),
+                  "dense_backward.cu": ("activation_mask_kernel", "weight_grad_reduce_kernel"),
+                  "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
+                  "optim.cu": ("sgd_update_kernel", "adam_update_kernel")}
+_UNTEMPLATED_KERNELS = {"optim.cu": ("step_increment_kernel",)}
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def kernel_name(kernel, dtype=None, tile=None):
+    """The name expression of one instance, e.g. 'dense_forward_kernel<float, 128, 128, 8, 8, 8>'.
+    dtype: 'float32' / 'float64' (None for an untemplated kernel); tile: a GEMM tile tuple or None."""
+    if dtype is None:
+        return kernel
+    args = [C_TYPES[str(dtype)]] + [str(x) for x in (tile or ())]
+    return f"{kernel}<{', '.join(args)}>"
+
+
+def name_expressions(filename):
+    """Every instance the runtime may ask of `filename`: each kernel for float and double, each GEMM for each
+    tile."""
+    names = []
+    for dtype in C_TYPES:
+        names += [kernel_name(k, dtype, tile) for k in _GEMM_KERNELS.get(filename, ()) for tile in GEMM_TILES]
+        names += [kernel_name(k, dtype) for k in _PLAIN_KERNELS.get(filename, ())]
+    names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
+    return names
+
+
+def _read(name):
+    return resources.files("gpubp.kernels").joinpath(name).read_text(encoding="utf-8")
+
+
+def inline_includes(text, seen=None):
+    """`text` with each `#include "x"` replaced by x's text from gpubp.kernels (each header pasted once)."""
+    seen = set() if seen is None else seen
+
+    def paste(match):
+        header = match.group(1)
+        if header in seen:
+            return f"// {header}: already pasted above"
+        seen.add(header)
+        return f"// ---- {header} (pasted by gpubp) ----\n" + inline_includes(_read(header), seen)
+
+    return _INCLUDE.sub(paste, text)
+
+
+def module_source(filename):
+    """(source, options, name_expressions) of one kernels/*.cu file, as cupy.RawModule is given them."""
+    if filename not in KERNEL_FILES:
+        raise ValueError(f"filename: expected one of {KERNEL_FILES}, got {filename!r}")
+    return inline_includes(_read(filename)), OPTIONS, name_expressions(filename)
+
+
+def runtime_nvrtc_options(arch):
+    """The full NVRTC option list CuPy 14 compiles a RawModule with for compute capability `arch` (e.g. 90):
+    ours, then what cupy.cuda.compiler adds ('-ftz=true', '-arch=sm_XX', '--device-as-default-execution-space').
+    For the CI compile test; the runtime lets CuPy add them itself."""
+    return list(OPTIONS) + ["-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space"]
