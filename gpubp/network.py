@@ -259,11 +259,45 @@ class Sequential:
 
     def _train_step(self, X, y, loss_id, optimizer):
         """The step on validated inputs: (loss, the batch's predictions before the update, on the device)."""
-        value, ws = self._loss_and_gradients(X, y, loss_id)
-        self._check_finite_gradients(value)
-        self.backend.run_step(("update", optimizer.key()), optimizer.step)
+        # Non-finite values are found and reported by the checks below; numpy's overflow warnings would only
+        # repeat them, or, where warnings are errors, stop an update half-way through its buffers.
+        with np.errstate(over="ignore", invalid="ignore"):
+            value, ws = self._loss_and_gradients(X, y, loss_id)
+            self._check_finite_gradients(value)
+            self._keep_for_rollback(optimizer)
+            self.backend.run_step(("update", optimizer.key()), optimizer.step)
+            self._check_finite_update(optimizer)
         self.steps += 1
         return value, ws.A[-1]
+
+    def _update_buffers(self, optimizer):
+        """{name: buffer} of everything an update writes: the parameters, the optimizer state, its step count."""
+        return {"params": self.params, **optimizer.state, "step": optimizer.step_count}
+
+    def _keep_for_rollback(self, optimizer):
+        """Copy what the update is about to overwrite into buffers allocated once per optimizer: finite
+        gradients can still overflow the update (a huge learning rate, Adam's g² in float32)."""
+        buffers = self._update_buffers(optimizer)
+        if getattr(self, "_rollback", (None,))[0] is not optimizer:
+            self._rollback = (optimizer, {k: self.backend.empty(tuple(b.shape), b.dtype) for k, b in buffers.items()})
+        for name, buf in buffers.items():
+            self.backend.copy_into(self._rollback[1][name], buf)
+
+    def _check_finite_update(self, optimizer):
+        """FloatingPointError naming the first buffer and layer the update made NaN or inf, after putting
+        back the parameters and optimizer state as they were before the step."""
+        be = self.backend
+        for name, buf in self._update_buffers(optimizer).items():
+            if name == "step" or be.all_finite(buf):
+                continue
+            layer = next(i for i, views in enumerate(self.layout.views(be, buf))
+                         if not all(be.all_finite(v) for v in views.values()))
+            for key, kept in self._rollback[1].items():
+                be.copy_into(self._update_buffers(optimizer)[key], kept)
+            what = "the parameters" if name == "params" else f"the optimizer state {name!r}"
+            raise FloatingPointError(f"train step {self.steps}: the update made {what} of layer {layer} "
+                                     f"({self.layers[layer]!r}) not finite; the parameters and optimizer state "
+                                     "were put back as they were before this step; lower the learning rate")
 
     def gradients(self, X, y, loss):
         """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
