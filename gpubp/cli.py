@@ -1,0 +1,460 @@
+"""The `gpubp` command: train / predict / info / bench.
+
+    gpubp train --data breast_cancer --epochs 30 --save model.npz --plot curves.png
+    gpubp train --data breast_cancer --epochs 60 --resume model.npz      # continues to epoch 60
+    gpubp predict model.npz --data new.csv --out preds.csv
+    gpubp info
+    gpubp bench [ARGS...]                                                 # the suite in bench/ (source checkout)
+
+Bad input ends with one line on stderr, `gpubp: error: ...`, and exit status 2; set GPUBP_TRACEBACK=1 to see the
+traceback instead. A checkpoint keeps the preprocessing (feature mean/std, class labels, target scaling) in its
+`extra` metadata, so predict applies exactly what train fitted.
+"""
+import csv
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+
+import gpubp
+from gpubp import data as gdata
+from gpubp.activations import NAMES as ACTIVATIONS
+from gpubp.backends import BACKENDS, BackendUnavailable
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 1      # training stopped on a non-finite step (the last good parameters are saved)
+
+
+class CliError(Exception):
+    """Bad input found by the command line itself: printed as one line, exit status 2."""
+
+
+def _fail_line(message):
+    # One line, whatever the message holds: the shell user greps and reads it.
+    return "gpubp: error: " + " ".join(str(message).split())
+
+
+# ---- train --------------------------------------------------------------------------------------------------------
+def parse_layers(text):
+    """'64,64' -> [64, 64]; '' or 'none' -> [] (no hidden layer)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise CliError(f"--layers: expected comma-separated positive integers like 64,64, got {text!r}")
+        sizes.append(int(part))
+    return sizes
+
+
+def plan_architecture(n_in, hidden, activation, n_out, loss):
+    """[(n_in, n_out, activation)] per layer: hidden layers with `activation`, then an output layer sized from
+    the data whose activation is the one the loss's fused form needs: sigmoid for bce, identity for softmax_ce
+    (the softmax is part of the loss) and for mse."""
+    sizes = [n_in] + hidden + [n_out]
+    acts = [activation] * len(hidden) + ["sigmoid" if loss == "bce" else "identity"]
+    return [(a, b, act) for a, b, act in zip(sizes[:-1], sizes[1:], acts)]
+
+
+def _architecture(net):
+    return [(layer.n_in, layer.n_out, layer.activation) for layer in net.layers]
+
+
+def _describe(arch):
+    return " -> ".join([str(arch[0][0])] + [f"{n_out} {act}" for _, n_out, act in arch])
+
+
+class EpochReporter:
+    """A tqdm bar per epoch on a terminal (samples/s, loss, accuracy), on stderr; one plain line per epoch on
+    stdout otherwise, so logs and CI output stay readable and in order with the summary."""
+
+    def __init__(self, n_train, batch_size, epochs):
+        self.n_train, self.batch_size, self.epochs = n_train, batch_size, epochs
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, epoch):
+        self.epoch = epoch
+        self.started = time.perf_counter()
+        self.seen = 0
+        if self.tty:
+            from tqdm import tqdm
+            # A terminal that reports 0 columns (some ptys) would make tqdm print an empty bar: use 100 there.
+            width = shutil.get_terminal_size((0, 0)).columns
+            self.bar = tqdm(total=self.n_train, desc=f"epoch {epoch + 1}/{self.epochs}", unit="sample",
+                            unit_scale=True, leave=True, dynamic_ncols=width > 0, ncols=None if width else 100)
+
+    def on_batch_end(self, batch, n_batches, loss):
+        rows = min(self.batch_size, self.n_train - batch * self.batch_size)
+        self.seen += rows
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(rows)
+
+    def on_epoch_end(self, _epoch_in_fit, logs):
+        # fit runs one epoch per call here, so its own epoch counter is always 0: ours is self.epoch.
+        rate = self.seen / max(time.perf_counter() - self.started, 1e-9)
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(metrics, refresh=False)
+            self.bar.close()
+        else:
+            click.echo(f"epoch {self.epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
+
+
+def save_curves(history, path, title):
+    """Loss (and accuracy, where it applies) per epoch, train and validation, as a PNG. Uses matplotlib's Figure
+    directly, not pyplot: no GUI backend is chosen or needed, and no global state is touched."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install 'gpubp[cli]'") from None
+    panels = [("loss", "loss")] + ([("accuracy", "accuracy")] if "accuracy" in history else [])
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), dpi=110, layout="constrained")
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.plot(epochs, history[key], marker=".", label="train")
+        if "val_" + key in history:
+            ax.plot(epochs, history["val_" + key], marker=".", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if key == "loss":
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path)
+
+
+def _prepare(dataset, loss, val_split, seed, saved=None):
+    """Split (seeded; stratified for class labels), fit the preprocessing on the training rows (or take it from
+    a checkpoint), and encode the targets. Returns (X_train, y_train, X_held, y_held, standardizer, targets)."""
+    y = dataset.y
+    if y is None:
+        raise CliError(f"{dataset.source}: has no targets to train on")
+    if saved is not None:
+        val_split, seed = saved["val_split"], saved["split_seed"]
+    train, held = gdata.split_indices(y, val_split, seed, stratify=y.ndim == 1 and y.dtype.kind in "iu")
+    if saved is not None:
+        scaler = gdata.Standardizer.from_dict(saved["features"])
+        targets = gdata.Targets.from_dict(saved["targets"])
+    else:
+        scaler = gdata.Standardizer.fit(dataset.X[train])
+        loss = loss or gdata.infer_loss(y)
+        # Class labels from every row (a held-out row must not bring an unknown class); target scaling for mse
+        # from the training rows only, like the features.
+        targets = gdata.Targets.fit(y[train] if loss == "mse" else y, loss)
+    X = scaler.transform(dataset.X)
+    y = targets.encode(y)
+    return X[train], y[train], X[held], y[held], scaler, targets
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(gpubp.__version__, prog_name="gpubp")
+def cli():
+    """gpubp: backpropagation for multilayer perceptrons, on CUDA kernels or NumPy."""
+
+
+@cli.command()
+@click.option("--data", "data_spec", required=True, metavar="DATA",
+              help=f"A bundled set ({', '.join(gdata.BUNDLED)}), or a .csv (header, numeric columns) or .npz "
+                   "(arrays X, y) file.")
+@click.option("--target", default=None, metavar="COLUMN", help="The CSV column to predict [default: the last].")
+@click.option("--layers", default=None, help="Hidden layer sizes, comma-separated [default: 64,64].")
+@click.option("--activation", type=click.Choice(sorted(ACTIVATIONS)), default=None,
+              help="The hidden layers' activation [default: relu].")
+@click.option("--loss", type=click.Choice(["bce", "mse", "softmax_ce"]), default=None,
+              help="[default: from the target: >2 integer classes softmax_ce, 2 classes bce, floats mse]")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Total epochs; with --resume, training continues up to this number.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="[default: sgd]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate [default: 0.05 for sgd, 0.001 for adam].")
+@click.option("--momentum", type=click.FloatRange(min=0), default=None, help="SGD momentum [default: 0.9].")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[default: float32]")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the split, the initialisation, the shuffling and the synthetic sets.")
+@click.option("--val-split", type=float, default=0.2, show_default=True,
+              help="Fraction of rows held out (seeded, stratified for classes) for validation and the final score.")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the checkpoint here (atomically) at the end, and every --checkpoint-every epochs.")
+@click.option("--resume", "resume_path", type=click.Path(dir_okay=False), default=None,
+              help="Continue from this checkpoint, up to --epochs in all: its network, optimizer and state, "
+                   "preprocessing, split and epoch count are the checkpoint's.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also write the checkpoint every N epochs, so an interruption loses at most N epochs.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Save loss/accuracy curves (train and validation) as a PNG.")
+def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
+          seed, val_split, save_path, resume_path, checkpoint_every, plot_path):
+    """Train an MLP on DATA; print per-epoch progress and a held-out score."""
+    save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default
+    if checkpoint_every is not None and save_path is None:
+        raise CliError("--checkpoint-every: needs --save PATH (or --resume PATH) to write to")
+    for path, what in ((save_path, "--save"), (plot_path, "--plot")):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CliError(f"{what}: the folder of {path} does not exist")
+    hidden = parse_layers(layers) if layers is not None else None
+
+    saved = None
+    if resume_path is not None:
+        net = gpubp.load(resume_path, backend=backend)
+        saved = net.extra.get("gpubp_cli")
+        if saved is None:
+            raise CliError(f"--resume: {resume_path} was not written by `gpubp train` (no preprocessing metadata)")
+        _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype)
+        target = target if target is not None else saved["target"]      # the same column as the first run
+        # Options not given take the checkpoint's values, so `--resume` alone continues the same run.
+        if hidden is None:
+            hidden = [layer.n_out for layer in net.layers[:-1]]
+        if activation is None and len(net.layers) > 1:
+            activation = net.layers[0].activation
+    hidden = [64, 64] if hidden is None else hidden
+    activation = activation or "relu"
+
+    dataset = gdata.load_dataset(data_spec, target=target, seed=seed)
+    if saved is not None and dataset.X.shape[1] != len(saved["features"]["mean"]):
+        raise CliError(f"--resume: {resume_path} was trained on {len(saved['features']['mean'])} features, "
+                       f"{dataset.source} has {dataset.X.shape[1]}")
+    X_train, y_train, X_held, y_held, scaler, targets = _prepare(dataset, loss, val_split, seed, saved)
+    if loss is not None and loss != targets.loss:
+        raise CliError(f"--loss {loss}: the checkpoint {resume_path} was trained with {targets.loss}")
+    wanted = plan_architecture(X_train.shape[1], hidden, activation, targets.n_out, targets.loss)
+    if saved is None:
+        net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
+                               dtype=dtype or "float32", seed=seed)
+        opt = (gpubp.Adam(net, lr=lr or 1e-3) if optimizer == "adam"
+               else gpubp.SGD(net, lr=lr or 0.05, momentum=0.9 if momentum is None else momentum))
+        epochs_done, history = 0, {}
+    else:
+        if _architecture(net) != wanted:
+            raise CliError(f"--resume: {resume_path} holds the network {_describe(_architecture(net))}, but "
+                           f"--data/--layers/--activation give {_describe(wanted)}")
+        opt = net.optimizer
+        epochs_done, history = saved["epochs_done"], {k: list(v) for k, v in saved["history"].items()}
+        if epochs_done >= epochs:
+            click.echo(f"{resume_path}: already trained for {epochs_done} epochs (--epochs {epochs}); nothing to do")
+            return
+
+    def checkpoint(done):
+        meta = {"data": data_spec, "target": target, "features": scaler.to_dict(),
+                "feature_names": dataset.feature_names, "targets": targets.to_dict(), "val_split": val_split
+                if saved is None else saved["val_split"], "split_seed": seed if saved is None else saved["split_seed"],
+                "epochs_done": done, "history": history}
+        net.save(save_path, extra={"gpubp_cli": meta})
+
+    click.echo(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
+               f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
+               f"{net.backend.name}, {net.dtype.name}" + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
+    reporter = EpochReporter(len(X_train), batch_size, epochs)
+    started = time.perf_counter()
+    stop_reason = None
+    for epoch in range(epochs_done, epochs):
+        reporter.start(epoch)
+        with warnings.catch_warnings():
+            # fit warns when a non-finite step stops it; here that becomes the run's stop reason, said once.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = net.fit(X_train, y_train, loss=targets.loss, optimizer=opt, epochs=1, batch_size=batch_size,
+                             validation_data=(X_held, y_held), on_batch_end=reporter.on_batch_end,
+                             on_epoch_end=reporter.on_epoch_end)
+        if result.stop_reason is not None:
+            stop_reason = result.stop_reason
+            break
+        for k, v in result.items():
+            history.setdefault(k, []).append(v[0])
+        epochs_done = epoch + 1
+        if checkpoint_every is not None and epochs_done % checkpoint_every == 0 and epochs_done < epochs:
+            checkpoint(epochs_done)
+    elapsed = time.perf_counter() - started
+
+    if save_path is not None:
+        checkpoint(epochs_done)
+    if plot_path is not None and history:
+        save_curves(history, plot_path, f"gpubp on {dataset.source}: {_describe(_architecture(net))}")
+    held_loss, held_accuracy = net.evaluate(X_held, y_held, targets.loss)
+    score = (f"held-out accuracy {held_accuracy:.4f}" if held_accuracy is not None
+             else f"held-out R² {_r2(targets.decode(net.predict(X_held)), targets.decode(y_held)):.4f}")
+    click.echo(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} epochs, "
+               f"{elapsed:.2f} s training" + (f"; saved {save_path}" if save_path else "")
+               + (f"; curves {plot_path}" if plot_path and history else ""))
+    if stop_reason is not None:
+        click.echo(f"gpubp: training stopped early: {stop_reason}", err=True)
+        sys.exit(EXIT_STOPPED)
+
+
+def _check_resume_options(net, path, optimizer, lr, momentum, dtype):
+    """A resumed run continues with the checkpoint's optimizer and its state: asking for other settings is an
+    error, not something to ignore quietly."""
+    opt = net.optimizer
+    if opt is None:
+        raise CliError(f"--resume: {path} holds no optimizer state to continue from")
+    if optimizer is not None and type(opt).__name__.lower() != optimizer:
+        raise CliError(f"--resume: {path} was trained with {type(opt).__name__}, not --optimizer {optimizer}")
+    if lr is not None or momentum is not None:
+        raise CliError(f"--resume: continues with the checkpoint's optimizer settings ({opt!r}); drop --lr and "
+                       "--momentum, or start a new run without --resume")
+    if dtype is not None and dtype != net.dtype.name:
+        raise CliError(f"--resume: {path} holds {net.dtype.name} parameters, not --dtype {dtype}")
+
+
+def _r2(predicted, actual):
+    """Coefficient of determination over all outputs: 1 is perfect, 0 is predicting the mean."""
+    residual = np.sum((actual - predicted) ** 2)
+    total = np.sum((actual - actual.mean(axis=0)) ** 2)
+    return 1.0 - residual / total if total > 0 else float("nan")
+
+
+# ---- predict ------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data_spec", required=True, metavar="FILE",
+              help="A .csv (the training columns by name; a target column is ignored), an .npz (array X), or a "
+                   "bundled set's name.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions CSV here [default: standard output].")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
+def predict(model, data_spec, out_path, backend):
+    """Predict with a checkpoint written by `gpubp train`: one CSV row per input row (class labels for
+    classifiers, values for regression), with the training run's preprocessing applied."""
+    net = gpubp.load(model, backend=backend)
+    saved = net.extra.get("gpubp_cli")
+    if saved is None:
+        raise CliError(f"{model}: was not written by `gpubp train` (no preprocessing metadata to apply)")
+    targets = gdata.Targets.from_dict(saved["targets"])
+    X = _features_for(data_spec, saved, net.n_in)
+    answers = targets.decode(net.predict(gdata.Standardizer.from_dict(saved["features"]).transform(X)))
+    columns = ["prediction"] if answers.ndim == 1 or answers.shape[1] == 1 else \
+        [f"prediction_{j}" for j in range(answers.shape[1])]
+    answers = answers.reshape(len(answers), -1)
+    out = open(out_path, "w", newline="") if out_path else sys.stdout
+    try:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in answers:
+            writer.writerow([_cell(v) for v in row])
+    finally:
+        if out_path:
+            out.close()
+    if out_path:
+        click.echo(f"{out_path}: {len(answers)} predictions", err=True)
+
+
+def _cell(value):
+    value = value.item() if hasattr(value, "item") else value
+    return str(value) if isinstance(value, int) else f"{value:.9g}"
+
+
+def _features_for(data_spec, saved, n_in):
+    """The feature matrix of `data_spec`, columns in the training order: a CSV's by name where it has them all
+    (its target column, if present, left out), else by position when the count matches."""
+    names = saved["feature_names"]
+    if str(data_spec).lower().endswith(".csv"):
+        dataset = gdata.read_csv(data_spec, target=saved.get("target"), require_target=False)
+        if all(name in dataset.feature_names for name in names):
+            return dataset.X[:, [dataset.feature_names.index(name) for name in names]]
+        if dataset.X.shape[1] != n_in:
+            missing = [name for name in names if name not in dataset.feature_names]
+            raise CliError(f"{data_spec}: the model needs the columns {', '.join(missing[:5])}"
+                           f"{'...' if len(missing) > 5 else ''} (or {n_in} columns in training order), "
+                           f"got {', '.join(dataset.feature_names)}")
+        return dataset.X
+    dataset = gdata.load_dataset(data_spec, require_target=False)
+    if dataset.X.shape[1] != n_in:
+        raise CliError(f"{data_spec}: the model needs {n_in} feature columns, got {dataset.X.shape[1]}")
+    return dataset.X
+
+
+# ---- info ---------------------------------------------------------------------------------------------------------
+@cli.command()
+def info():
+    """The backends usable here (and why the others are not), the GPU, and versions."""
+    click.echo(f"gpubp {gpubp.__version__}")
+    click.echo(f"python {platform.python_version()} ({sys.executable})")
+    for package in ("numpy", "numba", "numba-cuda", "cupy-cuda12x", "cupy-cuda13x", "scikit-learn", "matplotlib"):
+        try:
+            click.echo(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            if not package.startswith("cupy"):
+                click.echo(f"{package} not installed")
+    click.echo("backends:")
+    for name, (usable, reason) in gpubp.availability().items():
+        click.echo(f"  {name:6} {'yes' if usable else 'no '}  {reason}")
+    click.echo(f"  auto -> {gpubp.get_backend('auto').name}")
+    click.echo("gpu: " + _gpu_line())
+
+
+def _gpu_line():
+    """The GPU(s) through cupy where it imports and sees a device; every failure is a reason, not a crash."""
+    try:
+        import cupy
+    except Exception as exc:          # not installed, or a broken CUDA install that fails at import
+        return f"none found (cupy cannot be imported: {type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+        lines = []
+        for i in range(count):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            with cupy.cuda.Device(i):
+                free, total = cupy.cuda.runtime.memGetInfo()
+            lines.append(f"[{i}] {name}, compute capability {props['major']}.{props['minor']}, "
+                         f"{total / 2**30:.1f} GiB memory ({free / 2**30:.1f} GiB free)")
+        return "; ".join(lines) if lines else "none found (cupy sees no CUDA device)"
+    except Exception as exc:
+        return f"none found ({type(exc).__name__}: {exc})"
+
+
+# ---- bench --------------------------------------------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Run the benchmark suite (bench/ in a source checkout); ARGS go to it unchanged (try: gpubp bench --help)."""
+    root = Path(gpubp.__file__).resolve().parent.parent
+    if not (root / "bench" / "__init__.py").is_file():
+        raise CliError(f"gpubp bench runs from a source checkout: no bench/ package beside the gpubp package "
+                       f"({root}); clone the repository and install it with pip install -e .")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import bench as suite
+    sys.exit(suite.main(list(args)))
+
+
+# ---- entry point --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    """The console script: returns the exit status. Usage errors and bad input are one line on stderr, exit 2."""
+    try:
+        cli.main(args=argv, prog_name="gpubp", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click.exceptions.Abort:
+        click.echo("gpubp: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:       # usage errors: a bad option value, a missing argument
+        click.echo(_fail_line(exc.format_message()), err=True)
+        return EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code
+    except (CliError, ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
+            BackendUnavailable) as exc:
+        if os.environ.get("GPUBP_TRACEBACK") == "1":
+            raise
+        click.echo(_fail_line(exc), err=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
