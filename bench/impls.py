@@ -1,0 +1,436 @@
+"""Every implementation the suite times, ours and our peers', behind one small interface.
+
+An implementation (Impl) has a name, a device ("cpu" or "cuda"), a probe saying whether it can run here and why
+not, and a factory per kind of work it can do:
+
+    gemm(sets)                 Z = A · Wᵀ                      sets: [(A (n, n), W (n, n))]
+    dense(sets)                A_out = relu(A · Wᵀ + b)        sets: [(A (N, in), W (out, in), b (out,))]
+    train(spec, params0, sets, lr)   one SGD step (momentum 0.9) on the MLP `spec`, from params0
+                                     sets: [(X (N, in), Y (N, out))], float32 numpy
+
+Each factory moves the numpy inputs to its device (not timed) and returns a Runner: run(i) does the work on
+input set i, sync() waits for the device, result() returns what run computed last as numpy (gemm, dense) or
+the parameters [{"W", "b"}] (train), peak_bytes() the device memory the runner added (None where unknown).
+
+Peers compute the same math in the same precision: float32 everywhere, TF32 off (torch's matmul precision
+"highest", JAX's default matmul precision "highest", CuPy without CUPY_TF32). The MLP is Dense+ReLU hidden
+layers and an identity output layer, with gpubp's losses: softmax_ce (one-hot float targets) and mse, which
+gpubp defines as (1/N) Σₙ ½‖ŷₙ − yₙ‖² (torch's MSELoss is the mean over N·out and has no ½).
+"""
+import os
+
+import numpy as np
+
+MOMENTUM = 0.9
+
+
+class Runner:
+    def __init__(self, run, sync, result, peak_bytes=None, keep=None):
+        self.run = run
+        self.sync = sync
+        self.result = result
+        self.peak_bytes = peak_bytes or (lambda: None)
+        self.keep = keep    # objects that must outlive the runs (graphs, buffers)
+
+
+class Impl:
+    def __init__(self, name, device, probe, gemm=None, dense=None, train=None, ours=False, note=""):
+        self.name, self.device, self.probe = name, device, probe
+        self.gemm, self.dense, self.train = gemm, dense, train
+        self.ours = ours
+        self.note = note
+
+    def supports(self, kind):
+        return getattr(self, kind) is not None
+
+    def __repr__(self):
+        return f"Impl({self.name!r}, {self.device!r})"
+
+
+# ---- probes: (usable here, why not) ---------------------------------------------------------------------------
+def _gpubp_probe(name):
+    def probe():
+        from gpubp.backends import availability
+        ok, reason = availability()[name]
+        if not ok:
+            return False, reason
+        if name != "numpy":
+            from gpubp.backends import get_backend
+            if not getattr(get_backend(name), "real_gpu", True):
+                return False, "runs on the CUDA simulator here, not on a GPU: not timed"
+        return True, ""
+    return probe
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"torch is not installed ({exc})"
+    torch.set_float32_matmul_precision("highest")     # fp32 GEMMs: no TF32
+    return torch, ""
+
+
+def _torch_cpu_probe():
+    torch, reason = _torch()
+    return (torch is not None), reason
+
+
+def _torch_cuda_probe():
+    torch, reason = _torch()
+    if torch is None:
+        return False, reason
+    if not torch.cuda.is_available():
+        return False, f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)"
+    return True, ""
+
+
+def _jax():
+    # JAX takes 75% of the GPU's memory at start unless told not to; the other libraries share the device.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        import jax
+    except ImportError as exc:
+        return None, f"jax is not installed ({exc})"
+    jax.config.update("jax_default_matmul_precision", "highest")   # fp32 GEMMs: no TF32
+    return jax, ""
+
+
+def _jax_probe():
+    jax, reason = _jax()
+    if jax is None:
+        return False, reason
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError as exc:
+        return False, f"jax {jax.__version__} has no GPU backend ({exc})"
+    return (bool(gpus), "" if gpus else "jax sees no GPU")
+
+
+def _cupy_probe():
+    try:
+        import cupy
+    except ImportError as exc:
+        return False, f"cupy is not installed ({exc})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False, "cupy sees no CUDA device"
+        (cupy.arange(4, dtype=cupy.float32) @ cupy.arange(4, dtype=cupy.float32)).item()
+    except Exception as exc:     # no driver, no device, a broken CUDA setup: all mean "not here"
+        return False, f"cupy cannot run a matmul here ({type(exc).__name__}: {exc})"
+    if os.environ.get("CUPY_TF32", "0") != "0":
+        return False, "CUPY_TF32 is set: cupy.matmul would use TF32, not fp32; unset it"
+    return True, ""
+
+
+# ---- gpubp, every backend ---------------------------------------------------------------------------------------
+def _gpubp_gemm(backend_name):
+    def make(sets):
+        from gpubp import activations as acts
+        from gpubp.backends import get_backend
+        be = get_backend(backend_name)
+        dev = [(be.asarray(A, np.float32), be.asarray(W, np.float32)) for A, W in sets]
+        n, m = sets[0][0].shape[0], sets[0][1].shape[0]
+        Z = be.empty((n, m), np.float32)
+        be.copy_into(Z, np.full((n, m), np.nan, np.float32))      # poisoned: an unwritten element shows
+
+        def run(i):
+            A, W = dev[i]
+            be.dense_forward(A, W, None, acts.IDENTITY, 0.0, Z, Z)
+        return Runner(run, be.synchronize, lambda: be.to_numpy(Z), keep=dev)
+    return make
+
+
+def _gpubp_dense(backend_name):
+    def make(sets):
+        from gpubp import activations as acts
+        from gpubp.backends import get_backend
+        be = get_backend(backend_name)
+        dev = [tuple(be.asarray(x, np.float32) for x in s) for s in sets]
+        N, out = sets[0][0].shape[0], sets[0][1].shape[0]
+        Z, A_out = be.empty((N, out), np.float32), be.empty((N, out), np.float32)
+        be.copy_into(A_out, np.full((N, out), np.nan, np.float32))
+
+        def run(i):
+            A, W, b = dev[i]
+            be.dense_forward(A, W, b, acts.RELU, 0.0, Z, A_out)
+        return Runner(run, be.synchronize, lambda: be.to_numpy(A_out), keep=dev)
+    return make
+
+
+def gpubp_net(spec, params0, lr, backend, dtype="float32"):
+    """A gpubp Sequential for `spec` with params0 and SGD(lr, momentum 0.9), on `backend` (a name or instance)."""
+    import gpubp
+    layers = [gpubp.Dense(n_in, n_out, activation="relu" if k < len(spec.dims) - 2 else "identity")
+              for k, (n_in, n_out) in enumerate(zip(spec.dims[:-1], spec.dims[1:]))]
+    net = gpubp.Sequential(*layers, backend=backend, dtype=dtype, seed=0)
+    net.set_params(params0)
+    opt = gpubp.SGD(net, lr=lr, momentum=MOMENTUM)
+    return net, opt
+
+
+def _memory_meter(be):
+    """A function giving the device bytes added since it was made: the CuPy pool's bytes for the cupy backend
+    (the pool keeps freed blocks, so its total is the peak it needed), the drop in the device's free memory for
+    others (coarse: the driver's granularity); None on the CPU."""
+    if be.name == "numpy":
+        return lambda: None
+    try:
+        import cupy
+    except ImportError:
+        return lambda: None
+    be.synchronize()
+    if be.name == "cupy":
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
+        base = pool.total_bytes()
+        return lambda: int(pool.total_bytes() - base)
+    free0 = cupy.cuda.runtime.memGetInfo()[0]
+    return lambda: int(free0 - cupy.cuda.runtime.memGetInfo()[0])
+
+
+def _gpubp_train(backend_name, checked=True):
+    """checked=True times the public Sequential.train_step (input validation, finite checks, loss to host);
+    checked=False the step behind it (Sequential._train_step), to show what the checks cost."""
+    def make(spec, params0, sets, lr, backend=None):
+        from gpubp import losses
+        from gpubp.backends import get_backend
+        be = get_backend(backend if backend is not None else backend_name)
+        dev = [(be.asarray(X, np.float32), be.asarray(Y, np.float32)) for X, Y in sets]
+        meter = _memory_meter(be)
+        net, opt = gpubp_net(spec, params0, lr, be)
+        loss_id = losses.loss_id(spec.loss)
+        if not checked and not hasattr(net, "_train_step"):
+            raise NotImplementedError("gpubp.Sequential has no _train_step (the unchecked step) any more")
+
+        def run(i):
+            X, Y = dev[i]
+            if checked:
+                net.train_step(X, Y, loss=spec.loss, optimizer=opt)
+            else:
+                net._train_step(X, Y, loss_id, opt)
+        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev)
+    return make
+
+
+# ---- PyTorch ----------------------------------------------------------------------------------------------------
+def _torch_device(device):
+    torch, _ = _torch()
+    return torch, torch.device("cuda" if device == "cuda" else "cpu")
+
+
+def _torch_sync(torch, device):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _torch_gemm(device):
+    def make(sets):
+        torch, dev = _torch_device(device)
+        data = [(torch.from_numpy(A).to(dev), torch.from_numpy(W).to(dev)) for A, W in sets]
+        Z = torch.full((sets[0][0].shape[0], sets[0][1].shape[0]), float("nan"), device=dev)
+
+        def run(i):
+            A, W = data[i]
+            torch.matmul(A, W.T, out=Z)
+        return Runner(run, _torch_sync(torch, device), lambda: Z.cpu().numpy(), keep=data)
+    return make
+
+
+def _torch_dense(device):
+    def make(sets):
+        torch, dev = _torch_device(device)
+        data = [tuple(torch.from_numpy(x).to(dev) for x in s) for s in sets]
+        last = {}
+
+        def run(i):
+            A, W, b = data[i]
+            last["A"] = torch.relu(torch.nn.functional.linear(A, W, b))
+        return Runner(run, _torch_sync(torch, device), lambda: last["A"].cpu().numpy(), keep=data)
+    return make
+
+
+def torch_model(torch, spec, params0, device):
+    layers = []
+    for k, p in enumerate(params0):
+        W = torch.from_numpy(np.asarray(p["W"], np.float32))
+        lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=True)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(torch.from_numpy(np.asarray(p["b"], np.float32)))
+        layers.append(lin)
+        if k < len(params0) - 1:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def torch_loss(torch, spec, out, y):
+    if spec.loss == "softmax_ce":
+        return torch.nn.functional.cross_entropy(out, y)      # y: one-hot probabilities, mean over N
+    return 0.5 * ((out - y) ** 2).sum(dim=1).mean()           # gpubp's mse: (1/N) Σ ½‖ŷ − y‖²
+
+
+def _torch_params(model):
+    linears = [m for m in model if hasattr(m, "weight")]
+    return [{"W": m.weight.detach().cpu().numpy().copy(), "b": m.bias.detach().cpu().numpy().copy()}
+            for m in linears]
+
+
+def _torch_train(device, graph=False):
+    """Eager: the usual zero_grad / forward / loss / backward / step. graph=True: the same step captured once per
+    input set as a CUDA graph (torch.cuda.graphs' whole-network recipe) and replayed."""
+    def make(spec, params0, sets, lr):
+        torch, dev = _torch_device(device)
+        data = [(torch.from_numpy(X).to(dev), torch.from_numpy(Y).to(dev)) for X, Y in sets]
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            peak = lambda: int(torch.cuda.max_memory_allocated() - base)   # noqa: E731
+        else:
+            peak = None
+        model = torch_model(torch, spec, params0, dev)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+
+        def step(X, Y):
+            opt.zero_grad(set_to_none=True)
+            loss = torch_loss(torch, spec, model(X), Y)
+            loss.backward()
+            opt.step()
+
+        if not graph:
+            return Runner(lambda i: step(*data[i]), _torch_sync(torch, device), lambda: _torch_params(model),
+                          peak_bytes=peak, keep=data)
+
+        # Warm up on a side stream (the recipe's rule), capture one graph per input set, then put the
+        # parameters back to params0 and zero the momentum: the next replay is then a first step again
+        # (momentum buffer μ·0 + g = g, as torch's first step b = g).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(*data[0])
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for X, Y in data:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step(X, Y)
+            graphs.append(g)
+        with torch.no_grad():
+            fresh = torch_model(torch, spec, params0, dev)
+            for p, q in zip(model.parameters(), fresh.parameters()):
+                p.copy_(q)
+            for state in opt.state.values():
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
+        torch.cuda.synchronize()
+        return Runner(lambda i: graphs[i].replay(), torch.cuda.synchronize, lambda: _torch_params(model),
+                      peak_bytes=peak, keep=(data, graphs))
+    return make
+
+
+# ---- CuPy (cuBLAS) ------------------------------------------------------------------------------------------------
+def _cublas_gemm(sets):
+    import cupy
+    data = [(cupy.asarray(A), cupy.asarray(W)) for A, W in sets]
+    Z = cupy.full((sets[0][0].shape[0], sets[0][1].shape[0]), cupy.nan, dtype=cupy.float32)
+
+    def run(i):
+        A, W = data[i]
+        cupy.matmul(A, W.T, out=Z)
+    return Runner(run, cupy.cuda.Device().synchronize, lambda: cupy.asnumpy(Z), keep=data)
+
+
+# ---- JAX -------------------------------------------------------------------------------------------------------------
+def _jax_sync(jax, state):
+    return lambda: jax.block_until_ready(state["out"])
+
+
+def _jax_gemm(sets):
+    jax, _ = _jax()
+    import jax.numpy as jnp
+    data = [(jnp.asarray(A), jnp.asarray(W)) for A, W in sets]
+    f = jax.jit(lambda A, W: A @ W.T)
+    state = {"out": f(*data[0])}
+
+    def run(i):
+        state["out"] = f(*data[i])
+    return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
+
+
+def _jax_dense(sets):
+    jax, _ = _jax()
+    import jax.numpy as jnp
+    data = [tuple(jnp.asarray(x) for x in s) for s in sets]
+    f = jax.jit(lambda A, W, b: jax.nn.relu(A @ W.T + b))
+    state = {"out": f(*data[0])}
+
+    def run(i):
+        state["out"] = f(*data[i])
+    return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
+
+
+def _jax_train(spec, params0, sets, lr):
+    jax, _ = _jax()
+    import jax.numpy as jnp
+    data = [(jnp.asarray(X), jnp.asarray(Y)) for X, Y in sets]
+
+    def loss_fn(params, X, Y):
+        a = X
+        for k, (W, b) in enumerate(params):
+            a = a @ W.T + b
+            if k < len(params) - 1:
+                a = jax.nn.relu(a)
+        if spec.loss == "softmax_ce":
+            return -(Y * jax.nn.log_softmax(a, axis=1)).sum(axis=1).mean()
+        return 0.5 * ((a - Y) ** 2).sum(axis=1).mean()
+
+    def step(params, mom, X, Y):
+        grads = jax.grad(loss_fn)(params, X, Y)
+        mom = jax.tree_util.tree_map(lambda m, g: MOMENTUM * m + g, mom, grads)   # torch: b = μ·b + g
+        params = jax.tree_util.tree_map(lambda p, m: p - lr * m, params, mom)
+        return params, mom
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params = [(jnp.asarray(np.asarray(p["W"], np.float32)), jnp.asarray(np.asarray(p["b"], np.float32)))
+              for p in params0]
+    # momentum starts at 0, so the first step's buffer is μ·0 + g = g: torch's first step.
+    state = {"out": (params, jax.tree_util.tree_map(jnp.zeros_like, params))}
+
+    def run(i):
+        state["out"] = step(*state["out"], *data[i])
+
+    def result():
+        return [{"W": np.asarray(W), "b": np.asarray(b)} for W, b in state["out"][0]]
+    return Runner(run, _jax_sync(jax, state), result, keep=data)
+
+
+# ---- the registry ------------------------------------------------------------------------------------------------
+def registry():
+    """name -> Impl, in the order the table lists them (ours first)."""
+    impls = [
+        Impl("gpubp-numpy", "cpu", _gpubp_probe("numpy"), gemm=_gpubp_gemm("numpy"), dense=_gpubp_dense("numpy"),
+             train=_gpubp_train("numpy"), ours=True),
+        Impl("gpubp-numpy-unchecked", "cpu", _gpubp_probe("numpy"), train=_gpubp_train("numpy", checked=False),
+             ours=True, note="Sequential._train_step: the step without train_step's input checks"),
+        Impl("gpubp-cupy", "cuda", _gpubp_probe("cupy"), gemm=_gpubp_gemm("cupy"), dense=_gpubp_dense("cupy"),
+             train=_gpubp_train("cupy"), ours=True),
+        Impl("gpubp-cupy-unchecked", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", checked=False),
+             ours=True, note="Sequential._train_step: the step without train_step's input checks"),
+        Impl("gpubp-numba", "cuda", _gpubp_probe("numba"), gemm=_gpubp_gemm("numba"), dense=_gpubp_dense("numba"),
+             train=_gpubp_train("numba"), ours=True),
+        Impl("torch-cpu", "cpu", _torch_cpu_probe, gemm=_torch_gemm("cpu"), dense=_torch_dense("cpu"),
+             train=_torch_train("cpu")),
+        Impl("cublas", "cuda", _cupy_probe, gemm=_cublas_gemm, note="cupy.matmul, TF32 off"),
+        Impl("torch-eager", "cuda", _torch_cuda_probe, gemm=_torch_gemm("cuda"), dense=_torch_dense("cuda"),
+             train=_torch_train("cuda")),
+        Impl("torch-graph", "cuda", _torch_cuda_probe, train=_torch_train("cuda", graph=True),
+             note="the step captured as a CUDA graph per input set, replayed"),
+        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train),
+    ]
+    return {impl.name: impl for impl in impls}
+
+
+# The peer each device's rows are compared with (ratio = our time / the peer's time), per kind of work.
+PEER = {("cuda", "gemm"): "cublas", ("cuda", "dense"): "torch-eager", ("cuda", "train"): "torch-eager",
+        ("cpu", "gemm"): "torch-cpu", ("cpu", "dense"): "torch-cpu", ("cpu", "train"): "torch-cpu"}

@@ -1,0 +1,211 @@
+"""What a run leaves behind: the environment it ran in, a table of ratios, a JSON file, PNG plots.
+
+Files are named by device and date: bench/results/<device>_<YYYYMMDD-HHMM>.{json,txt}, _sweep.png, _gemm.png,
+where <device> is the GPU's name (e.g. nvidia-h100-80gb-hbm3) or cpu-<model> on a machine without one.
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from . import suite
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions():
+    out = {"python": sys.version.split()[0]}
+    for dist in ("numpy", "gpubp", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x", "numba", "numba-cuda",
+                 "threadpoolctl", "pytest-benchmark"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _gpu_info():
+    info = {}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if q.returncode == 0 and q.stdout.strip():
+            name, driver, mem, clock = [s.strip() for s in q.stdout.strip().splitlines()[0].split(",")]
+            info.update(gpu=name, driver=driver, gpu_memory=mem, sm_clock_max=clock)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    if "cupy" in sys.modules:
+        try:
+            rt = sys.modules["cupy"].cuda.runtime
+            info["cuda_runtime"] = rt.runtimeGetVersion()
+            info["cuda_driver_api"] = rt.driverGetVersion()
+            info.setdefault("gpu", rt.getDeviceProperties(0)["name"].decode())
+        except Exception:      # no device
+            pass
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info.setdefault("gpu", torch.cuda.get_device_name(0))
+            info["torch_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def environment(run):
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": run.threads, "platform": platform.platform(),
+           "versions": _versions(), "cupy_tf32_env": os.environ.get("CUPY_TF32"), "argv": sys.argv}
+    env.update(_gpu_info())
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    try:
+        import threadpoolctl
+        env["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                       for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    gpu_ran = any(r["device"] == "cuda" and r["status"] == "ok" for r in run.rows)
+    env["device"] = env["gpu"] if gpu_ran and env.get("gpu") else f"cpu {env['cpu']}"
+    env["device_label"] = _slug(env["gpu"]) if gpu_ran and env.get("gpu") else "cpu-" + _slug(env["cpu"])
+    return env
+
+
+# ---- the table ---------------------------------------------------------------------------------------------------------
+def _fmt(v, spec):
+    width = int(re.match(r"\d*", spec).group() or 0)
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+
+def _rate(r):
+    if r["workload"] in ("train", "sweep", "dense") and r["samples_per_s"]:
+        return f"{r['samples_per_s']:.3g} samp/s"
+    if r["tflops"]:
+        return f"{r['tflops']:.3f} TFLOP/s"
+    if r["gb_per_s"]:
+        return f"{r['gb_per_s']:.1f} GB/s"
+    return "-"
+
+
+def table(run):
+    lines = [f"{'workload':<7} {'dev':<4} {'case':<26} {'impl':<22} {'median':>11} {'±':>9} {'rate':>18} "
+             f"{'of limit':>8} {'x peer':>7} {'peak MiB':>9} {'mem x':>6}  bar"]
+    for r in run.rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['workload']:<7} {r['device']:<4} {r['case']:<26.26} {r['impl']:<22} FAILED: "
+                         f"{(r['error'] or '')[:150]}")
+            continue
+        bar = ""
+        if r["spec_bar"] is not None:
+            bar = f"{'MEETS' if r['meets_bar'] else 'misses'} ≤ {r['spec_bar']:.2f}x {r['peer']}"
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        lines.append(f"{r['workload']:<7} {r['device']:<4} {r['case']:<26.26} {r['impl']:<22} "
+                     f"{r['median_s'] * 1e3:8.4f} ms {r['spread_s'] * 1e3:6.4f} ms {_rate(r):>18} "
+                     f"{_fmt(r['frac_of_limit'], '8.2f')} {_fmt(r['ratio_to_peer'], '7.3f')} {_fmt(peak, '9.1f')} "
+                     f"{_fmt(r['mem_ratio_to_peer'], '6.2f')}  {bar}")
+    lines.append("")
+    lines.append("x peer: median time over the peer's (cuBLAS for gemm, torch eager on the GPU, torch CPU with the "
+                 "same threads on the CPU); of limit: the floor time (flops at the GEMM limit, or bytes at the copy "
+                 "limit, whichever is larger) over the median.")
+    if any(r["workload"] == "sweep" and r["device"] == "cuda" for r in run.rows):
+        lines.append(suite.TINY_CUDA_NN)
+    for s in run.skipped:
+        lines.append(f"skipped: {s['what']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------------
+def to_json(run, env):
+    return {"schema": 1, "environment": env, "config": {"workloads": list(run.config.workloads),
+            "devices": list(run.config.devices), "quick": run.config.quick, "smoke": run.config.smoke,
+            "budget_s": run.config.budget_s}, "limits": run.limits, "skipped": run.skipped,
+            "published_reference": {"what": suite.TINY_CUDA_NN, "samples_per_s": list(suite.TINY_CUDA_NN_RANGE)},
+            "rows": run.rows}
+
+
+def save(run, out=None, plots=True):
+    """Write <label>_<date>.json and .txt (and plots) under `out` (default bench/results); returns the paths."""
+    env = environment(run)
+    out = Path(out) if out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['device_label']}_{env['date_utc'][:16].replace('-', '').replace(':', '').replace('T', '-')}"
+    paths = [out / f"{stem}.json", out / f"{stem}.txt"]
+    paths[0].write_text(json.dumps(to_json(run, env), indent=1, default=str) + "\n")
+    paths[1].write_text(f"{env['device']}, {env['threads']} CPU threads, {env['date_utc']}\n\n{table(run)}\n")
+    if plots:
+        paths += plot(run, out / stem, env)
+    return paths
+
+
+def plot(run, stem, env):
+    """<stem>_sweep.png (samples/s and time per step against batch size) and <stem>_gemm.png, log-log, one line
+    per implementation and device."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    sweep = [r for r in run.rows if r["workload"] == "sweep" and r["status"] == "ok"]
+    if sweep:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for (impl, device), rows in _lines(sweep).items():
+            xs = [r["params"]["batch"] for r in rows]
+            ax1.plot(xs, [r["samples_per_s"] for r in rows], "o-", ms=3, label=f"{impl} ({device})")
+            ax2.plot(xs, [r["median_s"] * 1e3 for r in rows], "o-", ms=3, label=f"{impl} ({device})")
+        if any(r["device"] == "cuda" for r in sweep):
+            lo, hi = suite.TINY_CUDA_NN_RANGE
+            ax1.axhspan(lo, hi, color="0.85", zorder=0,
+                        label="tiny-cuda-nn, published, RTX 3090\n(different GPU, not measured here)")
+        ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training samples / s",
+                title="64-64-64-64-64-1 train step (mse, SGD)")
+        ax2.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step", title="time per step")
+        for ax in (ax1, ax2):
+            ax.grid(True, which="both", lw=0.3)
+        ax1.legend(fontsize=7)
+        fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
+        fig.tight_layout()
+        written.append(Path(f"{stem}_sweep.png"))
+        fig.savefig(written[-1], dpi=80)
+        plt.close(fig)
+    gemm = [r for r in run.rows if r["workload"] == "gemm" and r["status"] == "ok"]
+    if gemm:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for (impl, device), rows in _lines(gemm).items():
+            ax.plot([r["params"]["n"] for r in rows], [r["tflops"] for r in rows], "o-", ms=3,
+                    label=f"{impl} ({device})")
+        ax.set(xscale="log", yscale="log", xlabel="n (n×n×n, float32)", ylabel="TFLOP/s", title="GEMM Z = A·Wᵀ")
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=7)
+        fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
+        fig.tight_layout()
+        written.append(Path(f"{stem}_gemm.png"))
+        fig.savefig(written[-1], dpi=80)
+        plt.close(fig)
+    return written
+
+
+def _lines(rows):
+    lines = {}
+    for r in rows:
+        lines.setdefault((r["impl"], r["device"]), []).append(r)
+    return lines

@@ -1,0 +1,420 @@
+"""The suite: for each workload and case, every implementation that can run here is checked against the numpy
+float64 reference and then timed; the hardware's limits are measured in the same run; rows become a table, a
+JSON file and plots (bench.report).
+
+    python -m bench [--workloads limits,gemm,dense,train,sweep] [--device cpu|cuda|all] [--quick] [--out DIR]
+
+A row is a dict with every key of ROW_FIELDS (None where it does not apply). status is "ok" (timed), or
+"failed" (refused by the reference check, or an error): a failed row has no time.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import impls as impls_mod
+from . import timing
+from . import workloads as wl
+
+WORKLOADS = ("limits", "gemm", "train", "sweep", "dense")   # the order they run in: SPEC's bars first
+KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train"}
+ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error", "median_s", "spread_s", "min_s",
+              "max_s", "repeats", "inner", "rel_err", "flops", "min_bytes", "tflops", "gb_per_s",
+              "samples_per_s", "limit", "frac_of_limit", "peer", "ratio_to_peer", "peak_bytes", "peer_peak_bytes",
+              "mem_ratio_to_peer", "spec_bar", "meets_bar", "note")
+# SPEC section 5: (device, workload, case) -> the highest time ratio to the peer that meets the first bar.
+SPEC_BARS = {("cuda", "gemm", "n4096"): 1 / 0.7,                        # ≥ 0.7× cuBLAS's FLOP/s
+             ("cuda", "train", "784-1024-1024-10 b1024"): 1.0,
+             ("cuda", "train", "64-64-64-64-64-1 b65536"): 0.33,
+             ("cpu", "train", "784-256-256-10 b256"): 1.25,
+             ("cpu", "train", "64-64-64-64-64-1 b4096"): 1.25,
+             ("cpu", "train", "1024-1024-1024-10 b512"): 1.25}
+TINY_CUDA_NN = ("tiny-cuda-nn: published reference, different GPU (RTX 3090), not measured here: fully fused MLP, "
+                "width 64, about 1.2e8 to 2.0e8 training samples/s (its README's benchmark figure)")
+TINY_CUDA_NN_RANGE = (1.2e8, 2.0e8)
+
+
+class Config:
+    def __init__(self, workloads=WORKLOADS, devices=("cpu", "cuda"), quick=False, smoke=False, threads=None,
+                 budget_s=None, seed=0, log=print):
+        self.workloads = tuple(w for w in WORKLOADS if w in workloads)
+        self.devices = tuple(devices)
+        self.quick, self.smoke = quick, smoke
+        self.threads = threads
+        self.budget_s = budget_s
+        self.seed = seed
+        self.log = log
+        # timing: samples per measurement, calls of warm-up, seconds a sample and a measurement aim at
+        if smoke:
+            self.repeats, self.warmup, self.target_s, self.measure_budget_s = 3, 1, 0.0, 0.2
+        elif quick:
+            self.repeats, self.warmup, self.target_s, self.measure_budget_s = 7, 2, 0.01, 1.0
+        else:
+            self.repeats, self.warmup, self.target_s, self.measure_budget_s = 15, 3, 0.02, 4.0
+
+
+class Run:
+    """One run of the suite: the implementations, what each probe said, the limits measured, the rows."""
+
+    def __init__(self, config, registry=None):
+        self.config = config
+        self.registry = impls_mod.registry() if registry is None else registry
+        self.rows, self.skipped, self.limits = [], [], {}
+        self._probes = {}
+        self.start = time.monotonic()
+
+    def log(self, line):
+        self.config.log(line)
+
+    def probe(self, impl):
+        if impl.name not in self._probes:
+            try:
+                self._probes[impl.name] = impl.probe()
+            except Exception as exc:      # a probe that crashes means "cannot run here", with the reason
+                self._probes[impl.name] = (False, f"probe failed: {type(exc).__name__}: {exc}")
+        return self._probes[impl.name]
+
+    def skip(self, what, reason):
+        entry = {"what": what, "reason": reason}
+        if entry not in self.skipped:
+            self.skipped.append(entry)
+            self.log(f"  skipped: {what}: {reason}")
+
+    def out_of_time(self):
+        b = self.config.budget_s
+        return b is not None and time.monotonic() - self.start > b
+
+    def impls_for(self, kind, device):
+        """The implementations that can do `kind` on `device` here; the others are skipped with a line."""
+        out = []
+        for impl in self.registry.values():
+            if impl.device != device or not impl.supports(kind):
+                continue
+            ok, reason = self.probe(impl)
+            if ok:
+                out.append(impl)
+            else:
+                self.skip(f"{impl.name} ({kind})", reason)
+        return out
+
+
+def new_row(**values):
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(values)
+    return row
+
+
+# ---- the hardware's limits ------------------------------------------------------------------------------------------
+def _limit_row(run, device, case, impl, timing_, flops=None, nbytes=None, note=""):
+    row = new_row(workload="limits", case=case, impl=impl, device=device, status="ok", note=note,
+                  flops=flops, min_bytes=nbytes, params={})
+    row.update(timing_.as_dict())
+    if flops:
+        row["tflops"] = flops / timing_.median / 1e12
+    if nbytes:
+        row["gb_per_s"] = nbytes / timing_.median / 1e9
+    run.rows.append(row)
+    run.log(f"  limits  {device}  {case:<28} {impl:<12} " + (f"{row['tflops']:.3f} TFLOP/s" if flops else
+                                                            f"{row['gb_per_s']:.1f} GB/s"))
+    return row
+
+
+def measure_limits(run, device):
+    """{'flops': FLOP/s, 'bytes': B/s}: a large float32 matrix product and a large copy (bytes read + written)."""
+    c = run.config
+    t = dict(repeats=c.repeats, warmup=c.warmup, target_s=c.target_s, budget_s=c.measure_budget_s)
+    rng = np.random.default_rng(c.seed)
+    limits = {}
+    try:
+        if device == "cpu":
+            n = 256 if c.smoke else 1024 if c.quick else 2048
+            A, B = rng.standard_normal((2, n, n), dtype=np.float32)
+            C = np.empty_like(A)
+            tm = timing.measure(lambda i: np.matmul(A, B, out=C), lambda: None, **t)
+            row = _limit_row(run, device, f"numpy matmul n{n}", "numpy", tm, flops=2 * n**3, note="float32 GEMM")
+            limits["flops"] = row["tflops"] * 1e12
+            m = (2 if c.smoke else 64 if c.quick else 256) * 2**20 // 4
+            src, dst = rng.standard_normal(m, dtype=np.float32), np.empty(m, np.float32)
+            tm = timing.measure(lambda i: np.copyto(dst, src), lambda: None, **t)
+            row = _limit_row(run, device, f"copy {4 * m >> 20} MiB", "numpy", tm, nbytes=8 * m,
+                             note="bytes read + written")
+            limits["bytes"] = row["gb_per_s"] * 1e9
+        else:
+            limits.update(_cuda_limits(run, rng, t))
+    except Exception as exc:
+        run.skip(f"limits on {device}", f"{type(exc).__name__}: {exc}")
+    run.limits[device] = limits
+    return limits
+
+
+def _cuda_limits(run, rng, t):
+    c = run.config
+    n = 1024 if c.smoke else 4096 if c.quick else 8192
+    m = (16 if c.smoke else 256 if c.quick else 1024) * 2**20 // 4
+    limits = {}
+    cupy_ok, reason = impls_mod._cupy_probe()
+    if cupy_ok:
+        import cupy
+        sync = cupy.cuda.Device().synchronize
+        A, B = (cupy.asarray(x) for x in rng.standard_normal((2, n, n), dtype=np.float32))
+        C = cupy.empty_like(A)
+        tm = timing.measure(lambda i: cupy.matmul(A, B, out=C), sync, **t)
+        row = _limit_row(run, "cuda", f"cuBLAS SGEMM n{n}", "cupy", tm, flops=2 * n**3,
+                         note="cupy.matmul, float32, TF32 off")
+        limits["flops"] = row["tflops"] * 1e12
+        src, dst = cupy.asarray(rng.standard_normal(m, dtype=np.float32)), cupy.empty(m, cupy.float32)
+        tm = timing.measure(lambda i: dst.data.copy_from_device_async(src.data, 4 * m), sync, **t)
+        row = _limit_row(run, "cuda", f"D2D copy {4 * m >> 20} MiB", "cupy", tm, nbytes=8 * m,
+                         note="cudaMemcpyAsync device to device; bytes read + written")
+        limits["bytes"] = row["gb_per_s"] * 1e9
+        del A, B, C, src, dst
+        cupy.get_default_memory_pool().free_all_blocks()
+        return limits
+    run.skip("cupy limits", reason)
+    torch_ok, reason = impls_mod._torch_cuda_probe()
+    if not torch_ok:
+        run.skip("torch limits", reason)
+        return limits
+    import torch
+    A, B = torch.randn(2, n, n, device="cuda")
+    C = torch.empty_like(A)
+    tm = timing.measure(lambda i: torch.matmul(A, B, out=C), torch.cuda.synchronize, **t)
+    limits["flops"] = _limit_row(run, "cuda", f"cuBLAS SGEMM n{n}", "torch", tm, flops=2 * n**3,
+                                 note="torch.matmul, float32, TF32 off")["tflops"] * 1e12
+    src, dst = torch.randn(m, device="cuda"), torch.empty(m, device="cuda")
+    tm = timing.measure(lambda i: dst.copy_(src), torch.cuda.synchronize, **t)
+    limits["bytes"] = _limit_row(run, "cuda", f"D2D copy {4 * m >> 20} MiB", "torch", tm, nbytes=8 * m,
+                                 note="bytes read + written")["gb_per_s"] * 1e9
+    return limits
+
+
+# ---- one row: check against the reference, then time ----------------------------------------------------------------
+def run_case(run, workload, device, case, params, impl, make, check, n_sets, flops=None, nbytes=None, samples=None,
+             make_check=None):
+    """Build the runner (make()), check its first result (make_check() builds a separate runner for the check
+    where running changes state, e.g. a train step), time it; append and return the row."""
+    c = run.config
+    row = new_row(workload=workload, case=case, impl=impl.name, device=device, params=params, flops=flops,
+                  min_bytes=nbytes, note=impl.note or None)
+    if run.out_of_time():
+        row.update(status="failed", error=f"not run: the time budget ({c.budget_s:.0f} s) is spent")
+        run.rows.append(row)
+        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} not run: time budget spent")
+        return row
+    runner = None
+    try:
+        checker = (make_check or make)()
+        checker.run(0)
+        checker.sync()
+        row["rel_err"] = check(checker.result(), f"{impl.name} on {workload} {case}")
+        runner = make() if make_check else checker
+        del checker
+        tm = timing.measure(runner.run, runner.sync, n_sets=n_sets, repeats=c.repeats, warmup=c.warmup,
+                            target_s=c.target_s, budget_s=c.measure_budget_s)
+        row.update(tm.as_dict())
+        row["status"] = "ok"
+        row["peak_bytes"] = runner.peak_bytes()
+    except timing.Refused as exc:
+        row.update(status="failed", error=f"REFUSED: {exc}")
+    except Exception as exc:
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        del runner
+    if row["status"] == "ok":
+        t = row["median_s"]
+        if flops:
+            row["tflops"] = flops / t / 1e12
+        if nbytes:
+            row["gb_per_s"] = nbytes / t / 1e9
+        if samples:
+            row["samples_per_s"] = samples / t
+        lim = run.limits.get(device, {})
+        floors = []
+        if flops and lim.get("flops"):
+            floors.append(("flops", flops / lim["flops"]))
+        if nbytes and lim.get("bytes"):
+            floors.append(("bytes", nbytes / lim["bytes"]))
+        if floors:     # the larger floor is what bounds this work: its fraction of the measured time
+            which, floor = max(floors, key=lambda f: f[1])
+            row["limit"] = {"flops": f"{lim['flops'] / 1e12:.2f} TFLOP/s GEMM", "bytes":
+                            f"{lim['bytes'] / 1e9:.0f} GB/s copy"}[which]
+            row["frac_of_limit"] = floor / t
+        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} {_ms(t)} ± {_ms(row['spread_s'])}"
+                f"  err {row['rel_err']:.1e}")
+    else:
+        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} FAILED: {row['error']}")
+    run.rows.append(row)
+    _free_device_memory()
+    return row
+
+
+def _ms(t):
+    return f"{t * 1e3:9.4f} ms" if t is not None else "        -"
+
+
+def _free_device_memory():
+    """Between rows: hand cached blocks back so the next row's memory count starts clean."""
+    mods = sys.modules
+    if "cupy" in mods:
+        try:
+            mods["cupy"].get_default_memory_pool().free_all_blocks()
+        except Exception:   # no device: nothing to free
+            pass
+    if "torch" in mods and mods["torch"].cuda.is_available():
+        mods["torch"].cuda.empty_cache()
+
+
+# ---- the workloads -------------------------------------------------------------------------------------------------
+def run_workload(run, workload, device):
+    c = run.config
+    kind = KINDS[workload]
+    impls = run.impls_for(kind, device)
+    if not impls:
+        run.skip(f"{workload} on {device}", "no implementation can run here")
+        return
+    cases = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases,
+             "sweep": wl.sweep_cases}[workload](device, c.quick, c.smoke)
+    rng = np.random.default_rng(c.seed)
+    if workload == "sweep" and device == "cuda":
+        run.log("  " + TINY_CUDA_NN)
+    for case, params in cases:
+        if kind == "gemm":
+            sets = wl.gemm_sets(params, rng)
+            check, n = wl.gemm_reference(sets, rng), params["n"]
+            for impl in impls:
+                run_case(run, workload, device, case, params, impl, lambda: impl.gemm(sets), check, len(sets),
+                         flops=2 * n**3, nbytes=3 * 4 * n * n)
+        elif kind == "dense":
+            sets = wl.dense_sets(params, rng)
+            check = wl.dense_reference(sets, rng)
+            N, i, o = params["N"], params["in"], params["out"]
+            for impl in impls:
+                run_case(run, workload, device, case, params, impl, lambda: impl.dense(sets), check, len(sets),
+                         flops=2 * N * i * o, nbytes=4 * (N * i + o * i + o + N * o), samples=N)
+        else:
+            mlp = params
+            sets = wl.train_sets(mlp, rng)
+            params0 = wl.initial_params(mlp, rng)
+            try:
+                check = wl.train_reference(mlp, params0, sets)
+            except Exception as exc:
+                run.skip(f"{workload} {case}", f"the numpy reference failed: {type(exc).__name__}: {exc}")
+                continue
+            for impl in impls:
+                run_case(run, workload, device, case, mlp.params(), impl,
+                         lambda: impl.train(mlp, params0, sets, wl.TIMING_LR), check, len(sets),
+                         flops=mlp.flops(), nbytes=mlp.min_bytes(), samples=mlp.batch,
+                         make_check=lambda: impl.train(mlp, params0, sets, wl.VALIDATE_LR))
+        del sets
+
+
+def add_ratios(rows):
+    """Each ok row's time over its peer's (same workload, case, device), memory likewise, and SPEC's bars."""
+    by_key = {(r["workload"], r["case"], r["device"], r["impl"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        if r["workload"] == "limits":
+            continue
+        peer = impls_mod.PEER.get((r["device"], KINDS[r["workload"]]))
+        r["peer"] = peer
+        p = by_key.get((r["workload"], r["case"], r["device"], peer))
+        if r["status"] == "ok" and p is not None:
+            r["ratio_to_peer"] = r["median_s"] / p["median_s"]
+            r["peer_peak_bytes"] = p["peak_bytes"]
+            if r["peak_bytes"] is not None and p["peak_bytes"]:
+                r["mem_ratio_to_peer"] = r["peak_bytes"] / p["peak_bytes"]
+        bar = SPEC_BARS.get((r["device"], r["workload"], r["case"]))
+        if bar is not None and r["impl"].startswith("gpubp-") and "unchecked" not in r["impl"]:
+            r["spec_bar"] = bar
+            r["meets_bar"] = None if r["ratio_to_peer"] is None else bool(r["ratio_to_peer"] <= bar)
+
+
+def set_threads(threads):
+    """The same number of CPU threads for numpy's BLAS and for torch; returns (threads, a limiter to keep)."""
+    limiter = None
+    try:
+        import threadpoolctl
+        info = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+        if threads is None:
+            threads = max((i["num_threads"] for i in info), default=None)
+        if threads is not None:
+            limiter = threadpoolctl.threadpool_limits(threads, user_api="blas")
+    except ImportError:
+        pass
+    if threads is None:
+        import os
+        threads = os.cpu_count() or 1
+    if "torch" in sys.modules or _torch_importable():
+        import torch
+        torch.set_num_threads(threads)
+    return threads, limiter
+
+
+def _torch_importable():
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def run_suite(config, registry=None):
+    """Run every chosen workload on every chosen device; returns the Run (rows, skipped, limits, threads)."""
+    run = Run(config, registry)
+    run.threads, limiter = set_threads(config.threads)
+    run.log(f"gpubp bench: workloads {', '.join(config.workloads)}; devices {', '.join(config.devices)}; "
+            f"{'smoke' if config.smoke else 'quick' if config.quick else 'full'} settings; {run.threads} CPU threads "
+            "for numpy's BLAS and torch")
+    try:
+        for device in config.devices:
+            if device == "cuda" and not any(run.probe(i)[0] for i in run.registry.values() if i.device == "cuda"):
+                reasons = "; ".join(f"{i.name}: {run.probe(i)[1]}" for i in run.registry.values()
+                                    if i.device == "cuda")
+                run.skip("every GPU workload", f"nothing can run on a GPU here ({reasons})")
+                continue
+            measure_limits(run, device)
+            for workload in config.workloads:
+                if workload != "limits":
+                    run.log(f"-- {workload} on {device}")
+                    run_workload(run, workload, device)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    add_ratios(run.rows)
+    return run
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, from {','.join(WORKLOADS)} (default: all; limits always run)")
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, times nothing real")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for numpy and torch (default: numpy's)")
+    p.add_argument("--budget", type=float, default=None, help="seconds; rows after that are marked not run")
+    p.add_argument("--out", default=None, help="directory for the JSON, table and plots (default bench/results)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(chosen) - set(WORKLOADS))
+    if unknown:
+        p.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    return args, chosen
+
+
+def main(argv=None):
+    from . import report
+    args, chosen = parse_args(sys.argv[1:] if argv is None else argv)
+    devices = ("cpu", "cuda") if args.device == "all" else (args.device,)
+    config = Config(workloads=chosen, devices=devices, quick=args.quick, smoke=args.smoke, threads=args.threads,
+                    budget_s=args.budget)
+    run = run_suite(config)
+    paths = report.save(run, args.out, plots=not args.no_plots)
+    print()
+    print(report.table(run))
+    print()
+    for p in paths:
+        print(f"wrote {p}")
+    failed = [r for r in run.rows if r["status"] != "ok"]
+    return 1 if any(r["error"] and r["error"].startswith("REFUSED") for r in failed) else 0

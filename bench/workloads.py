@@ -1,0 +1,190 @@
+"""The workloads: what is computed, at which sizes, its reference check, and its operation and byte counts.
+
+    gemm    Z = A · Wᵀ, n×n×n, identity, no bias (our dense_forward) vs cuBLAS / torch.matmul; 2n³ flops
+    dense   A_out = relu(A · Wᵀ + b) at the train shapes' first layers (one dense forward alone)
+    train   one SGD step (momentum 0.9) of an MLP, ReLU hidden layers, identity output; SPEC section 5 shapes
+    sweep   the 64-wide × 4-hidden train step (64-64-64-64-64-1, mse) over batch sizes, as samples/s
+
+A case is (name, params); `make_sets` draws its input sets (float32, standard normal: never zeros) and
+`reference` returns a function that checks a runner's result against numpy in float64 (timing.check).
+"""
+import math
+
+import numpy as np
+
+from . import timing
+
+GEMM_TOL = 1e-4     # fp32 lands near 1e-6 here; TF32 near 3e-4: refused
+TRAIN_TOL = 1e-3    # the first step's update against float64, norm-wise
+VALIDATE_LR = 0.1   # a large first step, so the float32 update is far above the parameters' rounding
+TIMING_LR = 0.01    # what the timed runs train with (many steps on random data must stay finite)
+CHECK_ROWS = 256    # rows of a big product compared with the float64 reference (every row when fewer)
+
+
+class MLP:
+    """An MLP shape: dims [in, hidden..., out], batch N, loss. ReLU hidden layers, identity output."""
+
+    def __init__(self, dims, batch, loss):
+        self.dims, self.batch, self.loss = list(dims), int(batch), loss
+
+    @property
+    def name(self):
+        return "-".join(map(str, self.dims)) + f" b{self.batch}"
+
+    def pairs(self):
+        return list(zip(self.dims[:-1], self.dims[1:]))
+
+    def flops(self):
+        """Forward 2·N·in·out per layer; backward dW 2·N·in·out per layer and dA 2·N·in·out for all but the first
+        (nobody needs the input's gradient). Element-wise work is left out."""
+        per_layer = [2 * self.batch * i * o for i, o in self.pairs()]
+        return 3 * sum(per_layer) - per_layer[0]
+
+    def min_bytes(self):
+        """An optimistic floor of float32 traffic: X and Y read once, each hidden activation written once and
+        read once by backward, parameters, gradients and momentum each read and written once."""
+        P = sum(i * o + o for i, o in self.pairs())
+        hidden = sum(self.dims[1:-1])
+        return 4 * (self.batch * (self.dims[0] + self.dims[-1]) + 2 * self.batch * hidden + 6 * P)
+
+    def params(self):
+        return {"dims": self.dims, "batch": self.batch, "loss": self.loss, "optimizer": "SGD momentum 0.9",
+                "dtype": "float32"}
+
+
+def n_sets_for(set_bytes):
+    """Input sets to cycle: enough to hold 128 MiB (more than any L2 and most L3 caches), 2 to 8."""
+    return int(min(8, max(2, math.ceil(128 * 2**20 / max(set_bytes, 1)))))
+
+
+# ---- the cases, per device ------------------------------------------------------------------------------------------
+def gemm_cases(device, quick, smoke=False):
+    if smoke:
+        sizes = [64]
+    elif device == "cuda":
+        sizes = [1024, 4096] if quick else [1024, 2048, 4096, 8192]
+    else:
+        sizes = [256, 1024] if quick else [512, 1024, 2048]
+    return [(f"n{n}", {"n": n}) for n in sizes]
+
+
+def dense_cases(device, quick, smoke=False):
+    if smoke:
+        shapes = [(32, 16, 8)]
+    elif device == "cuda":
+        shapes = [(1024, 784, 1024), (65536, 64, 64)]
+    else:
+        shapes = [(256, 784, 256), (4096, 64, 64)]
+    return [(f"{N}x{i}->{o}", {"N": N, "in": i, "out": o}) for N, i, o in shapes]
+
+
+def train_cases(device, quick, smoke=False):
+    if smoke:
+        mlps = [MLP([12, 16, 16, 3], 32, "softmax_ce"), MLP([8] * 5 + [1], 64, "mse")]
+    elif device == "cuda":
+        mlps = [MLP([784, 1024, 1024, 10], 1024, "softmax_ce"), MLP([64] * 5 + [1], 65536, "mse")]
+    else:    # issue 2's CPU shapes
+        mlps = [MLP([784, 256, 256, 10], 256, "softmax_ce"), MLP([64] * 5 + [1], 4096, "mse"),
+                MLP([1024, 1024, 1024, 10], 512, "softmax_ce")]
+    return [(m.name, m) for m in mlps]
+
+
+def sweep_cases(device, quick, smoke=False):
+    if smoke:
+        exps = [4, 6]
+    elif device == "cuda":
+        exps = range(8, 21, 4) if quick else range(8, 21)
+    else:
+        exps = range(8, 15, 2) if quick else range(8, 17)
+    return [(f"b{2**e}", MLP([64] * 5 + [1], 2**e, "mse")) for e in exps]
+
+
+# ---- inputs and references ---------------------------------------------------------------------------------------
+def _normal(rng, shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def gemm_sets(params, rng):
+    n = params["n"]
+    k = n_sets_for(2 * 4 * n * n)
+    return [(_normal(rng, (n, n)), _normal(rng, (n, n))) for _ in range(k)]
+
+
+def dense_sets(params, rng):
+    N, i, o = params["N"], params["in"], params["out"]
+    k = n_sets_for(4 * (N * i + o * i + o))
+    return [(_normal(rng, (N, i)), _normal(rng, (o, i)) / np.float32(math.sqrt(i)), _normal(rng, (o,)))
+            for _ in range(k)]
+
+
+def train_sets(mlp, rng):
+    N, n_in, n_out = mlp.batch, mlp.dims[0], mlp.dims[-1]
+    k = n_sets_for(4 * N * (n_in + n_out))
+    sets = []
+    for _ in range(k):
+        X = _normal(rng, (N, n_in))
+        if mlp.loss == "softmax_ce":
+            Y = np.eye(n_out, dtype=np.float32)[rng.integers(0, n_out, N)]   # one-hot float targets
+        else:
+            Y = _normal(rng, (N, n_out))
+        sets.append((X, Y))
+    return sets
+
+
+def initial_params(mlp, rng):
+    """nn.Linear's default init U(−1/√in, 1/√in), as float32 values (every implementation starts equal)."""
+    out = []
+    for i, o in mlp.pairs():
+        bound = 1.0 / math.sqrt(i)
+        out.append({"W": rng.uniform(-bound, bound, (o, i)).astype(np.float32),
+                    "b": rng.uniform(-bound, bound, (o,)).astype(np.float32)})
+    return out
+
+
+def _rows(n, rng):
+    return np.arange(n) if n <= CHECK_ROWS else np.sort(rng.choice(n, CHECK_ROWS, replace=False))
+
+
+def gemm_reference(sets, rng):
+    """A check of a runner that last computed Z = A·Wᵀ on set 0: sampled rows against float64; the whole
+    output must be finite (it was poisoned with NaN)."""
+    A, W = sets[0]
+    rows = _rows(A.shape[0], rng)
+    ref = A[rows].astype(np.float64) @ W.T.astype(np.float64)
+
+    def check(result, what):
+        if not np.isfinite(result).all():
+            raise timing.Refused(f"{what}: result has NaN or inf (an element left unwritten, or an overflow)")
+        return timing.check(result[rows], ref, GEMM_TOL, what)
+    return check
+
+
+def dense_reference(sets, rng):
+    A, W, b = sets[0]
+    rows = _rows(A.shape[0], rng)
+    ref = np.maximum(A[rows].astype(np.float64) @ W.T.astype(np.float64) + b, 0)
+
+    def check(result, what):
+        if not np.isfinite(result).all():
+            raise timing.Refused(f"{what}: result has NaN or inf (an element left unwritten, or an overflow)")
+        return timing.check(result[rows], ref, GEMM_TOL, what)
+    return check
+
+
+def _flat(params):
+    return np.concatenate([np.concatenate([np.ravel(p["W"]), np.ravel(p["b"])]) for p in params]).astype(np.float64)
+
+
+def train_reference(mlp, params0, sets):
+    """A check of the parameters after one step of VALIDATE_LR on set 0: the update θ1 − θ0 against the numpy
+    backend's in float64 (the first SGD-momentum step is −lr·∇L for every implementation)."""
+    from .impls import gpubp_net
+    net, opt = gpubp_net(mlp, params0, VALIDATE_LR, backend="numpy", dtype="float64")
+    X, Y = sets[0]
+    net.train_step(X.astype(np.float64), Y.astype(np.float64), loss=mlp.loss, optimizer=opt)
+    p0 = _flat(params0)
+    ref_update = _flat(net.get_params()) - p0
+
+    def check(result, what):
+        return timing.check(_flat(result) - p0, ref_update, TRAIN_TOL, what)
+    return check
