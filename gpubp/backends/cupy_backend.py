@@ -1,0 +1,419 @@
+"""The cupy backend: the kernel set of SPEC section 3 as hand-written CUDA C (kernels/*.cu), compiled by NVRTC
+through cupy.RawModule, launched on CuPy's current stream.
+
+Shapes (rows are samples):  A_prev (N, in)   W (out, in)   b (out,)   Z, A, dA, delta (N, out)
+
+Design, in short (the kernels' header comments have the details):
+- One RawModule per (kernels file, device), built on first use from cuda_sources.module_source (headers
+  pasted in, so CuPy's on-disk cache sees every edit); both dtypes and both GEMM tiles live in it.
+- Scalars are passed as np.int32 / np.int64 / np.float64, matching the kernels' int / long long / double
+  parameters (CuPy does no type checking: a Python int would arrive as a long long).
+- Ops allocate nothing: scratch (split-K partial sums, loss partial sums) is made once per shape and kept.
+- No kernel uses atomics, so every op is bit-identical run to run on a given device; `deterministic` asks
+  for nothing more here.
+- run_step captures a whole train step as a CUDA graph (after one eager warm-up call) and replays it.
+  Switch it off with GPUBP_CUDA_GRAPHS=0 in the environment or `backend.use_graphs = False`.
+"""
+import math
+import os
+
+import numpy as np
+
+try:
+    import cupy as cp
+    _IMPORT_ERROR = None
+except ImportError as exc:  # the module still imports, so available() can say why
+    cp = None
+    _IMPORT_ERROR = exc
+
+from .. import losses
+from . import cuda_sources
+from .base import Backend
+
+_THREADS = 256           # block size of every launch (the GEMM tiles are 256 threads too)
+_LOSS_MAX_BLOCKS = 1024  # loss_grad_kernel's grid is at most this: the size of its partial-sum scratch
+_MAX_SLICES = 64         # split-K: at most this many slices of the batch in weight_grad
+_MIN_SLICE_ROWS = 256    # ... each of at least this many rows
+
+_probe_result = None
+
+
+def available():
+    """(True, what runs) when CuPy can compile and launch a kernel here, else (False, why and what to do)."""
+    global _probe_result
+    if _probe_result is None:
+        _probe_result = _probe()
+    return _probe_result
+
+
+def _probe():
+    if cp is None:
+        return False, f"cupy is not installed ({_IMPORT_ERROR}): pip install gpubp[cuda13] (or gpubp[cuda12])"
+    try:
+        if not cp.cuda.is_available():
+            return False, "no CUDA driver / no GPU (cupy.cuda.is_available() is False)"
+    except Exception as exc:
+        return False, f"CUDA could not be queried ({type(exc).__name__}: {exc}); check the NVIDIA driver"
+    try:
+        # is_available() does not prove that NVRTC, the CUDA headers and a launch work: try all three.
+        probe = cp.RawKernel(r'extern "C" __global__ void gpubp_probe(float* x) { x[threadIdx.x] = threadIdx.x; }',
+                             "gpubp_probe")
+        x = cp.zeros(2, dtype=cp.float32)
+        probe((1,), (2,), (x,))
+        got = cp.asnumpy(x)
+        device = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
+    except Exception as exc:
+        return False, (f"a GPU is present but a one-line probe kernel failed to compile or launch "
+                       f"({type(exc).__name__}: {exc}); check the driver and that NVRTC and the CUDA headers "
+                       f"are installed: pip install gpubp[cuda13] (or gpubp[cuda12])")
+    if not np.array_equal(got, [0.0, 1.0]):
+        return False, f"the probe kernel ran but wrote {got.tolist()} instead of [0.0, 1.0]"
+    name = device.decode() if isinstance(device, bytes) else str(device)
+    return True, f"cupy {cp.__version__} on {name}"
+
+
+# ---- kernels: one RawModule per (file, device), functions looked up once -----------------------------------
+_modules = {}
+_functions = {}
+_sm_counts = {}
+
+
+def _module(filename, device):
+    """The RawModule of one kernels/*.cu file for a device id; compiled lazily by CuPy on first get_function."""
+    key = (filename, device)
+    if key not in _modules:
+        source, options, names = cuda_sources.module_source(filename)
+        _modules[key] = cp.RawModule(code=source, options=options, name_expressions=names)
+    return _modules[key]
+
+
+def _kernel(filename, name):
+    device = cp.cuda.runtime.getDevice()
+    key = (name, device)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = _module(filename, device).get_function(name)
+    return fn
+
+
+def _sm_count():
+    device = cp.cuda.runtime.getDevice()
+    if device not in _sm_counts:
+        _sm_counts[device] = cp.cuda.Device(device).attributes["MultiProcessorCount"]
+    return _sm_counts[device]
+
+
+# ---- launch shapes (plain integer math: tested without a GPU) ------------------------------------------------
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def gemm_tile(M, N, sm_count):
+    """The large 128x128 tile when its tiles alone fill every SM, else the 64x64 one (4x the blocks)."""
+    bm, bn = cuda_sources.LARGE_TILE[:2]
+    return cuda_sources.LARGE_TILE if ceil_div(M, bm) * ceil_div(N, bn) >= sm_count else cuda_sources.SMALL_TILE
+
+
+def gemm_grid(tile, M, N, slices=1):
+    return (ceil_div(M, tile[0]), ceil_div(N, tile[1]), slices)
+
+
+def split_k(M, N, K, tile, sm_count):
+    """(slices, rows per slice) of weight_grad's K = batch: enough slices for about two blocks per SM, each
+    slice at least _MIN_SLICE_ROWS rows and a multiple of the tile's BK (so 16-byte loads stay aligned)."""
+    tiles = ceil_div(M, tile[0]) * ceil_div(N, tile[1])
+    slices = min(ceil_div(2 * sm_count, tiles), K // _MIN_SLICE_ROWS, _MAX_SLICES)
+    if slices <= 1:
+        return 1, K
+    bk = tile[2]
+    rows = ceil_div(ceil_div(K, slices), bk) * bk
+    return ceil_div(K, rows), rows
+
+
+def elementwise_grid(size, sm_count):
+    """A grid-stride launch: enough blocks to fill the GPU, no more than the work needs."""
+    return (max(1, min(ceil_div(size, _THREADS), 32 * sm_count)),)
+
+
+def _i32(x):
+    x = int(x)
+    if not -2**31 <= x < 2**31:
+        raise ValueError(f"a size of {x} does not fit the kernels' 32-bit int parameters")
+    return np.int32(x)
+
+
+class CaptureUnsafe(RuntimeError):
+    """An op that cannot be part of a CUDA graph (a host transfer or a synchronisation) ran during capture."""
+
+
+# ---- the backend -----------------------------------------------------------------------------------------------
+class CupyBackend(Backend):
+    name = "cupy"
+    real_gpu = True
+
+    def __init__(self, deterministic=False):
+        super().__init__(deterministic)
+        if cp is None:
+            raise RuntimeError(available()[1])
+        self.use_graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
+        self.graph_errors = {}   # step key -> why it could not be captured (it then runs eagerly)
+        self._steps = {}         # step key -> "warm" | "eager" | (graph, its private memory pool)
+        self._capture_stream = None
+        self._capturing = False
+        self._scratch = {}
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _dtype_name(self, *arrays):
+        """The common dtype ('float32' / 'float64') of `arrays` (the kernels' T); TypeError otherwise."""
+        dtype = arrays[0].dtype
+        for a in arrays:
+            if a.dtype != dtype:
+                raise TypeError(f"arrays: expected one dtype for all of an op's arrays, got {dtype} and {a.dtype}")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"arrays: the kernels need C-contiguous arrays, got strides {a.strides}")
+        if dtype.name not in cuda_sources.C_TYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        return dtype.name
+
+    def _scratch_buffer(self, key, size, dtype):
+        """A device buffer kept for the life of the backend (made on first use: later calls allocate nothing)."""
+        key = (cp.cuda.runtime.getDevice(), key, size, np.dtype(dtype).name)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = cp.empty(size, dtype=dtype)
+        return buf
+
+    def _refuse_while_capturing(self, what):
+        if self._capturing:
+            raise CaptureUnsafe(f"{what} cannot be captured in a CUDA graph")
+
+    # ---- arrays --------------------------------------------------------------------------------------------
+    def empty(self, shape, dtype):
+        return cp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return cp.zeros(shape, dtype=dtype)
+
+    def is_device_array(self, x):
+        return isinstance(x, cp.ndarray)
+
+    def asarray(self, x, dtype):
+        if isinstance(x, cp.ndarray) or hasattr(x, "__cuda_array_interface__"):
+            return cp.ascontiguousarray(cp.asarray(x), dtype=dtype)   # no copy when it already fits
+        self._refuse_while_capturing("a host-to-device copy")
+        return cp.asarray(np.ascontiguousarray(x, dtype=dtype))
+
+    def copy_into(self, dst, src):
+        if isinstance(src, cp.ndarray):
+            cp.copyto(dst, src, casting="unsafe")
+            return
+        self._refuse_while_capturing("a host-to-device copy")
+        host = np.ascontiguousarray(np.broadcast_to(np.asarray(src).astype(dst.dtype, copy=False), dst.shape))
+        dst.set(host)
+
+    def to_numpy(self, x):
+        self._refuse_while_capturing("a device-to-host copy")
+        return cp.asnumpy(x)
+
+    def view(self, flat, offset, shape):
+        return flat[offset:offset + int(np.prod(shape))].reshape(shape)
+
+    def all_finite(self, x):
+        self._refuse_while_capturing("all_finite (a synchronising read)")
+        return bool(cp.isfinite(x).all())
+
+    def one_hot(self, labels, classes, out):
+        # labels (N,) integers, out (N, classes)
+        if isinstance(labels, cp.ndarray) and labels.dtype == np.int64 and labels.flags.c_contiguous:
+            device_labels = labels
+        elif isinstance(labels, cp.ndarray):
+            device_labels = cp.ascontiguousarray(labels, dtype=np.int64)
+        else:
+            self._refuse_while_capturing("a host-to-device copy of labels")
+            device_labels = cp.asarray(np.ascontiguousarray(labels, dtype=np.int64))
+        N = out.shape[0]
+        if device_labels.shape != (N,) or out.shape != (N, classes):
+            raise ValueError(f"one_hot: expected labels ({N},) and out ({N}, {classes}), "
+                             f"got {device_labels.shape} and {out.shape}")
+        dtype = self._dtype_name(out)
+        _kernel("loss.cu", cuda_sources.kernel_name("one_hot_kernel", dtype))(
+            elementwise_grid(out.size, _sm_count()), (_THREADS,),
+            (device_labels, out, np.int64(N), _i32(classes)))
+
+    def synchronize(self):
+        cp.cuda.Device().synchronize()
+
+    # ---- the kernel set ------------------------------------------------------------------------------------
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+        # A_prev (N, in), W (out, in), b (out,) or None, Z and A (N, out)
+        N, n_in = A_prev.shape
+        n_out = W.shape[0]
+        dtype = self._dtype_name(A_prev, W, Z, A, *(() if b is None else (b,)))
+        if N == 0 or n_out == 0:
+            return
+        tile = gemm_tile(N, n_out, _sm_count())
+        _kernel("dense_forward.cu", cuda_sources.kernel_name("dense_forward_kernel", dtype, tile))(
+            gemm_grid(tile, N, n_out), (_THREADS,),
+            (A_prev, W, Z if b is None else b, Z, A, _i32(N), _i32(n_in), _i32(n_out), np.int32(b is not None),
+             np.int32(act), np.float64(alpha)))
+
+    def activation_mask(self, dA, Z, A, act, alpha, delta):
+        # dA, Z, A, delta (N, out); delta may be dA
+        dtype = self._dtype_name(dA, Z, A, delta)
+        if delta.size == 0:
+            return
+        _kernel("dense_backward.cu", cuda_sources.kernel_name("activation_mask_kernel", dtype))(
+            elementwise_grid(delta.size, _sm_count()), (_THREADS,),
+            (dA, Z, A, delta, np.int64(delta.size), np.int32(act), np.float64(alpha)))
+
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+        # delta (N, out), A_prev (N, in), dW (out, in), db (out,) or None
+        N, n_out = delta.shape
+        n_in = A_prev.shape[1]
+        dtype = self._dtype_name(delta, A_prev, dW, *(() if db is None else (db,)))
+        if n_out == 0 or n_in == 0:
+            return
+        if N == 0:   # an empty sum
+            if not accumulate:
+                dW.fill(0)
+                if db is not None:
+                    db.fill(0)
+            return
+        sm_count = _sm_count()
+        tile = gemm_tile(n_out, n_in, sm_count)
+        slices, rows = split_k(n_out, n_in, N, tile, sm_count)
+        gemm = _kernel("dense_backward.cu", cuda_sources.kernel_name("weight_grad_kernel", dtype, tile))
+        has_bias = np.int32(db is not None)
+        if slices == 1:
+            gemm(gemm_grid(tile, n_out, n_in), (_THREADS,),
+                 (delta, A_prev, dW, dW if db is None else db, _i32(N), _i32(n_in), _i32(n_out), _i32(N),
+                  has_bias, np.int32(accumulate)))
+            return
+        # split K: slices write partial sums, a second launch adds them in order (no atomics)
+        dW_parts = self._scratch_buffer("weight_grad dW parts", slices * dW.size, dtype)
+        db_parts = self._scratch_buffer("weight_grad db parts", slices * n_out, dtype)
+        gemm(gemm_grid(tile, n_out, n_in, slices), (_THREADS,),
+             (delta, A_prev, dW_parts, db_parts, _i32(N), _i32(n_in), _i32(n_out), _i32(rows), has_bias,
+              np.int32(0)))
+        _kernel("dense_backward.cu", cuda_sources.kernel_name("weight_grad_reduce_kernel", dtype))(
+            elementwise_grid(dW.size + n_out, sm_count), (_THREADS,),
+            (dW_parts, db_parts, dW, dW if db is None else db, np.int32(slices), np.int64(dW.size),
+             _i32(n_out), has_bias, np.int32(accumulate)))
+
+    def input_grad(self, delta, W, dA_prev):
+        # delta (N, out), W (out, in), dA_prev (N, in)
+        self._input_grad(delta, W, dA_prev, None, None, -1, 0.0)
+
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+        """δ_prev = (δ · W) ⊙ g'(Z_prev): input_grad and the previous layer's activation_mask in one launch
+        (dA_prev is never stored). delta (N, out), W (out, in), Z_prev, A_prev, delta_prev (N, in);
+        delta_prev may be the same array as Z_prev or A_prev."""
+        self._input_grad(delta, W, delta_prev, Z_prev, A_prev, int(act), alpha)
+
+    def _input_grad(self, delta, W, out, Z_prev, A_prev, mask_act, alpha):
+        N, n_out = delta.shape
+        n_in = W.shape[1]
+        masked = mask_act >= 0
+        dtype = self._dtype_name(delta, W, out, *((Z_prev, A_prev) if masked else ()))
+        if N == 0 or n_in == 0:
+            return
+        if n_out == 0:  # an empty sum, then the mask of zero is zero
+            out.fill(0)
+            return
+        tile = gemm_tile(N, n_in, _sm_count())
+        _kernel("dense_backward.cu", cuda_sources.kernel_name("input_grad_kernel", dtype, tile))(
+            gemm_grid(tile, N, n_in), (_THREADS,),
+            (delta, W, out, Z_prev if masked else out, A_prev if masked else out, _i32(N), _i32(n_in),
+             _i32(n_out), np.int32(mask_act), np.float64(alpha)))
+
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+        # Z, y, A, delta (N, out); loss_out (1,)
+        N, C = Z.shape
+        if y.shape != Z.shape:   # (N,) targets of a one-output model: a view, no copy
+            y = y.reshape(Z.shape)
+        dtype = self._dtype_name(Z, y, A, delta, loss_out)
+        if Z.size == 0:
+            loss_out.fill(0)
+            return
+        scale = {losses.MSE: 0.5 / N, losses.BCE: 1.0 / (N * C), losses.SOFTMAX_CE: 1.0 / N}[loss]
+        blocks = min(ceil_div(N, _THREADS // 32), _LOSS_MAX_BLOCKS)   # a warp per row
+        block_sums = self._scratch_buffer("loss block sums", _LOSS_MAX_BLOCKS, np.float64)
+        _kernel("loss.cu", cuda_sources.kernel_name("loss_grad_kernel", dtype))(
+            (blocks,), (_THREADS,),
+            (np.int32(loss), np.int32(act), np.float64(alpha), Z, y, A, delta, block_sums, _i32(N), _i32(C)))
+        _kernel("loss.cu", cuda_sources.kernel_name("loss_reduce_kernel", dtype))(
+            (1,), (_THREADS,), (block_sums, np.int32(blocks), np.float64(scale), loss_out))
+
+    def _check_step(self, step):
+        if not (isinstance(step, cp.ndarray) and step.dtype == np.int64 and step.shape == (1,)):
+            raise TypeError(f"step: expected a device int64 array of shape (1,), got {type(step).__name__} "
+                            f"{getattr(step, 'dtype', '')} {getattr(step, 'shape', '')}")
+
+    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
+        # params, grads, momentum_buf (P,) flat; step (1,) int64
+        self._check_step(step)
+        if momentum_buf is None:
+            momentum_buf = params   # never touched when momentum == 0
+        dtype = self._dtype_name(params, grads, momentum_buf)
+        _kernel("optim.cu", cuda_sources.kernel_name("sgd_update_kernel", dtype))(
+            elementwise_grid(params.size, _sm_count()), (_THREADS,),
+            (params, grads, momentum_buf, step, np.int64(params.size), np.float64(lr), np.float64(momentum),
+             np.float64(dampening), np.float64(weight_decay), np.int32(bool(nesterov))))
+        _kernel("optim.cu", "step_increment_kernel")((1,), (1,), (step,))
+
+    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        # params, grads, m, v (P,) flat; step (1,) int64
+        self._check_step(step)
+        dtype = self._dtype_name(params, grads, m, v)
+        _kernel("optim.cu", cuda_sources.kernel_name("adam_update_kernel", dtype))(
+            elementwise_grid(params.size, _sm_count()), (_THREADS,),
+            (params, grads, m, v, step, np.int64(params.size), np.float64(lr), np.float64(beta1),
+             np.float64(beta2), np.float64(eps), np.float64(weight_decay)))
+        _kernel("optim.cu", "step_increment_kernel")((1,), (1,), (step,))
+
+    # ---- whole-step CUDA graphs ----------------------------------------------------------------------------
+    def run_step(self, key, fn):
+        """First call with a key: run fn eagerly (compiles kernels, makes scratch). Second: capture fn as a
+        CUDA graph and launch it. Later: launch the graph. Anything that cannot be captured (a host copy, a
+        synchronisation, a CUDA error) makes that key run eagerly from then on; graph_errors[key] says why.
+        The graph replays fn's launches with the arguments of the capture: the key must cover every host
+        scalar fn passes (learning rate, ...), and fn must write into the same buffers every call."""
+        state = self._steps.get(key)
+        if not self.use_graphs or self._capturing or state == "eager":
+            fn()
+            return
+        if state is None:
+            fn()
+            self._steps[key] = "warm"
+            return
+        if state == "warm":
+            state = self._capture(key, fn)
+            if state == "eager":
+                fn()   # nothing of a failed capture ran: run the step for real
+                return
+        graph, _pool = state
+        graph.launch(stream=cp.cuda.get_current_stream())
+
+    def _capture(self, key, fn):
+        if self._capture_stream is None:
+            self._capture_stream = cp.cuda.Stream(non_blocking=True)
+        stream = self._capture_stream
+        # A private pool: memory fn allocates during capture belongs to the graph alone, never reused by
+        # arrays made later (a replay writes to the addresses of the capture).
+        pool = cp.cuda.MemoryPool()
+        self._capturing = True
+        try:
+            with cp.cuda.using_allocator(pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    fn()
+                finally:
+                    graph = stream.end_capture()
+        except Exception as exc:
+            self.graph_errors[key] = f"{type(exc).__name__}: {exc}"
+            self._steps[key] = "eager"
+            return "eager"
+        finally:
+            self._capturing = False
+        self._steps[key] = (graph, pool)
+        return self._steps[key]

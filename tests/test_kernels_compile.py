@@ -1,0 +1,154 @@
+"""Every kernels/*.cu compiles, without a GPU, exactly as the cupy backend compiles it at run time.
+
+NVRTC gets cuda_sources.module_source(file) (headers pasted in), the runtime's full option list for sm_90 and
+for an older arch (sm_80), and every name expression; each name expression must lower to a symbol. NVRTC
+comes from CuPy (cupy_backends.cuda.libs.nvrtc) or, failing that, cuda-python (cuda.bindings.nvrtc); with
+neither, these tests skip and say so. Each .cu also goes through nvcc -ptx as a standalone file, where nvcc
+is installed (the project's pre-stop hook runs the same command).
+"""
+import re
+import shutil
+import subprocess
+from importlib import resources
+
+import pytest
+
+from gpubp.backends import cuda_sources
+
+ARCHS = (90, 80)
+
+
+class CupyNvrtc:
+    """cupy_backends.cuda.libs.nvrtc: raises on error, returns str."""
+
+    def __init__(self):
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()   # loads libnvrtc: fails here when the library is missing
+        self.nvrtc = nvrtc
+
+    def compile(self, source, filename, options, names):
+        """{name expression: lowered name}; raises AssertionError with NVRTC's log on a compile error."""
+        nvrtc = self.nvrtc
+        prog = nvrtc.createProgram(source, filename, [], [])
+        try:
+            for name in names:
+                nvrtc.addNameExpression(prog, name)
+            try:
+                nvrtc.compileProgram(prog, list(options))
+            except nvrtc.NVRTCError as exc:
+                raise AssertionError(f"NVRTC failed on {filename}: {exc}\n{nvrtc.getProgramLog(prog)}") from None
+            return {name: nvrtc.getLoweredName(prog, name) for name in names}
+        finally:
+            nvrtc.destroyProgram(prog)
+
+
+class CudaPythonNvrtc:
+    """cuda.bindings.nvrtc (cuda-python): returns (status, value) tuples, takes bytes."""
+
+    def __init__(self):
+        from cuda.bindings import nvrtc
+        status, *_ = nvrtc.nvrtcVersion()
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"nvrtcVersion: {status}")
+        self.nvrtc = nvrtc
+
+    def _check(self, result):
+        status, *values = result
+        if status != self.nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(str(status))
+        return values[0] if values else None
+
+    def _log(self, prog):
+        size = self._check(self.nvrtc.nvrtcGetProgramLogSize(prog))
+        log = b" " * size
+        self._check(self.nvrtc.nvrtcGetProgramLog(prog, log))
+        return log.decode(errors="replace")
+
+    def compile(self, source, filename, options, names):
+        nvrtc = self.nvrtc
+        prog = self._check(nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], []))
+        try:
+            for name in names:
+                self._check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+            status, *_ = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+            if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+                raise AssertionError(f"NVRTC failed on {filename}: {status}\n{self._log(prog)}")
+            lowered = {}
+            for name in names:
+                value = self._check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+                lowered[name] = value.decode() if isinstance(value, bytes) else value
+            return lowered
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _find_nvrtc():
+    reasons = []
+    for cls in (CupyNvrtc, CudaPythonNvrtc):
+        try:
+            return cls(), None
+        except Exception as exc:   # not installed, or the shared library cannot be loaded
+            reasons.append(f"{cls.__doc__.split(':')[0]}: {type(exc).__name__}: {exc}")
+    return None, "no usable NVRTC (" + "; ".join(reasons) + "); pip install gpubp[test]"
+
+
+NVRTC, NVRTC_MISSING = _find_nvrtc()
+needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason=str(NVRTC_MISSING))
+
+
+def _kernel_source(filename):
+    return resources.files("gpubp.kernels").joinpath(filename).read_text(encoding="utf-8")
+
+
+def test_every_cu_file_is_listed():
+    shipped = sorted(p.name for p in resources.files("gpubp.kernels").iterdir() if p.name.endswith(".cu"))
+    assert shipped == sorted(cuda_sources.KERNEL_FILES)
+
+
+@pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
+def test_every_kernel_has_name_expressions(filename):
+    """Each __global__ function of a file is instantiated for float and double (or is untemplated), so the
+    compile test below builds all of them."""
+    source, _, names = cuda_sources.module_source(filename)
+    kernels = set()
+    for match in re.finditer(r"__global__\s+void\b", source):
+        # the first `name(` after `__global__ void`, past an optional __launch_bounds__(...)
+        calls = re.findall(r"(\w+)\s*\(", source[match.end():match.end() + 300])
+        kernels.add(next(c for c in calls if c != "__launch_bounds__"))
+    assert kernels, "no kernels found"
+    for kernel in kernels:
+        instances = [n for n in names if n == kernel or n.startswith(kernel + "<")]
+        assert instances, f"{kernel} has no name expression"
+        if instances != [kernel]:
+            assert any("<float" in n for n in instances) and any("<double" in n for n in instances)
+
+
+@pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
+def test_headers_are_pasted_into_the_source(filename):
+    """CuPy's cache keys on the source string: no header may be left to -I."""
+    source, options, _ = cuda_sources.module_source(filename)
+    assert not re.search(r"^\s*#\s*include", source, re.MULTILINE)
+    assert not any(o.startswith("-I") for o in options)
+    if '#include "gemm.cuh"' in _kernel_source(filename):
+        assert "gemm_block_tile" in source and "activation_forward" in source
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
+def test_nvrtc_compiles_every_kernel(filename, arch):
+    source, _, names = cuda_sources.module_source(filename)
+    lowered = NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch), names)
+    for name in names:
+        assert lowered[name], f"{name} did not lower"
+        assert lowered[name] == name or lowered[name].startswith("_Z"), lowered[name]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
+def test_nvcc_compiles_each_file(filename):
+    kernels_dir = resources.files("gpubp.kernels")
+    path = kernels_dir.joinpath(filename)
+    result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-I", str(kernels_dir), str(path),
+                             "-o", "/dev/null"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
