@@ -14,10 +14,16 @@ import zipfile
 
 import numpy as np
 
+from .backends import BACKENDS, Backend
 from .layers import Dense
-from .params import FlatLayout
 
 FORMAT = "gpubp-checkpoint-1"
+# A checkpoint's sizes come from its metadata, so a forged one could ask for any amount of memory: load refuses
+# an architecture above this many parameters (1 GiB in float32, far beyond the MLPs gpubp is for) unless the
+# caller raises the limit for a file they trust.
+MAX_PARAMETERS = 2**28
+_MAX_META_CHARS = 2**20      # the metadata is JSON of a few KB, `extra` included
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def save(net, path, extra=None):
@@ -64,85 +70,135 @@ def _bad(path, why):
     return ValueError(f"{path}: not a usable gpubp checkpoint: {why}")
 
 
-def _read(npz, path, key, shape, kinds):
-    """One array from the archive, its declared shape and dtype checked before its data is read."""
-    if key not in npz.files:
+def _read(archive, path, key, shape, kinds, max_itemsize=8):
+    """One array from the zip archive. The .npy header is checked (dtype kind and size, shape, and that the
+    member holds exactly the bytes it declares) before any data is read, so a forged header or a compressed
+    bomb costs nothing; every way the member can fail to read becomes a ValueError."""
+    name = key + ".npy"
+    if name not in archive.namelist():
         raise _bad(path, f"missing array {key!r}")
+    info = archive.getinfo(name)
     try:
-        with npz.zip.open(key + ".npy") as f:
+        with archive.open(info) as f:
             version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy version {version} (gpubp writes 1.0)")
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            header = read_header(f, max_header_size=10000)
-    except Exception as exc:
-        raise _bad(path, f"array {key!r} has an unreadable header ({exc})") from None
-    declared_shape, _, dtype = header
-    if dtype.hasobject or dtype.kind not in kinds:
-        raise _bad(path, f"array {key!r} has dtype {dtype}, expected kind {kinds!r}")
-    if shape is not None and tuple(declared_shape) != tuple(shape):
-        raise _bad(path, f"array {key!r} has shape {tuple(declared_shape)}, expected {tuple(shape)}")
-    try:
-        return npz[key]
-    except Exception as exc:
+            declared_shape, _, dtype = read_header(f, max_header_size=10000)
+            if dtype.hasobject or dtype.kind not in kinds or dtype.itemsize > max_itemsize:
+                raise _bad(path, f"array {key!r} has dtype {dtype}, expected kind {kinds!r} of at most {max_itemsize} bytes")
+            if tuple(declared_shape) != tuple(shape):
+                raise _bad(path, f"array {key!r} has shape {tuple(declared_shape)}, expected {tuple(shape)}")
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if info.file_size != f.tell() + nbytes:
+                raise _bad(path, f"array {key!r} holds {info.file_size - f.tell()} bytes of data, its header "
+                                 f"declares {nbytes}")
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise EOFError(f"{len(data)} of {nbytes} bytes")
+    except ValueError as exc:
+        if str(exc).startswith(f"{path}: "):
+            raise
+        raise _bad(path, f"array {key!r} cannot be read ({exc})") from None
+    except Exception as exc:   # zipfile, zlib, OSError, EOFError: a truncated or corrupted archive
         raise _bad(path, f"array {key!r} cannot be read ({type(exc).__name__}: {exc}); truncated?") from None
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
-def load(path, backend="auto"):
-    """The model saved at `path`, on `backend`, with its optimizer (as model.optimizer) when one was saved."""
+def _parse_meta(text, path, max_parameters):
+    """The metadata JSON as a dict whose layers are built Dense objects, every field checked; ValueError for
+    anything malformed."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"its metadata is not JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise _bad(path, f"its metadata is a JSON {type(meta).__name__}, expected an object")
+    missing = [k for k in ("layers", "dtype", "seed", "steps", "rng", "optimizer") if k not in meta]
+    if missing:
+        raise _bad(path, f"its metadata lacks {missing}")
+    if not isinstance(meta["layers"], list) or not meta["layers"]:
+        raise _bad(path, f"its metadata's layers are {meta['layers']!r:.80}, expected a non-empty list")
+    layers = []
+    for i, c in enumerate(meta["layers"]):
+        try:
+            layers.append(Dense(c["n_in"], c["n_out"], c["activation"], bias=c["bias"], alpha=c["alpha"]))
+        except (TypeError, KeyError, IndexError, ValueError) as exc:
+            raise _bad(path, f"layer {i} is malformed ({type(exc).__name__}: {exc})") from None
+    # Python integers: a product that would wrap in int64 cannot slip under the limit.
+    count = sum(layer.n_out * layer.n_in + (layer.n_out if layer.bias else 0) for layer in layers)
+    if count > max_parameters:
+        raise _bad(path, f"its architecture has {count} parameters, more than max_parameters={max_parameters}; "
+                         "pass a larger max_parameters to load a file you trust")
+    steps = meta["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**63:
+        raise _bad(path, f"its metadata's steps is {steps!r}, expected a non-negative integer")
+    optimizer = meta["optimizer"]
+    if optimizer is not None:
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+            raise _bad(path, f"its optimizer is {optimizer!r:.80}, expected {{'type': ..., 'config': {{...}}}}")
+        if not isinstance(optimizer.get("config", {}), dict):
+            raise _bad(path, f"its optimizer config is {optimizer['config']!r:.80}, expected a dict")
+    extra = meta.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise _bad(path, f"its extra metadata is not a dict ({type(extra).__name__})")
+    return dict(meta, layers=layers, n_params=count, extra=extra)
+
+
+def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
+    """The model saved at `path`, on `backend`, with its optimizer (as model.optimizer) when one was saved.
+    A file that is not a usable checkpoint raises ValueError saying why; nothing in it is ever unpickled."""
     from .network import Sequential
     from .optim import OPTIMIZERS
+    if not isinstance(backend, Backend) and not (isinstance(backend, str) and backend in BACKENDS + ("auto",)):
+        raise ValueError(f"backend: expected one of {list(BACKENDS) + ['auto']}, got {backend!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    # We open the file ourselves: np.load leaves its own handle open when a truncated archive makes it fail.
-    fh = open(path, "rb")
-    try:
-        npz = np.load(fh, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        fh.close()
-        raise _bad(path, f"cannot be read as .npz ({type(exc).__name__}: {exc}); truncated or another format?") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        fh.close()
-        raise _bad(path, "it is a single .npy array, not an .npz archive")
-    with fh, npz:
-        fmt = _read(npz, path, "format", (), "U")
-        if str(fmt) != FORMAT:
-            raise _bad(path, f"format is {str(fmt)!r}, expected {FORMAT!r}")
+    with open(path, "rb") as fh:
+        if fh.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+            raise _bad(path, "it is a single .npy array, not an .npz archive")
+        fh.seek(0)
         try:
-            meta = json.loads(str(_read(npz, path, "meta", (), "U")))
-            layers = [Dense(c["n_in"], c["n_out"], c["activation"], bias=c["bias"], alpha=c["alpha"])
-                      for c in meta["layers"]]
-            dtype, seed, steps = meta["dtype"], meta["seed"], int(meta["steps"])
-            opt_meta = meta["optimizer"]
-        except (ValueError, TypeError, KeyError) as exc:
-            raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
-        layout = FlatLayout(layers)
-        params = _read(npz, path, "params", (layout.size,), "f")
-        if not np.isfinite(params).all():
-            raise _bad(path, "its parameters hold NaN or inf")
-        opt_arrays = {}
-        if opt_meta is not None:
-            if not isinstance(opt_meta, dict) or opt_meta.get("type") not in OPTIMIZERS:
-                raise _bad(path, f"unknown optimizer {opt_meta!r}")
-            for name in OPTIMIZERS[opt_meta["type"]].state_names:
-                opt_arrays[name] = _read(npz, path, "opt." + name, (layout.size,), "f")
-            opt_arrays["step"] = _read(npz, path, "opt.step", (1,), "iu")
+            archive = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise _bad(path, f"cannot be read as .npz ({type(exc).__name__}: {exc}); truncated or another format?") from None
+        with archive:
+            fmt = str(_read(archive, path, "format", (), "U", max_itemsize=4 * 64))
+            if fmt != FORMAT:
+                raise _bad(path, f"format is {fmt!r}, expected {FORMAT!r}")
+            meta = _parse_meta(str(_read(archive, path, "meta", (), "U", max_itemsize=4 * _MAX_META_CHARS)),
+                               path, max_parameters)
+            params = _read(archive, path, "params", (meta["n_params"],), "f")
+            opt_meta, opt_arrays = meta["optimizer"], {}
+            if opt_meta is not None:
+                if opt_meta["type"] not in OPTIMIZERS:
+                    raise _bad(path, f"unknown optimizer {opt_meta['type']!r:.80}, expected one of {list(OPTIMIZERS)}")
+                for name in OPTIMIZERS[opt_meta["type"]].state_names:
+                    opt_arrays[name] = _read(archive, path, "opt." + name, (meta["n_params"],), "f")
+                opt_arrays["step"] = _read(archive, path, "opt.step", (1,), "iu")
     try:
-        net = Sequential(*layers, backend=backend, dtype=dtype, seed=seed, deterministic=meta.get("deterministic", False))
+        net = Sequential(*meta["layers"], backend=backend, dtype=meta["dtype"], seed=meta["seed"],
+                         deterministic=meta.get("deterministic", False))
         net.rng.bit_generator.state = meta["rng"]
-    except (TypeError, KeyError) as exc:
+        optimizer = None
+        if opt_meta is not None:
+            optimizer = OPTIMIZERS[opt_meta["type"]](net, **opt_meta.get("config", {}))
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
+    # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.
+    for name, array in [("params", params)] + [("opt." + k, v) for k, v in opt_arrays.items() if k != "step"]:
+        with np.errstate(over="ignore"):
+            in_model_dtype = array.astype(net.dtype)
+        if not np.isfinite(in_model_dtype).all():
+            raise _bad(path, f"its {name!r} hold NaN or inf")
+    if "exp_avg_sq" in opt_arrays and (opt_arrays["exp_avg_sq"] < 0).any():
+        raise _bad(path, "its 'opt.exp_avg_sq' (a mean of squares) holds negative values")
+    if opt_meta is not None and not 0 <= int(opt_arrays["step"][0]) < 2**63:
+        raise _bad(path, f"its optimizer step is {opt_arrays['step'][0]}, expected a non-negative int64")
     net.backend.copy_into(net.params, params)
-    net.steps = steps
-    net.extra = meta.get("extra") or {}
-    if not isinstance(net.extra, dict):
-        raise _bad(path, f"its extra metadata is not a dict ({type(net.extra).__name__})")
-    if opt_meta is not None:
-        config = dict(opt_meta.get("config") or {})
-        if "betas" in config:
-            config["betas"] = tuple(config["betas"])
-        try:
-            optimizer = OPTIMIZERS[opt_meta["type"]](net, **config)
-        except TypeError as exc:
-            raise _bad(path, f"its optimizer settings are malformed ({exc})") from None
+    net.steps = meta["steps"]
+    net.extra = meta["extra"]
+    if optimizer is not None:
         optimizer.load_state_arrays(opt_arrays)
     return net
