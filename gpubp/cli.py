@@ -284,9 +284,12 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         checkpoint(epochs_done)
     if plot_path is not None and history:
         save_curves(history, plot_path, f"gpubp on {dataset.source}: {_describe(_architecture(net))}")
-    held_loss, held_accuracy = net.evaluate(X_held, y_held, targets.loss)
-    score = (f"held-out accuracy {held_accuracy:.4f}" if held_accuracy is not None
-             else f"held-out R² {_r2(targets.decode(net.predict(X_held)), targets.decode(y_held)):.4f}")
+    with warnings.catch_warnings():
+        # After a stopped run the outputs may overflow: the summary shows inf, and the stop reason says why.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        held_loss, held_accuracy = net.evaluate(X_held, y_held, targets.loss)
+        score = (f"held-out accuracy {held_accuracy:.4f}" if held_accuracy is not None
+                 else f"held-out R² {_r2(targets.decode(net.predict(X_held)), targets.decode(y_held)):.4f}")
     click.echo(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} epochs, "
                f"{elapsed:.2f} s training" + (f"; saved {save_path}" if save_path else "")
                + (f"; curves {plot_path}" if plot_path and history else ""))
