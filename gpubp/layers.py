@@ -12,6 +12,13 @@ import numbers
 from . import activations as acts
 
 
+def _finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:      # an int beyond float's range, 10**400
+        return False
+
+
 def _positive_int(value, what):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what}: expected a positive integer, got {value!r}")
@@ -27,7 +34,7 @@ class Dense:
         if not isinstance(bias, bool):
             raise TypeError(f"Dense bias: expected True or False, got {bias!r}")
         self.bias = bias
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not _finite(alpha):
             raise ValueError(f"Dense alpha: expected a finite number, got {alpha!r}")
         self.alpha = float(alpha)
         self.W = self.b = self.dW = self.db = None

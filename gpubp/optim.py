@@ -9,8 +9,15 @@ import numbers
 import numpy as np
 
 
+def _finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:      # an int beyond float's range, 10**400
+        return False
+
+
 def _number(value, what, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
         raise ValueError(f"{what}: expected a finite number, got {value!r}")
     value = float(value)
     if low is not None and (value < low or (low_open and value == low)):
