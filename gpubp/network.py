@@ -131,9 +131,15 @@ class Sequential:
             expected = "(N, " + ", ".join(map(str, trailing)) + ")" if trailing else "(N,)"
             raise ValueError(f"{what}: expected shape {expected} with N >= 1, got {tuple(x.shape)}")
         if np.dtype(x.dtype).kind == "f":
-            finite = bool(np.isfinite(x).all()) if isinstance(x, np.ndarray) else be.all_finite(x)
+            # Finite in the model's dtype: a float64 1e300 would reach a float32 model as inf.
+            if isinstance(x, np.ndarray):
+                with np.errstate(over="ignore"):
+                    finite = bool(np.isfinite(x.astype(self.dtype, copy=False)).all())
+            else:
+                finite = be.all_finite(x if x.dtype == self.dtype else be.asarray(x, self.dtype))
             if not finite:
-                raise ValueError(f"{what}: expected finite values, got NaN or inf")
+                raise ValueError(f"{what}: expected finite values in {self.dtype.name}, got NaN, inf or values "
+                                 "beyond its range")
         return x
 
     def _check_X(self, X):
