@@ -364,8 +364,11 @@ class Sequential:
                 a = np.asarray(a)
                 if a.shape != shape:
                     raise ValueError(f"params[{i}][{name!r}]: expected shape {shape}, got {a.shape}")
-                if not np.isfinite(a).all():
-                    raise ValueError(f"params[{i}][{name!r}]: expected finite values, got NaN or inf")
+                with np.errstate(over="ignore"):
+                    finite = bool(np.isfinite(a.astype(self.dtype)).all())   # 1e300 is inf in float32
+                if not finite:
+                    raise ValueError(f"params[{i}][{name!r}]: expected finite values in {self.dtype.name}, got "
+                                     "NaN, inf or values beyond its range")
                 entry[name] = a
             checked.append(entry)
         self.backend.copy_into(self.params, self.layout.flatten(checked, self.dtype))
