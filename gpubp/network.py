@@ -389,6 +389,9 @@ class Sequential:
                 raise ValueError(f"{what}: expected a positive integer, got {value!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
+        for value, what in ((on_epoch_end, "on_epoch_end"), (on_batch_end, "on_batch_end")):
+            if value is not None and not callable(value):
+                raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")
         X = self._host(self._check_X(X))
         y = self._host(self._check_y(y, loss_id, X.shape[0]))
         if validation_data is not None:
