@@ -143,8 +143,6 @@ def _prepare(dataset, loss, val_split, seed, saved=None):
     y = dataset.y
     if y is None:
         raise CliError(f"{dataset.source}: has no targets to train on")
-    if saved is not None:
-        val_split, seed = saved["val_split"], saved["split_seed"]
     train, held = gdata.split_indices(y, val_split, seed, stratify=y.ndim == 1 and y.dtype.kind in "iu")
     if saved is not None:
         scaler = gdata.Standardizer.from_dict(saved["features"])
@@ -185,10 +183,11 @@ def cli():
 @click.option("--momentum", type=click.FloatRange(min=0), default=None, help="SGD momentum [default: 0.9].")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[default: float32]")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seeds the split, the initialisation, the shuffling and the synthetic sets.")
-@click.option("--val-split", type=float, default=0.2, show_default=True,
-              help="Fraction of rows held out (seeded, stratified for classes) for validation and the final score.")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
+@click.option("--val-split", type=float, default=None,
+              help="Fraction of rows held out (seeded, stratified for classes) for validation and the final score "
+                   "[default: 0.2].")
 @click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None,
               help="Write the checkpoint here (atomically) at the end, and every --checkpoint-every epochs.")
 @click.option("--resume", "resume_path", type=click.Path(dir_okay=False), default=None,
@@ -212,17 +211,21 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
     saved = None
     if resume_path is not None:
         net = gpubp.load(resume_path, backend=backend)
-        saved = net.extra.get("gpubp_cli")
-        if saved is None:
-            raise CliError(f"--resume: {resume_path} was not written by `gpubp train` (no preprocessing metadata)")
+        saved = _cli_meta(net, resume_path)
         _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype)
         target = target if target is not None else saved["target"]      # the same column as the first run
+        for option, value, key in (("--seed", seed, "seed"), ("--val-split", val_split, "val_split")):
+            if value is not None and value != saved[key]:
+                raise CliError(f"--resume: {resume_path} was trained with {option} {saved[key]}, not {value}")
+        seed, val_split = saved["seed"], saved["val_split"]              # the same data, split and shuffling
         # Options not given take the checkpoint's values, so `--resume` alone continues the same run.
         if hidden is None:
             hidden = [layer.n_out for layer in net.layers[:-1]]
         if activation is None and len(net.layers) > 1:
             activation = net.layers[0].activation
     hidden = [64, 64] if hidden is None else hidden
+    seed = 0 if seed is None else seed
+    val_split = 0.2 if val_split is None else val_split
     activation = activation or "relu"
 
     dataset = gdata.load_dataset(data_spec, target=target, seed=seed)
@@ -236,6 +239,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
     if saved is None:
         net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
                                dtype=dtype or "float32", seed=seed)
+        if optimizer == "adam" and momentum is not None:
+            raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
         opt = (gpubp.Adam(net, lr=lr or 1e-3) if optimizer == "adam"
                else gpubp.SGD(net, lr=lr or 0.05, momentum=0.9 if momentum is None else momentum))
         epochs_done, history = 0, {}
@@ -250,9 +255,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
             return
 
     def checkpoint(done):
-        meta = {"data": data_spec, "target": target, "features": scaler.to_dict(),
-                "feature_names": dataset.feature_names, "targets": targets.to_dict(), "val_split": val_split
-                if saved is None else saved["val_split"], "split_seed": seed if saved is None else saved["split_seed"],
+        meta = {"data": data_spec, "target": target, "seed": seed, "val_split": val_split,
+                "feature_names": dataset.feature_names, "features": scaler.to_dict(), "targets": targets.to_dict(),
                 "epochs_done": done, "history": history}
         net.save(save_path, extra={"gpubp_cli": meta})
 
@@ -298,6 +302,20 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         sys.exit(EXIT_STOPPED)
 
 
+_META_KEYS = ("data", "target", "seed", "val_split", "feature_names", "features", "targets", "epochs_done", "history")
+
+
+def _cli_meta(net, path):
+    """What `gpubp train` kept in the checkpoint's extra metadata, checked for the keys the commands read."""
+    meta = net.extra.get("gpubp_cli")
+    if not isinstance(meta, dict):
+        raise CliError(f"{path}: was not written by `gpubp train` (it holds no preprocessing metadata to apply)")
+    missing = [key for key in _META_KEYS if key not in meta]
+    if missing:
+        raise CliError(f"{path}: its gpubp train metadata lacks {', '.join(missing)}; written by another version?")
+    return meta
+
+
 def _check_resume_options(net, path, optimizer, lr, momentum, dtype):
     """A resumed run continues with the checkpoint's optimizer and its state: asking for other settings is an
     error, not something to ignore quietly."""
@@ -333,9 +351,7 @@ def predict(model, data_spec, out_path, backend):
     """Predict with a checkpoint written by `gpubp train`: one CSV row per input row (class labels for
     classifiers, values for regression), with the training run's preprocessing applied."""
     net = gpubp.load(model, backend=backend)
-    saved = net.extra.get("gpubp_cli")
-    if saved is None:
-        raise CliError(f"{model}: was not written by `gpubp train` (no preprocessing metadata to apply)")
+    saved = _cli_meta(net, model)
     targets = gdata.Targets.from_dict(saved["targets"])
     X = _features_for(data_spec, saved, net.n_in)
     answers = targets.decode(net.predict(gdata.Standardizer.from_dict(saved["features"]).transform(X)))

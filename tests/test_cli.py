@@ -69,6 +69,15 @@ def test_train_generated_sets(data, expected):
     assert result.stdout.splitlines()[-1].startswith(expected)
 
 
+def test_resume_keeps_the_seed_of_the_first_run(tmp_path):
+    # The generated sets depend on the seed: a resume without --seed must use the same data and split.
+    ok("train", "--data", "spiral", "--seed", 3, "--epochs", 1, "--layers", 8, "--backend", "numpy",
+       "--save", tmp_path / "s.npz")
+    ok("train", "--data", "spiral", "--epochs", 2, "--backend", "numpy", "--resume", tmp_path / "s.npz")
+    meta = cli_meta(tmp_path / "s.npz")
+    assert meta["seed"] == 3 and meta["epochs_done"] == 2
+
+
 def test_python_dash_m_runs_the_same_command():
     result = gpubp_cmd("--version", command=[sys.executable, "-m", "gpubp.cli"])
     assert result.returncode == 0 and gpubp.__version__ in result.stdout
@@ -180,6 +189,7 @@ def bad_inputs(tmp, checkpoint):
     (tmp / "text.csv").write_text("a,b,y\n1,hello,0\n2,3,1\n")
     (tmp / "ok.csv").write_text("a,b,y\n1,2,0\n2,3,1\n3,1,0\n4,4,1\n5,2,0\n")
     (tmp / "corrupt.npz").write_bytes(checkpoint.read_bytes()[:300])
+    gpubp.Sequential(gpubp.Dense(4, 3, "identity"), backend="numpy").save(tmp / "api.npz")
     return {
         "missing file": (["train", "--data", tmp / "nope.csv"], "no such file"),
         "non-numeric column": (["train", "--data", tmp / "text.csv"], "column 'b' is not numeric"),
@@ -199,13 +209,20 @@ def bad_inputs(tmp, checkpoint):
         "missing checkpoint": (["predict", tmp / "none.npz", "--data", "iris"], "no such checkpoint"),
         "predict on other features": (["predict", checkpoint, "--data", tmp / "ok.csv"], "the model needs"),
         "checkpoint-every without save": (["train", "--data", "iris", "--checkpoint-every", "2"], "--save"),
+        "other seed on resume": (["train", "--data", "iris", "--resume", checkpoint, "--seed", "5"], "--seed 0"),
+        "momentum with adam": (["train", "--data", "iris", "--optimizer", "adam", "--momentum", "0.5"],
+                               "--momentum"),
+        "checkpoint from the Python API": (["predict", tmp / "api.npz", "--data", "iris"],
+                                           "not written by `gpubp train`"),
+        "bad val-split": (["train", "--data", "iris", "--val-split", "1"], "--val-split"),
     }
 
 
 CASES = ["missing file", "non-numeric column", "unknown target", "bad layers", "zero layer", "unknown dataset",
          "unknown backend", "missing --data", "other architecture", "other data on resume",
          "corrupt checkpoint on resume", "corrupt checkpoint on predict", "missing checkpoint",
-         "predict on other features", "checkpoint-every without save"]
+         "predict on other features", "checkpoint-every without save", "other seed on resume", "momentum with adam",
+         "checkpoint from the Python API", "bad val-split"]
 
 
 @pytest.mark.parametrize("case", CASES)
