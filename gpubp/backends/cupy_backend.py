@@ -135,6 +135,11 @@ def elementwise_grid(size, sm_count):
     return (max(1, min(ceil_div(size, _THREADS), 32 * sm_count)),)
 
 
+def loss_blocks(N):
+    """loss_grad_kernel's grid: a warp per row, 8 rows per block, at most _LOSS_MAX_BLOCKS blocks."""
+    return min(ceil_div(N, _THREADS // 32), _LOSS_MAX_BLOCKS)
+
+
 def _i32(x):
     x = int(x)
     if not -2**31 <= x < 2**31:
@@ -336,7 +341,7 @@ class CupyBackend(Backend):
             loss_out.fill(0)
             return
         scale = {losses.MSE: 0.5 / N, losses.BCE: 1.0 / (N * C), losses.SOFTMAX_CE: 1.0 / N}[loss]
-        blocks = min(ceil_div(N, _THREADS // 32), _LOSS_MAX_BLOCKS)   # a warp per row
+        blocks = loss_blocks(N)
         block_sums = self._scratch_buffer("loss block sums", _LOSS_MAX_BLOCKS, np.float64)
         _kernel("loss.cu", cuda_sources.kernel_name("loss_grad_kernel", dtype))(
             (blocks,), (_THREADS,),

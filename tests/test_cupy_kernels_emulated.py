@@ -1,0 +1,337 @@
+"""The cupy backend's kernels and launch code, run on the CPU: no GPU needed.
+
+tests/cuda_emulation/ compiles kernels/*.cu with g++ against a small CUDA shim (a std::thread per CUDA
+thread, std::barrier for __syncthreads and warp shuffles) and exposes a cuLaunchKernel-like entry that
+looks kernels up by their NVRTC name expressions. Here CupyBackend itself runs, unchanged, on numpy arrays:
+its `cp` module is swapped for a numpy stand-in and its `_kernel` lookup for the emulated launcher, which
+checks every argument's type against the kernel's parameter list (CuPy checks none). So each op exercises
+the real Python launch code (tile choice, split-K, grids, argument order and types) and the real CUDA C
+(tiling, edge handling, epilogues, reductions), against the numpy reference.
+
+Arrays live inside guard zones of NaN: a read past an array's end poisons the result, a write past it
+shows in the guard. Outputs start as NaN (poisoned), so an element no thread writes shows too. Vector
+(16-byte) accesses at misaligned addresses abort under -fsanitize=alignment; `offset` variants start
+arrays one element off 16-byte alignment to exercise the scalar fallbacks.
+
+Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
+NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
+"""
+import ctypes
+import pathlib
+import shutil
+import subprocess
+import types
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from gpubp import activations as acts
+from gpubp import losses
+from gpubp.backends import cuda_sources
+from gpubp.backends import cupy_backend as cb
+from gpubp.backends.numpy_backend import NumpyBackend
+
+HARNESS = pathlib.Path(__file__).parent / "cuda_emulation"
+GUARD = 16              # elements of NaN before and after each array (keeps 16-byte alignment)
+DTYPES = ["float32", "float64"]
+ACTIVATIONS = list(acts.NAMES.values())
+# sm_count steers the launch code: 1 makes every GEMM take the 128x128 tile and never split K; a huge count
+# makes every GEMM take the 64x64 tile and split weight_grad's K wherever K >= 512.
+SM_COUNTS = {"large-tile": 1, "small-tile-split-k": 10**6}
+# (N, in, out): below one tile, across tiles, 16-byte-aligned rows (64, 68) and odd ones
+SHAPES = [(1, 1, 1), (7, 33, 5), (33, 7, 129), (41, 64, 68), (130, 20, 70), (600, 12, 9)]
+
+
+def tol(dtype, k=1):
+    if dtype == "float32":
+        return dict(rtol=2e-4, atol=2e-5 + 1e-6 * k)
+    return dict(rtol=1e-10, atol=1e-12 + 1e-14 * k)
+
+
+# ---- the emulated device ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels needs it")
+    library = tmp_path_factory.mktemp("cuda_emulation") / "kernels_emulated.so"
+    command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
+               "-shared", "-fPIC", "-pthread", "-I", str(resources.files("gpubp.kernels")), "-I", str(HARNESS),
+               str(HARNESS / "harness.cpp"), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"g++ could not build the emulation:\n{result.stderr[-5000:]}"
+    lib = ctypes.CDLL(str(library))
+    lib.emu_signature.restype = ctypes.c_char_p
+    lib.emu_signature.argtypes = [ctypes.c_char_p]
+    lib.emu_launch_kernel.restype = ctypes.c_int
+    lib.emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 4 + [ctypes.c_void_p]
+    return lib
+
+
+class EmulatedKernel:
+    """Stands in for a cupy RawKernel: kernel(grid, block, args), arguments checked against the signature."""
+
+    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64}
+    SCALARS = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
+
+    def __init__(self, lib, name):
+        signature = lib.emu_signature(name.encode())
+        assert signature is not None, f"the emulation harness has no kernel {name!r}"
+        self.lib, self.name, self.signature = lib, name, signature.decode()
+
+    def __call__(self, grid, block, args):
+        assert len(args) == len(self.signature), f"{self.name}: {len(args)} arguments for {self.signature}"
+        values = []
+        for i, (arg, code) in enumerate(zip(args, self.signature)):
+            if code in self.POINTERS:
+                assert isinstance(arg, np.ndarray), f"{self.name} argument {i}: expected an array, got {arg!r}"
+                assert arg.dtype == self.POINTERS[code] and arg.flags.c_contiguous, \
+                    f"{self.name} argument {i}: expected contiguous {self.POINTERS[code]}, got {arg.dtype}"
+                values.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                numpy_type, c_type = self.SCALARS[code]
+                assert type(arg) is numpy_type, f"{self.name} argument {i}: expected {numpy_type}, got {type(arg)}"
+                values.append(c_type(arg))
+        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        assert all(g >= 1 for g in grid) and len(block) == 1 and 1 <= block[0] <= 1024
+        assert self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers) == 0
+
+
+@pytest.fixture(params=list(SM_COUNTS), ids=list(SM_COUNTS))
+def backend(request, emulator, monkeypatch):
+    """A CupyBackend whose device is the emulator and whose arrays are numpy arrays."""
+    fake_cupy = types.SimpleNamespace(
+        ndarray=np.ndarray, zeros=np.zeros,
+        empty=lambda shape, dtype: np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype),
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+    monkeypatch.setattr(cb, "cp", fake_cupy)
+    monkeypatch.setattr(cb, "_kernel", lambda filename, name: EmulatedKernel(emulator, name))
+    monkeypatch.setattr(cb, "_sm_count", lambda: SM_COUNTS[request.param])
+    return cb.CupyBackend()
+
+
+class Guarded:
+    """An array inside a larger buffer of NaN (or -7 for integers): GUARD elements on each side, `offset`
+    more elements in front so the array can start off 16-byte alignment."""
+    instances = []
+
+    def __init__(self, values, dtype, offset=0):
+        values = np.asarray(values)
+        dtype = np.dtype(dtype)
+        fill = np.nan if dtype.kind == "f" else -7
+        raw = np.full(values.size + 2 * GUARD + offset + 16, fill, dtype)
+        skip = (-raw.ctypes.data % 16) // dtype.itemsize   # make buffer start + GUARD 16-byte aligned
+        self.buffer = raw[skip:skip + values.size + 2 * GUARD + offset]
+        self.start, self.size, self.fill = GUARD + offset, values.size, fill
+        self.array = self.buffer[self.start:self.start + self.size].reshape(values.shape)
+        self.array[...] = values
+        Guarded.instances.append(self)
+
+    def guards_intact(self):
+        guards = np.concatenate([self.buffer[:self.start], self.buffer[self.start + self.size:]])
+        return bool(np.isnan(guards).all()) if self.buffer.dtype.kind == "f" else bool((guards == -7).all())
+
+
+@pytest.fixture(autouse=True)
+def check_guards():
+    Guarded.instances = []
+    yield
+    broken = [g for g in Guarded.instances if not g.guards_intact()]
+    assert not broken, f"{len(broken)} arrays had their guard zones written"
+
+
+def put(values, dtype, offset=0):
+    return Guarded(np.asarray(values, dtype=np.float64).astype(dtype), dtype, offset).array
+
+
+def poisoned(shape, dtype, offset=0):
+    return put(np.full(shape, np.nan), dtype, offset)
+
+
+def inputs(rng, dtype, *shapes):
+    """Random inputs rounded to dtype, as float64 references."""
+    return [rng.standard_normal(shape).astype(dtype).astype(np.float64) for shape in shapes]
+
+
+# ---- the kernel set -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dense_forward(backend, dtype, shape, rng):
+    N, n_in, n_out = shape
+    A_prev, W, b = inputs(rng, dtype, (N, n_in), (n_out, n_in), n_out)
+    for act in ACTIVATIONS:
+        bias = act % 2 == 0
+        Z, A = poisoned((N, n_out), dtype), poisoned((N, n_out), dtype)
+        backend.dense_forward(put(A_prev, dtype), put(W, dtype), put(b, dtype) if bias else None, act, 0.1, Z, A)
+        Z_ref = A_prev @ W.T + (b if bias else 0)
+        np.testing.assert_allclose(Z, Z_ref, **tol(dtype, n_in))
+        np.testing.assert_allclose(A, acts.forward(act, Z_ref, 0.1), **tol(dtype, n_in))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_forward_misaligned_and_in_place(backend, dtype, rng):
+    """Arrays one element off 16-byte alignment (scalar loads and stores), and A = Z for the identity."""
+    N, n_in, n_out = 37, 64, 68
+    A_prev, W, b = inputs(rng, dtype, (N, n_in), (n_out, n_in), n_out)
+    Z_ref = A_prev @ W.T + b
+    for offsets in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        Z = poisoned((N, n_out), dtype, offsets[2])
+        A = poisoned((N, n_out), dtype)
+        backend.dense_forward(put(A_prev, dtype, offsets[0]), put(W, dtype, offsets[1]), put(b, dtype, 1),
+                              acts.TANH, 0.1, Z, A)
+        np.testing.assert_allclose(Z, Z_ref, **tol(dtype, n_in))
+        np.testing.assert_allclose(A, np.tanh(Z_ref), **tol(dtype, n_in))
+    Z = poisoned((N, n_out), dtype)
+    backend.dense_forward(put(A_prev, dtype), put(W, dtype), put(b, dtype), acts.IDENTITY, 0.1, Z, Z)
+    np.testing.assert_allclose(Z, Z_ref, **tol(dtype, n_in))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_mask(backend, dtype, rng):
+    N, n_out = 33, 7
+    Z, dA = inputs(rng, dtype, (N, n_out), (N, n_out))
+    Z[0, 0] = 0.0   # relu'(0) = 0, as in the seed
+    for act in ACTIVATIONS:
+        A = acts.forward(act, Z, 0.1)
+        delta = poisoned((N, n_out), dtype)
+        backend.activation_mask(put(dA, dtype), put(Z, dtype), put(A, dtype), act, 0.1, delta)
+        np.testing.assert_allclose(delta, acts.derivative_mask(act, dA, Z, A, 0.1), **tol(dtype))
+        in_place = put(dA, dtype)
+        backend.activation_mask(in_place, put(Z, dtype), put(A, dtype), act, 0.1, in_place)
+        np.testing.assert_array_equal(in_place, delta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(1031, 5, 3)], ids=str)
+def test_weight_grad(backend, dtype, shape, rng):
+    N, n_in, n_out = shape
+    delta, A_prev = inputs(rng, dtype, (N, n_out), (N, n_in))
+    dW, db = poisoned((n_out, n_in), dtype), poisoned(n_out, dtype)
+    backend.weight_grad(put(delta, dtype), put(A_prev, dtype), dW, db)
+    np.testing.assert_allclose(dW, delta.T @ A_prev, **tol(dtype, N))
+    np.testing.assert_allclose(db, delta.sum(axis=0), **tol(dtype, N))
+    # accumulate: the same gradient again; the no-bias form leaves db alone
+    backend.weight_grad(put(delta, dtype), put(A_prev, dtype), dW, None, accumulate=True)
+    np.testing.assert_allclose(dW, 2 * (delta.T @ A_prev), **tol(dtype, 2 * N))
+    np.testing.assert_allclose(db, delta.sum(axis=0), **tol(dtype, N))
+    db_before = db.copy()
+    backend.weight_grad(put(delta, dtype), put(A_prev, dtype), dW, db, accumulate=True)
+    np.testing.assert_allclose(dW, 3 * (delta.T @ A_prev), **tol(dtype, 3 * N))
+    np.testing.assert_allclose(db, db_before + delta.sum(axis=0), **tol(dtype, 2 * N))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_input_grad(backend, dtype, shape, rng):
+    N, n_in, n_out = shape
+    delta, W = inputs(rng, dtype, (N, n_out), (n_out, n_in))
+    dA_prev = poisoned((N, n_in), dtype)
+    backend.input_grad(put(delta, dtype), put(W, dtype), dA_prev)
+    np.testing.assert_allclose(dA_prev, delta @ W, **tol(dtype, n_out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_grad_masked(backend, dtype, rng):
+    """δ_prev = (δ · W) ⊙ g'(Z_prev) in one launch, aligned (in = 64) and not (in = 9), and in place."""
+    for N, n_in, n_out in ((41, 64, 68), (7, 9, 5)):
+        delta, W, Z_prev = inputs(rng, dtype, (N, n_out), (n_out, n_in), (N, n_in))
+        Z_prev[0, 0] = 0.0
+        for act in ACTIVATIONS:
+            A_prev = acts.forward(act, Z_prev, 0.1)
+            expected = acts.derivative_mask(act, delta @ W, Z_prev, A_prev, 0.1)
+            out = poisoned((N, n_in), dtype)
+            backend.input_grad_masked(put(delta, dtype), put(W, dtype), put(Z_prev, dtype), put(A_prev, dtype),
+                                      act, 0.1, out)
+            np.testing.assert_allclose(out, expected, **tol(dtype, n_out))
+            Z_dev, A_dev = put(Z_prev, dtype), put(A_prev, dtype)
+            in_place = A_dev if act in (acts.SIGMOID, acts.TANH) else Z_dev   # overwrite what the mask reads
+            backend.input_grad_masked(put(delta, dtype), put(W, dtype), Z_dev, A_dev, act, 0.1, in_place)
+            np.testing.assert_allclose(in_place, expected, **tol(dtype, n_out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", list(losses.NAMES.values()), ids=list(losses.NAMES))
+def test_loss_grad(backend, dtype, loss, rng):
+    for N, C in ((1, 1), (37, 5), (9, 40), (70, 3)):   # C = 40: lanes stride past 32 columns
+        Z = (3 * rng.standard_normal((N, C))).astype(dtype).astype(np.float64)
+        y = np.eye(C)[rng.integers(0, C, N)] if loss == losses.SOFTMAX_CE else rng.random((N, C))
+        y = y.astype(dtype).astype(np.float64)
+        required = losses.REQUIRED_ACTIVATION[loss]
+        for act in ACTIVATIONS if required is None else [required]:
+            A_ref, delta_ref = np.empty((N, C)), np.empty((N, C))
+            L_ref = losses.loss_grad(loss, act, 0.1, Z, y, A_ref, delta_ref)
+            A, delta, loss_out = poisoned((N, C), dtype), poisoned((N, C), dtype), poisoned(1, dtype)
+            backend.loss_grad(loss, act, 0.1, put(Z, dtype), put(y, dtype), A, delta, loss_out)
+            np.testing.assert_allclose(loss_out[0], L_ref, **tol(dtype, N * C))
+            np.testing.assert_allclose(A, A_ref, **tol(dtype))
+            np.testing.assert_allclose(delta, delta_ref, **tol(dtype))
+
+
+def test_loss_grad_is_stable_for_huge_logits(backend):
+    Z = np.array([[1e4, -1e4], [-1e4, 1e4]])
+    for loss, act, y in ((losses.BCE, acts.SIGMOID, np.array([[0.0, 1.0], [1.0, 0.0]])),
+                         (losses.SOFTMAX_CE, acts.IDENTITY, np.eye(2)[[1, 0]])):
+        A, delta, loss_out = poisoned((2, 2), "float32"), poisoned((2, 2), "float32"), poisoned(1, "float32")
+        backend.loss_grad(loss, act, 0.1, put(Z, "float32"), put(y, "float32"), A, delta, loss_out)
+        assert np.isfinite(loss_out).all() and np.isfinite(delta).all() and loss_out[0] > 1e3
+
+
+def test_loss_grad_grid_stride_over_rows(backend, rng, monkeypatch):
+    """More rows than the grid has warps: each warp takes several rows."""
+    monkeypatch.setattr(cb, "_LOSS_MAX_BLOCKS", 3)
+    N, C = 100, 4
+    Z, y = rng.standard_normal((N, C)), rng.random((N, C))
+    A_ref, delta_ref = np.empty((N, C)), np.empty((N, C))
+    L_ref = losses.loss_grad(losses.MSE, acts.TANH, 0.1, Z, y, A_ref, delta_ref)
+    A, delta, loss_out = poisoned((N, C), "float64"), poisoned((N, C), "float64"), poisoned(1, "float64")
+    backend.loss_grad(losses.MSE, acts.TANH, 0.1, put(Z, "float64"), put(y, "float64"), A, delta, loss_out)
+    np.testing.assert_allclose(loss_out[0], L_ref, **tol("float64", N * C))
+    np.testing.assert_allclose(delta, delta_ref, **tol("float64"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov",
+                         [(0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.0, 1e-2, True),
+                          (0.5, 0.3, 1e-3, False)])
+def test_sgd_update(backend, dtype, momentum, dampening, weight_decay, nesterov, rng):
+    size = 1031
+    theta0, *grads = inputs(rng, dtype, size, size, size, size)
+    reference, ref_params, ref_buf = NumpyBackend(), theta0.copy(), np.zeros(size)
+    ref_step = np.zeros(1, np.int64)
+    params, buf = put(theta0, dtype), poisoned(size, dtype)
+    step = Guarded(np.zeros(1), np.int64).array
+    for g in grads:
+        backend.sgd_update(params, put(g, dtype), buf, step, 0.1, momentum, dampening, weight_decay, nesterov)
+        reference.sgd_update(ref_params, g, ref_buf, ref_step, 0.1, momentum, dampening, weight_decay, nesterov)
+    np.testing.assert_allclose(params, ref_params, **tol(dtype))
+    assert step[0] == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_update(backend, dtype, weight_decay, rng):
+    size = 1031
+    theta0, *grads = inputs(rng, dtype, size, size, size, size, size)
+    reference, ref_params, ref_m, ref_v = NumpyBackend(), theta0.copy(), np.zeros(size), np.zeros(size)
+    ref_step = np.zeros(1, np.int64)
+    params, m, v = put(theta0, dtype), put(np.zeros(size), dtype), put(np.zeros(size), dtype)
+    step = Guarded(np.zeros(1), np.int64).array
+    for g in grads:
+        backend.adam_update(params, put(g, dtype), m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
+        reference.adam_update(ref_params, g, ref_m, ref_v, ref_step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
+    np.testing.assert_allclose(params, ref_params, **tol(dtype))
+    assert step[0] == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_hot(backend, dtype):
+    out = poisoned((5, 3), dtype)
+    backend.one_hot(np.array([2, 0, 1, 2, 0]), 3, out)
+    np.testing.assert_array_equal(out, np.eye(3)[[2, 0, 1, 2, 0]])
+
+
+def test_harness_knows_every_name_expression(emulator):
+    for filename in cuda_sources.KERNEL_FILES:
+        for name in cuda_sources.name_expressions(filename):
+            assert emulator.emu_signature(name.encode()) is not None, name
