@@ -431,7 +431,12 @@ def _gpu_line():
                 free, total = cupy.cuda.runtime.memGetInfo()
             lines.append(f"[{i}] {name}, compute capability {props['major']}.{props['minor']}, "
                          f"{total / 2**30:.1f} GiB memory ({free / 2**30:.1f} GiB free)")
-        return "; ".join(lines) if lines else "none found (cupy sees no CUDA device)"
+        if not lines:
+            return "none found (cupy sees no CUDA device)"
+        runtime, driver = cupy.cuda.runtime.runtimeGetVersion(), cupy.cuda.runtime.driverGetVersion()
+        lines.append(f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}, driver supports "
+                     f"{driver // 1000}.{driver % 1000 // 10}")
+        return "; ".join(lines)
     except Exception as exc:
         return f"none found ({type(exc).__name__}: {exc})"
 
@@ -459,16 +464,18 @@ def main(argv=None):
         return 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SystemExit as exc:                  # sys.exit in a command (train's early stop, bench's status)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        click.echo(exc.code, err=True)
+        return 1
     except click.exceptions.Abort:
         click.echo("gpubp: interrupted", err=True)
         return 130
     except click.ClickException as exc:       # usage errors: a bad option value, a missing argument
         click.echo(_fail_line(exc.format_message()), err=True)
         return EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code
-    except (CliError, ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
-            BackendUnavailable) as exc:
+    except (CliError, ValueError, TypeError, OSError, BackendUnavailable) as exc:
         if os.environ.get("GPUBP_TRACEBACK") == "1":
             raise
         click.echo(_fail_line(exc), err=True)
