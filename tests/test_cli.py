@@ -93,7 +93,8 @@ def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path):
     assert "resuming at epoch 3" in result.stdout
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["3/4", "4/4"]
 
-    full, resumed = gpubp.load(tmp_path / "full.npz", backend="numpy"), gpubp.load(tmp_path / "part.npz", backend="numpy")
+    full = gpubp.load(tmp_path / "full.npz", backend="numpy")
+    resumed = gpubp.load(tmp_path / "part.npz", backend="numpy")
     assert resumed.steps == full.steps and resumed.optimizer.steps_taken == full.optimizer.steps_taken
     for a, b in zip(full.get_params(), resumed.get_params()):
         np.testing.assert_array_equal(a["W"], b["W"])
