@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gpubp
+from gpubp import data
 
 
 def test_checkpoint_extra_round_trips(tmp_path):
@@ -31,9 +32,6 @@ def test_checkpoint_extra_must_be_json(tmp_path, extra):
 
 
 # ---- gpubp.data -------------------------------------------------------------------------------------------------
-from gpubp import data  # noqa: E402  (kept beside the tests that use it)
-
-
 def write(path, text):
     path.write_text(text)
     return str(path)
