@@ -134,6 +134,14 @@ def measure_limits(run, device):
             tm = timing.measure(lambda i: np.matmul(A, B, out=C), lambda: None, **t)
             row = _limit_row(run, device, f"numpy matmul n{n}", "numpy", tm, flops=2 * n**3, note="float32 GEMM")
             limits["flops"] = row["tflops"] * 1e12
+            torch_ok, _ = impls_mod._torch_cpu_probe()
+            if torch_ok:     # torch's BLAS may be the faster one on this CPU: the limit is the better of the two
+                import torch
+                tA, tB, tC = torch.from_numpy(A), torch.from_numpy(B), torch.from_numpy(C)
+                tm = timing.measure(lambda i: torch.matmul(tA, tB, out=tC), lambda: None, **t)
+                row = _limit_row(run, device, f"torch matmul n{n}", "torch", tm, flops=2 * n**3,
+                                 note="float32 GEMM, same threads")
+                limits["flops"] = max(limits["flops"], row["tflops"] * 1e12)
             m = (2 if c.smoke else 64 if c.quick else 256) * 2**20 // 4
             src, dst = rng.standard_normal(m, dtype=np.float32), np.empty(m, np.float32)
             tm = timing.measure(lambda i: np.copyto(dst, src), lambda: None, **t)
@@ -189,39 +197,75 @@ def _cuda_limits(run, rng, t):
     return limits
 
 
-# ---- one row: check against the reference, then time ----------------------------------------------------------------
-def run_case(run, workload, device, case, params, impl, make, check, n_sets, flops=None, nbytes=None, samples=None,
-             make_check=None):
-    """Build the runner (make()), check its first result (make_check() builds a separate runner for the check
-    where running changes state, e.g. a train step), time it; append and return the row."""
+# ---- one case: check every implementation against the reference, then time them all, interleaved ----------------
+ROUNDS = 5   # the samples of the implementations of a case are taken in this many interleaved rounds
+
+
+class Entry:
+    """One implementation on one case: what makes its runner, and the row it fills."""
+
+    def __init__(self, impl, make, make_check=None):
+        self.impl, self.make, self.make_check = impl, make, make_check
+        self.row = self.runner = self.timer = None
+
+
+def run_case(run, workload, device, case, params, entries, check, n_sets, flops=None, nbytes=None, samples=None):
+    """For each entry: build a runner (make()), check its first result against the reference (make_check()
+    builds a separate runner for the check where running changes state, e.g. a train step), warm it up and
+    read its peak memory; then take the timing samples of every entry in interleaved rounds. A result that
+    disagrees is refused: its row is failed and gets no time. Appends and returns the rows."""
     c = run.config
-    row = new_row(workload=workload, case=case, impl=impl.name, device=device, params=params, flops=flops,
-                  min_bytes=nbytes, note=impl.note or None)
-    if run.out_of_time():
-        row.update(status="failed", error=f"not run: the time budget ({c.budget_s:.0f} s) is spent")
-        run.rows.append(row)
-        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} not run: time budget spent")
-        return row
-    runner = None
-    try:
-        checker = (make_check or make)()
-        checker.run(0)
-        checker.sync()
-        row["rel_err"] = check(checker.result(), f"{impl.name} on {workload} {case}")
-        runner = make() if make_check else checker
-        del checker
-        tm = timing.measure(runner.run, runner.sync, n_sets=n_sets, repeats=c.repeats, warmup=c.warmup,
-                            target_s=c.target_s, budget_s=c.measure_budget_s)
-        row.update(tm.as_dict())
-        row["status"] = "ok"
-        row["peak_bytes"] = runner.peak_bytes()
-    except timing.Refused as exc:
-        row.update(status="failed", error=f"REFUSED: {exc}")
-    except Exception as exc:
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    finally:
-        del runner
+    live = []
+    for e in entries:
+        e.row = new_row(workload=workload, case=case, impl=e.impl.name, device=device, params=params, flops=flops,
+                        min_bytes=nbytes, note=e.impl.note or None)
+        if run.out_of_time():
+            e.row.update(status="failed", error=f"not run: the time budget ({c.budget_s:.0f} s) is spent")
+            continue
+        try:
+            checker = (e.make_check or e.make)()
+            checker.run(0)
+            checker.sync()
+            e.row["rel_err"] = check(checker.result(), f"{e.impl.name} on {workload} {case}")
+            if e.make_check is not None:
+                del checker
+                _free_device_memory()
+                checker = e.make()
+            e.runner = checker
+            del checker
+            e.timer = timing.Timer(e.runner.run, e.runner.sync, n_sets=n_sets, repeats=c.repeats, warmup=c.warmup,
+                                   target_s=c.target_s, budget_s=c.measure_budget_s).warm()
+            e.row["peak_bytes"] = e.runner.peak_bytes()
+            e.row["status"] = "ok"
+            live.append(e)
+        except timing.Refused as exc:
+            e.row.update(status="failed", error=f"REFUSED: {exc}")
+        except Exception as exc:
+            e.row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if e.row["status"] != "ok":
+            e.runner = e.timer = None
+            _free_device_memory()
+    for r in range(ROUNDS):
+        for e in live:
+            if e.row["status"] != "ok":
+                continue
+            goal = -(-e.timer.wanted * (r + 1) // ROUNDS)
+            try:
+                e.timer.sample(max(0, goal - len(e.timer.samples)))
+            except Exception as exc:
+                e.row.update(status="failed", error=f"{type(exc).__name__} while timing: {exc}")
+    for e in entries:
+        _finish_row(run, e, device, flops, nbytes, samples)
+        e.runner = e.timer = None
+        run.rows.append(e.row)
+    _free_device_memory()
+    return [e.row for e in entries]
+
+
+def _finish_row(run, e, device, flops, nbytes, samples):
+    row = e.row
     if row["status"] == "ok":
+        row.update(e.timer.timing().as_dict())
         t = row["median_s"]
         if flops:
             row["tflops"] = flops / t / 1e12
@@ -237,16 +281,13 @@ def run_case(run, workload, device, case, params, impl, make, check, n_sets, flo
             floors.append(("bytes", nbytes / lim["bytes"]))
         if floors:     # the larger floor is what bounds this work: its fraction of the measured time
             which, floor = max(floors, key=lambda f: f[1])
-            row["limit"] = {"flops": f"{lim['flops'] / 1e12:.2f} TFLOP/s GEMM", "bytes":
+            row["limit"] = {"flops": f"{lim['flops'] / 1e12:.3f} TFLOP/s GEMM", "bytes":
                             f"{lim['bytes'] / 1e9:.0f} GB/s copy"}[which]
             row["frac_of_limit"] = floor / t
-        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} {_ms(t)} ± {_ms(row['spread_s'])}"
-                f"  err {row['rel_err']:.1e}")
+        run.log(f"  {row['workload']:<6} {device:<4} {row['case']:<26} {row['impl']:<22} {_ms(t)} ± "
+                f"{_ms(row['spread_s'])}  err {row['rel_err']:.1e}")
     else:
-        run.log(f"  {workload:<6} {device:<4} {case:<28} {impl.name:<22} FAILED: {row['error']}")
-    run.rows.append(row)
-    _free_device_memory()
-    return row
+        run.log(f"  {row['workload']:<6} {device:<4} {row['case']:<26} {row['impl']:<22} FAILED: {row['error']}")
 
 
 def _ms(t):
@@ -281,17 +322,16 @@ def run_workload(run, workload, device):
     for case, params in cases:
         if kind == "gemm":
             sets = wl.gemm_sets(params, rng)
-            check, n = wl.gemm_reference(sets, rng), params["n"]
-            for impl in impls:
-                run_case(run, workload, device, case, params, impl, lambda: impl.gemm(sets), check, len(sets),
-                         flops=2 * n**3, nbytes=3 * 4 * n * n)
+            n = params["n"]
+            entries = [Entry(impl, lambda impl=impl: impl.gemm(sets)) for impl in impls]
+            run_case(run, workload, device, case, params, entries, wl.gemm_reference(sets, rng), len(sets),
+                     flops=2 * n**3, nbytes=3 * 4 * n * n)
         elif kind == "dense":
             sets = wl.dense_sets(params, rng)
-            check = wl.dense_reference(sets, rng)
             N, i, o = params["N"], params["in"], params["out"]
-            for impl in impls:
-                run_case(run, workload, device, case, params, impl, lambda: impl.dense(sets), check, len(sets),
-                         flops=2 * N * i * o, nbytes=4 * (N * i + o * i + o + N * o), samples=N)
+            entries = [Entry(impl, lambda impl=impl: impl.dense(sets)) for impl in impls]
+            run_case(run, workload, device, case, params, entries, wl.dense_reference(sets, rng), len(sets),
+                     flops=2 * N * i * o, nbytes=4 * (N * i + o * i + o + N * o), samples=N)
         else:
             mlp = params
             sets = wl.train_sets(mlp, rng)
@@ -301,11 +341,10 @@ def run_workload(run, workload, device):
             except Exception as exc:
                 run.skip(f"{workload} {case}", f"the numpy reference failed: {type(exc).__name__}: {exc}")
                 continue
-            for impl in impls:
-                run_case(run, workload, device, case, mlp.params(), impl,
-                         lambda: impl.train(mlp, params0, sets, wl.TIMING_LR), check, len(sets),
-                         flops=mlp.flops(), nbytes=mlp.min_bytes(), samples=mlp.batch,
-                         make_check=lambda: impl.train(mlp, params0, sets, wl.VALIDATE_LR))
+            entries = [Entry(impl, lambda impl=impl: impl.train(mlp, params0, sets, wl.TIMING_LR),
+                             lambda impl=impl: impl.train(mlp, params0, sets, wl.VALIDATE_LR)) for impl in impls]
+            run_case(run, workload, device, case, mlp.params(), entries, check, len(sets),
+                     flops=mlp.flops(), nbytes=mlp.min_bytes(), samples=mlp.batch)
         del sets
 
 

@@ -60,29 +60,50 @@ class Timing:
                 "max_s": float(self.samples.max()), "repeats": int(self.samples.size), "inner": int(self.inner)}
 
 
+class Timer:
+    """Samples of run(i) (i cycling over n_sets input sets), each `inner` calls between two synchronizes.
+
+    warm() runs the warm-up (compilation, module load, handle creation, caches: not timed), then times one call
+    to choose `inner` (a sample lasts about target_s) and how many samples fit in budget_s (at least 3, at most
+    repeats). sample(k) takes k more. The suite interleaves the samples of all implementations of a case in
+    rounds, so a slow spell of a shared machine falls on every implementation, not on one."""
+
+    def __init__(self, run, sync, n_sets=1, repeats=15, warmup=3, target_s=0.02, budget_s=5.0):
+        self.run, self.sync, self.n_sets = run, sync, n_sets
+        self.repeats, self.warmup, self.target_s, self.budget_s = repeats, warmup, target_s, budget_s
+        self.i, self.inner, self.wanted, self.samples = 0, 1, repeats, []
+
+    def _call(self):
+        self.run(self.i % self.n_sets)
+        self.i += 1
+
+    def warm(self):
+        for _ in range(max(1, self.warmup)):
+            self._call()
+        self.sync()
+        t0 = time.perf_counter()
+        self._call()
+        self.sync()
+        one = max(time.perf_counter() - t0, 1e-7)
+        self.inner = max(1, int(self.target_s / one))
+        self.wanted = max(3, min(self.repeats, int(self.budget_s / (one * self.inner))))
+        return self
+
+    def sample(self, k=1):
+        for _ in range(k):
+            self.sync()
+            start = time.perf_counter()
+            for _ in range(self.inner):
+                self._call()
+            self.sync()
+            self.samples.append((time.perf_counter() - start) / self.inner)
+        return self
+
+    def timing(self):
+        return Timing(self.samples, self.inner)
+
+
 def measure(run, sync, n_sets=1, repeats=15, warmup=3, target_s=0.02, budget_s=5.0):
-    """Median of `repeats` samples of run(i) (i cycling over n_sets input sets), each sample `inner` calls
-    timed between two synchronizes. `inner` is chosen from the warm-up so a sample lasts about target_s;
-    a slow call gets fewer repeats (at least 3) so one measurement stays near budget_s."""
-    i = 0
-    for _ in range(max(1, warmup)):      # compilation, module load, handle creation, caches: not timed
-        run(i % n_sets)
-        i += 1
-    sync()
-    t0 = time.perf_counter()             # one call, to size the samples
-    run(i % n_sets)
-    i += 1
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(target_s / one))
-    repeats = max(3, min(repeats, int(budget_s / (one * inner))))
-    samples = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(inner):
-            run(i % n_sets)
-            i += 1
-        sync()
-        samples.append((time.perf_counter() - start) / inner)
-    return Timing(samples, inner)
+    """The median and spread of one implementation alone: warm up, then every sample in a row."""
+    timer = Timer(run, sync, n_sets, repeats, warmup, target_s, budget_s).warm()
+    return timer.sample(timer.wanted).timing()

@@ -1,5 +1,7 @@
 """The numpy backend: the readable reference every other backend is tested against. Runs anywhere, float32
 and float64. Each op writes into the buffers it is given (out=), so a train step allocates little."""
+import math
+
 import numpy as np
 
 from .. import activations as acts
@@ -9,6 +11,10 @@ from .base import Backend
 
 class NumpyBackend(Backend):
     name = "numpy"
+
+    def __init__(self, deterministic=False):
+        super().__init__(deterministic)
+        self._buffers = {}    # scratch arrays and ones vectors, made once per shape (see _scratch, _ones)
 
     # ---- arrays ------------------------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -54,11 +60,28 @@ class NumpyBackend(Backend):
         if accumulate:
             dW += delta.T @ A_prev
             if db is not None:
-                db += delta.sum(axis=0)
+                db += self._ones(delta) @ delta
         else:
             np.matmul(delta.T, A_prev, out=dW)     # Σₙ δₙ aₙᵀ: the seed's outer products, summed
             if db is not None:
-                np.sum(delta, axis=0, out=db)
+                np.matmul(self._ones(delta), delta, out=db)   # Σₙ δₙ = 1ᵀ·δ
+
+    def _ones(self, delta):
+        """A ones vector (N,) kept per (N, dtype). NOTE: db = 1ᵀ·δ through BLAS is about 5x faster than
+        np.sum(delta, axis=0) for (4096, 64): numpy reduces over the leading axis of a C array row by row."""
+        key = ("ones", delta.shape[0], delta.dtype)
+        if key not in self._buffers:
+            self._buffers[key] = np.ones(delta.shape[0], dtype=delta.dtype)
+        return self._buffers[key]
+
+    def _scratch(self, like, which=0):
+        """A scratch array shaped like `like`, allocated once per (shape, dtype). NOTE: the optimizers write their
+        temporaries here: a fresh array the size of the parameter buffer per temporary costs page faults that
+        took longer than the arithmetic (measured 3-4x for 2M float32)."""
+        key = ("scratch", which, like.shape, like.dtype)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty_like(like)
+        return self._buffers[key]
 
     def input_grad(self, delta, W, dA_prev):
         np.matmul(delta, W, out=dA_prev)
@@ -67,27 +90,45 @@ class NumpyBackend(Backend):
         loss_out[0] = losses.loss_grad(loss, act, alpha, Z, y, A, delta)
 
     def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
+        # The temporaries of the textbook lines (g + wd·θ, (1 − dampening)·g, lr·g) go to scratch buffers.
+        tmp = self._scratch(params)
         g = grads
         if weight_decay != 0:
-            g = g + weight_decay * params
+            g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
+            g += grads                                    # g = grad + wd·θ
         if momentum != 0:
             if step[0] == 0:
-                momentum_buf[...] = g
+                momentum_buf[...] = g                     # b = g
             else:
-                momentum_buf *= momentum
-                momentum_buf += (1 - dampening) * g
-            g = g + momentum * momentum_buf if nesterov else momentum_buf
-        params -= lr * g
+                momentum_buf *= momentum                  # b = μ·b + (1 − dampening)·g
+                momentum_buf += np.multiply(g, 1 - dampening, out=tmp)
+            if nesterov:
+                g = np.add(g, np.multiply(momentum_buf, momentum, out=tmp), out=tmp)   # g = g + μ·b
+            else:
+                g = momentum_buf                          # g = b
+        params -= np.multiply(g, lr, out=tmp)             # θ = θ − lr·g
         step[0] += 1
 
     def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        # Temporaries go to scratch buffers; the bias corrections are Python floats, so float32 stays float32
+        # (a numpy float64 scalar would promote every temporary to float64).
         t = int(step[0]) + 1
-        g = grads + weight_decay * params if weight_decay != 0 else grads
+        tmp = self._scratch(params)
+        g = grads
+        if weight_decay != 0:
+            g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
+            g += grads                                    # g = grad + wd·θ
         m *= beta1
-        m += (1 - beta1) * g
+        m += np.multiply(g, 1 - beta1, out=tmp)           # m = β1·m + (1 − β1)·g
         v *= beta2
-        v += (1 - beta2) * g * g
+        np.multiply(g, 1 - beta2, out=tmp)
+        tmp *= g
+        v += tmp                                          # v = β2·v + (1 − β2)·g²
         step_size = lr / (1 - beta1 ** t)
-        denom = np.sqrt(v) / np.sqrt(1 - beta2 ** t) + eps
-        params -= step_size * (m / denom)
+        denom = np.sqrt(v, out=tmp)
+        denom /= math.sqrt(1 - beta2 ** t)
+        denom += eps                                      # √v / √(1 − β2ᵗ) + ε
+        update = np.divide(m, denom, out=tmp)
+        update *= step_size
+        params -= update                                  # θ = θ − lr/(1 − β1ᵗ) · m / denom
         step[0] = t
