@@ -73,8 +73,9 @@ def _describe(arch):
 
 
 class EpochReporter:
-    """A tqdm bar per epoch on a terminal (samples/s, loss, accuracy), on stderr; one plain line per epoch on
-    stdout otherwise, so logs and CI output stay readable and in order with the summary."""
+    """On a terminal, a tqdm bar (on stderr) while an epoch runs: rows done, samples/s, the batch loss. Then, on a
+    terminal or not, one plain line per epoch on stdout with every metric and samples/s, so a log or CI output
+    reads the same as the screen and stays in order with the summary."""
 
     def __init__(self, n_train, batch_size, epochs):
         self.n_train, self.batch_size, self.epochs = n_train, batch_size, epochs
@@ -87,10 +88,10 @@ class EpochReporter:
         self.seen = 0
         if self.tty:
             from tqdm import tqdm
-            # A terminal that reports 0 columns (some ptys) would make tqdm print an empty bar: use 100 there.
+            # A terminal that reports 0 columns (some ptys) would make tqdm print an empty bar: use 80 there.
             width = shutil.get_terminal_size((0, 0)).columns
             self.bar = tqdm(total=self.n_train, desc=f"epoch {epoch + 1}/{self.epochs}", unit="sample",
-                            unit_scale=True, leave=True, dynamic_ncols=width > 0, ncols=None if width else 100)
+                            unit_scale=True, leave=False, dynamic_ncols=width > 0, ncols=None if width else 80)
 
     def on_batch_end(self, batch, n_batches, loss):
         rows = min(self.batch_size, self.n_train - batch * self.batch_size)
@@ -101,13 +102,12 @@ class EpochReporter:
 
     def on_epoch_end(self, _epoch_in_fit, logs):
         # fit runs one epoch per call here, so its own epoch counter is always 0: ours is self.epoch.
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         rate = self.seen / max(time.perf_counter() - self.started, 1e-9)
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        if self.bar is not None:
-            self.bar.set_postfix_str(metrics, refresh=False)
-            self.bar.close()
-        else:
-            click.echo(f"epoch {self.epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
+        click.echo(f"epoch {self.epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
 
 
 def save_curves(history, path, title):
