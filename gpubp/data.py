@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+MAX_INFERRED_CLASSES = 100   # above this, infer_loss asks rather than guesses
 BUNDLED = ("breast_cancer", "digits", "iris", "wine", "regression", "spiral")
 _SKLEARN_LOADERS = {"breast_cancer": "load_breast_cancer", "digits": "load_digits", "iris": "load_iris",
                     "wine": "load_wine"}
@@ -195,6 +196,10 @@ def infer_loss(y):
         n_classes = len(np.unique(y))
         if n_classes < 2:
             raise ValueError(f"target: only one class ({y[0]}) in the data; nothing to learn")
+        if n_classes > MAX_INFERRED_CLASSES:
+            # Whole numbers with this many values are more likely a quantity (a price, a count) than classes.
+            raise ValueError(f"target: {n_classes} distinct whole-number values; say what they are: --loss mse "
+                             "for a quantity, --loss softmax_ce for class labels")
         return "bce" if n_classes == 2 else "softmax_ce"
     return "mse"
 

@@ -45,6 +45,8 @@ def test_infer_loss_from_the_target():
     assert data.infer_loss(np.zeros((4, 2))) == "mse"
     with pytest.raises(ValueError, match="only one class"):
         data.infer_loss(np.array([1, 1, 1]))
+    with pytest.raises(ValueError, match="--loss mse"):
+        data.infer_loss(np.arange(500))             # whole-number prices, say: ask, don't make 500 classes
 
 
 def test_read_csv_takes_the_named_target_and_reads_whole_numbers_as_labels(tmp_path):
