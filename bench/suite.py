@@ -19,6 +19,7 @@ from . import workloads as wl
 
 WORKLOADS = ("limits", "gemm", "train", "sweep", "dense")   # the order they run in: SPEC's bars first
 KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train"}
+CASES = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases, "sweep": wl.sweep_cases}
 ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error", "median_s", "spread_s", "min_s",
               "max_s", "repeats", "inner", "rel_err", "flops", "min_bytes", "tflops", "gb_per_s",
               "samples_per_s", "limit", "frac_of_limit", "peer", "ratio_to_peer", "peak_bytes", "peer_peak_bytes",
@@ -314,38 +315,53 @@ def run_workload(run, workload, device):
     if not impls:
         run.skip(f"{workload} on {device}", "no implementation can run here")
         return
-    cases = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases,
-             "sweep": wl.sweep_cases}[workload](device, c.quick, c.smoke)
+    cases = CASES[workload](device, c.quick, c.smoke)
     rng = np.random.default_rng(c.seed)
     if workload == "sweep" and device == "cuda":
         run.log("  " + TINY_CUDA_NN)
     for case, params in cases:
-        if kind == "gemm":
-            sets = wl.gemm_sets(params, rng)
-            n = params["n"]
-            entries = [Entry(impl, lambda impl=impl: impl.gemm(sets)) for impl in impls]
-            run_case(run, workload, device, case, params, entries, wl.gemm_reference(sets, rng), len(sets),
-                     flops=2 * n**3, nbytes=3 * 4 * n * n)
-        elif kind == "dense":
-            sets = wl.dense_sets(params, rng)
-            N, i, o = params["N"], params["in"], params["out"]
-            entries = [Entry(impl, lambda impl=impl: impl.dense(sets)) for impl in impls]
-            run_case(run, workload, device, case, params, entries, wl.dense_reference(sets, rng), len(sets),
-                     flops=2 * N * i * o, nbytes=4 * (N * i + o * i + o + N * o), samples=N)
-        else:
-            mlp = params
-            sets = wl.train_sets(mlp, rng)
-            params0 = wl.initial_params(mlp, rng)
-            try:
-                check = wl.train_reference(mlp, params0, sets)
-            except Exception as exc:
-                run.skip(f"{workload} {case}", f"the numpy reference failed: {type(exc).__name__}: {exc}")
-                continue
-            entries = [Entry(impl, lambda impl=impl: impl.train(mlp, params0, sets, wl.TIMING_LR),
-                             lambda impl=impl: impl.train(mlp, params0, sets, wl.VALIDATE_LR)) for impl in impls]
-            run_case(run, workload, device, case, mlp.params(), entries, check, len(sets),
-                     flops=mlp.flops(), nbytes=mlp.min_bytes(), samples=mlp.batch)
-        del sets
+        try:
+            built = build_case(kind, params, rng)
+        except Exception as exc:
+            run.skip(f"{workload} {case}", f"the numpy reference failed: {type(exc).__name__}: {exc}")
+            continue
+        run_case(run, workload, device, case, built.params, [built.entry(impl) for impl in impls], built.check,
+                 len(built.sets), flops=built.flops, nbytes=built.nbytes, samples=built.samples)
+        del built
+
+
+class BuiltCase:
+    """A case made concrete: its input sets, its reference check, its counts, and an Entry per implementation."""
+
+    def __init__(self, kind, params, sets, check, flops, nbytes, samples=None, mlp=None, params0=None):
+        self.kind, self.params, self.sets, self.check = kind, params, sets, check
+        self.flops, self.nbytes, self.samples = flops, nbytes, samples
+        self.mlp, self.params0 = mlp, params0
+
+    def entry(self, impl):
+        if self.kind == "gemm":
+            return Entry(impl, lambda: impl.gemm(self.sets))
+        if self.kind == "dense":
+            return Entry(impl, lambda: impl.dense(self.sets))
+        return Entry(impl, lambda: impl.train(self.mlp, self.params0, self.sets, wl.TIMING_LR),
+                     lambda: impl.train(self.mlp, self.params0, self.sets, wl.VALIDATE_LR))
+
+
+def build_case(kind, params, rng):
+    """Input sets drawn from rng, the float64 reference check, flop and byte counts, for one case."""
+    if kind == "gemm":
+        sets, n = wl.gemm_sets(params, rng), params["n"]
+        return BuiltCase(kind, params, sets, wl.gemm_reference(sets, rng), 2 * n**3, 3 * 4 * n * n)
+    if kind == "dense":
+        sets = wl.dense_sets(params, rng)
+        N, i, o = params["N"], params["in"], params["out"]
+        return BuiltCase(kind, params, sets, wl.dense_reference(sets, rng), 2 * N * i * o,
+                         4 * (N * i + o * i + o + N * o), samples=N)
+    mlp = params
+    sets = wl.train_sets(mlp, rng)
+    params0 = wl.initial_params(mlp, rng)
+    return BuiltCase(kind, mlp.params(), sets, wl.train_reference(mlp, params0, sets), mlp.flops(),
+                     mlp.min_bytes(), samples=mlp.batch, mlp=mlp, params0=params0)
 
 
 def add_ratios(rows):
