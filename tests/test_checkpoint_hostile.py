@@ -425,3 +425,34 @@ def test_load_never_enables_pickles(tmp_path, monkeypatch):
     assert not any(calls)
     with open(serialize.__file__) as source:
         assert "allow_pickle=True" not in source.read()
+
+
+def patched_params_headers(tmp_path, flag_bits=0, method=None):
+    """A copy of a good checkpoint with the zip headers of params.npy changed: flag bits or'ed in, the
+    compression method replaced (offsets from the zip specification, APPNOTE 4.3.7 and 4.3.12)."""
+    good_checkpoint(tmp_path / "good.npz")
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    at = data.find(b"params.npy")
+    while at != -1:
+        if data[at - 30:at - 26] == b"PK\x03\x04":      # local file header: flags at 6, method at 8
+            flags, method_at = at - 30 + 6, at - 30 + 8
+        elif data[at - 46:at - 42] == b"PK\x01\x02":    # central directory entry: flags at 8, method at 10
+            flags, method_at = at - 46 + 8, at - 46 + 10
+        else:
+            flags = None
+        if flags is not None:
+            data[flags] |= flag_bits
+            if method is not None:
+                data[method_at:method_at + 2] = method.to_bytes(2, "little")
+        at = data.find(b"params.npy", at + 1)
+    path = tmp_path / "patched.npz"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_encrypted_member_is_refused(tmp_path):
+    assert_refused(patched_params_headers(tmp_path, flag_bits=0x1), "params")
+
+
+def test_an_unknown_compression_is_refused(tmp_path):
+    assert_refused(patched_params_headers(tmp_path, method=99), "params")     # 99: AES, which zipfile lacks

