@@ -96,6 +96,7 @@ class Sequential:
         self.optimizer = None     # the optimizer made for this model last; saved with it
         self.steps = 0            # train steps taken
         self._workspaces = OrderedDict()
+        self._rollback = (None, {})   # (optimizer, copies of what its update overwrites): _keep_for_rollback
 
     def _bind(self):
         for layer, p, g in zip(self.layers, self.layout.views(self.backend, self.params),
@@ -284,7 +285,7 @@ class Sequential:
         """Copy what the update is about to overwrite into buffers allocated once per optimizer: finite
         gradients can still overflow the update (a huge learning rate, Adam's g² in float32)."""
         buffers = self._update_buffers(optimizer)
-        if getattr(self, "_rollback", (None,))[0] is not optimizer:
+        if self._rollback[0] is not optimizer:
             self._rollback = (optimizer, {k: self.backend.empty(tuple(b.shape), b.dtype) for k, b in buffers.items()})
         for name, buf in buffers.items():
             self.backend.copy_into(self._rollback[1][name], buf)

@@ -101,7 +101,7 @@ def _read(archive, path, key, shape, kinds, max_itemsize=8):
             raise
         raise _bad(path, f"array {key!r} cannot be read ({exc})") from None
     except Exception as exc:   # zipfile, zlib, OSError, EOFError: a truncated or corrupted archive
-        raise _bad(path, f"array {key!r} cannot be read ({type(exc).__name__}: {exc}); truncated?") from None
+        raise _bad(path, f"array {key!r} cannot be read ({type(exc).__name__}: {exc}); truncated or corrupted?") from None
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
