@@ -132,3 +132,19 @@ def test_main_writes_files_and_returns_zero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "gpubp-numpy" in out and "wrote" in out
     assert len(list(tmp_path.glob("cpu-*.json"))) == 1
+
+
+def test_a_step_that_keeps_reading_its_first_inputs_is_refused():
+    """A CUDA graph replayed on the buffers of its capture, simulated: every call works on input set 0."""
+    make_train = impls._gpubp_train("numpy")
+
+    def stale(*args):
+        runner = make_train(*args)
+        run = runner.run
+        runner.run = lambda i: run(0)
+        return runner
+    reg = cpu_registry("gpubp-numpy")
+    reg["gpubp-stale"] = impls.Impl("gpubp-stale", "cpu", lambda: (True, ""), ours=True, train=stale)
+    run = suite.run_suite(smoke_config([], workloads=("train",)), reg)
+    stale_rows = [r for r in run.rows if r["impl"] == "gpubp-stale"]
+    assert stale_rows and all(r["error"].startswith("REFUSED") for r in stale_rows)
