@@ -117,8 +117,7 @@ def test_fit_stops_keeps_the_last_good_parameters_and_says_so(backend_name):
     assert history.stop_reason is not None and "not finite" in history.stop_reason
     assert len(after_each_batch) == net.steps
     assert_same_state(after_each_batch[-1], state_of(net, opt))
-    assert np.isfinite(net.get_params()[0]["W"]).all()
-    assert np.isfinite(net.predict(X)).all() or True   # the parameters are finite; predictions may overflow
+    assert all(np.isfinite(a).all() for p in net.get_params() for a in p.values())
 
 
 def test_fit_without_faults_has_no_stop_reason():
