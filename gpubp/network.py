@@ -311,7 +311,8 @@ class Sequential:
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
-        self._loss_and_gradients(X, y, loss_id)
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
+            self._loss_and_gradients(X, y, loss_id)
         return self.layout.unflatten(self.backend.to_numpy(self.grads))
 
     def predict(self, X, batch_size=None):
@@ -337,8 +338,9 @@ class Sequential:
         ws = self._workspace(X.shape[0])
         Xd, Y, _ = self._stage(X, y, loss_id, ws)
         last = self.layers[-1]
-        self._forward(Xd, ws)
-        self.backend.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the loss returned
+            self._forward(Xd, ws)
+            self.backend.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
         value = float(self.backend.to_numpy(ws.loss)[0])
         return value, losses.accuracy(loss_id, self.backend.to_numpy(ws.A[-1]), self.backend.to_numpy(Y))
 

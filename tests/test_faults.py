@@ -125,3 +125,19 @@ def test_fit_without_faults_has_no_stop_reason():
     rng = np.random.default_rng(3)
     history = net.fit(rng.standard_normal((8, 3)), rng.standard_normal((8, 2)), "mse", opt, epochs=2)
     assert history.stop_reason is None and len(history["loss"]) == 2
+
+
+@pytest.mark.parametrize("loss, output", [("mse", "identity"), ("bce", "sigmoid"), ("softmax_ce", "identity")])
+def test_reading_calls_report_overflow_in_their_values_not_as_warnings(backend_name, loss, output):
+    # X is finite in float32 but the products overflow: gradients and evaluate return what they get, with no
+    # numpy RuntimeWarning (which pytest here turns into an error), and change nothing.
+    net = gpubp.Sequential(gpubp.Dense(3, 4, "identity"), gpubp.Dense(4, 2, output), backend=backend_name,
+                           dtype="float32", seed=0)
+    opt = gpubp.SGD(net, lr=0.1)
+    X, y = np.full((3, 3), 3e38), (np.zeros(3, int) if loss == "softmax_ce" else np.zeros((3, 2)))
+    before = state_of(net, opt)
+    grads = net.gradients(X, y, loss)
+    value, _ = net.evaluate(X, y, loss)
+    if loss == "mse":     # bce and softmax_ce are computed in stable forms that may stay finite
+        assert not all(np.isfinite(g).all() for layer in grads for g in layer.values()) or not np.isfinite(value)
+    assert_same_state(before, state_of(net, opt))
