@@ -13,15 +13,15 @@ shows in the guard. Outputs start as NaN (poisoned), so an element no thread wri
 (16-byte) accesses at misaligned addresses abort under -fsanitize=alignment; `offset` variants start
 arrays one element off 16-byte alignment to exercise the scalar fallbacks.
 
+The last test runs the shared op harness, tests/test_backend_ops.py, on the emulated backend too.
+
 Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
 NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
 """
-import ctypes
+import os
 import pathlib
-import shutil
 import subprocess
-import types
-from importlib import resources
+import sys
 
 import numpy as np
 import pytest
@@ -32,7 +32,8 @@ from gpubp.backends import cuda_sources
 from gpubp.backends import cupy_backend as cb
 from gpubp.backends.numpy_backend import NumpyBackend
 
-HARNESS = pathlib.Path(__file__).parent / "cuda_emulation"
+from cuda_emulation import emulator as emulator_module
+
 GUARD = 16              # elements of NaN before and after each array (keeps 16-byte alignment)
 DTYPES = ["float32", "float64"]
 ACTIVATIONS = list(acts.NAMES.values())
@@ -52,62 +53,17 @@ def tol(dtype, k=1):
 # ---- the emulated device ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels needs it")
-    library = tmp_path_factory.mktemp("cuda_emulation") / "kernels_emulated.so"
-    command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-               "-shared", "-fPIC", "-pthread", "-I", str(resources.files("gpubp.kernels")), "-I", str(HARNESS),
-               str(HARNESS / "harness.cpp"), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"g++ could not build the emulation:\n{result.stderr[-5000:]}"
-    lib = ctypes.CDLL(str(library))
-    lib.emu_signature.restype = ctypes.c_char_p
-    lib.emu_signature.argtypes = [ctypes.c_char_p]
-    lib.emu_launch_kernel.restype = ctypes.c_int
-    lib.emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 4 + [ctypes.c_void_p]
-    return lib
-
-
-class EmulatedKernel:
-    """Stands in for a cupy RawKernel: kernel(grid, block, args), arguments checked against the signature."""
-
-    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64}
-    SCALARS = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
-
-    def __init__(self, lib, name):
-        signature = lib.emu_signature(name.encode())
-        assert signature is not None, f"the emulation harness has no kernel {name!r}"
-        self.lib, self.name, self.signature = lib, name, signature.decode()
-
-    def __call__(self, grid, block, args):
-        assert len(args) == len(self.signature), f"{self.name}: {len(args)} arguments for {self.signature}"
-        values = []
-        for i, (arg, code) in enumerate(zip(args, self.signature)):
-            if code in self.POINTERS:
-                assert isinstance(arg, np.ndarray), f"{self.name} argument {i}: expected an array, got {arg!r}"
-                assert arg.dtype == self.POINTERS[code] and arg.flags.c_contiguous, \
-                    f"{self.name} argument {i}: expected contiguous {self.POINTERS[code]}, got {arg.dtype}"
-                values.append(ctypes.c_void_p(arg.ctypes.data))
-            else:
-                numpy_type, c_type = self.SCALARS[code]
-                assert type(arg) is numpy_type, f"{self.name} argument {i}: expected {numpy_type}, got {type(arg)}"
-                values.append(c_type(arg))
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        assert all(g >= 1 for g in grid) and len(block) == 1 and 1 <= block[0] <= 1024
-        assert self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers) == 0
+    try:
+        return emulator_module.build(tmp_path_factory.mktemp("cuda_emulation"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(params=list(SM_COUNTS), ids=list(SM_COUNTS))
 def backend(request, emulator, monkeypatch):
     """A CupyBackend whose device is the emulator and whose arrays are numpy arrays."""
-    fake_cupy = types.SimpleNamespace(
-        ndarray=np.ndarray, zeros=np.zeros,
-        empty=lambda shape, dtype: np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype),
-        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0)))
-    monkeypatch.setattr(cb, "cp", fake_cupy)
-    monkeypatch.setattr(cb, "_kernel", lambda filename, name: EmulatedKernel(emulator, name))
-    monkeypatch.setattr(cb, "_sm_count", lambda: SM_COUNTS[request.param])
+    for module, name, value in emulator_module.patches(emulator, SM_COUNTS[request.param]):
+        monkeypatch.setattr(module, name, value)
     return cb.CupyBackend()
 
 
@@ -335,3 +291,21 @@ def test_harness_knows_every_name_expression(emulator):
     for filename in cuda_sources.KERNEL_FILES:
         for name in cuda_sources.name_expressions(filename):
             assert emulator.emu_signature(name.encode()) is not None, name
+
+
+# ---- the shared op harness, on the emulated backend ---------------------------------------------------------------
+@pytest.mark.slow
+def test_shared_op_harness_passes_on_the_emulated_backend(emulator):
+    """tests/test_backend_ops.py (every backend's contract) with "cupy" = CupyBackend on the emulator, in a
+    process of its own (the plugin patches gpubp.backends for good). test_array_utilities is left out: on
+    the emulator numpy arrays are the device arrays, so its is_device_array(np.zeros(2)) check cannot hold."""
+    tests_dir = pathlib.Path(__file__).parent
+    if not (tests_dir / "test_backend_ops.py").exists():
+        pytest.skip("tests/test_backend_ops.py is not here")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "cuda_emulation.emulated_cupy_plugin", "-q", "-p", "no:cacheprovider",
+         str(tests_dir / "test_backend_ops.py"), "-k", "cupy and not array_utilities"],
+        capture_output=True, text=True, env=env, cwd=tests_dir.parent, timeout=1800)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -1,18 +1,21 @@
 // cuda_cpu.h: just enough of CUDA to run gpubp's kernels/*.cu on a CPU, for tests on machines with no GPU.
 //
-// One std::thread per CUDA thread, one block at a time: __shared__ becomes a function-local static (one copy
-// for the running block), __syncthreads a std::barrier over the block, __shfl_xor_sync an exchange through
-// a per-warp slot array between two warp barriers. threadIdx and friends are thread_local.
+// A block's threads are fibers (ucontext) taking turns on one OS thread; blocks run one after another.
+// __syncthreads and the warp barrier inside __shfl_xor_sync make a fiber yield until every thread of its
+// block (or warp) has arrived. __shared__ becomes a function-local static: one copy, for the running block.
+// threadIdx and friends are globals the scheduler sets before it resumes a fiber.
 // What this cannot show: timing, bank conflicts, and anything a real warp does in lockstep that a kernel
 // relies on without a barrier (gpubp's kernels rely on none). Misaligned 16-byte vector accesses are caught
 // by compiling with -fsanitize=alignment (float4/double2 below are alignas(16)).
 #pragma once
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <ucontext.h>
 
-#include <barrier>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -27,7 +30,7 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 struct alignas(16) float4 {
     float x, y, z, w;
@@ -38,48 +41,101 @@ struct alignas(16) double2 {
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline double2 make_double2(double x, double y) { return {x, y}; }
 
-struct WarpExchange {
-    explicit WarpExchange(int lanes) : barrier(lanes) {}
-    double slot[32];
-    std::barrier<> barrier;
+// ---- fibers ----------------------------------------------------------------------------------------------
+struct EmuFiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack;
+    unsigned thread;
+    bool done;
 };
 
-inline thread_local std::barrier<>* emu_block_barrier = nullptr;
-inline thread_local WarpExchange* emu_warp = nullptr;
+struct EmuBarrier {   // generation-counting barrier for fibers
+    int expected = 0, arrived = 0;
+    unsigned long long generation = 0;
+};
 
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline ucontext_t emu_scheduler_context;
+inline EmuFiber* emu_current = nullptr;
+inline const std::function<void()>* emu_body = nullptr;
+inline EmuBarrier emu_block_barrier;
+inline std::vector<EmuBarrier> emu_warp_barriers;
+inline double emu_warp_slots[1024];
+inline unsigned long long emu_progress = 0;   // barrier arrivals and finished threads: deadlock detection
+
+inline void emu_yield() { swapcontext(&emu_current->context, &emu_scheduler_context); }
+
+inline void emu_wait(EmuBarrier& barrier) {
+    const unsigned long long generation = barrier.generation;
+    ++emu_progress;
+    if (++barrier.arrived == barrier.expected) {
+        barrier.arrived = 0;
+        ++barrier.generation;
+        return;
+    }
+    while (barrier.generation == generation) emu_yield();
+}
+
+inline void __syncthreads() { emu_wait(emu_block_barrier); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) {
-    const unsigned lane = threadIdx.x % 32;
-    emu_warp->barrier.arrive_and_wait();   // every lane has read the previous exchange
-    emu_warp->slot[lane] = static_cast<double>(value);   // float and double round-trip exactly
-    emu_warp->barrier.arrive_and_wait();
-    return static_cast<T>(emu_warp->slot[lane ^ lane_mask]);
+    const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+    emu_wait(emu_warp_barriers[warp]);   // every lane has read the previous exchange
+    emu_warp_slots[t] = static_cast<double>(value);   // float and double round-trip exactly
+    emu_wait(emu_warp_barriers[warp]);
+    return static_cast<T>(emu_warp_slots[warp * 32 + (lane ^ lane_mask)]);
 }
 
-// kernel<<<grid, block>>>(args...) for 1-D blocks, blocks one after another
+inline void emu_fiber_main() {
+    (*emu_body)();
+    ++emu_progress;
+    emu_current->done = true;   // then uc_link returns to the scheduler
+}
+
+// kernel<<<grid, block>>>(args...) for 1-D blocks of at most 1024 threads
 template <typename... Params, typename... Args>
 void emu_launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
-    const int threads = static_cast<int>(block.x);
+    const unsigned threads = block.x;
+    const size_t stack_size = 256 * 1024;
+    std::vector<EmuFiber> fibers(threads);
+    for (unsigned t = 0; t < threads; ++t) fibers[t].stack.reset(new char[stack_size]);
+    const std::function<void()> body = [&] { kernel(args...); };
+    emu_body = &body;
+    blockDim = block;
+    gridDim = grid;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> block_barrier(threads);
-                std::vector<std::unique_ptr<WarpExchange>> warps;
-                for (int w = 0; w * 32 < threads; ++w)
-                    warps.emplace_back(new WarpExchange(threads - 32 * w < 32 ? threads - 32 * w : 32));
-                std::vector<std::thread> pool;
-                for (int t = 0; t < threads; ++t)
-                    pool.emplace_back([&, t] {
-                        threadIdx = dim3{static_cast<unsigned>(t), 0, 0};
-                        blockIdx = dim3{bx, by, bz};
-                        blockDim = block;
-                        gridDim = grid;
-                        emu_block_barrier = &block_barrier;
-                        emu_warp = warps[t / 32].get();
-                        kernel(args...);
-                    });
-                for (auto& th : pool) th.join();
+                emu_block_barrier = EmuBarrier{static_cast<int>(threads)};
+                emu_warp_barriers.assign((threads + 31) / 32, EmuBarrier{});
+                for (unsigned w = 0; w < emu_warp_barriers.size(); ++w)
+                    emu_warp_barriers[w].expected = threads - 32 * w < 32 ? threads - 32 * w : 32;
+                for (unsigned t = 0; t < threads; ++t) {
+                    EmuFiber& f = fibers[t];
+                    f.thread = t;
+                    f.done = false;
+                    getcontext(&f.context);
+                    f.context.uc_stack.ss_sp = f.stack.get();
+                    f.context.uc_stack.ss_size = stack_size;
+                    f.context.uc_link = &emu_scheduler_context;
+                    makecontext(&f.context, emu_fiber_main, 0);
+                }
+                blockIdx = dim3{bx, by, bz};
+                for (;;) {
+                    const unsigned long long progress_before = emu_progress;
+                    bool all_done = true;
+                    for (EmuFiber& f : fibers) {
+                        if (f.done) continue;
+                        all_done = false;
+                        threadIdx = dim3{f.thread, 0, 0};
+                        emu_current = &f;
+                        swapcontext(&emu_scheduler_context, &f.context);
+                    }
+                    if (all_done) break;
+                    if (emu_progress == progress_before) {   // everyone waits at a barrier some never reach
+                        fprintf(stderr, "cuda_cpu.h: block (%u,%u,%u) deadlocked\n", bx, by, bz);
+                        abort();
+                    }
+                }
             }
 }
