@@ -10,6 +10,7 @@ import platform
 import re
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def _gpu_info():
         info["torch_cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info.setdefault("gpu", torch.cuda.get_device_name(0))
-            info["torch_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+            with warnings.catch_warnings():      # newer torch may call allow_tf32 a legacy setting
+                warnings.simplefilter("ignore")
+                info["torch_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+                info["torch_matmul_precision"] = torch.get_float32_matmul_precision()
     return info
 
 
@@ -154,7 +158,10 @@ def save(run, out=None, plots=True):
     paths[0].write_text(json.dumps(to_json(run, env), indent=1, default=str) + "\n")
     paths[1].write_text(f"{env['device']}, {env['threads']} CPU threads, {env['date_utc']}\n\n{table(run)}\n")
     if plots:
-        paths += plot(run, out / stem, env)
+        try:
+            paths += plot(run, out / stem, env)
+        except ImportError as exc:
+            run.log(f"plots skipped: matplotlib cannot be imported ({exc})")
     return paths
 
 

@@ -468,11 +468,10 @@ def main(argv=None):
     config = Config(workloads=chosen, devices=devices, quick=args.quick, smoke=args.smoke, threads=args.threads,
                     budget_s=args.budget)
     run = run_suite(config)
-    paths = report.save(run, args.out, plots=not args.no_plots)
     print()
     print(report.table(run))
     print()
-    for p in paths:
+    for p in report.save(run, args.out, plots=not args.no_plots):
         print(f"wrote {p}")
     failed = [r for r in run.rows if r["status"] != "ok"]
     return 1 if any(r["error"] and r["error"].startswith("REFUSED") for r in failed) else 0

@@ -78,15 +78,19 @@ class Timer:
         self.i += 1
 
     def warm(self):
+        start = time.perf_counter()
         for _ in range(max(1, self.warmup)):
             self._call()
-        self.sync()
+            self.sync()
+            if time.perf_counter() - start > self.budget_s:    # a very slow call: one warm-up is enough
+                break
         t0 = time.perf_counter()
         self._call()
         self.sync()
         one = max(time.perf_counter() - t0, 1e-7)
         self.inner = max(1, int(self.target_s / one))
-        self.wanted = max(3, min(self.repeats, int(self.budget_s / (one * self.inner))))
+        fewest = 3 if one <= self.budget_s else 1     # calls slower than a whole budget: a single sample
+        self.wanted = max(fewest, min(self.repeats, int(self.budget_s / (one * self.inner))))
         return self
 
     def sample(self, k=1):
