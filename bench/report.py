@@ -77,7 +77,8 @@ def _gpu_info():
 def environment(run):
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": run.threads, "platform": platform.platform(),
-           "versions": _versions(), "cupy_tf32_env": os.environ.get("CUPY_TF32"), "argv": sys.argv}
+           "versions": _versions(), "cupy_tf32_env": os.environ.get("CUPY_TF32"), "argv": sys.argv,
+           "other_cpu_load": run.other_cpu_load(), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     env.update(_gpu_info())
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -134,6 +135,10 @@ def table(run):
                  "limit, whichever is larger) over the median.")
     if any(r["workload"] == "sweep" and r["device"] == "cuda" for r in run.rows):
         lines.append(suite.TINY_CUDA_NN)
+    load = run.other_cpu_load()
+    if load is not None and load > 0.25:
+        lines.append(f"NOTE: other processes kept {load} CPU cores busy on average during this run: CPU timings "
+                     "are disturbed (the interleaved rounds spread that over every implementation alike).")
     for s in run.skipped:
         lines.append(f"skipped: {s['what']}: {s['reason']}")
     return "\n".join(lines)
@@ -156,7 +161,8 @@ def save(run, out=None, plots=True):
     stem = f"{env['device_label']}_{env['date_utc'][:16].replace('-', '').replace(':', '').replace('T', '-')}"
     paths = [out / f"{stem}.json", out / f"{stem}.txt"]
     paths[0].write_text(json.dumps(to_json(run, env), indent=1, default=str) + "\n")
-    paths[1].write_text(f"{env['device']}, {env['threads']} CPU threads, {env['date_utc']}\n\n{table(run)}\n")
+    paths[1].write_text(f"{env['device']}, {env['threads']} CPU threads, {env['date_utc']}; other processes kept "
+                        f"{env['other_cpu_load']} CPU cores busy on average during the run\n\n{table(run)}\n")
     if plots:
         try:
             paths += plot(run, out / stem, env)

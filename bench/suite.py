@@ -8,6 +8,7 @@ A row is a dict with every key of ROW_FIELDS (None where it does not apply). sta
 "failed" (refused by the reference check, or an error): a failed row has no time.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -64,6 +65,16 @@ class Run:
         self.rows, self.skipped, self.limits = [], [], {}
         self._probes = {}
         self.start = time.monotonic()
+        self._cpu_start = _cpu_times()
+
+    def other_cpu_load(self):
+        """Average CPU cores busy with other processes since the run began (from /proc/stat and this process's
+        own times): well above 0 means a shared machine, and CPU timings to take with care. None if unknown."""
+        end = _cpu_times()
+        if self._cpu_start is None or end is None:
+            return None
+        (busy0, own0, t0), (busy1, own1, t1) = self._cpu_start, end
+        return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9), 2)
 
     def log(self, line):
         self.config.log(line)
@@ -98,6 +109,18 @@ class Run:
             else:
                 self.skip(f"{impl.name} ({kind})", reason)
         return out
+
+
+def _cpu_times():
+    """(seconds all CPUs were busy, seconds this process used, wall seconds), or None off Linux."""
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / hz     # all but idle and iowait
+    t = os.times()
+    return busy, t.user + t.system, time.monotonic()
 
 
 def new_row(**values):
