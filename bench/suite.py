@@ -114,7 +114,8 @@ class Run:
 def _cpu_times():
     """(seconds all CPUs were busy, seconds this process used, wall seconds), or None off Linux."""
     try:
-        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
     hz = os.sysconf("SC_CLK_TCK")
