@@ -101,7 +101,7 @@ class NumpyBackend(Backend):
                 momentum_buf[...] = g                     # b = g
             else:
                 momentum_buf *= momentum                  # b = μ·b + (1 − dampening)·g
-                momentum_buf += np.multiply(g, 1 - dampening, out=tmp)
+                momentum_buf += g if dampening == 0 else np.multiply(g, 1 - dampening, out=tmp)
             if nesterov:
                 g = np.add(g, np.multiply(momentum_buf, momentum, out=tmp), out=tmp)   # g = g + μ·b
             else:
