@@ -189,10 +189,12 @@ def plot(run, stem, env):
             lo, hi = suite.TINY_CUDA_NN_RANGE
             ax1.axhspan(lo, hi, color="0.85", zorder=0,
                         label="tiny-cuda-nn, published, RTX 3090\n(different GPU, not measured here)")
-        ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training samples / s",
-                title="64-64-64-64-64-1 train step (mse, SGD)")
-        ax2.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step", title="time per step")
+        dims = "-".join(map(str, sweep[0]["params"]["dims"]))
+        ax1.set(yscale="log", xlabel="batch size", ylabel="training samples / s",
+                title=f"{dims} train step (mse, SGD momentum)")
+        ax2.set(yscale="log", xlabel="batch size", ylabel="ms per step", title="time per step")
         for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
             ax.grid(True, which="both", lw=0.3)
         ax1.legend(fontsize=7)
         fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
