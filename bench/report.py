@@ -188,7 +188,7 @@ def plot(run, stem, env):
         if any(r["device"] == "cuda" for r in sweep):
             lo, hi = suite.TINY_CUDA_NN_RANGE
             ax1.axhspan(lo, hi, color="0.85", zorder=0,
-                        label="tiny-cuda-nn, published, RTX 3090\n(different GPU, not measured here)")
+                        label="tiny-cuda-nn, published: RTX 3090, FP16\n(different GPU, not measured here)")
         dims = "-".join(map(str, sweep[0]["params"]["dims"]))
         ax1.set(yscale="log", xlabel="batch size", ylabel="training samples / s",
                 title=f"{dims} train step (mse, SGD momentum)")

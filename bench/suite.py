@@ -32,8 +32,9 @@ SPEC_BARS = {("cuda", "gemm", "n4096"): 1 / 0.7,                        # ≥ 0.
              ("cpu", "train", "784-256-256-10 b256"): 1.25,
              ("cpu", "train", "64-64-64-64-64-1 b4096"): 1.25,
              ("cpu", "train", "1024-1024-1024-10 b512"): 1.25}
-TINY_CUDA_NN = ("tiny-cuda-nn: published reference, different GPU (RTX 3090), not measured here: fully fused MLP, "
-                "width 64, about 1.2e8 to 2.0e8 training samples/s (its README's benchmark figure)")
+TINY_CUDA_NN = ("tiny-cuda-nn: published reference, different GPU (RTX 3090) and precision (its fully fused MLP "
+                "runs in FP16), not measured here: width 64, about 1.2e8 to 2.0e8 training samples/s (the range "
+                "issue 5 reads from the plot in its README, 'Fully fused networks vs. TensorFlow')")
 TINY_CUDA_NN_RANGE = (1.2e8, 2.0e8)
 
 
