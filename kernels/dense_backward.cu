@@ -73,7 +73,7 @@ struct InputGradEpilogue {
 };
 
 template <typename T, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), GEMM_MIN_BLOCKS(T, TM, TN))
 input_grad_kernel(const T* __restrict__ delta, const T* __restrict__ W, T* out, const T* Z_prev,
                   const T* A_prev, int N, int n_in, int n_out, int mask_act, double alpha) {
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -114,7 +114,7 @@ struct WeightGradEpilogue {
 };
 
 template <typename T, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), GEMM_MIN_BLOCKS(T, TM, TN))
 weight_grad_kernel(const T* __restrict__ delta, const T* __restrict__ A_prev, T* dW, T* db, int N, int n_in,
                    int n_out, int k_per_split, int has_bias, int accumulate) {
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;

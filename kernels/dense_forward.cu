@@ -46,7 +46,7 @@ struct ForwardEpilogue {
 // b is ignored when has_bias == 0 (pass any valid pointer).
 
 template <typename T, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), GEMM_MIN_BLOCKS(T, TM, TN))
 dense_forward_kernel(const T* __restrict__ A_prev, const T* __restrict__ W, const T* __restrict__ b,
                      T* Z, T* A, int N, int n_in, int n_out, int has_bias, int act, double alpha) {
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;

@@ -42,6 +42,13 @@ struct GemmShape {
     static constexpr int PAD = 4;               // shared row padding (elements), keeps rows 16-byte aligned
 };
 
+// Blocks per SM a GEMM kernel asks the register allocator to allow (__launch_bounds__'s second argument),
+// chosen so that nothing spills (check with nvcc -Xptxas -v): with the 8x8 tile, 2 blocks of float (<= 128
+// registers a thread) and 1 of double (its 64 accumulators alone take 128 registers); with the 4x4 tile,
+// 4 blocks of float (<= 64 registers) and 2 of double.
+#define GEMM_MIN_BLOCKS(T, TM, TN) \
+    ((TM) * (TN) >= 64 ? (sizeof(T) == 4 ? 2 : 1) : (sizeof(T) == 4 ? 4 : 2))
+
 // ---------------------------------------------------------------------------------------------------------
 // Global -> registers -> shared for one operand's BK slice: D rows of the tile's m (or n) by BK of k.
 // Work is cut into 16-byte chunks of VEC elements along the operand's contiguous dimension.

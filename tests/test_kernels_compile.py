@@ -27,7 +27,7 @@ class CupyNvrtc:
         self.nvrtc = nvrtc
 
     def compile(self, source, filename, options, names):
-        """{name expression: lowered name}; raises AssertionError with NVRTC's log on a compile error."""
+        """({name expression: lowered name}, NVRTC's log); AssertionError with the log on a compile error."""
         nvrtc = self.nvrtc
         prog = nvrtc.createProgram(source, filename, [], [])
         try:
@@ -37,7 +37,7 @@ class CupyNvrtc:
                 nvrtc.compileProgram(prog, list(options))
             except nvrtc.NVRTCError as exc:
                 raise AssertionError(f"NVRTC failed on {filename}: {exc}\n{nvrtc.getProgramLog(prog)}") from None
-            return {name: nvrtc.getLoweredName(prog, name) for name in names}
+            return {name: nvrtc.getLoweredName(prog, name) for name in names}, nvrtc.getProgramLog(prog)
         finally:
             nvrtc.destroyProgram(prog)
 
@@ -77,7 +77,7 @@ class CudaPythonNvrtc:
             for name in names:
                 value = self._check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
                 lowered[name] = value.decode() if isinstance(value, bytes) else value
-            return lowered
+            return lowered, self._log(prog)
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
 
@@ -138,10 +138,23 @@ def test_headers_are_pasted_into_the_source(filename):
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
 def test_nvrtc_compiles_every_kernel(filename, arch):
     source, _, names = cuda_sources.module_source(filename)
-    lowered = NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch), names)
+    lowered, _ = NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch), names)
     for name in names:
         assert lowered[name], f"{name} did not lower"
         assert lowered[name] == name or lowered[name].startswith("_Z"), lowered[name]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
+def test_no_kernel_spills_registers_on_sm90(filename):
+    """A spill puts the GEMM accumulators in local memory and costs most of the speed: the register budgets
+    of gemm.cuh's GEMM_MIN_BLOCKS must hold for every instance (ptxas's report, through NVRTC)."""
+    source, _, names = cuda_sources.module_source(filename)
+    options = cuda_sources.runtime_nvrtc_options(90) + ["--ptxas-options=-v"]
+    _, log = NVRTC.compile(source, filename, options, names)
+    reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(reports) >= len(names), log   # kernels, and device functions ptxas kept apart
+    assert all(r == ("0", "0", "0") for r in reports), log
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
