@@ -105,16 +105,26 @@ def test_every_cu_file_is_listed():
     assert shipped == sorted(cuda_sources.KERNEL_FILES)
 
 
+def _kernel_name_after(source, i):
+    """The name declared after `__global__ void` (at i), past an optional __launch_bounds__(...)."""
+    rest = source[i:].lstrip()
+    if rest.startswith("__launch_bounds__"):
+        depth, j = 0, len("__launch_bounds__")
+        while True:   # skip the balanced parentheses
+            depth += {"(": 1, ")": -1}.get(rest[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        rest = rest[j:].lstrip()
+    return re.match(r"\w+", rest).group(0)
+
+
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
 def test_every_kernel_has_name_expressions(filename):
     """Each __global__ function of a file is instantiated for float and double (or is untemplated), so the
     compile test below builds all of them."""
     source, _, names = cuda_sources.module_source(filename)
-    kernels = set()
-    for match in re.finditer(r"__global__\s+void\b", source):
-        # the first `name(` after `__global__ void`, past an optional __launch_bounds__(...)
-        calls = re.findall(r"(\w+)\s*\(", source[match.end():match.end() + 300])
-        kernels.add(next(c for c in calls if c != "__launch_bounds__"))
+    kernels = {_kernel_name_after(source, m.end()) for m in re.finditer(r"__global__\s+void\b", source)}
     assert kernels, "no kernels found"
     for kernel in kernels:
         instances = [n for n in names if n == kernel or n.startswith(kernel + "<")]
