@@ -148,3 +148,20 @@ def test_a_step_that_keeps_reading_its_first_inputs_is_refused():
     run = suite.run_suite(smoke_config([], workloads=("train",)), reg)
     stale_rows = [r for r in run.rows if r["impl"] == "gpubp-stale"]
     assert stale_rows and all(r["error"].startswith("REFUSED") for r in stale_rows)
+
+
+def test_gpu_rows_are_compared_with_torch_eager(monkeypatch):
+    """The GPU path of the suite, with CPU stand-ins registered as GPU implementations (no GPU needed)."""
+    fake = {
+        "gpubp-cupy": impls.Impl("gpubp-cupy", "cuda", lambda: (True, ""), ours=True,
+                                 train=impls._gpubp_train("numpy")),
+        "torch-eager": impls.Impl("torch-eager", "cuda", impls._torch_cpu_probe, train=impls._torch_train("cpu")),
+    }
+    monkeypatch.setattr(suite, "_cuda_limits", lambda run, rng, t: {"flops": 1e12, "bytes": 1e11})
+    run = suite.run_suite(suite.Config(workloads=("train",), devices=("cuda",), smoke=True, log=lambda _: None),
+                          fake)
+    ours = [r for r in run.rows if r["impl"] == "gpubp-cupy"]
+    assert ours and all(r["status"] == "ok" and r["peer"] == "torch-eager" for r in ours)
+    if run.probe(fake["torch-eager"])[0]:
+        assert all(r["ratio_to_peer"] > 0 for r in ours)
+    assert all(0 < r["frac_of_limit"] for r in ours)
