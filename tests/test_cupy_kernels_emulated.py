@@ -309,3 +309,38 @@ def test_shared_op_harness_passes_on_the_emulated_backend(emulator):
         capture_output=True, text=True, env=env, cwd=tests_dir.parent, timeout=1800)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+# ---- CUDA graphs, with capture modelled by the emulator ---------------------------------------------------------
+def test_graph_replay_equals_eager(backend, rng):
+    """run_step: eager warm-up, capture (launches recorded, not run) and launch, then replays; the same
+    results, bit for bit, as running every step eagerly, with the step counter read from device memory."""
+    from test_cupy_backend import TwoLayerStep
+    eager_be, graph_be = cb.CupyBackend(), cb.CupyBackend()
+    eager_be.use_graphs, graph_be.use_graphs = False, True
+    seed = int(rng.integers(2**31))
+    eager, graphed = TwoLayerStep(eager_be, np.random.default_rng(seed), N=40), \
+        TwoLayerStep(graph_be, np.random.default_rng(seed), N=40)
+    for i in range(4):
+        eager_be.run_step("step", eager)
+        graph_be.run_step("step", graphed)
+        np.testing.assert_array_equal(eager.loss, graphed.loss)
+    assert isinstance(graph_be._steps["step"], tuple) and not graph_be.graph_errors   # it was captured
+    np.testing.assert_array_equal(eager.params, graphed.params)
+    assert eager.step[0] == graphed.step[0] == 4
+
+
+def test_uncapturable_step_runs_eagerly(backend, rng):
+    """A synchronising read inside the step cannot be captured: that key runs eagerly, every call once."""
+    from test_cupy_backend import TwoLayerStep
+    step = TwoLayerStep(backend, rng, N=24)
+    seen = []
+
+    def step_and_read():
+        step()
+        seen.append(float(backend.to_numpy(step.loss)[0]))
+
+    for _ in range(3):
+        backend.run_step("reads", step_and_read)
+    assert backend._steps["reads"] == "eager" and "device-to-host" in backend.graph_errors["reads"]
+    assert step.step[0] == 3 and len(seen) == 3 and np.isfinite(seen).all()

@@ -4,7 +4,12 @@ that let CupyBackend run unchanged on numpy arrays (see tests/test_cupy_kernels_
     lib = build(directory)                       # compile the kernels for the CPU; ctypes library
     for module, name, value in patches(lib, sm_count):
         setattr(module, name, value)             # (or monkeypatch.setattr) CupyBackend now runs on the CPU
+
+Stream capture is modelled at the level CUDA graphs work at: between Stream.begin_capture and end_capture,
+kernel launches are recorded (kernel, grid, block, arguments: the same arrays, as a graph keeps the same
+device pointers), not run; Graph.launch runs the recording again.
 """
+import contextlib
 import ctypes
 import pathlib
 import shutil
@@ -52,6 +57,9 @@ class EmulatedKernel:
         self.lib, self.name, self.signature = lib, name, signature.decode()
 
     def __call__(self, grid, block, args):
+        if _capturing is not None:
+            _capturing.append((self, grid, block, args))
+            return
         assert len(args) == len(self.signature), f"{self.name}: {len(args)} arguments for {self.signature}"
         values = []
         for i, (arg, code) in enumerate(zip(args, self.signature)):
@@ -70,6 +78,36 @@ class EmulatedKernel:
         assert self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers) == 0
 
 
+_capturing = None   # the launches recorded by the stream being captured, or None
+
+
+class FakeStream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        global _capturing
+        assert _capturing is None, "nested capture"
+        _capturing = []
+
+    def end_capture(self):
+        global _capturing
+        launches, _capturing = _capturing, None
+        return FakeGraph(launches)
+
+
+class FakeGraph:
+    def __init__(self, launches):
+        self.launches = launches
+
+    def launch(self, stream=None):
+        for kernel, grid, block, args in self.launches:
+            kernel(grid, block, args)
+
+
 def _poisoned_empty(shape, dtype):
     """cupy.empty as the tests want it: NaN (or -7) where a kernel has not written."""
     return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype)
@@ -81,7 +119,11 @@ def fake_cupy():
         ndarray=np.ndarray, zeros=np.zeros, empty=_poisoned_empty, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite,
         asnumpy=lambda x: np.array(x, copy=True),
-        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+        cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDevice=lambda: 0),
+            Stream=lambda non_blocking=False: FakeStream(), get_current_stream=FakeStream,
+            MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+            using_allocator=lambda allocator=None: contextlib.nullcontext()))
 
 
 def patches(lib, sm_count):
