@@ -344,3 +344,26 @@ def test_uncapturable_step_runs_eagerly(backend, rng):
         backend.run_step("reads", step_and_read)
     assert backend._steps["reads"] == "eager" and "device-to-host" in backend.graph_errors["reads"]
     assert step.step[0] == 3 and len(seen) == 3 and np.isfinite(seen).all()
+
+
+def test_graph_is_recaptured_when_the_step_reads_other_buffers(backend, rng):
+    """The same key over a rebuilt workspace (new buffers): replaying the old graph would run on the old
+    buffers, so the step is captured again. key None always runs eagerly."""
+    from test_cupy_backend import TwoLayerStep
+    seed = int(rng.integers(2**31))
+    first = TwoLayerStep(backend, np.random.default_rng(seed), N=24)
+    for _ in range(3):
+        backend.run_step("step", lambda: first())
+    graph = backend._steps["step"][0]
+    second = TwoLayerStep(backend, np.random.default_rng(seed), N=24)   # same shapes, other buffers
+    backend.run_step("step", lambda: second())
+    assert backend._steps["step"][0] is not graph
+    assert first.step[0] == 3 and second.step[0] == 1   # the step ran on second's buffers only
+    eager_be = cb.CupyBackend()
+    eager_be.use_graphs = False
+    fresh = TwoLayerStep(eager_be, np.random.default_rng(seed), N=24)
+    fresh()
+    np.testing.assert_array_equal(second.params, fresh.params)
+    backend.run_step(None, lambda: second())
+    backend.run_step(None, lambda: second())
+    assert None not in backend._steps and second.step[0] == 3

@@ -379,30 +379,35 @@ class CupyBackend(Backend):
     # ---- whole-step CUDA graphs ----------------------------------------------------------------------------
     def run_step(self, key, fn):
         """First call with a key: run fn eagerly (compiles kernels, makes scratch). Second: capture fn as a
-        CUDA graph and launch it. Later: launch the graph. Anything that cannot be captured (a host copy, a
-        synchronisation, a CUDA error) makes that key run eagerly from then on; graph_errors[key] says why.
-        The graph replays fn's launches with the arguments of the capture: the key must cover every host
-        scalar fn passes (learning rate, ...), and fn must write into the same buffers every call."""
+        CUDA graph and launch it. Later: launch the graph. key None always runs eagerly (base.py).
+        A graph replays fn's launches with the arguments of the capture: the key must cover every host scalar
+        fn passes (learning rate, ...). The buffers are guarded here: the graph keeps the objects fn's closure
+        holds (a workspace, the arrays, `self` of a bound method) alive, and a call whose closure holds other
+        objects under the same key (a rebuilt workspace) is captured afresh instead of replaying stale
+        addresses. Anything that cannot be captured (a host copy, a synchronisation, a CUDA error) makes
+        that key run eagerly from then on; graph_errors[key] says why."""
         state = self._steps.get(key)
-        if not self.use_graphs or self._capturing or state == "eager":
+        if key is None or not self.use_graphs or self._capturing or state == "eager":
             fn()
             return
         if state is None:
             fn()
             self._steps[key] = "warm"
             return
-        if state == "warm":
-            state = self._capture(key, fn)
+        captured = _closure_objects(fn)
+        if state == "warm" or not _same_objects(state[2], captured):
+            state = self._capture(key, fn, captured)
             if state == "eager":
                 fn()   # nothing of a failed capture ran: run the step for real
                 return
-        graph, _pool = state
+        graph = state[0]
         graph.launch(stream=cp.cuda.get_current_stream())
 
-    def _capture(self, key, fn):
+    def _capture(self, key, fn, captured):
         if self._capture_stream is None:
             self._capture_stream = cp.cuda.Stream(non_blocking=True)
         stream = self._capture_stream
+        self._steps.pop(key, None)   # a stale graph goes now, its memory with it
         # A private pool: memory fn allocates during capture belongs to the graph alone, never reused by
         # arrays made later (a replay writes to the addresses of the capture).
         pool = cp.cuda.MemoryPool()
@@ -420,5 +425,26 @@ class CupyBackend(Backend):
             return "eager"
         finally:
             self._capturing = False
-        self._steps[key] = (graph, pool)
+        self._steps[key] = (graph, pool, captured)
         return self._steps[key]
+
+
+_VALUE_TYPES = (int, float, bool, str, bytes, type(None))
+
+
+def _closure_objects(fn):
+    """What a step closure reads its buffers through: the objects its closure cells hold, and `self` of a
+    bound method."""
+    objects = [getattr(fn, "__self__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            objects.append(cell.cell_contents)
+        except ValueError:   # an empty cell
+            objects.append(None)
+    return tuple(objects)
+
+
+def _same_objects(old, new):
+    """The same objects, one by one (plain values, which Python may rebuild each call, by value)."""
+    return len(old) == len(new) and all(
+        a is b or (type(a) is type(b) and isinstance(a, _VALUE_TYPES) and a == b) for a, b in zip(old, new))
