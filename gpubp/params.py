@@ -1,5 +1,7 @@
 """One flat buffer per model for parameters, one for gradients, one per optimizer state: per-layer views into
 them. One buffer means one optimizer launch per step and one copy per checkpoint."""
+import math
+
 import numpy as np
 
 
@@ -11,7 +13,7 @@ class FlatLayout:
         for i, layer in enumerate(layers):
             for name, shape in layer.param_shapes():
                 self.entries.append((i, name, shape, offset))
-                offset += int(np.prod(shape))
+                offset += math.prod(shape)
         self.size = offset
         self.n_layers = len(layers)
 
@@ -26,12 +28,12 @@ class FlatLayout:
         """A flat numpy array from [{name: array}] per layer (the inverse of views, on the host)."""
         flat = np.empty(self.size, dtype=dtype)
         for i, name, shape, offset in self.entries:
-            flat[offset:offset + int(np.prod(shape))] = np.asarray(per_layer[i][name]).reshape(-1)
+            flat[offset:offset + math.prod(shape)] = np.asarray(per_layer[i][name]).reshape(-1)
         return flat
 
     def unflatten(self, flat):
         """[{name: numpy copy}] per layer from a flat numpy array."""
         out = [{} for _ in range(self.n_layers)]
         for i, name, shape, offset in self.entries:
-            out[i][name] = flat[offset:offset + int(np.prod(shape))].reshape(shape).copy()
+            out[i][name] = flat[offset:offset + math.prod(shape)].reshape(shape).copy()
         return out
