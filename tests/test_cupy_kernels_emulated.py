@@ -13,7 +13,9 @@ shows in the guard. Outputs start as NaN (poisoned), so an element no thread wri
 (16-byte) accesses at misaligned addresses abort under -fsanitize=alignment; `offset` variants start
 arrays one element off 16-byte alignment to exercise the scalar fallbacks.
 
-The last test runs the shared op harness, tests/test_backend_ops.py, on the emulated backend too.
+test_project_cupy_tests_pass_on_the_emulated_backend runs the project's cupy-parametrised tests (the shared
+op harness tests/test_backend_ops.py, the seed example; all network tests with GPUBP_EMULATE_NETWORK_TESTS=1)
+on the emulated backend too.
 
 Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
 NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
@@ -293,20 +295,37 @@ def test_harness_knows_every_name_expression(emulator):
             assert emulator.emu_signature(name.encode()) is not None, name
 
 
-# ---- the shared op harness, on the emulated backend ---------------------------------------------------------------
+# ---- the project's own cupy tests, on the emulated backend --------------------------------------------------------
+# Run in a process of their own with cuda_emulation/emulated_cupy_plugin.py ("cupy" = the emulated backend).
+# Left out there: what needs real CuPy arrays or memory pools (test_cupy_backend.py's GPU tests, the device
+# memory test) and test_array_utilities (on the emulator numpy arrays are the device arrays, so its
+# is_device_array(np.zeros(2)) check cannot hold).
+EMULATED_RUNS = {
+    # the backend contract (every op, awkward sizes, poisoned outputs) and the seed's worked example: ~30 s
+    "contract": (["test_backend_ops.py", "test_seed_example.py"], None),
+    # every cupy-parametrised network test (training against numpy, deterministic mode, fuzzing): ~2 min,
+    # so only with GPUBP_EMULATE_NETWORK_TESTS=1
+    "network": (["."], "GPUBP_EMULATE_NETWORK_TESTS"),
+}
+EMULATED_DESELECT = ("cupy and not array_utilities and not test_cupy_backend and not device_memory"
+                     " and not emulated and not kernels_compile")
+
+
 @pytest.mark.slow
-def test_shared_op_harness_passes_on_the_emulated_backend(emulator):
-    """tests/test_backend_ops.py (every backend's contract) with "cupy" = CupyBackend on the emulator, in a
-    process of its own (the plugin patches gpubp.backends for good). test_array_utilities is left out: on
-    the emulator numpy arrays are the device arrays, so its is_device_array(np.zeros(2)) check cannot hold."""
+@pytest.mark.parametrize("run", list(EMULATED_RUNS))
+def test_project_cupy_tests_pass_on_the_emulated_backend(emulator, run):
+    files, opt_in = EMULATED_RUNS[run]
+    if opt_in and os.environ.get(opt_in) != "1":
+        pytest.skip(f"set {opt_in}=1 to run the {run} tests on the emulated cupy backend")
     tests_dir = pathlib.Path(__file__).parent
-    if not (tests_dir / "test_backend_ops.py").exists():
-        pytest.skip("tests/test_backend_ops.py is not here")
+    paths = [str(tests_dir / f) for f in files if (tests_dir / f).exists()]
+    if not paths:
+        pytest.skip(f"none of {files} is here")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "cuda_emulation.emulated_cupy_plugin", "-q", "-p", "no:cacheprovider",
-         str(tests_dir / "test_backend_ops.py"), "-k", "cupy and not array_utilities"],
-        capture_output=True, text=True, env=env, cwd=tests_dir.parent, timeout=1800)
+         *paths, "-k", EMULATED_DESELECT],
+        capture_output=True, text=True, env=env, cwd=tests_dir.parent, timeout=3600)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 
