@@ -162,7 +162,7 @@ class CupyBackend(Backend):
             raise RuntimeError(available()[1])
         self.use_graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
         self.graph_errors = {}   # step key -> why it could not be captured (it then runs eagerly)
-        self._steps = {}         # step key -> "warm" | "eager" | (graph, its private memory pool)
+        self._steps = {}         # step key -> "warm" | "eager" | (graph, its memory pool, its closure's objects)
         self._capture_stream = None
         self._capturing = False
         self._scratch = {}
@@ -229,10 +229,8 @@ class CupyBackend(Backend):
 
     def one_hot(self, labels, classes, out):
         # labels (N,) integers, out (N, classes)
-        if isinstance(labels, cp.ndarray) and labels.dtype == np.int64 and labels.flags.c_contiguous:
-            device_labels = labels
-        elif isinstance(labels, cp.ndarray):
-            device_labels = cp.ascontiguousarray(labels, dtype=np.int64)
+        if isinstance(labels, cp.ndarray):
+            device_labels = cp.ascontiguousarray(labels, dtype=np.int64)   # no copy when it already is
         else:
             self._refuse_while_capturing("a host-to-device copy of labels")
             device_labels = cp.asarray(np.ascontiguousarray(labels, dtype=np.int64))
