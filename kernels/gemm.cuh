@@ -18,8 +18,9 @@
 //   - shared tiles are stored k-major, As[k][m] and Bs[k][n], padded by 4 elements per row: a k-contiguous
 //     operand is transposed on the way in, and the padding puts the two halves of a warp's transposed
 //     stores in different banks; fragment reads are then 16-byte vectors from consecutive addresses.
-//   - a thread's TM rows are two runs of TM/2, BM/2 apart (TM >= 8), not one run of TM: 16 threads then read
-//     256 consecutive bytes of Bs per k, which is conflict-free (likewise columns).
+//   - a thread's TM rows are two runs of TM/2, BM/2 apart (TM >= 8), not one run of TM (likewise columns),
+//     and each warp is an 8 x 4 patch of threads (GemmShape::thread_x/y): per k, a warp's fragment reads
+//     are then 16-byte vectors from 128 (Bs) and 64 (As) consecutive bytes, one wavefront each, no conflicts.
 //   - global loads are 16-byte vectors (float4 / double2) where the operand's rows are 16-byte aligned and
 //     the slice is whole; at the matrix edges (any M, N, K: 1, 7, 33, ...) they fall back to element loads
 //     that read zeros outside the matrix, so the FMAs need no bounds checks.
@@ -40,6 +41,19 @@ struct GemmShape {
     static constexpr int RUN_M = TM / GM;
     static constexpr int RUN_N = TN / GN;
     static constexpr int PAD = 4;               // shared row padding (elements), keeps rows 16-byte aligned
+
+    // Thread (tx, ty) of thread tid: each warp is an 8 x 4 patch of threads (8 along n, 4 along m), not the
+    // 32 x 1 of tid order, so that per k a warp reads 8 distinct 16-byte vectors of Bs (128 bytes) and 4 of
+    // As (64 bytes): one shared-memory wavefront each. As a 16 x 2 patch it would read 256 bytes of Bs, two
+    // wavefronts per load, and the 8x8 tile would wait on shared memory rather than on its FMAs.
+    static constexpr int WARP_X = 8, WARP_Y = 4;
+    static_assert(THREADS_X % WARP_X == 0 && THREADS_Y % WARP_Y == 0 && THREADS % 32 == 0, "warp patches");
+    __device__ __forceinline__ static int thread_x(int tid) {
+        return (tid / 32) % (THREADS_X / WARP_X) * WARP_X + tid % WARP_X;
+    }
+    __device__ __forceinline__ static int thread_y(int tid) {
+        return (tid / 32) / (THREADS_X / WARP_X) * WARP_Y + (tid % 32) / WARP_X;
+    }
 };
 
 // Blocks per SM a GEMM kernel asks the register allocator to allow (__launch_bounds__'s second argument),
@@ -136,7 +150,7 @@ __device__ __forceinline__ void gemm_block_tile(const T* __restrict__ A, long lo
     __shared__ __align__(16) T Bs[2][BK][BN + S::PAD];
 
     const int tid = threadIdx.x;
-    const int tx = tid % S::THREADS_X, ty = tid / S::THREADS_X;
+    const int tx = S::thread_x(tid), ty = S::thread_y(tid);
     TileLoader<T, BM, BK, S::THREADS, A_KCONTIG> a_loader;
     TileLoader<T, BN, BK, S::THREADS, B_KCONTIG> b_loader;
     const bool a_vec = rows_aligned16(A, lda), b_vec = rows_aligned16(B, ldb);
@@ -201,7 +215,7 @@ template <typename T, int BM, int BN, int BK, int TM, int TN, typename Epilogue>
 __device__ __forceinline__ void gemm_store_tile(const T (&acc)[TM][TN], int M, int N, int m0, int n0,
                                                 const Epilogue& epi) {
     typedef GemmShape<BM, BN, BK, TM, TN> S;
-    const int tx = threadIdx.x % S::THREADS_X, ty = threadIdx.x / S::THREADS_X;
+    const int tx = S::thread_x(threadIdx.x), ty = S::thread_y(threadIdx.x);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + (i / S::RUN_M) * (BM / S::GM) + ty * S::RUN_M + i % S::RUN_M;
