@@ -26,7 +26,7 @@
 #include "gemm.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
-// activation_mask_kernel1: one thread per element (grid-stride). delta may be the same array as dA.
+// activation_mask_kernel: one thread per element (grid-stride). delta may be the same array as dA.
 // Only the operand the derivative needs is read: Z for relu/leaky_relu, A for sigmoid/tanh.
 
 template <typename T>

@@ -42,7 +42,7 @@ struct ForwardEpilogue {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// kernel 1: one block per BM x BN tile of Z, K = in walked in BK slices (gemm.cuh), epilogue above.
+// dense_forward_kernel: one block per BM x BN tile of Z, K = in walked in BK slices (gemm.cuh), epilogue above.
 // b is ignored when has_bias == 0 (pass any valid pointer).
 
 template <typename T, int BM, int BN, int BK, int TM, int TN>
