@@ -241,20 +241,6 @@ class Sequential:
         self.backend.run_step(key, lambda: self._forward_loss_backward(X, Y, loss_id, ws))
         return float(self.backend.to_numpy(ws.loss)[0]), ws
 
-    def _check_finite_gradients(self, loss_value):
-        """FloatingPointError naming the first layer whose gradient is NaN or inf (nothing updated yet)."""
-        be = self.backend
-        if math.isfinite(loss_value) and be.all_finite(self.grads):
-            return
-        where = "the loss"
-        for i, layer in enumerate(self.layers):
-            if not be.all_finite(layer.dW) or (layer.db is not None and not be.all_finite(layer.db)):
-                where = f"the gradient of layer {i} ({layer!r})"
-                break
-        raise FloatingPointError(f"train step {self.steps}: {where} is not finite (loss = {loss_value}); "
-                                 "the parameters were left as they were before this step; lower the learning "
-                                 "rate or check the inputs")
-
     # ---- public API ------------------------------------------------------------------------------------------
     def train_step(self, X, y, loss, optimizer=None):
         """Forward, backward and one in-place update on the batch (X, y); returns the batch loss (float)."""
@@ -265,46 +251,54 @@ class Sequential:
         return self._train_step(X, y, loss_id, optimizer)[0]
 
     def _train_step(self, X, y, loss_id, optimizer):
-        """The step on validated inputs: (loss, the batch's predictions before the update, on the device)."""
-        # Non-finite values are found and reported by the checks below; numpy's overflow warnings would only
+        """The step on validated inputs: (loss, the batch's predictions before the update, on the device).
+
+        Finite gradients can still overflow the update (a huge learning rate, Adam's g² in float32), so the
+        check comes after it, over gradients, parameters and optimizer state at once (one synchronisation),
+        and a failed check puts back the copies taken just before the update."""
+        # Non-finite values are found and reported by the check below; numpy's overflow warnings would only
         # repeat them, or, where warnings are errors, stop an update half-way through its buffers.
         with np.errstate(over="ignore", invalid="ignore"):
             value, ws = self._loss_and_gradients(X, y, loss_id)
-            self._check_finite_gradients(value)
-            self._keep_for_rollback(optimizer)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"train step {self.steps}: the loss is not finite ({value}); the "
+                                         "parameters were left as they were; lower the learning rate or check the inputs")
+            buffers = self._update_buffers(optimizer)
+            self._keep_for_rollback(optimizer, buffers)
             self.backend.run_step(("update", optimizer.key()), optimizer.step)
-            self._check_finite_update(optimizer)
+            if not self.backend.all_finite_many([self.grads] + list(buffers.values())):
+                report = self._nonfinite_report(buffers)
+                for name, kept in self._rollback[1].items():
+                    self.backend.copy_into(buffers[name], kept)
+                raise FloatingPointError(report)
         self.steps += 1
         return value, ws.A[-1]
 
     def _update_buffers(self, optimizer):
-        """{name: buffer} of everything an update writes: the parameters, the optimizer state, its step count."""
+        """{name: buffer} of everything an update writes: the parameters and the optimizer state. (The step
+        count is an integer and cannot overflow into NaN, but it is put back too.)"""
         return {"params": self.params, **optimizer.state, "step": optimizer.step_count}
 
-    def _keep_for_rollback(self, optimizer):
-        """Copy what the update is about to overwrite into buffers allocated once per optimizer: finite
-        gradients can still overflow the update (a huge learning rate, Adam's g² in float32)."""
-        buffers = self._update_buffers(optimizer)
+    def _keep_for_rollback(self, optimizer, buffers):
+        """Copy what the update is about to overwrite into buffers allocated once per optimizer."""
         if self._rollback[0] is not optimizer:
             self._rollback = (optimizer, {k: self.backend.empty(tuple(b.shape), b.dtype) for k, b in buffers.items()})
         for name, buf in buffers.items():
             self.backend.copy_into(self._rollback[1][name], buf)
 
-    def _check_finite_update(self, optimizer):
-        """FloatingPointError naming the first buffer and layer the update made NaN or inf, after putting
-        back the parameters and optimizer state as they were before the step."""
+    def _nonfinite_report(self, buffers):
+        """The message of a failed step: the first layer whose gradient, or else whose updated parameters or
+        optimizer state, went NaN or inf (the slow path: only after a failure, before the rollback)."""
         be = self.backend
-        for name, buf in self._update_buffers(optimizer).items():
-            if name == "step" or be.all_finite(buf):
-                continue
-            layer = next(i for i, views in enumerate(self.layout.views(be, buf))
-                         if not all(be.all_finite(v) for v in views.values()))
-            for key, kept in self._rollback[1].items():
-                be.copy_into(self._update_buffers(optimizer)[key], kept)
-            what = "the parameters" if name == "params" else f"the optimizer state {name!r}"
-            raise FloatingPointError(f"train step {self.steps}: the update made {what} of layer {layer} "
-                                     f"({self.layers[layer]!r}) not finite; the parameters and optimizer state "
-                                     "were put back as they were before this step; lower the learning rate")
+        for name, flat in [("gradient", self.grads)] + [(n, b) for n, b in buffers.items() if n != "step"]:
+            for i, views in enumerate(self.layout.views(be, flat)):
+                if not all(be.all_finite(v) for v in views.values()):
+                    what = ("the gradient" if name == "gradient" else "the update made the parameters" if name == "params"
+                            else f"the update made the optimizer state {name!r}")
+                    return (f"train step {self.steps}: {what} of layer {i} ({self.layers[i]!r}) not finite; the "
+                            "parameters and optimizer state were left as they were before this step; lower the "
+                            "learning rate or check the inputs")
+        return f"train step {self.steps}: a value went NaN or inf; the model was left as it was before this step"
 
     def gradients(self, X, y, loss):
         """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""

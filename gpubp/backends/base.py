@@ -71,6 +71,11 @@ class Backend:
         """True when every element of `x` is finite (a host bool; synchronises)."""
         raise NotImplementedError
 
+    def all_finite_many(self, arrays):
+        """True when every element of every array is finite: one host bool. A GPU backend should reduce all of
+        them on the device and synchronise once (a train step calls this once)."""
+        return all(self.all_finite(a) for a in arrays)
+
     def one_hot(self, labels, classes, out):
         """out[n, :] = 0, out[n, labels[n]] = 1. `labels` is an integer numpy or device array of shape (N,)."""
         raise NotImplementedError
