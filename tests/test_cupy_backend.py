@@ -127,6 +127,31 @@ def test_large_gemms(be, dtype, shape, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("sm_count", [1, 10**6], ids=["large-tile", "small-tile-split-k"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 5), (33, 7, 129), (257, 64, 68), (1031, 130, 67)], ids=str)
+def test_every_tile_and_split_at_awkward_sizes(be, monkeypatch, sm_count, dtype, shape, rng):
+    """The launch code picks tiles and splits from the SM count: pretend 1 SM (the 128x128 tile, no split)
+    and a million (the 64x64 tile, K split wherever the batch allows), so both run at every size."""
+    monkeypatch.setattr(cb, "_sm_count", lambda: sm_count)
+    N, n_in, n_out = shape
+    A_prev, W, b, delta = rounded(rng, dtype, (N, n_in), (n_out, n_in), n_out, (N, n_out))
+    Z, A = poisoned((N, n_out), dtype), poisoned((N, n_out), dtype)
+    be.dense_forward(put(A_prev, dtype), put(W, dtype), put(b, dtype), acts.SIGMOID, 0.0, Z, A)
+    Z_ref = A_prev @ W.T + b
+    np.testing.assert_allclose(be.to_numpy(Z), Z_ref, **tol(dtype, n_in))
+    np.testing.assert_allclose(be.to_numpy(A), acts.forward(acts.SIGMOID, Z_ref), **tol(dtype, n_in))
+    dA_prev = poisoned((N, n_in), dtype)
+    be.input_grad(put(delta, dtype), put(W, dtype), dA_prev)
+    np.testing.assert_allclose(be.to_numpy(dA_prev), delta @ W, **tol(dtype, n_out))
+    dW, db = poisoned((n_out, n_in), dtype), poisoned(n_out, dtype)
+    be.weight_grad(put(delta, dtype), put(A_prev, dtype), dW, db)
+    be.weight_grad(put(delta, dtype), put(A_prev, dtype), dW, db, accumulate=True)
+    np.testing.assert_allclose(be.to_numpy(dW), 2 * (delta.T @ A_prev), **tol(dtype, 2 * N))
+    np.testing.assert_allclose(be.to_numpy(db), 2 * delta.sum(axis=0), **tol(dtype, 2 * N))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_views_at_odd_offsets_of_a_flat_buffer(be, dtype, rng):
     """Per-layer views of one flat parameter buffer start anywhere: 16-byte loads must fall back."""
