@@ -116,7 +116,7 @@ def _poisoned_empty(shape, dtype):
 def fake_cupy():
     """The part of the cupy module CupyBackend uses, on numpy ("device" arrays are numpy arrays)."""
     return types.SimpleNamespace(
-        ndarray=np.ndarray, zeros=np.zeros, empty=_poisoned_empty, asarray=np.asarray,
+        ndarray=np.ndarray, zeros=np.zeros, full=np.full, empty=_poisoned_empty, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite,
         asnumpy=lambda x: np.array(x, copy=True),
         cuda=types.SimpleNamespace(
