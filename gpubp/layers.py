@@ -2,6 +2,8 @@
 
     forward   Z = A_prev · Wᵀ + b        A = g(Z)
     backward  δ = dA ⊙ g'(Z)             dW = δᵀ · A_prev     db = Σₙ δₙ     dA_prev = δ · W
+              (δ of the output layer comes fused from the loss; a hidden layer's δ is made by the layer above
+              it, whose dA_prev GEMM applies the mask in its epilogue: Backend.input_grad_masked)
 
 W (out, in) and b (out,) are views into the model's flat parameter buffer, dW and db views into its flat
 gradient buffer; the network binds them (Sequential._bind) once the backend is known.
@@ -55,15 +57,16 @@ class Dense:
         """Z = A_prev · Wᵀ + b,  A = g(Z)."""
         be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A)
 
-    def backward(self, be, A_prev, Z, A, G, dA_prev, masked):
-        """G holds dA on entry (or δ already, when `masked`: the output layer, whose loss fused g').
-        δ = dA ⊙ g'(Z) in place in G; dW = δᵀ · A_prev; db = Σₙ δₙ; dA_prev = δ · W unless dA_prev is None
-        (the first layer: nobody needs the gradient of the input)."""
-        if not masked:
-            be.activation_mask(G, Z, A, self.act, self.alpha, G)
-        be.weight_grad(G, A_prev, self.dW, self.db)
-        if dA_prev is not None:
-            be.input_grad(G, self.W, dA_prev)
+    def backward(self, be, A_prev, delta, prev=None):
+        """From this layer's δ (already ⊙ g'(Z): the loss or the next layer applied it):
+        dW = δᵀ · A_prev;  db = Σₙ δₙ;  and unless this is the first layer, the previous layer's
+        δ_prev = (δ · W) ⊙ g_prev'(Z_prev), the mask fused into the GEMM that makes dA_prev.
+        prev = (previous layer, its Z, its A, its δ buffer), or None for the first layer (nobody needs the
+        gradient of the input)."""
+        be.weight_grad(delta, A_prev, self.dW, self.db)
+        if prev is not None:
+            prev_layer, Z_prev, A_prev_out, delta_prev = prev
+            be.input_grad_masked(delta, self.W, Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha, delta_prev)
 
     def config(self):
         return {"n_in": self.n_in, "n_out": self.n_out, "activation": self.activation, "bias": self.bias,

@@ -4,7 +4,7 @@ the layers, the loss and the optimizer, so a failed call leaves the model exactl
 A train step, in the seed's order:
     forward    for each layer: Z = A_prev · Wᵀ + b, A = g(Z)
     loss       L and δ_out = ∂L/∂Z_out, fused with the output activation (gpubp.losses)
-    backward   for each layer, last to first: δ = dA ⊙ g'(Z); dW = δᵀ · A_prev; db = Σ δ; dA_prev = δ · W
+    backward   for each layer, last to first: dW = δᵀ · A_prev; db = Σ δ; δ_prev = (δ · W) ⊙ g'(Z_prev)
     check      L and every gradient finite, else FloatingPointError and no update
     update     θ ← θ − η · (optimizer's direction), in place over the flat parameter buffer
 """
@@ -38,7 +38,7 @@ def _dtype_name(dtype):
 
 class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
-    Per layer: Z and A (N, out), and G (N, out), which receives dA and is masked in place into δ."""
+    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z)."""
 
     def __init__(self, be, layers, N, dtype):
         self.X = be.empty((N, layers[0].n_in), dtype)
@@ -228,8 +228,8 @@ class Sequential:
         be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
-            dA_prev = None if i == 0 else ws.G[i - 1]
-            self.layers[i].backward(be, A_prev, ws.Z[i], ws.A[i], ws.G[i], dA_prev, masked=(i == len(self.layers) - 1))
+            prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
+            self.layers[i].backward(be, A_prev, ws.G[i], prev)
 
     def _loss_and_gradients(self, X, y, loss_id):
         """Forward, loss and backward into self.grads; returns the loss (a float, synchronises) and the

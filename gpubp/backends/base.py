@@ -11,6 +11,7 @@ Shapes (rows are samples):  A_prev (N, in)   W (out, in)   b (out,)   Z, A, dA, 
     activation_mask δ = dA ⊙ g'(Z)
     weight_grad     dW = δᵀ · A_prev,  db = Σₙ δₙ          (overwrite, or += when accumulate=True)
     input_grad      dA_prev = δ · W
+    input_grad_masked  δ_prev = (δ · W) ⊙ g'(Z_prev)      (the two above, fused)
     loss_grad       L = loss(F(Z), y),  δ = ∂L/∂Z          (output activation, loss and its gradient, fused)
     sgd_update      θ ← θ − η·(PyTorch SGD direction)      (in place, over the whole flat buffer)
     adam_update     θ ← θ − η·m̂/(√v̂ + ε)                   (in place, over the whole flat buffer)
@@ -100,6 +101,12 @@ class Backend:
     def input_grad(self, delta, W, dA_prev):
         """dA_prev = δ · W."""
         raise NotImplementedError
+
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+        """δ_prev = (δ · W) ⊙ g'(Z_prev): input_grad with the previous layer's activation-derivative mask fused
+        into its epilogue (one pass over δ_prev instead of two). This default runs the two ops in turn."""
+        self.input_grad(delta, W, delta_prev)
+        self.activation_mask(delta_prev, Z_prev, A_prev, act, alpha, delta_prev)
 
     def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
         """The fused output step. From the output layer's pre-activation Z (N, out) and targets y (N, out):

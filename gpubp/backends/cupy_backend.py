@@ -227,6 +227,11 @@ class CupyBackend(Backend):
         self._refuse_while_capturing("all_finite (a synchronising read)")
         return bool(cp.isfinite(x).all())
 
+    def all_finite_many(self, arrays):
+        self._refuse_while_capturing("all_finite_many (a synchronising read)")
+        flags = cp.stack([cp.isfinite(a).all() for a in arrays])   # reduced on the device: one sync below
+        return bool(flags.all())
+
     def one_hot(self, labels, classes, out):
         # labels (N,) integers, out (N, classes)
         if isinstance(labels, cp.ndarray):

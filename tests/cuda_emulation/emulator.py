@@ -117,7 +117,7 @@ def fake_cupy():
     """The part of the cupy module CupyBackend uses, on numpy ("device" arrays are numpy arrays)."""
     return types.SimpleNamespace(
         ndarray=np.ndarray, zeros=np.zeros, full=np.full, empty=_poisoned_empty, asarray=np.asarray,
-        ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite,
+        ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite, stack=np.stack,
         asnumpy=lambda x: np.array(x, copy=True),
         cuda=types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDevice=lambda: 0),
