@@ -1,0 +1,190 @@
+"""The numba backend: the kernel set of SPEC section 3 as numba.cuda.jit kernels (numba_kernels.py), launched on
+device-resident arrays. Runs on an NVIDIA GPU, or on the CPU under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1,
+set before numba is imported), which is how CI tests it.
+
+Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ (CuPy's) is used in place.
+Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
+are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
+"""
+import math
+
+import numpy as np
+
+from .base import Backend
+
+try:
+    from numba import cuda
+    from numba.cuda import config as _cuda_config
+    SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
+except ImportError:   # numba-cuda missing: available() says so
+    cuda = None
+    SIMULATOR = False
+
+# Elementwise launches: grid-stride loops. The simulator runs one OS thread per CUDA thread and one block at a
+# time, so there a launch is kept to one small block; on a GPU, enough blocks to fill it.
+THREADS = 32 if SIMULATOR else 256
+MAX_BLOCKS = 1 if SIMULATOR else 4096
+_PROBE = None
+
+
+def available():
+    """(usable here, why or why not), probed once."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = _probe()
+    return _PROBE
+
+
+def _probe():
+    if cuda is None:
+        return False, "numba-cuda is not installed: pip install numba-cuda"
+    if SIMULATOR:
+        return True, "numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): correct but slow, for tests"
+    try:
+        if not cuda.is_available():
+            return False, ("no CUDA GPU/driver found (numba.cuda.is_available() is False); set "
+                           "NUMBA_ENABLE_CUDASIM=1 to run under the simulator, slowly")
+        from . import numba_kernels
+        flag = cuda.to_device(np.zeros(1, np.int32))
+        numba_kernels.nonfinite_flag_kernel[1, 1](cuda.to_device(np.array([np.inf])), flag)
+        if flag.copy_to_host()[0] != 1:
+            return False, "a probe kernel ran but gave a wrong result"
+    except Exception as exc:   # a driver, toolkit or compiler problem: say which
+        return False, f"numba could not compile and launch a probe kernel ({type(exc).__name__}: {exc})"
+    return True, f"numba.cuda on {cuda.get_current_device().name}"
+
+
+def _blocks(size):
+    return max(1, min(MAX_BLOCKS, -(-size // THREADS)))
+
+
+def _gemm_grid(M, N):
+    from .numba_kernels import BM, BN
+    return (-(-N // BN), -(-M // BM))
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    real_gpu = not SIMULATOR   # "auto" never picks the simulator
+
+    def __init__(self, deterministic=False):
+        super().__init__(deterministic)
+        from . import numba_kernels
+        self.k = numba_kernels
+        self._scratch = {}
+
+    def _scratch_buffer(self, key, shape, dtype):
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+            buf = self._scratch[key] = cuda.device_array(shape, dtype)
+        return buf
+
+    def _tiles(self, x):
+        return self.k.kernels_for(np.dtype(x.dtype).name)
+
+    # ---- arrays ------------------------------------------------------------------------------------------
+    def empty(self, shape, dtype):
+        return cuda.device_array(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return cuda.to_device(np.zeros(shape, dtype))
+
+    def is_device_array(self, x):
+        return cuda.devicearray.is_cuda_ndarray(x) or hasattr(x, "__cuda_array_interface__")
+
+    def _device(self, x):
+        """A numba view of a device array (CuPy's included, through __cuda_array_interface__, no copy)."""
+        if cuda.devicearray.is_cuda_ndarray(x):
+            return x
+        return cuda.as_cuda_array(x)
+
+    def asarray(self, x, dtype):
+        if self.is_device_array(x):
+            x = self._device(x)
+            if x.dtype == np.dtype(dtype) and x.is_c_contiguous():
+                return x
+            x = x.copy_to_host()   # a dtype change on the device is rare: take the simple path
+        return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
+
+    def copy_into(self, dst, src):
+        if self.is_device_array(src):
+            src = self._device(src)
+            if src.dtype == dst.dtype and src.is_c_contiguous():
+                dst.copy_to_device(src)
+                return
+            src = src.copy_to_host()
+        dst.copy_to_device(np.ascontiguousarray(np.broadcast_to(np.asarray(src), dst.shape), dtype=dst.dtype))
+
+    def to_numpy(self, x):
+        return self._device(x).copy_to_host()
+
+    def view(self, flat, offset, shape):
+        return flat[offset:offset + math.prod(shape)].reshape(shape)
+
+    def all_finite(self, x):
+        return self.all_finite_many([x])
+
+    def all_finite_many(self, arrays):
+        flag = self._scratch_buffer("finite_flag", (1,), np.int32)
+        flag.copy_to_device(np.zeros(1, np.int32))
+        for x in arrays:
+            x = self._device(x)
+            if x.size:
+                flat = x.reshape(x.size) if x.is_c_contiguous() else cuda.to_device(x.copy_to_host().ravel())
+                self.k.nonfinite_flag_kernel[_blocks(flat.size), THREADS](flat, flag)
+        return int(flag.copy_to_host()[0]) == 0
+
+    def one_hot(self, labels, classes, out):
+        labels = self._device(labels) if self.is_device_array(labels) else cuda.to_device(np.ascontiguousarray(labels, np.int64))
+        self.k.one_hot_kernel[_blocks(out.shape[0]), THREADS](labels, out)
+
+    def synchronize(self):
+        cuda.synchronize()
+
+    # ---- the kernel set ----------------------------------------------------------------------------------
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+        A_prev, W = self._device(A_prev), self._device(W)
+        has_bias = b is not None
+        bias = self._device(b) if has_bias else self._scratch_buffer(("no_bias", Z.dtype.name), (1,), Z.dtype)
+        self._tiles(Z).dense_forward[_gemm_grid(Z.shape[0], Z.shape[1]), self.k.GEMM_THREADS](
+            A_prev, W, bias, has_bias, act, float(alpha), Z, A)
+
+    def activation_mask(self, dA, Z, A, act, alpha, delta):
+        self.k.activation_mask_kernel[_blocks(delta.size), THREADS](
+            self._device(dA), self._device(Z), self._device(A), act, float(alpha), delta)
+
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+        delta, A_prev = self._device(delta), self._device(A_prev)
+        self._tiles(dW).weight_grad[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](
+            delta, A_prev, bool(accumulate), dW)
+        if db is not None:
+            self.k.bias_grad_kernel[_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
+
+    def input_grad(self, delta, W, dA_prev):
+        # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do
+        self._tiles(dA_prev).input_grad[_gemm_grid(dA_prev.shape[0], dA_prev.shape[1]), self.k.GEMM_THREADS](
+            self._device(delta), self._device(W), False, dA_prev, dA_prev, 0, 0.0, dA_prev)
+
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+        self._tiles(delta_prev).input_grad[_gemm_grid(delta_prev.shape[0], delta_prev.shape[1]), self.k.GEMM_THREADS](
+            self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev), act,
+            float(alpha), delta_prev)
+
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+        Z, y = self._device(Z), self._device(y)
+        N = Z.shape[0]
+        rows = self._scratch_buffer(("row_loss", Z.dtype.name), (N,), Z.dtype)
+        self.k.loss_rows_kernel[_blocks(N), THREADS](loss, act, float(alpha), Z, y, A, delta, rows)
+        self._tiles(Z).sum[1, self.k.REDUCE_THREADS](rows, 1.0 / N, loss_out)
+
+    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
+        self.k.sgd_update_kernel[_blocks(params.size), THREADS](
+            params, self._device(grads), momentum_buf, step, float(lr), float(momentum), float(dampening),
+            float(weight_decay), bool(nesterov))
+        self.k.step_increment_kernel[1, 1](step)
+
+    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        self.k.adam_update_kernel[_blocks(params.size), THREADS](
+            params, self._device(grads), m, v, step, float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay))
+        self.k.step_increment_kernel[1, 1](step)

@@ -1,0 +1,317 @@
+"""The kernel set of SPEC section 3 written with numba.cuda.jit: the same math as kernels/*.cu, in Python.
+
+Shapes (row-major, rows are samples): A_prev (N, in), W (out, in), b (out,), Z, A, δ (N, out).
+
+Every kernel runs on a real GPU and, slowly, on the CPU under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
+so no warp intrinsics, and each cuda.shared.array on its own line. No kernel uses atomics: every reduction
+is summed in a fixed order, so every op is bit-identical run to run (deterministic mode needs nothing more).
+"""
+import functools
+import math
+import types
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .. import activations as acts
+from .. import losses
+
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = acts.IDENTITY, acts.RELU, acts.LEAKY_RELU, acts.SIGMOID, acts.TANH
+MSE, BCE, SOFTMAX_CE = losses.MSE, losses.BCE, losses.SOFTMAX_CE
+
+# GEMM tile: a block computes a BM x BN tile of C with (BM/TM)·(BN/TN) = 64 threads, each a TM x TN register
+# tile; K is walked BK at a time through shared memory. 64 threads a block keeps the simulator (one OS thread
+# per CUDA thread) usable; on a GPU the many small blocks still fill the SMs.
+BM, BN, BK, TM, TN = 32, 32, 16, 4, 4
+GEMM_THREADS = (BN // TN, BM // TM)          # (x along n, y along m)
+REDUCE_THREADS = 128                          # the one-block reductions (loss sum)
+
+
+# ---- activations: A = g(Z) and g'(Z) ----------------------------------------------------------------------
+@cuda.jit(device=True)
+def activation_forward(act, z, alpha):
+    if act == RELU:
+        return z if z > 0 else z * 0
+    if act == LEAKY_RELU:
+        return z if z > 0 else z * alpha
+    if act == SIGMOID:
+        # two branches so that exp never overflows (the simulator's math.exp would raise)
+        if z >= 0:
+            return 1 / (1 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1 + e)
+    if act == TANH:
+        return math.tanh(z)
+    return z
+
+
+@cuda.jit(device=True)
+def activation_derivative(act, z, a, alpha):
+    """g'(Z). NOTE: relu's mask is taken from Z, not A, so the gradient at Z = 0 is 0, as in the seed."""
+    if act == RELU:
+        return 1.0 if z > 0 else 0.0
+    if act == LEAKY_RELU:
+        return 1.0 if z > 0 else alpha
+    if act == SIGMOID:
+        return a * (1 - a)
+    if act == TANH:
+        return 1 - a * a
+    return 1.0
+
+
+# ---- the tiled GEMM core ---------------------------------------------------------------------------------
+@cuda.jit(device=True)
+def gemm_tile(Aop, a_kcontig, Bop, b_kcontig, M, N, K, acc, As, Bs):
+    """acc[i, j] = Σ_k A(m, k)·B(k, n) for this thread's TM x TN outputs of the block's BM x BN tile, where
+        A(m, k) = Aop[m, k] if a_kcontig else Aop[k, m]      B(k, n) = Bop[n, k] if b_kcontig else Bop[k, n]
+    so Z = A_prev·Wᵀ, dA = δ·W and dW = δᵀ·A_prev all read their operands in place, untransposed.
+    Thread (tx, ty) owns rows m0 + ty + i·(BM/TM) and columns n0 + tx + j·(BN/TN): strided, so that the
+    threads of a warp read neighbouring shared-memory words. Outside the matrix, tiles are zero-filled and the
+    FMAs need no bounds checks."""
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    tid = ty * GEMM_THREADS[0] + tx
+    m0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+    for i in range(TM):
+        for j in range(TN):
+            acc[i, j] = 0
+    for k0 in range(0, K, BK):
+        # each of the 64 threads stores BM·BK/64 elements of each operand's slice into shared memory
+        for e in range(tid, BM * BK, GEMM_THREADS[0] * GEMM_THREADS[1]):
+            kk, mm = e // BM, e % BM
+            m, k = m0 + mm, k0 + kk
+            if m < M and k < K:
+                As[kk, mm] = Aop[m, k] if a_kcontig else Aop[k, m]
+            else:
+                As[kk, mm] = 0
+        for e in range(tid, BN * BK, GEMM_THREADS[0] * GEMM_THREADS[1]):
+            kk, nn = e // BN, e % BN
+            n, k = n0 + nn, k0 + kk
+            if n < N and k < K:
+                Bs[kk, nn] = Bop[n, k] if b_kcontig else Bop[k, n]
+            else:
+                Bs[kk, nn] = 0
+        cuda.syncthreads()
+        for kk in range(BK):
+            for i in range(TM):
+                a = As[kk, ty + i * (BM // TM)]
+                for j in range(TN):
+                    acc[i, j] += a * Bs[kk, tx + j * (BN // TN)]
+        cuda.syncthreads()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_for(dtype_name):
+    """The kernels that keep tiles in shared and local memory, compiled for one dtype ("float32"/"float64"):
+    cuda.shared.array and cuda.local.array need their element type at compile time, so each dtype gets its
+    own set, built once (a closure over `dt`). Returns a namespace of the four kernels."""
+    dt = numba.from_dtype(np.dtype(dtype_name))
+
+    @cuda.jit
+    def dense_forward_kernel(A_prev, W, b, has_bias, act, alpha, Z, A):
+        """Z = A_prev · Wᵀ + b, A = g(Z). Launch: grid (ceil(out/BN), ceil(N/BM)), block GEMM_THREADS.
+        Traffic: A_prev read ceil(out/BN) times, W ceil(N/BM) times; Z and A written once."""
+        As = cuda.shared.array((BK, BM), dt)
+        Bs = cuda.shared.array((BK, BN), dt)
+        acc = cuda.local.array((TM, TN), dt)
+        M, N, K = A_prev.shape[0], W.shape[0], A_prev.shape[1]
+        gemm_tile(A_prev, True, W, True, M, N, K, acc, As, Bs)
+        for i in range(TM):
+            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
+            for j in range(TN):
+                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                if m < M and n < N:
+                    z = acc[i, j] + b[n] if has_bias else acc[i, j]
+                    Z[m, n] = z
+                    A[m, n] = activation_forward(act, z, alpha)
+
+
+    @cuda.jit
+    def input_grad_kernel(delta, W, masked, Z_prev, A_prev, act, alpha, out):
+        """dA_prev = δ · W, or with `masked` δ_prev = (δ · W) ⊙ g'(Z_prev) (the previous layer's mask as the
+        epilogue). Launch: grid (ceil(in/BN), ceil(N/BM)), block GEMM_THREADS."""
+        As = cuda.shared.array((BK, BM), dt)
+        Bs = cuda.shared.array((BK, BN), dt)
+        acc = cuda.local.array((TM, TN), dt)
+        M, N, K = delta.shape[0], W.shape[1], delta.shape[1]
+        gemm_tile(delta, True, W, False, M, N, K, acc, As, Bs)
+        for i in range(TM):
+            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
+            for j in range(TN):
+                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                if m < M and n < N:
+                    if masked:
+                        out[m, n] = acc[i, j] * activation_derivative(act, Z_prev[m, n], A_prev[m, n], alpha)
+                    else:
+                        out[m, n] = acc[i, j]
+
+
+    @cuda.jit
+    def weight_grad_kernel(delta, A_prev, accumulate, dW):
+        """dW (=|+=) δᵀ · A_prev = Σₙ δₙ aₙᵀ, the seed's outer products summed over the batch in a fixed order.
+        Launch: grid (ceil(in/BN), ceil(out/BM)), block GEMM_THREADS. Traffic: each block walks all N rows."""
+        As = cuda.shared.array((BK, BM), dt)
+        Bs = cuda.shared.array((BK, BN), dt)
+        acc = cuda.local.array((TM, TN), dt)
+        M, N, K = dW.shape[0], dW.shape[1], delta.shape[0]
+        gemm_tile(delta, False, A_prev, False, M, N, K, acc, As, Bs)
+        for i in range(TM):
+            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
+            for j in range(TN):
+                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                if m < M and n < N:
+                    if accumulate:
+                        dW[m, n] += acc[i, j]
+                    else:
+                        dW[m, n] = acc[i, j]
+
+    @cuda.jit
+    def sum_kernel(values, scale, out):
+        """out[0] = scale · Σ values, by ONE block of REDUCE_THREADS: strided partial sums, then a shared-memory
+        tree, always in the same order (deterministic, no atomics)."""
+        partial = cuda.shared.array(REDUCE_THREADS, dt)
+        t = cuda.threadIdx.x
+        s = values[0] * 0
+        for i in range(t, values.shape[0], REDUCE_THREADS):
+            s += values[i]
+        partial[t] = s
+        cuda.syncthreads()
+        width = REDUCE_THREADS // 2
+        while width > 0:
+            if t < width:
+                partial[t] += partial[t + width]
+            cuda.syncthreads()
+            width //= 2
+        if t == 0:
+            out[0] = partial[0] * scale
+
+    return types.SimpleNamespace(dense_forward=dense_forward_kernel, input_grad=input_grad_kernel,
+                                 weight_grad=weight_grad_kernel, sum=sum_kernel)
+
+
+@cuda.jit
+def bias_grad_kernel(delta, accumulate, db):
+    """db (=|+=) Σₙ δₙ: one thread per output column, summing rows in order (no atomics).
+    Launch: 1-D grid-stride over out."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for j in range(start, db.shape[0], stride):
+        s = delta[0, j] * 0
+        for n in range(delta.shape[0]):
+            s += delta[n, j]
+        if accumulate:
+            db[j] += s
+        else:
+            db[j] = s
+
+
+# ---- elementwise ------------------------------------------------------------------------------------------
+@cuda.jit
+def activation_mask_kernel(dA, Z, A, act, alpha, delta):
+    """δ = dA ⊙ g'(Z) over the flattened (N, out) arrays. Launch: 1-D grid-stride."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for e in range(start, delta.size, stride):
+        n, j = e // delta.shape[1], e % delta.shape[1]
+        delta[n, j] = dA[n, j] * activation_derivative(act, Z[n, j], A[n, j], alpha)
+
+
+@cuda.jit
+def nonfinite_flag_kernel(x, flag):
+    """flag[0] = 1 where any element of the flat array x is NaN or inf (every writer writes the same 1)."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, x.size, stride):
+        if math.isnan(x[i]) or math.isinf(x[i]):
+            flag[0] = 1
+
+
+@cuda.jit
+def one_hot_kernel(labels, out):
+    """out[n, :] = 0, out[n, labels[n]] = 1. Launch: 1-D grid-stride over rows."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for n in range(start, out.shape[0], stride):
+        for j in range(out.shape[1]):
+            out[n, j] = 1 if labels[n] == j else 0
+
+
+# ---- fused output activation + loss + ∂L/∂Z ---------------------------------------------------------------
+@cuda.jit
+def loss_rows_kernel(loss, act, alpha, Z, Y, A, delta, row_loss):
+    """Per row n (one thread each, grid-stride): A = F(Z), δ = ∂L/∂Z and row_loss[n], such that L is
+    Σₙ row_loss[n] / N (summed afterwards by sum_kernel, in a fixed order):
+        MSE        row_loss = ½‖F(z) − y‖²            δ = (A − y)/N ⊙ F'(Z)
+        BCE        row_loss = mean over outputs of max(z, 0) − z·y + log(1 + e^−|z|)     δ = (σ(z) − y)/(N·out)
+        SOFTMAX_CE row_loss = −Σₖ yₖ log softmax(z)ₖ  δ = (softmax(z) − y)/N"""
+    N, out = Z.shape[0], Z.shape[1]
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for n in range(start, N, stride):
+        total = 0.0
+        if loss == MSE:
+            for k in range(out):
+                z = Z[n, k]
+                a = activation_forward(act, z, alpha)
+                A[n, k] = a
+                d = a - Y[n, k]
+                total += d * d
+                delta[n, k] = d / N * activation_derivative(act, z, a, alpha)
+            row_loss[n] = 0.5 * total
+        elif loss == BCE:
+            for k in range(out):
+                z = Z[n, k]
+                y = Y[n, k]
+                a = activation_forward(SIGMOID, z, alpha)
+                A[n, k] = a
+                total += max(z, 0) - z * y + math.log1p(math.exp(-abs(z)))
+                delta[n, k] = (a - y) / (N * out)
+            row_loss[n] = total / out
+        else:
+            zmax = Z[n, 0]
+            for k in range(1, out):
+                zmax = max(zmax, Z[n, k])
+            s = 0.0
+            for k in range(out):
+                s += math.exp(Z[n, k] - zmax)     # shifted by the row max: exp cannot overflow
+            log_s = math.log(s)
+            for k in range(out):
+                log_p = Z[n, k] - zmax - log_s
+                p = math.exp(log_p)
+                A[n, k] = p
+                delta[n, k] = (p - Y[n, k]) / N
+                total -= Y[n, k] * log_p
+            row_loss[n] = total
+
+
+# ---- optimizers over the flat parameter buffer ---------------------------------------------------------------
+@cuda.jit
+def sgd_update_kernel(params, grads, buf, step, lr, momentum, dampening, weight_decay, nesterov):
+    """torch.optim.SGD, in place: g = ∇ + wd·θ; b = g (step 0) or μ·b + (1 − dampening)·g;
+    g = g + μ·b (Nesterov) or b; θ −= lr·g. `step` is read here and bumped by step_increment_kernel after."""
+    first = step[0] == 0
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, params.size, stride):
+        g = grads[i] + weight_decay * params[i]
+        if momentum != 0:
+            b = g if first else momentum * buf[i] + (1 - dampening) * g
+            buf[i] = b
+            g = g + momentum * b if nesterov else b
+        params[i] -= lr * g
+
+
+@cuda.jit
+def adam_update_kernel(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.Adam, in place, t = step[0] + 1: g = ∇ + wd·θ; m = β1·m + (1 − β1)·g;
+    v = β2·v + (1 − β2)·g²; θ −= lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)."""
+    t = step[0] + 1
+    step_size = lr / (1 - beta1 ** t)
+    root_bc2 = math.sqrt(1 - beta2 ** t)
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, params.size, stride):
+        g = grads[i] + weight_decay * params[i]
+        m[i] = beta1 * m[i] + (1 - beta1) * g
+        v[i] = beta2 * v[i] + (1 - beta2) * g * g
+        params[i] -= step_size * (m[i] / (math.sqrt(v[i]) / root_bc2 + eps))
+
+
+@cuda.jit
+def step_increment_kernel(step):
+    """step[0] += 1, one thread, launched after an update: every block of the update has read the old value."""
+    if cuda.grid(1) == 0:
+        step[0] += 1
