@@ -7,6 +7,8 @@ Ops write into the buffers they are given; the few scratch buffers (a loss row v
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
 """
 import math
+import types
+import warnings
 
 import numpy as np
 
@@ -54,6 +56,32 @@ def _probe():
     return True, f"numba.cuda on {cuda.get_current_device().name}"
 
 
+class _QuietLaunch:
+    """A simulated kernel with numpy's floating-point warnings off. Under the simulator a kernel runs as Python on
+    numpy scalars, and an overflow, which a GPU turns silently into inf as IEEE 754 says, raises numpy's
+    RuntimeWarning instead (an error where warnings are errors). The network reports non-finite values itself."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, config):
+        launch = self.kernel[config]
+
+        def run(*args):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                launch(*args)
+        return run
+
+
+def _launchable(namespace):
+    """The kernels of a module or namespace, wrapped in _QuietLaunch under the simulator (as they are otherwise)."""
+    if not SIMULATOR:
+        return namespace
+    return types.SimpleNamespace(**{name: _QuietLaunch(value) if hasattr(value, "__getitem__") and callable(value)
+                                    else value for name, value in vars(namespace).items()})
+
+
 def _blocks(size):
     return max(1, min(MAX_BLOCKS, -(-size // THREADS)))
 
@@ -70,8 +98,9 @@ class NumbaBackend(Backend):
     def __init__(self, deterministic=False):
         super().__init__(deterministic)
         from . import numba_kernels
-        self.k = numba_kernels
+        self.k = _launchable(numba_kernels)
         self._scratch = {}
+        self._tile_sets = {}
 
     def _scratch_buffer(self, key, shape, dtype):
         buf = self._scratch.get(key)
@@ -80,7 +109,11 @@ class NumbaBackend(Backend):
         return buf
 
     def _tiles(self, x):
-        return self.k.kernels_for(np.dtype(x.dtype).name)
+        """The shared/local-memory kernels compiled for x's dtype."""
+        name = np.dtype(x.dtype).name
+        if name not in self._tile_sets:
+            self._tile_sets[name] = _launchable(self.k.kernels_for(name))
+        return self._tile_sets[name]
 
     # ---- arrays ------------------------------------------------------------------------------------------
     def empty(self, shape, dtype):
