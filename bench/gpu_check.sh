@@ -63,7 +63,7 @@ echo "== bench (budget ${LEFT} s)" | tee -a "$LOG"
 timeout $(( LEFT + 60 )) python -m bench --device all --budget "$LEFT" --out "$OUT" 2>&1 | tee -a "$LOG" | tail -70
 BENCH_RC=${PIPESTATUS[0]}
 echo "== bench exit status $BENCH_RC (1: a result was refused; 124: cut)" | tee -a "$LOG"
-mkdir -p bench/results && cp "$OUT"/*.json "$OUT"/*.txt "$OUT"/*.png bench/results/ 2>/dev/null
+mkdir -p bench/results && cp -n "$OUT"/*.json "$OUT"/*.txt "$OUT"/*.png bench/results/ 2>/dev/null
 echo "== done in $(( $(date +%s) - START )) s; files in $OUT:" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"
 exit $(( TESTS_RC != 0 || BENCH_RC != 0 ))
