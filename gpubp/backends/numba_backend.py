@@ -162,7 +162,7 @@ class NumbaBackend(Backend):
         flag.copy_to_device(np.zeros(1, np.int32))
         for x in arrays:
             x = self._device(x)
-            if x.size:
+            if x.size and np.dtype(x.dtype).kind == "f":   # integers (the step count) are always finite
                 flat = x.reshape(x.size) if x.is_c_contiguous() else cuda.to_device(x.copy_to_host().ravel())
                 self.k.nonfinite_flag_kernel[_blocks(flat.size), THREADS](flat, flag)
         return int(flag.copy_to_host()[0]) == 0

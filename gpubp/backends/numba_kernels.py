@@ -20,12 +20,16 @@ from .. import losses
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = acts.IDENTITY, acts.RELU, acts.LEAKY_RELU, acts.SIGMOID, acts.TANH
 MSE, BCE, SOFTMAX_CE = losses.MSE, losses.BCE, losses.SOFTMAX_CE
 
-# GEMM tile: a block computes a BM x BN tile of C with (BM/TM)·(BN/TN) = 64 threads, each a TM x TN register
-# tile; K is walked BK at a time through shared memory. 64 threads a block keeps the simulator (one OS thread
-# per CUDA thread) usable; on a GPU the many small blocks still fill the SMs.
-BM, BN, BK, TM, TN = 32, 32, 16, 4, 4
+# GEMM tile: a block computes a BM x BN tile of C with (BM/TM)·(BN/TN) threads, each a TM x TN register tile;
+# K is walked BK at a time through shared memory. On a GPU: 32x32x16 tiles, 4x4 per thread, 64 threads. Under
+# the simulator, whose cost is per simulated thread (one OS thread each, polled at every syncthreads), the same
+# code runs 16x16x8 tiles with 16 threads: the test matrices (1 to 33 wide) still cross tile edges.
+if cuda.config.ENABLE_CUDASIM:
+    BM, BN, BK, TM, TN = 16, 16, 8, 4, 4
+else:
+    BM, BN, BK, TM, TN = 32, 32, 16, 4, 4
 GEMM_THREADS = (BN // TN, BM // TM)          # (x along n, y along m)
-REDUCE_THREADS = 128                          # the one-block reductions (loss sum)
+REDUCE_THREADS = 32 if cuda.config.ENABLE_CUDASIM else 128   # the one-block reductions (loss sum)
 
 
 # ---- activations: A = g(Z) and g'(Z) ----------------------------------------------------------------------
