@@ -14,6 +14,7 @@ Design, in short (the kernels' header comments have the details):
 - run_step captures a whole train step as a CUDA graph (after one eager warm-up call) and replays it.
   Switch it off with GPUBP_CUDA_GRAPHS=0 in the environment or `backend.use_graphs = False`.
 """
+import functools
 import math
 import os
 
@@ -35,15 +36,11 @@ _LOSS_MAX_BLOCKS = 1024  # loss_grad_kernel's grid is at most this: the size of 
 _MAX_SLICES = 64         # split-K: at most this many slices of the batch in weight_grad
 _MIN_SLICE_ROWS = 256    # ... each of at least this many rows
 
-_probe_result = None
 
-
+@functools.cache
 def available():
     """(True, what runs) when CuPy can compile and launch a kernel here, else (False, why and what to do)."""
-    global _probe_result
-    if _probe_result is None:
-        _probe_result = _probe()
-    return _probe_result
+    return _probe()
 
 
 def _probe():

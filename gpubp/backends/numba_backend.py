@@ -6,6 +6,7 @@ Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ 
 Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
 """
+import functools
 import math
 import types
 import warnings
@@ -26,15 +27,12 @@ except ImportError:   # numba-cuda missing: available() says so
 # time, so there a launch is kept to one small block; on a GPU, enough blocks to fill it.
 THREADS = 32 if SIMULATOR else 256
 MAX_BLOCKS = 1 if SIMULATOR else 4096
-_PROBE = None
 
 
+@functools.cache
 def available():
     """(usable here, why or why not), probed once."""
-    global _PROBE
-    if _PROBE is None:
-        _PROBE = _probe()
-    return _PROBE
+    return _probe()
 
 
 def _probe():

@@ -129,7 +129,6 @@ def kernels_for(dtype_name):
                     Z[m, n] = z
                     A[m, n] = activation_forward(act, z, alpha)
 
-
     @cuda.jit
     def input_grad_kernel(delta, W, masked, Z_prev, A_prev, act, alpha, out):
         """dA_prev = δ · W, or with `masked` δ_prev = (δ · W) ⊙ g'(Z_prev) (the previous layer's mask as the
@@ -148,7 +147,6 @@ def kernels_for(dtype_name):
                         out[m, n] = acc[i, j] * activation_derivative(act, Z_prev[m, n], A_prev[m, n], alpha)
                     else:
                         out[m, n] = acc[i, j]
-
 
     @cuda.jit
     def weight_grad_kernel(delta, A_prev, accumulate, dW):
