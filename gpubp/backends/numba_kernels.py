@@ -104,6 +104,13 @@ def gemm_tile(Aop, a_kcontig, Bop, b_kcontig, M, N, K, acc, As, Bs):
         cuda.syncthreads()
 
 
+@cuda.jit(device=True)
+def output_position(i, j):
+    """The element (m, n) of C that this thread holds in acc[i, j] after gemm_tile."""
+    return (cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM),
+            cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN))
+
+
 @functools.lru_cache(maxsize=None)
 def kernels_for(dtype_name):
     """The kernels that keep tiles in shared and local memory, compiled for one dtype ("float32"/"float64"):
@@ -121,9 +128,8 @@ def kernels_for(dtype_name):
         M, N, K = A_prev.shape[0], W.shape[0], A_prev.shape[1]
         gemm_tile(A_prev, True, W, True, M, N, K, acc, As, Bs)
         for i in range(TM):
-            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
             for j in range(TN):
-                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                m, n = output_position(i, j)
                 if m < M and n < N:
                     z = acc[i, j] + b[n] if has_bias else acc[i, j]
                     Z[m, n] = z
@@ -139,9 +145,8 @@ def kernels_for(dtype_name):
         M, N, K = delta.shape[0], W.shape[1], delta.shape[1]
         gemm_tile(delta, True, W, False, M, N, K, acc, As, Bs)
         for i in range(TM):
-            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
             for j in range(TN):
-                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                m, n = output_position(i, j)
                 if m < M and n < N:
                     if masked:
                         out[m, n] = acc[i, j] * activation_derivative(act, Z_prev[m, n], A_prev[m, n], alpha)
@@ -158,9 +163,8 @@ def kernels_for(dtype_name):
         M, N, K = dW.shape[0], dW.shape[1], delta.shape[0]
         gemm_tile(delta, False, A_prev, False, M, N, K, acc, As, Bs)
         for i in range(TM):
-            m = cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM)
             for j in range(TN):
-                n = cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN)
+                m, n = output_position(i, j)
                 if m < M and n < N:
                     if accumulate:
                         dW[m, n] += acc[i, j]
