@@ -9,7 +9,6 @@ is installed (the project's pre-stop hook runs the same command).
 import re
 import shutil
 import subprocess
-from importlib import resources
 
 import pytest
 
@@ -96,12 +95,11 @@ NVRTC, NVRTC_MISSING = _find_nvrtc()
 needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason=str(NVRTC_MISSING))
 
 
-def _kernel_source(filename):
-    return resources.files("gpubp.kernels").joinpath(filename).read_text(encoding="utf-8")
+_kernel_source = cuda_sources.read_kernel_file
 
 
 def test_every_cu_file_is_listed():
-    shipped = sorted(p.name for p in resources.files("gpubp.kernels").iterdir() if p.name.endswith(".cu"))
+    shipped = sorted(p.name for p in cuda_sources.kernels_dir().iterdir() if p.name.endswith(".cu"))
     assert shipped == sorted(cuda_sources.KERNEL_FILES)
 
 
@@ -170,7 +168,7 @@ def test_no_kernel_spills_registers_on_sm90(filename):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
 def test_nvcc_compiles_each_file(filename):
-    kernels_dir = resources.files("gpubp.kernels")
+    kernels_dir = cuda_sources.kernels_dir()
     path = kernels_dir.joinpath(filename)
     result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-I", str(kernels_dir), str(path),
                              "-o", "/dev/null"], capture_output=True, text=True, timeout=300)

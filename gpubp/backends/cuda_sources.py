@@ -9,6 +9,7 @@ what a GPU machine will compile. Needs no GPU and no CuPy: plain text work.
 kernel cache keys on the source string and options, not on headers found through -I: an edited header
 must change the source string.
 """
+import pathlib
 import re
 from importlib import resources
 
@@ -57,8 +58,21 @@ def name_expressions(filename):
     return names
 
 
-def _read(name):
-    return resources.files("gpubp.kernels").joinpath(name).read_text(encoding="utf-8")
+def kernels_dir():
+    """Where the kernels/*.cu sources are: the checkout's kernels/ folder beside the gpubp package (a plain
+    checkout run with PYTHONPATH, as on the GPU machine, or an editable install), else the package data
+    gpubp.kernels of an installed wheel. NOTE: the checkout is looked at first because `gpubp.kernels`
+    exists only once installed, and an editable install of another checkout would map it to that one's."""
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+    if all((checkout / name).is_file() for name in KERNEL_FILES):
+        return checkout
+    return resources.files("gpubp.kernels")
+
+
+def read_kernel_file(name):
+    """The text of one file of kernels/ (a .cu or .cuh), as it is on disk."""
+    return kernels_dir().joinpath(name).read_text(encoding="utf-8")
+
 
 
 def inline_includes(text, seen=None):
@@ -70,7 +84,7 @@ def inline_includes(text, seen=None):
         if header in seen:
             return f"// {header}: already pasted above"
         seen.add(header)
-        return f"// ---- {header} (pasted by gpubp) ----\n" + inline_includes(_read(header), seen)
+        return f"// ---- {header} (pasted by gpubp) ----\n" + inline_includes(read_kernel_file(header), seen)
 
     return _INCLUDE.sub(paste, text)
 
@@ -79,7 +93,7 @@ def module_source(filename):
     """(source, options, name_expressions) of one kernels/*.cu file, as cupy.RawModule is given them."""
     if filename not in KERNEL_FILES:
         raise ValueError(f"filename: expected one of {KERNEL_FILES}, got {filename!r}")
-    return inline_includes(_read(filename)), OPTIONS, name_expressions(filename)
+    return inline_includes(read_kernel_file(filename)), OPTIONS, name_expressions(filename)
 
 
 def runtime_nvrtc_options(arch):

@@ -15,11 +15,10 @@ import pathlib
 import shutil
 import subprocess
 import types
-from importlib import resources
 
 import numpy as np
 
-from gpubp.backends import cupy_backend
+from gpubp.backends import cuda_sources, cupy_backend
 
 HERE = pathlib.Path(__file__).parent
 
@@ -31,7 +30,7 @@ def build(directory):
         raise FileNotFoundError("g++ is not installed: the CPU emulation of the CUDA kernels needs it")
     library = pathlib.Path(directory) / "kernels_emulated.so"
     command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-               "-shared", "-fPIC", "-I", str(resources.files("gpubp.kernels")), "-I", str(HERE),
+               "-shared", "-fPIC", "-I", str(cuda_sources.kernels_dir()), "-I", str(HERE),
                str(HERE / "harness.cpp"), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
