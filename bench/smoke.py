@@ -189,11 +189,11 @@ def compare(got, ref, dtype, k):
         unwritten = np.isnan(have) & ~np.isnan(want)
         if unwritten.any():
             return (f"{name}: {int(unwritten.sum())} of {have.size} elements still NaN (never written), first at "
-                    f"{np.unravel_index(int(np.argmax(unwritten)), have.shape)}")
+                    f"{tuple(int(v) for v in np.unravel_index(int(np.argmax(unwritten)), have.shape))}")
         t = tol(dtype, k)
         bad = ~np.isclose(have, want, equal_nan=True, **t)
         if bad.any():
-            i = np.unravel_index(int(np.argmax(bad)), have.shape)
+            i = tuple(int(v) for v in np.unravel_index(int(np.argmax(bad)), have.shape))
             return (f"{name}: {int(bad.sum())} of {have.size} elements off (rtol {t['rtol']:g}, atol {t['atol']:.2g}), "
                     f"first at {i}: got {have[i]!r}, expected {want[i]!r}")
     return None
