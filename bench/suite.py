@@ -97,10 +97,7 @@ class Run:
         self.config.log(line)
 
     def emit(self, record):
-        """Append one record to the JSON-lines file (if any) and flush it: on disk even if we are killed next."""
-        if self.config.jsonl:
-            with open(self.config.jsonl, "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+        emit(self.config.jsonl, record)
 
     def add_row(self, row):
         self.rows.append(row)
@@ -137,6 +134,19 @@ class Run:
             else:
                 self.skip(f"{impl.name} ({kind})", reason)
         return out
+
+
+def emit(jsonl, record):
+    """Append one record to the JSON-lines file `jsonl` (if any), closed at once: on disk even if we are killed
+    next. Records: start (one per process), row (a ROW_FIELDS dict), skipped, limits."""
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def dry_run():
+    """True in gpu_check's dry run (GPU_CHECK_DRY=1): nothing of it is a GPU result, and it says so."""
+    return os.environ.get("GPU_CHECK_DRY") == "1"
 
 
 def _cpu_times():
@@ -612,6 +622,9 @@ def main(argv=None):
     plant = os.environ.get("GPU_CHECK_PLANTED") == "1"
     config = Config(workloads=chosen, devices=devices, quick=args.quick, smoke=args.smoke, threads=args.threads,
                     budget_s=args.budget, impls=names, limits=limits, jsonl=args.jsonl, plant=plant)
+    emit(args.jsonl, {"record": "start", "argv": sys.argv if argv is None else list(argv), "pid": os.getpid(),
+                      "family": args.family, "impls": names, "dry_run": dry_run(), "quick": args.quick,
+                      "smoke": args.smoke, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     run = run_suite(config)
     if plant and not any(r["impl"].endswith("-planted-wrong") for r in run.rows):
         print("ERROR: planted failure: no implementation to plant a wrong result in (GPU_CHECK_PLANTED=1)")
