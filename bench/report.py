@@ -260,14 +260,17 @@ class LoadedRun:
             if r["status"] == "ok" and r["workload"] != "limits":
                 suite.apply_limits(r, self.limits.get(r["device"], {}))
         suite.add_ratios(self.rows)
-        self.threads = None
+        ends = [r for r in records if r.get("record") == "end"]
+        self.threads = max((r["threads"] for r in ends if r.get("threads")), default=None)
+        loads = [r["other_cpu_load"] for r in ends if r.get("other_cpu_load") is not None]
+        self._load = max(loads) if loads else None
         self.config = argparse.Namespace(
             workloads=sorted({r["workload"] for r in self.rows}), devices=sorted({r["device"] for r in self.rows}),
             quick=any(s.get("quick") for s in self.starts), smoke=any(s.get("smoke") for s in self.starts),
             budget_s=None)
 
     def other_cpu_load(self):
-        return None
+        return self._load
 
 
 def load_jsonl(paths):
