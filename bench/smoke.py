@@ -8,7 +8,8 @@ Each case runs one op of the backend interface (gpubp/backends/base.py) on input
 same op on the numpy backend in float64, on the same values, is the reference; the tolerance is the op
 harness's (tests/test_backend_ops.py: atol + rtol·|ref|, atol growing with the length of the sums). One line
 per case goes to --jsonl as soon as it is known; a FAIL line per wrong case goes to stdout; exit status 1 when
-any case failed, 77 (skipped) never: a GPU backend that cannot run here is a failure on the GPU machine.
+any case failed; 77 (skipped) only where --emulate cannot build the emulator (no g++): a GPU backend that
+cannot run here is a failure, never a skip, since on the GPU machine that is what it is.
 
 Under compute-sanitizer (gpu_check's sanitizer stages) this is the op harness the tools watch. With
 GPU_CHECK_PLANTED=1 in the environment a failure is planted on purpose, to prove it is caught: in the smoke
@@ -262,7 +263,11 @@ def main(argv=None):
     planted = os.environ.get("GPU_CHECK_PLANTED") == "1"
     if args.emulate:
         sys.path.insert(0, str(ROOT / "tests"))
-        import cuda_emulation.emulated_cupy_plugin  # noqa: F401  (patches the cupy backend onto the emulator)
+        try:
+            import cuda_emulation.emulated_cupy_plugin  # noqa: F401  (patches the cupy backend onto the emulator)
+        except FileNotFoundError as exc:   # no g++: the emulator cannot be built here
+            print(f"skipped: {exc}", flush=True)
+            return 77
     from gpubp.backends import availability, get_backend
     ok, reason = availability()[args.backend]
     label = f"{args.backend}{' (CPU emulator)' if args.emulate else ''}"

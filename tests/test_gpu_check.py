@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow,
 def dry_env(out, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "NUMBA_ENABLE_CUDASIM"))}
     env.update(GPU_CHECK_DRY="1", OUT=str(out), PYTHON=sys.executable, GPU_CHECK_GRACE_SECONDS="3",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.update(extra)
     return env
 
@@ -58,6 +58,8 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
     """Three stages fail on purpose, each through its own check: the smoke comparison (a wrong value written
     into a kernel's output), the test suite (a failing test), the bench's reference check (a result 1% off).
     Every later stage still runs; the summary names each failed stage with its first error."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulator of the cupy backend cannot be built")
     before = results_listing()
     proc, run_dir, seconds = run_dry(tmp_path, GPU_CHECK_PLANT_FAILURE="smoke-cupy,tests,bench-ours-numpy")
     log = proc.stdout + proc.stderr
