@@ -226,9 +226,9 @@ if [ "$DRY" = 1 ]; then
   run_stage smoke-numba "$b" env NUMBA_ENABLE_CUDASIM=1 "${PYRUN[@]}" bench.smoke --backend numba --sizes tiny \
             --dtypes float32 --jsonl "$RUN/smoke/numba.jsonl"
 else
-  b=$(stage_budget smoke-cupy 45)
+  b=$(stage_budget smoke-cupy 60)
   run_stage smoke-cupy "$b" "${PYRUN[@]}" bench.smoke --backend cupy --tiles --jsonl "$RUN/smoke/cupy.jsonl"
-  b=$(stage_budget smoke-numba 60)
+  b=$(stage_budget smoke-numba 75)
   run_stage smoke-numba "$b" "${PYRUN[@]}" bench.smoke --backend numba --jsonl "$RUN/smoke/numba.jsonl"
 fi
 
