@@ -48,7 +48,7 @@ PLANT="${GPU_CHECK_PLANT_FAILURE:-}"
 ONLY="${GPU_CHECK_ONLY:-}"
 if [ "$DRY" = 1 ]; then TOTAL_S="${GPU_CHECK_SECONDS:-240}"; else TOTAL_S="${GPU_CHECK_SECONDS:-530}"; fi
 GRACE_S="${GPU_CHECK_GRACE_SECONDS:-10}"
-REPORT_RESERVE_S=30              # kept back for the report stage by every stage before it
+REPORT_RESERVE_S=35              # kept back for the report stage (its budget and grace) by every stage before it
 START=$(date +%s)
 DEADLINE=$(( START + TOTAL_S ))
 
@@ -58,6 +58,9 @@ PYRUN=("$PY" -u -c 'import runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)')
+
+GPU_LINE=""
+[ "$DRY" = 1 ] || GPU_LINE=$(timeout 20 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 
 slug() { tr '[:upper:]' '[:lower:]' | sed -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//'; }
 
@@ -69,7 +72,7 @@ else
     base="${OUT:-$(mktemp -d)}"; name="dry-run-cpu-$(date -u +%Y%m%d-%H%M)"
   else
     base="${OUT:-$ROOT/bench/results}"
-    device=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | slug)
+    device=$(printf '%s' "${GPU_LINE%%,*}" | slug)
     name="gpu-${device:-no-gpu-found}-$(date -u +%Y%m%d-%H%M)"
   fi
   RUN="$base/$name"; n=2
@@ -101,7 +104,7 @@ write_summary() {
   } >"$tsv.tmp" && mv "$tsv.tmp" "$tsv"
   {
     if [ "$DRY" = 1 ]; then echo "gpu_check DRY RUN on the CPU (emulated cupy, simulated numba, tiny sizes): NOT a GPU result"
-    else echo "gpu_check on $(timeout 10 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"; fi
+    else echo "gpu_check on ${GPU_LINE:-no GPU found by nvidia-smi}"; fi
     echo "run folder: $RUN"
     echo "started $(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo "$START"), $(( $(date +%s) - START )) s so far of $TOTAL_S s${PLANT:+; planted failure: $PLANT}"
     for s in "${STAGES[@]}"; do
@@ -263,7 +266,7 @@ run_stage tests "$b" env COLUMNS=400 "PYTHONPATH=$ROOT/tests:$PYTHONPATH" "${PYR
 declare -A FAMILY_BUDGET=([limits]=20 [ours-cupy]=70 [torch]=40 [cublas]=15 [ours-numba]=35 [jax]=30
                           [ours-numpy]=30 [torch-cpu]=30)
 if [ "$DRY" = 1 ]; then BENCH_ARGS=(--device cpu --smoke --workloads train,fit)
-else BENCH_ARGS=(--device cuda ${GPU_CHECK_BENCH_ARGS:---quick}); fi
+else BENCH_ARGS=(--device cuda --require-rows ${GPU_CHECK_BENCH_ARGS:---quick}); fi
 for fam in "${FAMILIES[@]}"; do
   b=$(stage_budget "bench-$fam" "${FAMILY_BUDGET[$fam]:-30}")
   inner=$(( b > 20 ? b - 10 : b * 2 / 3 ))   # the suite stops starting rows here; the stage's SIGINT comes later

@@ -581,6 +581,9 @@ def parse_args(argv):
                         "torch-cpu, jax, limits): run only these; limits are measured only when `limits` is named")
     p.add_argument("--impls", default=None, help="comma-separated implementation names (as --family)")
     p.add_argument("--jsonl", default=None, help="append each row to this JSON-lines file as its case finishes")
+    p.add_argument("--require-rows", action="store_true",
+                   help="exit 1 when no row was measured (gpu_check on the GPU machine: a family that cannot run "
+                        "there is a failure, not a quiet pass)")
     p.add_argument("--no-save", action="store_true",
                    help="write no JSON/table/plots at the end (gpu_check's report stage makes them from --jsonl)")
     args = p.parse_args(argv)
@@ -641,4 +644,8 @@ def main(argv=None):
     failed = [r for r in run.rows if r["status"] != "ok" and not (r["error"] or "").startswith("not run:")]
     for r in failed:
         print(f"FAILED: {r['workload']} {r['device']} {r['case']} {r['impl']}: {r['error']}")
+    if args.require_rows and not any(r["status"] == "ok" for r in run.rows):
+        reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in run.skipped) or "nothing was chosen"
+        print(f"ERROR: no row was measured ({reasons})")
+        return 1
     return 1 if failed else 0
