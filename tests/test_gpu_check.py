@@ -117,7 +117,7 @@ def test_a_stage_cut_by_its_budget_leaves_its_output_and_a_status(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc, run_dir, seconds = run_dry(out, GPU_CHECK_ONLY="versions,tests,report", GPU_CHECK_BUDGET_VERSIONS="1",
-                                     GPU_CHECK_BUDGET_TESTS="12", GPU_CHECK_TESTS=str(slow))
+                                     GPU_CHECK_BUDGET_TESTS="8", GPU_CHECK_TESTS=str(slow))
     log = proc.stdout + proc.stderr
     st = stages(run_dir)
     assert st["versions"]["status"] == "timeout" and st["versions"]["exit"] in ("124", "137"), log[-3000:]
