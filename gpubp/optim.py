@@ -60,16 +60,16 @@ class Optimizer:
         return type(self).__name__ + json.dumps(self.config(), sort_keys=True)
 
     def state_arrays(self):
-        """{name: numpy copy} of the state, for a checkpoint."""
-        be = self.net.backend
-        arrays = {name: be.to_numpy(buf) for name, buf in self.state.items()}
+        """{name: numpy copy} of the state, for a checkpoint (flat buffers packed: no padding)."""
+        be, layout = self.net.backend, self.net.layout
+        arrays = {name: layout.pack(be.to_numpy(buf)) for name, buf in self.state.items()}
         arrays["step"] = be.to_numpy(self.step_count)
         return arrays
 
     def load_state_arrays(self, arrays):
-        be = self.net.backend
+        be, layout = self.net.backend, self.net.layout
         for name in self.state_names:
-            be.copy_into(self.state[name], arrays[name])
+            be.copy_into(self.state[name], layout.unpack(arrays[name]))
         be.copy_into(self.step_count, arrays["step"])
 
     def __repr__(self):
