@@ -348,6 +348,10 @@ class Sequential:
         y = self._check_y(y, loss_id, X.shape[0])
         if not isinstance(sync, bool):
             raise TypeError(f"sync: expected True or False, got {sync!r}")
+        return self._train_step(X, y, loss_id, optimizer, sync)
+
+    def _train_step(self, X, y, loss_id, optimizer, sync=True):
+        """The step on validated inputs (train_step without its checks; the bench times both)."""
         N = X.shape[0]
         ws = self._workspace(N)
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
