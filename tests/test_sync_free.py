@@ -209,3 +209,41 @@ def test_optimizer_settings_other_than_lr_are_fixed():
     assert opt.lr == 0.1 and list(net.backend.to_numpy(opt.hyper)) == [0.1, 0.9, 0.0, 0.0, 0.0]
     opt.lr = 0.2
     assert list(net.backend.to_numpy(opt.hyper)) == [0.2, 0.9, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "mse"])
+def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(backend_name, loss, rng,
+                                                                                   monkeypatch):
+    n_out = 3
+    X, y = make_data(rng, 53, 5, n_out, loss)
+    Xv, yv = make_data(rng, 7, 5, n_out, loss)
+
+    def run(free_bytes):
+        net = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=2)
+        monkeypatch.setattr(net.backend, "free_memory", lambda: free_bytes)
+        if backend_name == "numpy":   # numpy arrays are that backend's device arrays, never streamed: pretend not
+            monkeypatch.setattr(net.backend, "is_device_array", lambda x: False)
+        opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
+        counted = _counted(net, lambda: history.update(net.fit(X, y, loss, opt, epochs=3, batch_size=4,
+                                                               validation_data=(Xv, yv))))
+        return net, counted
+
+    history = {}
+    resident, resident_counts = run(None)
+    expected = dict(history)
+    history.clear()
+    # 8 float32 values a row: 2 chunks of 2 batches fit in a budget of 0.5 * 1100 bytes; 53 rows make 7 chunks
+    streamed, streamed_counts = run(1100)
+    assert history == expected if backend_name == "numpy" else history.keys() == expected.keys()
+    np.testing.assert_allclose(streamed.backend.to_numpy(streamed.params), resident.backend.to_numpy(resident.params),
+                               rtol=0 if backend_name == "numpy" else 1e-5, atol=0 if backend_name == "numpy" else 1e-6)
+    assert streamed_counts["d2h"] == resident_counts["d2h"]              # the reads do not change
+    assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (7 * 3 - 1) - 2   # X, Y and order per chunk
+
+
+def test_a_device_array_is_never_streamed(monkeypatch, rng):
+    from gpubp.network import DeviceData
+    net = _net("numpy")
+    monkeypatch.setattr(net.backend, "free_memory", lambda: 10)
+    X, y = make_data(rng, 40, 5, 3, "softmax_ce")
+    assert DeviceData(net, X, y, 2, 4, gpubp.SGD(net, lr=0.1)).streamed is False   # numpy arrays are its device's
