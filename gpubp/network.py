@@ -5,8 +5,13 @@ A train step, in the seed's order:
     forward    for each layer: Z = A_prev · Wᵀ + b, A = g(Z)
     loss       L and δ_out = ∂L/∂Z_out, fused with the output activation (gpubp.losses)
     backward   for each layer, last to first: dW = δᵀ · A_prev; db = Σ δ; δ_prev = (δ · W) ⊙ g'(Z_prev)
-    check      L and every gradient finite, else FloatingPointError and no update
-    update     θ ← θ − η · (optimizer's direction), in place over the flat parameter buffer
+    guard      L and every gradient finite, else the device-side guard records the fault and the step is skipped
+    update     θ ← θ − η · (optimizer's direction), in place over the flat parameter buffer, unless it would
+               leave a value non-finite (then nothing is written and the guard records that instead)
+    record     the step's loss and correct predictions summed on the device
+
+Nothing in a step waits for the host (gpubp/guard.py): the host reads the guard when it wants a value, once per
+train_step by default, once per epoch (or per `check_every` steps) in fit, and raises FloatingPointError then.
 """
 import json
 import math
@@ -17,6 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import activations as acts
+from . import guard as G
 from . import losses
 from .backends import get_backend
 from .layers import Dense
@@ -47,6 +53,114 @@ class Workspace:
         self.A = [be.empty((N, layer.n_out), dtype) for layer in layers]
         self.G = [be.empty((N, layer.n_out), dtype) for layer in layers]
         self.loss = be.zeros((1,), dtype)
+
+
+# fit keeps its data on the device while X and Y take at most this share of the device's free memory; above it
+# the data stays on the host and goes up in chunks (DeviceData).
+DEVICE_DATA_SHARE = 0.5
+
+
+class DeviceData:
+    """fit's data on the device, and the step closures that train on it.
+
+    Resident (the usual case): X and the float targets Y are uploaded once, integer labels one-hot encoded on the
+    device; an order buffer (N + 1,) int64 holds the epoch's permutation and, in its last entry, the cursor of
+    the next batch (one upload per epoch for both), and each step gathers its rows on the device.
+    Streamed (X and Y above DEVICE_DATA_SHARE of the free device memory): they stay on the host; each epoch goes
+    up in chunks of whole batches, the rows of a chunk gathered on the host in the epoch's order, into two
+    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c; the
+    copies are stream-ordered after the steps that read the buffer before). Host-to-device copies then grow with
+    the data, never the reads."""
+
+    class Buffers:
+        def __init__(self, X, Y, order):
+            self.X, self.Y, self.order = X, Y, order
+
+    def __init__(self, net, X, y, loss_id, batch_size, optimizer):
+        be = net.backend
+        self.net, self.loss_id, self.batch_size, self.optimizer = net, loss_id, batch_size, optimizer
+        self.rows = N = X.shape[0]
+        labels = loss_id == losses.SOFTMAX_CE and y.ndim == 1
+        row_bytes = (net.n_in + net.n_out) * net.dtype.itemsize
+        free = be.free_memory()
+        budget = None if free is None else DEVICE_DATA_SHARE * free
+        if budget is None or be.is_device_array(X) or N * row_bytes <= budget:
+            self.chunk_rows = N
+            X = be.asarray(X, net.dtype)        # no copy when X already is a device array of the model's dtype
+            if labels:
+                Y = be.empty((N, net.n_out), net.dtype)
+                be.one_hot(y, net.n_out, Y)
+            else:
+                Y = be.asarray(y, net.dtype)
+            self.buffers = [self.Buffers(X, Y, be.empty((N + 1,), np.int64))]
+        else:
+            # two chunks in the budget, each a whole number of batches
+            self.chunk_rows = max(1, int(budget // (2 * row_bytes)) // batch_size) * batch_size
+            self.host_X = np.ascontiguousarray(X, dtype=net.dtype)
+            y = np.asarray(y)
+            self.host_Y = (np.eye(net.n_out, dtype=net.dtype)[y] if labels
+                           else np.ascontiguousarray(y.reshape(N, net.n_out), dtype=net.dtype))
+            self.buffers = [self.Buffers(be.empty((self.chunk_rows, net.n_in), net.dtype),
+                                         be.empty((self.chunk_rows, net.n_out), net.dtype),
+                                         be.empty((self.chunk_rows + 1,), np.int64)) for _ in range(2)]
+        self._closures = {}
+
+    @property
+    def streamed(self):
+        return self.chunk_rows < self.rows
+
+    def batches(self, permutation):
+        """(rows, step key, step closure) for every batch of an epoch in `permutation`'s order; uploads the order
+        (or, streamed, each chunk) as it goes."""
+        be = self.net.backend
+        for c, start in enumerate(range(0, self.rows, self.chunk_rows)):
+            rows = permutation[start:start + self.chunk_rows]
+            k = c % len(self.buffers)
+            buffers = self.buffers[k]
+            if self.streamed:
+                m = len(rows)
+                be.copy_into(buffers.X[:m], self.host_X[rows])
+                be.copy_into(buffers.Y[:m], self.host_Y[rows])
+                rows = np.arange(m)
+            order = np.zeros(buffers.order.shape[0], np.int64)   # the order, then (last entry) the cursor, 0
+            order[:len(rows)] = rows
+            be.copy_into(buffers.order, order)
+            for b in range(0, len(rows), self.batch_size):
+                n = min(self.batch_size, len(rows) - b)
+                yield n, ("fit", n, k, self.loss_id, self.optimizer.key()), self._closure(k, n)
+
+    def _closure(self, k, n):
+        """The launches of one step on the next n rows of buffers k: gather X and Y, move the cursor, then the
+        step. Made once per (buffers, batch size): it holds the same objects at every call, so a backend may
+        replay it as a captured graph."""
+        if (k, n) not in self._closures:
+            net, be, optimizer, loss_id = self.net, self.net.backend, self.optimizer, self.loss_id
+            ws = net._workspace(n)
+            b = self.buffers[k]
+            X, Y, order = b.X, b.Y, b.order
+            cursor = be.view(order, order.shape[0] - 1, (1,))
+
+            def step():
+                be.gather_rows(X, order, cursor, ws.X)
+                be.gather_rows(Y, order, cursor, ws.Y)
+                be.advance_cursor(cursor, n)
+                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws)
+            self._closures[(k, n)] = step
+        return self._closures[(k, n)]
+
+
+class LazyLoss:
+    """The loss of a train_step(sync=False): the device has it; float() waits for the device, reads it, and
+    raises FloatingPointError if a step launched so far faulted (Sequential.sync)."""
+
+    def __init__(self, net, step):
+        self.net, self.step = net, step
+
+    def __float__(self):
+        return self.net._loss_of_step(self.step)
+
+    def __repr__(self):
+        return f"LazyLoss(train step {self.step})"
 
 
 class History(dict):
@@ -94,9 +208,12 @@ class Sequential:
         self.backend.copy_into(self.params, self.layout.flatten(
             [layer.init_params(self.rng) for layer in self.layers], self.dtype))
         self.optimizer = None     # the optimizer made for this model last; saved with it
-        self.steps = 0            # train steps taken
         self._workspaces = OrderedDict()
-        self._rollback = (None, {})   # (optimizer, copies of what its update overwrites): _keep_for_rollback
+        # The device-side guard (gpubp/guard.py). _steps: good steps as of the last read of it; _pending: steps
+        # launched since then (their outcome is on the device until the next read).
+        self.guard = self.backend.zeros((G.SIZE,), np.float64)
+        self._guard_head = self.backend.view(self.guard, 0, (G.RING,))
+        self.steps = 0
 
     def _bind(self):
         for layer, p, g in zip(self.layers, self.layout.views(self.backend, self.params),
@@ -231,82 +348,90 @@ class Sequential:
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
             self.layers[i].backward(be, A_prev, ws.G[i], prev)
 
-    def _loss_and_gradients(self, X, y, loss_id):
-        """Forward, loss and backward into self.grads; returns the loss (a float, synchronises) and the
-        workspace, whose A[-1] holds the batch's predictions."""
-        N = X.shape[0]
-        ws = self._workspace(N)
-        X, Y, staged = self._stage(X, y, loss_id, ws)
-        key = ("train", N, loss_id) if staged else None
-        self.backend.run_step(key, lambda: self._forward_loss_backward(X, Y, loss_id, ws))
-        return float(self.backend.to_numpy(ws.loss)[0]), ws
+    def _step_ops(self, X, Y, loss_id, optimizer, ws):
+        """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
+        be = self.backend
+        self._forward_loss_backward(X, Y, loss_id, ws)
+        be.guard_gradients(ws.loss, self.grads, self.guard)
+        optimizer.step(self.guard)
+        be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+
+    # ---- the guard: read rarely, by the host --------------------------------------------------------------
+    @property
+    def steps(self):
+        """Train steps taken (good ones). Reading it waits for the steps launched with sync=False."""
+        if self._pending:
+            self.sync()
+        return self._steps
+
+    @steps.setter
+    def steps(self, value):
+        self._steps, self._pending = int(value), 0
+        self.backend.copy_into(self._guard_head, G.fresh(self._steps))
+
+    def sync(self):
+        """Wait for every step launched so far and read the guard (one device-to-host copy). Raises
+        FloatingPointError (a gpubp.guard.StepFault, whose .step is the faulty step), naming the step and the layer, when one of those steps faulted; the model then holds
+        the parameters and optimizer state of the last good step. Returns the guard as a numpy array."""
+        guard = self.backend.to_numpy(self.guard)
+        self._steps, self._pending = int(guard[G.STEP]), 0
+        if guard[G.FAULT]:
+            error = G.fault(guard, self.layout, self.layers,
+                            self.optimizer.state_names if self.optimizer is not None else ())
+            self.steps = self._steps   # a fresh guard: the next step starts clean
+            raise error
+        return guard
+
+    def _loss_of_step(self, step):
+        """The loss of good step `step` from the guard's ring (see LazyLoss)."""
+        guard = self.sync()
+        if not self._steps - G.RING_SIZE <= step < self._steps:
+            raise ValueError(f"the loss of train step {step} is no longer kept: only the last {G.RING_SIZE} "
+                             "are; read a lazy loss sooner")
+        return float(guard[G.RING + step % G.RING_SIZE])
 
     # ---- public API ------------------------------------------------------------------------------------------
-    def train_step(self, X, y, loss, optimizer=None):
-        """Forward, backward and one in-place update on the batch (X, y); returns the batch loss (float)."""
+    def train_step(self, X, y, loss, optimizer=None, sync=True):
+        """Forward, backward and one in-place update on the batch (X, y).
+
+        sync=True: waits for the step and returns its loss (a float); a numerical fault raises
+        FloatingPointError here. sync=False: returns at once with a LazyLoss; nothing waits for the device, and
+        a fault is raised at the next read (float() of any LazyLoss, net.sync(), net.steps, a sync=True step).
+        After a fault the following steps are skipped until that read, so the parameters stay those of the last
+        good step."""
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
-        return self._train_step(X, y, loss_id, optimizer)[0]
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync: expected True or False, got {sync!r}")
+        return self._train_step(X, y, loss_id, optimizer, sync)
 
-    def _train_step(self, X, y, loss_id, optimizer):
-        """The step on validated inputs: (loss, the batch's predictions before the update, on the device).
-
-        Finite gradients can still overflow the update (a huge learning rate, Adam's g² in float32), so the
-        check comes after it, over gradients, parameters and optimizer state at once (one synchronisation),
-        and a failed check puts back the copies taken just before the update."""
-        # Non-finite values are found and reported by the check below; numpy's overflow warnings would only
-        # repeat them, or, where warnings are errors, stop an update half-way through its buffers.
+    def _train_step(self, X, y, loss_id, optimizer, sync=True):
+        """The step on validated inputs (train_step without its checks; the bench times both)."""
+        N = X.shape[0]
+        ws = self._workspace(N)
+        Xd, Yd, staged = self._stage(X, y, loss_id, ws)
+        key = ("train", N, loss_id, optimizer.key()) if staged else None
+        step = self._steps + self._pending
+        # Non-finite values are caught by the guard; numpy's overflow warnings would only repeat them, or, where
+        # warnings are errors, stop an update half-way through its buffers.
         with np.errstate(over="ignore", invalid="ignore"):
-            value, ws = self._loss_and_gradients(X, y, loss_id)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"train step {self.steps}: the loss is not finite ({value}); the "
-                                         "parameters were left as they were; lower the learning rate or check the inputs")
-            buffers = self._update_buffers(optimizer)
-            self._keep_for_rollback(optimizer, buffers)
-            self.backend.run_step(("update", optimizer.key()), optimizer.step)
-            if not self.backend.all_finite_many([self.grads] + list(buffers.values())):
-                report = self._nonfinite_report(buffers)
-                for name, kept in self._rollback[1].items():
-                    self.backend.copy_into(buffers[name], kept)
-                raise FloatingPointError(report)
-        self.steps += 1
-        return value, ws.A[-1]
-
-    def _update_buffers(self, optimizer):
-        """{name: buffer} of everything an update writes: the parameters and the optimizer state. (The step
-        count is an integer and cannot overflow into NaN, but it is put back too.)"""
-        return {"params": self.params, **optimizer.state, "step": optimizer.step_count}
-
-    def _keep_for_rollback(self, optimizer, buffers):
-        """Copy what the update is about to overwrite into buffers allocated once per optimizer."""
-        if self._rollback[0] is not optimizer:
-            self._rollback = (optimizer, {k: self.backend.empty(tuple(b.shape), b.dtype) for k, b in buffers.items()})
-        for name, buf in buffers.items():
-            self.backend.copy_into(self._rollback[1][name], buf)
-
-    def _nonfinite_report(self, buffers):
-        """The message of a failed step: the first layer whose gradient, or else whose updated parameters or
-        optimizer state, went NaN or inf (the slow path: only after a failure, before the rollback)."""
-        be = self.backend
-        for name, flat in [("gradient", self.grads)] + [(n, b) for n, b in buffers.items() if n != "step"]:
-            for i, views in enumerate(self.layout.views(be, flat)):
-                if not all(be.all_finite(v) for v in views.values()):
-                    what = ("the gradient" if name == "gradient" else "the update made the parameters" if name == "params"
-                            else f"the update made the optimizer state {name!r}")
-                    return (f"train step {self.steps}: {what} of layer {i} ({self.layers[i]!r}) not finite; the "
-                            "parameters and optimizer state were left as they were before this step; lower the "
-                            "learning rate or check the inputs")
-        return f"train step {self.steps}: a value went NaN or inf; the model was left as it was before this step"
+            self.backend.run_step(key, lambda: self._step_ops(Xd, Yd, loss_id, optimizer, ws))
+        self._pending += 1
+        lazy = LazyLoss(self, step)
+        return float(lazy) if sync else lazy
 
     def gradients(self, X, y, loss):
         """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
+        ws = self._workspace(X.shape[0])
+        Xd, Yd, staged = self._stage(X, y, loss_id, ws)
+        key = ("gradients", X.shape[0], loss_id) if staged else None
         with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
-            self._loss_and_gradients(X, y, loss_id)
+            self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
         return self.layout.unflatten(self.backend.to_numpy(self.grads))
 
     def predict(self, X, batch_size=None):
@@ -371,56 +496,74 @@ class Sequential:
         self.backend.copy_into(self.params, self.layout.flatten(checked, self.dtype))
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
-            on_epoch_end=None, on_batch_end=None):
+            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
-        batches), "accuracy" where it applies, and "val_loss"/"val_accuracy" with validation_data.
-        Shuffling draws from the model's seeded generator, so a run is reproducible and resumable from a
-        checkpoint. Device arrays are brought to the host once (rows are gathered there per batch).
-        on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches, loss) are optional callbacks.
-        A non-finite step stops training, keeps the last good parameters and says so (a RuntimeWarning and
-        history.stop_reason)."""
+        batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
+        "val_loss"/"val_accuracy" with validation_data.
+
+        The loop does not wait for the host per step: X and y go to the device once, each epoch's order is
+        drawn from the model's seeded generator (so a run is reproducible and resumable from a checkpoint) and
+        uploaded once, batches are gathered on the device, and the loss and accuracy are summed there. The host
+        reads the guard (gpubp/guard.py) once per epoch, and also every `check_every` steps and every
+        `log_every` steps when given. on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches, loss) are
+        optional callbacks; on_batch_end is called every `log_every` batches (default 1 when it is given) with
+        that batch's loss, and each call costs one read.
+        A non-finite step stops training at the next read, keeps the parameters of the last good step and says
+        so (a RuntimeWarning and history.stop_reason naming the epoch, batch and layer); the steps between the
+        fault and that read are skipped."""
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         for value, what in ((epochs, "epochs"), (batch_size, "batch_size")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+        for value, what in ((check_every, "check_every"), (log_every, "log_every")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{what}: expected a positive integer or None, got {value!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
         for value, what in ((on_epoch_end, "on_epoch_end"), (on_batch_end, "on_batch_end")):
             if value is not None and not callable(value):
                 raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")
-        X = self._host(self._check_X(X))
-        y = self._host(self._check_y(y, loss_id, X.shape[0]))
+        X = self._check_X(X)
+        y = self._check_y(y, loss_id, X.shape[0])
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a pair (X_val, y_val)")
             Xv = self._check_X(validation_data[0])
             yv = self._check_y(validation_data[1], loss_id, Xv.shape[0])
-        N = X.shape[0]
+        if log_every is None and on_batch_end is not None:
+            log_every = 1
+        self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
+
+        data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
+        N = data.rows
         n_batches = -(-N // batch_size)
-        targets = np.eye(self.n_out)[y] if loss_id == losses.SOFTMAX_CE and y.ndim == 1 else y
         history = History()
         for epoch in range(epochs):
-            order = self.rng.permutation(N) if shuffle else np.arange(N)
-            total_loss = total_correct = 0.0
-            for b in range(n_batches):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+            permutation = self.rng.permutation(N) if shuffle else np.arange(N)
+            self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
+            epoch_start = self._steps
+            for b, (_, key, step) in enumerate(data.batches(permutation)):
+                with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
+                    self.backend.run_step(key, step)
+                self._pending += 1
+                done = b + 1
+                read_now = (done == n_batches or (check_every is not None and done % check_every == 0)
+                            or (log_every is not None and done % log_every == 0))
+                if not read_now:
+                    continue
                 try:
-                    value, prediction = self._train_step(X[idx], y[idx], loss_id, optimizer)
-                except FloatingPointError as err:
-                    history.stop_reason = f"epoch {epoch}, batch {b}: {err}"
+                    guard = self.sync()
+                except G.StepFault as err:
+                    history.stop_reason = f"epoch {epoch}, batch {err.step - epoch_start}: {err}"
                     warnings.warn(f"fit stopped: {history.stop_reason}", RuntimeWarning, stacklevel=2)
                     return history
-                total_loss += value * len(idx)
-                # Keras-style running accuracy: each batch's predictions before its update.
-                accuracy = losses.accuracy(loss_id, self.backend.to_numpy(prediction), targets[idx])
-                if accuracy is not None:
-                    total_correct += accuracy * len(idx)
-                if on_batch_end is not None:
-                    on_batch_end(b, n_batches, value)
-            logs = {"loss": total_loss / N}
+                if on_batch_end is not None and done % log_every == 0:
+                    on_batch_end(b, n_batches, float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]))
+            logs = {"loss": guard[G.LOSS_SUM] / N}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = total_correct / N
+                logs["accuracy"] = guard[G.CORRECT] / N
+            logs = {k: float(v) for k, v in logs.items()}
             if validation_data is not None:
                 logs["val_loss"], val_accuracy = self.evaluate(Xv, yv, loss)
                 if val_accuracy is not None:
@@ -430,9 +573,6 @@ class Sequential:
             if on_epoch_end is not None:
                 on_epoch_end(epoch, logs)
         return history
-
-    def _host(self, x):
-        return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, path, extra=None):

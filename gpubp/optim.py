@@ -1,8 +1,11 @@
 """Optimizers: PyTorch's SGD and Adam rules, their state in flat buffers, one backend launch per step.
 
 The base class owns validation, the step counter and the state's save/restore; each subclass names its state
-buffers and makes one backend call (tinygrad's shape: one `_update` per optimizer)."""
-import json
+buffers and makes one backend call (tinygrad's shape: one `_update` per optimizer).
+
+The settings live in device memory too (`hyper`, float64, in the order of the backend's SGD_HYPER / ADAM_HYPER):
+the kernels read them there, so a captured step needs no recapture when the learning rate changes. Setting an
+attribute (`opt.lr = 0.01`) validates it and writes the device copy (one small host-to-device copy)."""
 import math
 import numbers
 
@@ -35,17 +38,47 @@ class Optimizer:
         if not isinstance(net, Sequential):
             raise TypeError(f"{type(self).__name__}: expected a gpubp.Sequential as first argument, got {type(net).__name__}")
         self.net = net
-        self.lr = _number(lr, f"{type(self).__name__} lr", 0.0, low_open=True)
         be = net.backend
+        self.hyper = be.zeros((len(self.hyper_names),), np.float64)
+        self.lr = lr
         self.state = {name: be.zeros((net.layout.size,), net.dtype) for name in self.state_names}
         self.step_count = be.zeros((1,), np.int64)   # on the device: a captured step reads and bumps it
         net.optimizer = self
 
-    def step(self):
-        """θ ← update(θ, ∇θ) over the whole flat buffer, in place."""
-        self._update(self.net.backend, self.net.params, self.net.grads)
+    hyper_names = ()   # the settings in `hyper`, in the kernels' order
 
-    def _update(self, be, params, grads):
+    def __setattr__(self, name, value):
+        # Only the learning rate may change after construction (it is rewritten on the device); a changed
+        # momentum or beta would silently not reach the kernels, so it is refused.
+        if name in self._fixed_settings and "hyper" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed once made; only lr may change "
+                                 "(make a new optimizer for other settings)")
+        super().__setattr__(name, value)
+
+    _fixed_settings = ("momentum", "weight_decay", "nesterov", "dampening", "betas", "eps")
+
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _number(value, f"{type(self).__name__} lr", 0.0, low_open=True)
+        self._write_hyper()
+
+    def _write_hyper(self):
+        if hasattr(self, "hyper"):
+            values = self._hyper_values()
+            self.net.backend.copy_into(self.hyper, np.array(values, np.float64))
+
+    def _hyper_values(self):
+        raise NotImplementedError
+
+    def step(self, guard):
+        """θ ← update(θ, ∇θ) over the whole flat buffer, in place, guarded (gpubp/guard.py)."""
+        self._update(self.net.backend, self.net.params, self.net.grads, guard)
+
+    def _update(self, be, params, grads, guard):
         raise NotImplementedError
 
     @property
@@ -56,20 +89,21 @@ class Optimizer:
         raise NotImplementedError
 
     def key(self):
-        """What a captured update depends on besides the buffers (settings are baked into the launch)."""
-        return type(self).__name__ + json.dumps(self.config(), sort_keys=True)
+        """What a captured step depends on besides its buffers: the optimizer's kind (its settings are read
+        from device memory, so they may change between replays)."""
+        return type(self).__name__
 
     def state_arrays(self):
-        """{name: numpy copy} of the state, for a checkpoint."""
-        be = self.net.backend
-        arrays = {name: be.to_numpy(buf) for name, buf in self.state.items()}
+        """{name: numpy copy} of the state, for a checkpoint (flat buffers packed: no padding)."""
+        be, layout = self.net.backend, self.net.layout
+        arrays = {name: layout.pack(be.to_numpy(buf)) for name, buf in self.state.items()}
         arrays["step"] = be.to_numpy(self.step_count)
         return arrays
 
     def load_state_arrays(self, arrays):
-        be = self.net.backend
+        be, layout = self.net.backend, self.net.layout
         for name in self.state_names:
-            be.copy_into(self.state[name], arrays[name])
+            be.copy_into(self.state[name], layout.unpack(arrays[name]))
         be.copy_into(self.step_count, arrays["step"])
 
     def __repr__(self):
@@ -81,6 +115,7 @@ class SGD(Optimizer):
     g = g + μ·b (Nesterov) or b;  θ ← θ − lr·g."""
 
     state_names = ("momentum_buffer",)
+    hyper_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(self, net, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0):
         self.momentum = _number(momentum, "SGD momentum", 0.0)
@@ -94,9 +129,11 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         super().__init__(net, lr)
 
-    def _update(self, be, params, grads):
-        be.sgd_update(params, grads, self.state["momentum_buffer"], self.step_count, self.lr, self.momentum,
-                      self.dampening, self.weight_decay, self.nesterov)
+    def _hyper_values(self):
+        return [self.lr, self.momentum, self.dampening, self.weight_decay, float(self.nesterov)]
+
+    def _update(self, be, params, grads, guard):
+        be.sgd_update(params, grads, self.state["momentum_buffer"], self.step_count, self.hyper, guard)
 
     def config(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
@@ -108,6 +145,7 @@ class Adam(Optimizer):
     θ ← θ − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
     def __init__(self, net, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -118,9 +156,12 @@ class Adam(Optimizer):
         self.weight_decay = _number(weight_decay, "Adam weight_decay", 0.0)
         super().__init__(net, lr)
 
-    def _update(self, be, params, grads):
+    def _hyper_values(self):
+        return [self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay]
+
+    def _update(self, be, params, grads, guard):
         be.adam_update(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"], self.step_count,
-                       self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay)
+                       self.hyper, guard)
 
     def config(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}

@@ -2,7 +2,7 @@
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
 Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, seed, deterministic, steps, rng state,
-       optimizer type and config, extra)  params (flat)  opt.<state name> (flat)  opt.step (int64, (1,))
+       optimizer type and config, extra)  params (flat, packed)  opt.<state name> (flat, packed)  opt.step (int64, (1,))
 
 `extra` is the caller's own JSON-able metadata (the command line keeps its preprocessing there); load returns
 it as net.extra ({} when none was saved), and saving a loaded model again keeps it.
@@ -49,7 +49,7 @@ def save(net, path, extra=None):
         "optimizer": None,
         "extra": extra or {},
     }
-    arrays = {"format": np.array(FORMAT), "params": net.backend.to_numpy(net.params)}
+    arrays = {"format": np.array(FORMAT), "params": net.layout.pack(net.backend.to_numpy(net.params))}
     if net.optimizer is not None:
         meta["optimizer"] = {"type": type(net.optimizer).__name__, "config": net.optimizer.config()}
         for name, value in net.optimizer.state_arrays().items():
@@ -196,7 +196,7 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
         raise _bad(path, "its 'opt.exp_avg_sq' (a mean of squares) holds negative values")
     if opt_meta is not None and not 0 <= int(opt_arrays["step"][0]) < 2**63:
         raise _bad(path, f"its optimizer step is {opt_arrays['step'][0]}, expected a non-negative int64")
-    net.backend.copy_into(net.params, params)
+    net.backend.copy_into(net.params, net.layout.unpack(params))
     net.steps = meta["steps"]
     net.extra = meta["extra"]
     if optimizer is not None:

@@ -6,12 +6,14 @@ can run here, at awkward sizes, with outputs poisoned (NaN) before each op so an
     weight_grad     dW = δᵀ · A_prev,  db = Σₙ δₙ
     input_grad      dA_prev = δ · W
     loss_grad       fused output activation + loss + ∂L/∂Z
-    sgd_update / adam_update over a flat buffer
+    sgd_update / adam_update over a flat buffer, guarded (a would-be non-finite update writes nothing)
+    gather_rows, advance_cursor, guard_gradients, record_step: the training loop's device-side ops
 """
 import numpy as np
 import pytest
 
 from gpubp import activations as acts
+from gpubp import guard as G
 from gpubp import losses
 from gpubp.backends import get_backend
 from conftest import pick_sizes
@@ -48,6 +50,18 @@ class Harness:
 
     def get(self, x):
         return self.be.to_numpy(x).astype(np.float64)
+
+    def hyper(self, *values):
+        return self.be.asarray(np.array(values, np.float64), np.float64)
+
+    def guard(self, steps=0, fault=G.NONE):
+        """A fresh guard (STEP = steps); with `fault`, one that already holds a fault."""
+        guard = np.zeros(G.SIZE)
+        guard[:G.RING] = G.fresh(steps)
+        guard[G.RING:] = np.nan   # the loss ring is written only where record_step says
+        if fault:
+            guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = fault, steps, 5
+        return self.be.asarray(guard, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -195,14 +209,15 @@ def test_sgd_update(backend_name, dtype, settings, rng):
     theta0 = rng.standard_normal(size).astype(dtype).astype(np.float64)
     grads = [rng.standard_normal(size).astype(dtype).astype(np.float64) for _ in range(3)]
     params, buf = h.put(theta0), h.poisoned((size,))
-    step = h.be.zeros((1,), np.int64)
+    step, guard = h.be.zeros((1,), np.int64), h.guard(steps=7)
+    hyper = h.hyper(0.1, settings["momentum"], settings["dampening"], settings["weight_decay"], settings["nesterov"])
     for g in grads:
-        h.be.sgd_update(params, h.put(g), buf, step, 0.1, settings["momentum"], settings["dampening"],
-                        settings["weight_decay"], settings["nesterov"])
+        h.be.sgd_update(params, h.put(g), buf, step, hyper, guard)
     expected = sgd_reference(theta0, grads, 0.1, settings["momentum"], settings["dampening"],
                              settings["weight_decay"], settings["nesterov"])
     np.testing.assert_allclose(h.get(params), expected, **tol(dtype))
     assert int(h.be.to_numpy(step)[0]) == 3
+    assert h.be.to_numpy(guard)[G.STEP] == 10 and h.be.to_numpy(guard)[G.FAULT] == G.NONE
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,12 +228,151 @@ def test_adam_update(backend_name, dtype, weight_decay, rng):
     theta0 = rng.standard_normal(size).astype(dtype).astype(np.float64)
     grads = [rng.standard_normal(size).astype(dtype).astype(np.float64) for _ in range(4)]
     params, m, v = h.put(theta0), h.be.zeros((size,), h.dtype), h.be.zeros((size,), h.dtype)
-    step = h.be.zeros((1,), np.int64)
+    step, guard = h.be.zeros((1,), np.int64), h.guard()
+    hyper = h.hyper(1e-2, 0.9, 0.999, 1e-8, weight_decay)
     for g in grads:
-        h.be.adam_update(params, h.put(g), m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
+        h.be.adam_update(params, h.put(g), m, v, step, hyper, guard)
     expected = adam_reference(theta0, grads, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
     np.testing.assert_allclose(h.get(params), expected, **tol(dtype))
     assert int(h.be.to_numpy(step)[0]) == 4
+    assert h.be.to_numpy(guard)[G.STEP] == 4
+
+
+# ---- guarded updates: a fault already set skips them; an overflowing one writes nothing ------------------------
+def _run_update(h, which, params, grads, state, step, hyper, guard):
+    if which == "sgd":
+        h.be.sgd_update(params, grads, state[0], step, hyper, guard)
+    else:
+        h.be.adam_update(params, grads, state[0], state[1], step, hyper, guard)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+def test_updates_do_nothing_once_a_fault_is_set(backend_name, dtype, which, rng):
+    h = Harness(backend_name, dtype)
+    size = pick_sizes(1031, 67)
+    theta0, g, s0 = (rng.standard_normal(size).astype(dtype) for _ in range(3))
+    params, state = h.put(theta0), [h.put(np.abs(s0)), h.put(np.abs(s0))]
+    step, guard = h.be.asarray(np.array([5]), np.int64), h.guard(steps=5, fault=G.GRADIENT)
+    hyper = h.hyper(0.1, 0.9, 0.0, 0.0, 0.0) if which == "sgd" else h.hyper(0.1, 0.9, 0.999, 1e-8, 0.0)
+    guard_before = h.be.to_numpy(guard)
+    _run_update(h, which, params, h.put(g), state, step, hyper, guard)
+    assert np.array_equal(h.be.to_numpy(params), theta0)
+    assert all(np.array_equal(h.be.to_numpy(b), np.abs(s0)) for b in state)
+    assert int(h.be.to_numpy(step)[0]) == 5
+    np.testing.assert_array_equal(h.be.to_numpy(guard), guard_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which, culprit, case", [("sgd", G.PARAMS, "lr·g"), ("sgd", G.PARAMS, "momentum"),
+                                                  ("adam", G.STATE + 1, "g²")])
+def test_update_that_would_overflow_writes_nothing_and_names_the_buffer(backend_name, dtype, which, culprit, case,
+                                                                        rng):
+    """The parameters are named before the state (the order of the old host-side report): with SGD a momentum
+    buffer that overflows takes θ with it, so only Adam's v can be named alone."""
+    h = Harness(backend_name, dtype)
+    size = pick_sizes(1031, 67)
+    big = np.finfo(dtype).max
+    theta0 = rng.standard_normal(size).astype(dtype)
+    g = rng.standard_normal(size).astype(dtype)
+    bad = [size - 1, size // 2, size // 3]          # the smallest one is the index to report
+    if case == "lr·g":                               # lr·g overflows θ, momentum off
+        g[bad] = big / 4
+        hyper = h.hyper(1e3, 0.0, 0.0, 0.0, 0.0)
+    elif case == "momentum":                         # μ·b + g overflows b, and so θ
+        g[bad] = big * 0.75
+        hyper = h.hyper(1e-30, 0.9, 0.0, 0.0, 0.0)
+    else:                                            # (1 − β2)·g·g overflows v (state 1); m and θ stay finite
+        g[bad] = np.sqrt(big) * 100
+        hyper = h.hyper(1e-3, 0.9, 0.999, 1e-8, 0.0)
+    s0 = [np.full(size, big * 0.75 if case == "momentum" else 0.0, dtype), np.zeros(size, dtype)]
+    params, state = h.put(theta0), [h.put(s) for s in s0]
+    step, guard = h.be.asarray(np.array([1]), np.int64), h.guard(steps=9)
+    _run_update(h, which, params, h.put(g), state, step, hyper, guard)
+    got = h.be.to_numpy(guard)
+    assert got[G.FAULT] == culprit and got[G.FAULT_STEP] == 9 and got[G.FAULT_INDEX] == min(bad) and got[G.STEP] == 9
+    assert np.array_equal(h.be.to_numpy(params), theta0)
+    assert all(np.array_equal(h.be.to_numpy(b), s) for b, s in zip(state, s0))
+    assert int(h.be.to_numpy(step)[0]) == 1
+
+
+# ---- the training loop's device-side ops ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, F, n, start", [(1, 1, 1, 0), (7, 3, 3, 4), (33, 9, 32, 1), (1031, 67, 257, 700)],
+                         ids=str)
+def test_gather_rows_and_advance_cursor(backend_name, dtype, M, F, n, start, rng):
+    if backend_name == "numba" and M > 100:
+        M, F, n, start = 130, 9, 33, 90        # the simulator runs a thread at a time
+    h = Harness(backend_name, dtype)
+    src = rng.standard_normal((M, F)).astype(dtype)
+    order = rng.permutation(M)
+    order_dev = h.be.asarray(np.append(order, start), np.int64)
+    cursor = h.be.view(order_dev, M, (1,))
+    out = h.poisoned((n, F))
+    h.be.gather_rows(h.put(src), order_dev, cursor, out)
+    np.testing.assert_array_equal(h.be.to_numpy(out), src[order[start:start + n]])
+    h.be.advance_cursor(cursor, n)
+    assert int(h.be.to_numpy(order_dev)[M]) == start + n
+    np.testing.assert_array_equal(h.be.to_numpy(order_dev)[:M], order)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guard_gradients(backend_name, dtype, rng):
+    h = Harness(backend_name, dtype)
+    size = pick_sizes(1031, 67)
+    grads = rng.standard_normal(size)
+    # finite loss and gradients: nothing changes
+    guard = h.guard(steps=3)
+    h.be.guard_gradients(h.put([0.5]), h.put(grads), guard)
+    np.testing.assert_array_equal(h.be.to_numpy(guard)[:G.RING], G.fresh(3))
+    # non-finite gradients: the smallest bad index is named
+    bad = grads.copy()
+    bad[[size - 1, size // 2]] = [np.nan, np.inf]
+    h.be.guard_gradients(h.put([0.5]), h.put(bad), guard)
+    got = h.be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX], got[G.SKIPPED]) == (G.GRADIENT, 3, size // 2, 0)
+    # a fault already set: later steps are counted as skipped, the first fault stays
+    h.be.guard_gradients(h.put([np.nan]), h.put(bad), guard)
+    h.be.guard_gradients(h.put([0.5]), h.put(grads), guard)
+    got = h.be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_INDEX], got[G.SKIPPED]) == (G.GRADIENT, size // 2, 2)
+    # a non-finite loss is named before the gradients
+    guard = h.guard(steps=4)
+    h.be.guard_gradients(h.put([np.inf]), h.put(bad), guard)
+    got = h.be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX]) == (G.LOSS, 4, -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", [losses.MSE, losses.BCE, losses.SOFTMAX_CE], ids=losses.name_of)
+@pytest.mark.parametrize("N, C", [(1, 1), (7, 3), (33, 1), (1031, 10)], ids=str)
+def test_record_step(backend_name, dtype, loss, N, C, rng):
+    if backend_name == "numba" and N > 100:
+        N = 130
+    if loss == losses.SOFTMAX_CE and C == 1:
+        C = 2
+    h = Harness(backend_name, dtype)
+    A = rng.random((N, C)).astype(dtype)
+    if loss == losses.SOFTMAX_CE:
+        A[:, 0] = A[:, 1]                         # ties: argmax takes the first, as numpy does
+        Y = np.eye(C, dtype=dtype)[rng.integers(0, C, N)]
+    else:
+        Y = (rng.random((N, C)) > 0.5).astype(dtype)
+        A[0, 0] = 0.5                             # exactly 0.5 is not > 0.5
+    guard = h.guard(steps=G.RING_SIZE + 2)        # the ring wraps: the slot of step RING_SIZE + 1 is 1
+    loss_value = np.array([0.25], dtype)
+    for _ in range(2):
+        h.be.record_step(loss, h.put(loss_value), h.put(A), h.put(Y), guard)
+    got = h.be.to_numpy(guard)
+    accuracy = losses.accuracy(loss, A, Y)
+    assert got[G.LOSS_SUM] == 2 * (0.25 * N) and got[G.ROWS] == 2 * N
+    assert got[G.CORRECT] == (0.0 if accuracy is None else 2 * (accuracy * N))   # bit for bit, as fit summed it
+    assert got[G.RING + 1] == 0.25 and np.isnan(np.delete(got[G.RING:], 1)).all()
+    # a faulted step records nothing
+    faulted = h.guard(steps=3, fault=G.LOSS)
+    before = h.be.to_numpy(faulted)
+    h.be.record_step(loss, h.put(loss_value), h.put(A), h.put(Y), faulted)
+    np.testing.assert_array_equal(h.be.to_numpy(faulted), before)
 
 
 def test_deterministic_weight_grad_is_bit_identical(backend_name, rng):

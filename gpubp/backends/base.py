@@ -13,10 +13,21 @@ Shapes (rows are samples):  A_prev (N, in)   W (out, in)   b (out,)   Z, A, dA, 
     input_grad      dA_prev = δ · W
     input_grad_masked  δ_prev = (δ · W) ⊙ g'(Z_prev)      (the two above, fused)
     loss_grad       L = loss(F(Z), y),  δ = ∂L/∂Z          (output activation, loss and its gradient, fused)
-    sgd_update      θ ← θ − η·(PyTorch SGD direction)      (in place, over the whole flat buffer)
-    adam_update     θ ← θ − η·m̂/(√v̂ + ε)                   (in place, over the whole flat buffer)
+    sgd_update      θ ← θ − η·(PyTorch SGD direction)      (in place, over the whole flat buffer, guarded)
+    adam_update     θ ← θ − η·m̂/(√v̂ + ε)                   (in place, over the whole flat buffer, guarded)
 
-Activations and losses are passed as the integer ids of gpubp.activations and gpubp.losses.
+The training loop's device-side ops (issue 11: no host synchronisation per step; gpubp/guard.py has the guard's
+layout and the order of a step):
+    gather_rows     out = src[order[cursor : cursor + n]]  (a batch from device-resident data)
+    advance_cursor  cursor += n
+    guard_gradients a non-finite loss or gradient sets the guard's fault
+    record_step     the step's loss, correct predictions and rows added to the guard's sums
+
+Activations and losses are passed as the integer ids of gpubp.activations and gpubp.losses. Optimizer settings
+arrive as a device float64 array `hyper` (read by the kernels, so a changed learning rate needs no recapture).
+
+Every backend counts what crosses between host and device in `counters` (tests read them): "sync" (the host
+waited for the device), "d2h" (device-to-host copies) and "h2d" (host-to-device copies).
 """
 
 
@@ -28,6 +39,7 @@ class Backend:
     def __init__(self, deterministic=False):
         # deterministic=True: every op must give bit-identical results run to run (no atomics in reductions).
         self.deterministic = bool(deterministic)
+        self.counters = {"sync": 0, "d2h": 0, "h2d": 0}
 
     # ---- arrays ------------------------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -84,6 +96,11 @@ class Backend:
     def synchronize(self):
         """Wait until every launched op has finished (for timing)."""
 
+    def free_memory(self):
+        """Bytes of device memory free for data (fit streams data larger than a share of it), or None when the
+        data is in host memory anyway (numpy)."""
+        return None
+
     # ---- the kernel set ----------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
         """Z = A_prev · Wᵀ + b and A = g(Z) (b may be None: no bias). Z is kept for backward; where
@@ -117,18 +134,50 @@ class Backend:
         loss_out is a device array of shape (1,) in the model's dtype."""
         raise NotImplementedError
 
-    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
-        """torch.optim.SGD's rule over the flat buffers, in place; `step` is a device int64 array of shape (1,),
-        the number of updates done so far, which this op increments:
+    # The two updates are guarded (gpubp/guard.py): with guard[FAULT] set they do nothing; an update that would
+    # leave any parameter or state value non-finite writes nothing and sets guard[FAULT] to guard.PARAMS or
+    # guard.STATE + k (k: the state buffer's position in the signature), guard[FAULT_STEP] = guard[STEP] and
+    # guard[FAULT_INDEX] to the smallest bad flat index; otherwise it is applied, and step[0] and guard[STEP]
+    # go up by one. `step` is a device int64 array (1,), the updates done so far. `hyper` a device float64 array.
+    SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
+        """torch.optim.SGD's rule over the flat buffers, in place; hyper = [lr, μ, dampening, wd, nesterov]:
             g = grad + wd·θ
-            if momentum: b = g when step == 0 else μ·b + (1 − dampening)·g;  g = g + μ·b if nesterov else b
-            θ = θ − lr·g"""
+            if μ: b = g when step == 0 else μ·b + (1 − dampening)·g;  g = g + μ·b if nesterov else b
+            θ = θ − lr·g
+        State buffer 0: the momentum buffer b (untouched when μ = 0)."""
         raise NotImplementedError
 
-    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-        """torch.optim.Adam's rule over the flat buffers, in place; t = step[0] + 1 and step[0] is set to t:
+    def adam_update(self, params, grads, m, v, step, hyper, guard):
+        """torch.optim.Adam's rule over the flat buffers, in place; hyper = [lr, β1, β2, ε, wd]; t = step[0] + 1:
             g = grad + wd·θ;  m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²
-            θ = θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)"""
+            θ = θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
+        State buffers 0 and 1: m and v."""
+        raise NotImplementedError
+
+    # ---- the training loop's device-side ops (gpubp/guard.py) --------------------------------------------
+    def gather_rows(self, src, order, cursor, out):
+        """out[i, :] = src[order[cursor[0] + i], :] for i < out.shape[0]. src (M, F) of out's dtype, order (M,)
+        int64 (a permutation of the rows), cursor (1,) int64; all device arrays. The cursor is not moved."""
+        raise NotImplementedError
+
+    def advance_cursor(self, cursor, n):
+        """cursor[0] += n, on the device (after every gather of a batch has read it)."""
+        raise NotImplementedError
+
+    def guard_gradients(self, loss_out, grads, guard):
+        """If guard[FAULT] is set: guard[SKIPPED] += 1. Else, when loss_out[0] is not finite: FAULT = LOSS,
+        FAULT_INDEX = -1; else when some gradient is not finite: FAULT = GRADIENT, FAULT_INDEX = the smallest such
+        flat index; FAULT_STEP = guard[STEP] with either. loss_out (1,) and grads (P,) in the model's dtype."""
+        raise NotImplementedError
+
+    def record_step(self, loss, loss_out, A, Y, guard):
+        """After the update, when guard[FAULT] is not set (the step was good): with n = A.shape[0],
+        guard[LOSS_SUM] += loss_out[0]·n; guard[ROWS] += n; guard[RING + (guard[STEP] − 1) % RING_SIZE] =
+        loss_out[0]; and guard[CORRECT] += accuracy·n, where accuracy is gpubp.losses.accuracy(loss, A, Y)
+        computed as numpy does (a count divided by the elements compared, in float64), 0 for mse."""
         raise NotImplementedError
 
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------

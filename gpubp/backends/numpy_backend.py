@@ -1,10 +1,12 @@
 """The numpy backend: the readable reference every other backend is tested against. Runs anywhere, float32
 and float64. Each op writes into the buffers it is given (out=), so a train step allocates little."""
+import contextlib
 import math
 
 import numpy as np
 
 from .. import activations as acts
+from .. import guard as G
 from .. import losses
 from .base import Backend
 
@@ -30,9 +32,11 @@ class NumpyBackend(Backend):
         return np.ascontiguousarray(x, dtype=dtype)
 
     def copy_into(self, dst, src):
+        self.counters["h2d"] += 1   # host and "device" are one memory here: counted as a GPU backend would
         np.copyto(dst, src, casting="unsafe")
 
     def to_numpy(self, x):
+        self.counters["d2h"] += 1
         return np.array(x, copy=True)
 
     def view(self, flat, offset, shape):
@@ -89,46 +93,109 @@ class NumpyBackend(Backend):
     def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
         loss_out[0] = losses.loss_grad(loss, act, alpha, Z, y, A, delta)
 
-    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
-        # The temporaries of the textbook lines (g + wd·θ, (1 − dampening)·g, lr·g) go to scratch buffers.
-        tmp = self._scratch(params)
-        g = grads
-        if weight_decay != 0:
-            g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
-            g += grads                                    # g = grad + wd·θ
-        if momentum != 0:
-            if step[0] == 0:
-                momentum_buf[...] = g                     # b = g
-            else:
-                momentum_buf *= momentum                  # b = μ·b + (1 − dampening)·g
-                momentum_buf += g if dampening == 0 else np.multiply(g, 1 - dampening, out=tmp)
-            if nesterov:
-                g = np.add(g, np.multiply(momentum_buf, momentum, out=tmp), out=tmp)   # g = g + μ·b
-            else:
-                g = momentum_buf                          # g = b
-        params -= np.multiply(g, lr, out=tmp)             # θ = θ − lr·g
-        step[0] += 1
+    def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
+        if guard[G.FAULT]:
+            return
+        lr, momentum, dampening, weight_decay, nesterov = (float(h) for h in hyper)   # Python floats: float32 stays float32
+        with self._rollback_on_overflow(guard, params, momentum_buf if momentum != 0 else None):
+            # The temporaries of the textbook lines (g + wd·θ, (1 − dampening)·g, lr·g) go to scratch buffers.
+            tmp = self._scratch(params)
+            g = grads
+            if weight_decay != 0:
+                g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
+                g += grads                                    # g = grad + wd·θ
+            if momentum != 0:
+                if step[0] == 0:
+                    momentum_buf[...] = g                     # b = g
+                else:
+                    momentum_buf *= momentum                  # b = μ·b + (1 − dampening)·g
+                    momentum_buf += g if dampening == 0 else np.multiply(g, 1 - dampening, out=tmp)
+                if nesterov:
+                    g = np.add(g, np.multiply(momentum_buf, momentum, out=tmp), out=tmp)   # g = g + μ·b
+                else:
+                    g = momentum_buf                          # g = b
+            params -= np.multiply(g, lr, out=tmp)             # θ = θ − lr·g
+        self._count_good_step(step, guard)
 
-    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-        # Temporaries go to scratch buffers; the bias corrections are Python floats, so float32 stays float32
-        # (a numpy float64 scalar would promote every temporary to float64).
-        t = int(step[0]) + 1
-        tmp = self._scratch(params)
-        g = grads
-        if weight_decay != 0:
-            g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
-            g += grads                                    # g = grad + wd·θ
-        m *= beta1
-        m += np.multiply(g, 1 - beta1, out=tmp)           # m = β1·m + (1 − β1)·g
-        v *= beta2
-        np.multiply(g, 1 - beta2, out=tmp)
-        tmp *= g
-        v += tmp                                          # v = β2·v + (1 − β2)·g²
-        step_size = lr / (1 - beta1 ** t)
-        denom = np.sqrt(v, out=tmp)
-        denom /= math.sqrt(1 - beta2 ** t)
-        denom += eps                                      # √v / √(1 − β2ᵗ) + ε
-        update = np.divide(m, denom, out=tmp)
-        update *= step_size
-        params -= update                                  # θ = θ − lr/(1 − β1ᵗ) · m / denom
-        step[0] = t
+    def adam_update(self, params, grads, m, v, step, hyper, guard):
+        if guard[G.FAULT]:
+            return
+        lr, beta1, beta2, eps, weight_decay = (float(h) for h in hyper)
+        with self._rollback_on_overflow(guard, params, m, v):
+            # Temporaries go to scratch buffers; the bias corrections are Python floats, so float32 stays float32
+            # (a numpy float64 scalar would promote every temporary to float64).
+            t = int(step[0]) + 1
+            tmp = self._scratch(params)
+            g = grads
+            if weight_decay != 0:
+                g = np.multiply(params, weight_decay, out=self._scratch(params, 1))
+                g += grads                                    # g = grad + wd·θ
+            m *= beta1
+            m += np.multiply(g, 1 - beta1, out=tmp)           # m = β1·m + (1 − β1)·g
+            v *= beta2
+            np.multiply(g, 1 - beta2, out=tmp)
+            tmp *= g
+            v += tmp                                          # v = β2·v + (1 − β2)·g²
+            step_size = lr / (1 - beta1 ** t)
+            denom = np.sqrt(v, out=tmp)
+            denom /= math.sqrt(1 - beta2 ** t)
+            denom += eps                                      # √v / √(1 − β2ᵗ) + ε
+            update = np.divide(m, denom, out=tmp)
+            update *= step_size
+            params -= update                                  # θ = θ − lr/(1 − β1ᵗ) · m / denom
+        self._count_good_step(step, guard)
+
+    @contextlib.contextmanager
+    def _rollback_on_overflow(self, guard, params, *state):
+        """The guarded update on the CPU: keep copies of what the update writes, apply it, and when a value went
+        non-finite put the copies back and record the fault (a GPU backend checks first, then applies: no copies).
+        A state buffer of None is one the update does not touch."""
+        buffers = [(k, b, self._scratch(b, 2 + k)) for k, b in enumerate((params, *state)) if b is not None]
+        for _, b, copy in buffers:
+            np.copyto(copy, b)
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is what this guards against: no warning
+            yield
+        for k, b, _ in buffers:
+            if not np.isfinite(b).all():   # the fast test first: the index is wanted only after a fault
+                self._set_fault(guard, G.PARAMS if k == 0 else G.STATE + k - 1,
+                                int(np.flatnonzero(~np.isfinite(b))[0]))
+                for _, buf, copy in buffers:
+                    np.copyto(buf, copy)
+                return
+
+    @staticmethod
+    def _set_fault(guard, code, index):
+        guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = code, guard[G.STEP], index
+
+    @staticmethod
+    def _count_good_step(step, guard):
+        if not guard[G.FAULT]:
+            step[0] += 1
+            guard[G.STEP] += 1
+
+    # ---- the training loop's device-side ops ------------------------------------------------------------
+    def gather_rows(self, src, order, cursor, out):
+        start = int(cursor[0])
+        np.take(src, order[start:start + out.shape[0]], axis=0, out=out)
+
+    def advance_cursor(self, cursor, n):
+        cursor[0] += n
+
+    def guard_gradients(self, loss_out, grads, guard):
+        if guard[G.FAULT]:
+            guard[G.SKIPPED] += 1
+        elif not np.isfinite(loss_out[0]):
+            self._set_fault(guard, G.LOSS, -1)
+        elif not np.isfinite(grads).all():   # the fast test first: the index is wanted only after a fault
+            self._set_fault(guard, G.GRADIENT, int(np.flatnonzero(~np.isfinite(grads))[0]))
+
+    def record_step(self, loss, loss_out, A, Y, guard):
+        if guard[G.FAULT]:
+            return
+        n = A.shape[0]
+        guard[G.LOSS_SUM] += float(loss_out[0]) * n
+        guard[G.ROWS] += n
+        guard[G.RING + (int(guard[G.STEP]) - 1) % G.RING_SIZE] = loss_out[0]
+        accuracy = losses.accuracy(loss, A, Y)
+        if accuracy is not None:
+            guard[G.CORRECT] += accuracy * n
