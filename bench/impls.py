@@ -257,11 +257,28 @@ def _gpubp_fit(backend_name):
         meter = _memory_meter(be)
         net, opt = gpubp_net(spec, params0, lr, be)
 
+        counted = {}
+
         def run(i):
+            before = dict(getattr(be, "counters", {}))
             net.fit(X, Y, loss=spec.loss, optimizer=opt, epochs=1, batch_size=spec.batch, shuffle=True)
-        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=(X, Y),
-                      info=lambda: graph_info(be))
+            counted.update({k: v - before.get(k, 0) for k, v in getattr(be, "counters", {}).items()})
+
+        def info():
+            return "; ".join(filter(None, [host_traffic(counted, spec.batches), graph_info(be)]))
+        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=(X, Y), info=info)
     return make
+
+
+def host_traffic(counted, steps):
+    """What the backend's counters (gpubp/backends/base.py: sync, d2h, h2d) saw in the last fit epoch, per step.
+    All zero means the backend does not count (a fit from host data copies at least once), so it says that."""
+    if not counted:
+        return "host syncs: the backend has no counters"
+    if not any(counted.values()):
+        return "host syncs: not counted by this backend (its counters stayed 0)"
+    return ("per step over the last epoch: " + ", ".join(f"{k} {v / steps:.3g}" for k, v in sorted(counted.items()))
+            + " (the backend's counters)")
 
 
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
@@ -457,10 +474,11 @@ def _jax_train(spec, params0, sets, lr):
 
 
 UNCHECKED_NOTE = "Sequential._train_step: the step without train_step's input checks"
-DEVICE_INPUT_NOTE = ("train: device batches used in place (forward and backward eager, the update a CUDA graph); "
-                     "fit: the public Sequential.fit on NumPy data, one epoch")
-HOST_BATCHES_NOTE = ("the public train_step on NumPy batches (copied into the workspace each step): the whole "
-                     "step can replay as CUDA graphs")
+DEVICE_INPUT_NOTE = ("train: the public train_step on batches already on the device, used in place (a step on "
+                     "buffers the caller owns is not replayed from a graph); fit: the public Sequential.fit on "
+                     "NumPy data, one epoch")
+HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the model's workspace each step (the "
+                     "path a user takes): the whole step can replay as a CUDA graph")
 
 
 # ---- the registry ------------------------------------------------------------------------------------------------
