@@ -276,7 +276,9 @@ def deterministic_case(backend_name, dtype, sizes, rng):
 # ---- planted sanitizer bugs: one small kernel per tool, each with the bug that tool exists to find ----------
 PLANTED_KERNELS = {
     "memcheck": ("planted_oob", r'''extern "C" __global__ void planted_oob(float* out, int n) {
-    out[threadIdx.x + n] = 1.0f;      // every thread writes past the end of out
+    // every thread writes 1 GiB past the end of out: beyond the memory pool's chunk too, which a write just
+    // past the end would still land in (memcheck knows allocations, not arrays)
+    out[(size_t)n + (size_t)268435456 + threadIdx.x] = 1.0f;
 }'''),
     "racecheck": ("planted_race", r'''extern "C" __global__ void planted_race(float* out, int n) {
     __shared__ float s[32];

@@ -90,7 +90,9 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
     versions = json.loads((run_dir / "versions.json").read_text())
     assert versions["dry_run"] is True and versions["python"] and "availability" in versions["gpubp"]
     smoke = [json.loads(x) for x in (run_dir / "smoke" / "cupy.jsonl").read_text().splitlines()]
-    assert smoke[0]["planted"] and smoke[0]["status"] == "failed" and all(r["status"] == "ok" for r in smoke[1:])
+    assert smoke[0]["planted"] and smoke[0]["status"] == "failed"
+    # the rest agree; an op this backend does not implement yet is listed as missing, not failed
+    assert all(r["status"] in ("ok", "missing") for r in smoke[1:]) and any(r["status"] == "ok" for r in smoke[1:])
     numba = [json.loads(x) for x in (run_dir / "smoke" / "numba.jsonl").read_text().splitlines()]
     assert numba and {r["op"] for r in numba} >= {"dense_forward", "weight_grad", "loss_grad", "adam_update"}
     junit = (run_dir / "tests" / "junit.xml").read_text()
