@@ -280,8 +280,10 @@ run_stage report "$b" "${PYRUN[@]}" bench.report --jsonl "$RUN/bench/rows.jsonl"
           --versions "$RUN/versions.json"
 
 write_summary
+# the table, then the summary last: a caller that keeps only the end of the output (the device tool keeps the
+# last 12,000 characters) still gets the summary
+[ -f "$RUN/bench/bench.txt" ] && { echo; cat "$RUN/bench/bench.txt"; }
 echo
 cat "$RUN/summary.txt"
-[ -f "$RUN/bench/bench.txt" ] && { echo; cat "$RUN/bench/bench.txt"; }
 echo "== done in $(( $(date +%s) - START )) s; files under $RUN"
 grep -q -E '^stages failed: 0$' "$RUN/summary.txt"
