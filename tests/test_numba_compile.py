@@ -81,6 +81,10 @@ def toolkit():
             nvrtc.get_supported_ccs()
         except Exception as exc:
             pytest.skip(f"NVRTC not found ({type(exc).__name__}: {exc}); pip install nvidia-cuda-nvrtc")
+        from numba.cuda.cuda_paths import get_cuda_paths
+        libdevice = get_cuda_paths()["libdevice"].info   # numba caches its lookup: it may predate CUDA_HOME
+        assert libdevice and os.path.isfile(libdevice), (
+            f"numba found no libdevice (it looked before CUDA_HOME={home} was set?): {get_cuda_paths()}")
         yield types.SimpleNamespace(home=home, how=how, ptxas=os.path.join(home, "bin", "ptxas"))
     finally:
         if saved is None:
@@ -275,3 +279,21 @@ def test_register_report(toolkit, tmp_path_factory, capsys):
     with capsys.disabled():
         print("\nnumba kernels, ptxas -v (toolkit %s, from %s):\n%s" % (toolkit.home, toolkit.how, "\n".join(lines)))
     assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in _PTXAS.values())
+
+
+def test_compile_ptx_puts_numba_back(toolkit):
+    """compile_ptx's stand-in device lookup and per-cc device-function overloads last only while it compiles: after
+    it, numba asks the driver again and each device function has its own overloads back; the device functions
+    were compiled once per cc, apart."""
+    from numba.cuda import dispatcher as cuda_dispatcher
+    lookup = cuda_dispatcher.get_current_device
+    device_functions = numba_kernels._dispatchers(numba_kernels._module_namespace(), device=True)
+    own = {name: fn.overloads for name, fn in device_functions.items()}
+    entry = next(e for e in TABLE if e.name == "dense_forward_kernel")
+    for cc in CCS:
+        ptx_for(entry, cc)
+    assert cuda_dispatcher.get_current_device is lookup
+    assert all(fn.overloads is own[name] for name, fn in device_functions.items())
+    for name in ("gemm_tile", "output_position", "activation_forward"):
+        per_cc = [numba_kernels._DEVICE_OVERLOADS[(name, cc)] for cc in CCS]
+        assert all(per_cc) and per_cc[0] is not per_cc[1], name

@@ -109,7 +109,8 @@ def gemm_tile(Aop, a_kcontig, Bop, b_kcontig, M, N, K, acc, As, Bs):
 @cuda.jit(device=True)
 def tile_origin():
     """(m0, n0): the first row and column of C in this block's tile. Rows on blockIdx.x (see gemm_grid in
-    numba_backend.py); int64, since blockIdx.x·BM passes 2³¹ past 67M rows."""
+    numba_backend.py). int64: blockIdx and threadIdx are int32 in numba, and a row index passes 2³¹ − 1 on a batch
+    of more than 2³¹ rows (grid.x allows 2³¹ − 1 blocks of BM rows)."""
     return numba.int64(cuda.blockIdx.x) * BM, numba.int64(cuda.blockIdx.y) * BN
 
 
