@@ -297,3 +297,19 @@ def test_compile_ptx_puts_numba_back(toolkit):
     for name in ("gemm_tile", "output_position", "activation_forward"):
         per_cc = [numba_kernels._DEVICE_OVERLOADS[(name, cc)] for cc in CCS]
         assert all(per_cc) and per_cc[0] is not per_cc[1], name
+
+
+@pytest.mark.gpu
+def test_kernels_as_launched_on_this_gpu_use_no_local_memory(capsys):
+    """On a GPU machine (skipped elsewhere; --require-gpu makes it run): each kernel compiled as a launch compiles
+    it, for the GPU's own compute capability and through numba's default linking (LTO with nvJitLink, not the
+    PTX + ptxas path above): no local memory per thread (no spills, accumulators in registers). Registers are
+    printed beside the ptxas table's."""
+    lines = []
+    for entry in TABLE:
+        launched = entry.kernel.compile(entry.argtypes)
+        lines.append(f"{entry.name:<24}{entry.dtype:<9}{launched.regs_per_thread:>10} registers"
+                     f"{launched.local_mem_per_thread:>8} bytes local")
+        assert launched.local_mem_per_thread == 0, lines[-1]
+    with capsys.disabled():
+        print("\nnumba kernels as launched on this GPU:\n" + "\n".join(lines))
