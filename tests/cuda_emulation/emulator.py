@@ -5,13 +5,28 @@ that let CupyBackend run unchanged on numpy arrays (see tests/test_cupy_kernels_
     for module, name, value in patches(lib, sm_count):
         setattr(module, name, value)             # (or monkeypatch.setattr) CupyBackend now runs on the CPU
 
+What every emulated launch checks (EmulationError names the kernel when one fails):
+  - each argument's type against the kernel's parameter list (CuPy checks none);
+  - global memory: each array argument is copied into an allocation of its own between guard zones of 0xFF
+    bytes (NaN as float32 or float64), and copied back after the launch. A write outside the argument's
+    extent fails the launch, naming the argument; a read outside it reads NaN, which shows in the results.
+    Arguments whose memory overlaps (the same array twice, in-place operations) share one allocation;
+  - launch limits, deadlocks and the 48 KiB of static shared memory (cuda_cpu.h);
+  - threads and blocks run in a seeded random order (cuda_cpu.h): set_seed(lib, seed), or the environment
+    variable GPUBP_EMULATION_SEED (default 0) read by build();
+  - shared memory starts each block as 0xFF bytes: build() puts EMU_SHARED_DECLARED(name) after each
+    __shared__ declaration of the sources it compiles (register_shared_arrays).
+
 Stream capture is modelled at the level CUDA graphs work at: between Stream.begin_capture and end_capture,
 kernel launches are recorded (kernel, grid, block, arguments: the same arrays, as a graph keeps the same
 device pointers), not run; Graph.launch runs the recording again.
 """
 import contextlib
 import ctypes
+import functools
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import types
@@ -21,16 +36,70 @@ import numpy as np
 from gpubp.backends import cuda_sources, cupy_backend
 
 HERE = pathlib.Path(__file__).parent
+TEST_KERNELS = HERE / "planted_bugs.cu"   # test-only kernels with deliberate bugs, built into the harness
+
+
+class EmulationError(RuntimeError):
+    """A launch the emulator refused or caught doing something a GPU would not forgive."""
+
+
+# A __shared__ declaration, up to its semicolon, and the name of the array it declares. Declarations are
+# statements: they start a line (so comments that mention __shared__ are left alone).
+_SHARED_DECLARATION = re.compile(r"^([ \t]*__shared__\b[^;]*?\b([A-Za-z_]\w*)\s*\[[^;]*;)", re.MULTILINE)
+
+
+def register_shared_arrays(text, filename):
+    """text with EMU_SHARED_DECLARED(name); after each `__shared__ ... name[...];` declaration, so that
+    cuda_cpu.h sees every shared array a kernel declares (to poison it at block start and to add up its
+    size). RuntimeError for a __shared__ it cannot register (extern, no array, two names in one statement):
+    an unregistered array would silently keep the previous block's values."""
+    code = re.sub(r"//.*", "", text)
+    declared = len(re.findall(r"\b__shared__\b", code))
+    text, registered = _SHARED_DECLARATION.subn(r"\1 EMU_SHARED_DECLARED(\2);", text)
+    if registered != declared or re.search(r"__shared__[^;]*,", code):
+        raise RuntimeError(f"{filename}: {declared} __shared__ declarations, {registered} of them of the form "
+                           "`__shared__ [attributes] type name[size]...;` that the emulation can register")
+    return text
+
+
+def _sources():
+    """{file name: text} of what the harness compiles: kernels/*.cu and *.cuh, and the test kernels."""
+    kernels = cuda_sources.kernels_dir()
+    texts = {f.name: f.read_text(encoding="utf-8") for f in kernels.iterdir() if f.name.endswith((".cu", ".cuh"))}
+    texts[TEST_KERNELS.name] = TEST_KERNELS.read_text(encoding="utf-8")
+    return texts
+
+
+@functools.cache
+def parameter_names(kernel):
+    """The parameter names of a kernel (its name expression, or the name alone) as its source declares
+    them, for messages; None where the source cannot be read that simply."""
+    base = kernel.split("<")[0].strip()
+    for text in _sources().values():
+        match = re.search(rf"\b{base}\s*\(([^)]*)\)\s*\{{", text)
+        if match:
+            return [re.findall(r"\w+", p)[-1] for p in match.group(1).split(",")]
+    return None
+
+
+def set_seed(lib, seed):
+    """The schedule (thread and block order) of every launch from now on."""
+    lib.emu_set_seed(int(seed))
 
 
 def build(directory):
-    """Compile harness.cpp into directory/kernels_emulated.so and load it. RuntimeError when g++ is missing
-    (the caller skips) or fails (the caller fails: the kernels do not build)."""
+    """Compile harness.cpp into directory/kernels_emulated.so and load it. FileNotFoundError when g++ is
+    missing (the caller skips); RuntimeError when it fails (the caller fails: the kernels do not build)."""
     if shutil.which("g++") is None:
         raise FileNotFoundError("g++ is not installed: the CPU emulation of the CUDA kernels needs it")
-    library = pathlib.Path(directory) / "kernels_emulated.so"
+    directory = pathlib.Path(directory)
+    sources = directory / "sources"   # the kernels as compiled here: shared arrays registered
+    sources.mkdir(exist_ok=True)
+    for name, text in _sources().items():
+        (sources / name).write_text(register_shared_arrays(text, name), encoding="utf-8")
+    library = directory / "kernels_emulated.so"
     command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-               "-shared", "-fPIC", "-I", str(cuda_sources.kernels_dir()), "-I", str(HERE),
+               "-shared", "-fPIC", "-I", str(sources), "-I", str(HERE),
                str(HERE / "harness.cpp"), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
@@ -39,13 +108,60 @@ def build(directory):
     lib.emu_signature.restype = ctypes.c_char_p
     lib.emu_signature.argtypes = [ctypes.c_char_p]
     lib.emu_launch_kernel.restype = ctypes.c_int
-    lib.emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 4 + [ctypes.c_void_p]
+    lib.emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_ulonglong] * 4 + [ctypes.c_void_p]
+    lib.emu_last_error.restype = ctypes.c_char_p
+    lib.emu_set_seed.argtypes = [ctypes.c_ulonglong]
+    set_seed(lib, int(os.environ.get("GPUBP_EMULATION_SEED", "0")))
     return lib
 
 
+# ---- global memory: each array argument in an allocation of its own ---------------------------------------------
+GUARD_MIN_BYTES = 1024   # each guard zone: this, or the size of what it guards where that is more
+POISON = 0xFF            # guard bytes: NaN as float32 and float64, -1 as int64
+
+
+class GuardedCopy:
+    """Arguments whose memory overlaps (one array, or several views of overlapping memory), copied as one
+    region of `size` bytes into a buffer of their own between guard zones of POISON bytes. The region keeps
+    its address modulo 64, so 16-byte alignment (and misalignment, which tests use) is as in the original."""
+
+    def __init__(self, start, size):
+        guard = -(-max(GUARD_MIN_BYTES, size) // 64) * 64
+        self.buffer = np.full(2 * guard + size + 64, POISON, np.uint8)
+        self.begin = guard + (start - self.buffer.ctypes.data - guard) % 64   # index of the region's first byte
+        self.start, self.size = start, size
+        ctypes.memmove(self.buffer.ctypes.data + self.begin, start, size)
+
+    def address(self, original):
+        """Where an original address inside the region is in the copy."""
+        return self.buffer.ctypes.data + self.begin + (original - self.start)
+
+    def bytes_written_outside(self):
+        """Offsets from the region's start of the guard bytes that changed (negative: before the start)."""
+        end = self.begin + self.size
+        before = np.flatnonzero(self.buffer[:self.begin] != POISON) - self.begin
+        after = np.flatnonzero(self.buffer[end:] != POISON) + self.size
+        return np.concatenate([before, after])
+
+    def copy_back(self):
+        ctypes.memmove(self.start, self.buffer.ctypes.data + self.begin, self.size)
+
+
+def guarded_copies(arrays):
+    """[(GuardedCopy, [argument index, ...])] for {index: array}: overlapping arrays share a copy."""
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, i) for i, a in arrays.items())
+    groups = []   # [start, end, indices]
+    for start, end, i in spans:
+        if groups and start < groups[-1][1]:
+            groups[-1][1] = max(groups[-1][1], end)
+            groups[-1][2].append(i)
+        else:
+            groups.append([start, end, [i]])
+    return [(GuardedCopy(start, end - start), indices) for start, end, indices in groups]
+
+
 class EmulatedKernel:
-    """Stands in for a cupy RawKernel: kernel(grid, block, args), each argument checked against the kernel's
-    parameter types (CuPy checks none: a Python int would arrive as a long long)."""
+    """Stands in for a cupy RawKernel: kernel(grid, block, args), checked as the module docstring says."""
 
     POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64}
     SCALARS = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
@@ -54,27 +170,52 @@ class EmulatedKernel:
         signature = lib.emu_signature(name.encode())
         assert signature is not None, f"the emulation harness has no kernel {name!r}"
         self.lib, self.name, self.signature = lib, name, signature.decode()
+        names = parameter_names(name)
+        self.parameters = names if names and len(names) == len(self.signature) else [None] * len(self.signature)
+
+    def describe(self, i, arg=None):
+        """'argument 2 (dW, float32 (7, 5))': how messages name an argument."""
+        what = ", ".join(filter(None, [self.parameters[i], arg is not None and f"{arg.dtype} {arg.shape}"]))
+        return f"argument {i}" + (f" ({what})" if what else "")
 
     def __call__(self, grid, block, args):
         if _capturing is not None:
             _capturing.append((self, grid, block, args))
             return
         assert len(args) == len(self.signature), f"{self.name}: {len(args)} arguments for {self.signature}"
-        values = []
+        arrays, values = {}, []
         for i, (arg, code) in enumerate(zip(args, self.signature)):
             if code in self.POINTERS:
-                assert isinstance(arg, np.ndarray), f"{self.name} argument {i}: expected an array, got {arg!r}"
+                assert isinstance(arg, np.ndarray), f"{self.name} {self.describe(i)}: expected an array, got {arg!r}"
                 assert arg.dtype == self.POINTERS[code] and arg.flags.c_contiguous, \
-                    f"{self.name} argument {i}: expected contiguous {self.POINTERS[code]}, got {arg.dtype}"
-                values.append(ctypes.c_void_p(arg.ctypes.data))
+                    f"{self.name} {self.describe(i)}: expected contiguous {self.POINTERS[code]}, got {arg.dtype}"
+                arrays[i] = arg
+                values.append(None)   # the copy's address, below
             else:
                 numpy_type, c_type = self.SCALARS[code]
-                assert type(arg) is numpy_type, f"{self.name} argument {i}: expected {numpy_type}, got {type(arg)}"
+                assert type(arg) is numpy_type, \
+                    f"{self.name} {self.describe(i)}: expected {numpy_type}, got {type(arg)}"
                 values.append(c_type(arg))
+        copies = guarded_copies(arrays)
+        for copy, indices in copies:
+            for i in indices:
+                values[i] = ctypes.c_void_p(copy.address(arrays[i].ctypes.data))
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        assert all(g >= 1 for g in grid) and len(block) == 1 and 1 <= block[0] <= 1024
-        assert self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers) == 0
+        assert len(block) == 1, f"{self.name}: block {block}: the emulation runs 1-D blocks only"
+        status = self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers)
+        if status != 0:
+            raise EmulationError(self.lib.emu_last_error().decode() if status == -2 else f"no kernel {self.name}")
+        for copy, indices in copies:
+            copy.copy_back()
+        for copy, indices in copies:
+            outside = copy.bytes_written_outside()
+            if outside.size:
+                itemsize = arrays[indices[0]].itemsize
+                raise EmulationError(
+                    f"{self.name} wrote outside {' = '.join(self.describe(i, arrays[i]) for i in indices)}: "
+                    f"{outside.size} bytes, at elements {outside.min() // itemsize} .. {outside.max() // itemsize} "
+                    f"of an array of {copy.size // itemsize}")
 
 
 _capturing = None   # the launches recorded by the stream being captured, or None
