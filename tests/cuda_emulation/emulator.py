@@ -7,9 +7,9 @@ that let CupyBackend run unchanged on numpy arrays (see tests/test_cupy_kernels_
 
 What every emulated launch checks (EmulationError names the kernel when one fails):
   - each argument's type against the kernel's parameter list (CuPy checks none);
-  - global memory: each array argument is copied into an allocation of its own between guard zones of 0xFF
-    bytes (NaN as float32 or float64), and copied back after the launch. A write outside the argument's
-    extent fails the launch, naming the argument; a read outside it reads NaN, which shows in the results.
+  - global memory: each array argument is copied into an allocation of its own between guard zones of
+    signaling NaN (guard_pattern), and copied back after the launch. A write outside the argument's extent
+    fails the launch, naming the argument; a read outside it reads NaN, which shows in the results.
     Arguments whose memory overlaps (the same array twice, in-place operations) share one allocation;
   - launch limits, deadlocks and the 48 KiB of static shared memory (cuda_cpu.h);
   - threads and blocks run in a seeded random order (cuda_cpu.h): set_seed(lib, seed), or the environment
@@ -24,6 +24,7 @@ device pointers), not run; Graph.launch runs the recording again.
 import contextlib
 import ctypes
 import functools
+import itertools
 import os
 import pathlib
 import re
@@ -97,10 +98,11 @@ def build(directory):
     sources.mkdir(exist_ok=True)
     for name, text in _sources().items():
         (sources / name).write_text(register_shared_arrays(text, name), encoding="utf-8")
+    # harness.cpp beside them: #include "..." looks in the including file's folder first
+    shutil.copy(HERE / "harness.cpp", sources / "harness.cpp")
     library = directory / "kernels_emulated.so"
     command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-               "-shared", "-fPIC", "-I", str(sources), "-I", str(HERE),
-               str(HERE / "harness.cpp"), "-o", str(library)]
+               "-shared", "-fPIC", "-I", str(HERE), str(sources / "harness.cpp"), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"g++ could not build the emulation:\n{result.stderr[-5000:]}")
@@ -117,19 +119,41 @@ def build(directory):
 
 # ---- global memory: each array argument in an allocation of its own ---------------------------------------------
 GUARD_MIN_BYTES = 1024   # each guard zone: this, or the size of what it guards where that is more
-POISON = 0xFF            # guard bytes: NaN as float32 and float64, -1 as int64
+_copies_made = itertools.count(1)
+
+
+def guard_pattern(dtype, count, salt):
+    """count elements of signaling NaN (as float32 or float64; int64 gets the float64 bits), each with its own
+    payload, different from copy to copy (salt). A stray store cannot leave a guard as it was: arithmetic
+    quiets a signaling NaN, and a value moved from any other place, guard or not, has other bits."""
+    if np.dtype(dtype).itemsize == 4:
+        exponent, payloads = np.uint32(0x7F800000), 2**22 - 1   # quiet bit (22) clear: signaling
+        kind = np.uint32
+    else:
+        exponent, payloads = np.uint64(0x7FF0000000000000), 2**51 - 1
+        kind = np.uint64
+    payload = (salt * 1_000_003 + np.arange(count, dtype=np.int64)) % payloads + 1
+    return (payload.astype(kind) | exponent).view(np.uint8)
 
 
 class GuardedCopy:
     """Arguments whose memory overlaps (one array, or several views of overlapping memory), copied as one
-    region of `size` bytes into a buffer of their own between guard zones of POISON bytes. The region keeps
-    its address modulo 64, so 16-byte alignment (and misalignment, which tests use) is as in the original."""
+    region of `size` bytes into a buffer of their own between guard zones (guard_pattern of the first
+    array's dtype). The region keeps its address modulo 64, so 16-byte alignment (and misalignment, which
+    tests use) is as in the original."""
 
-    def __init__(self, start, size):
+    def __init__(self, start, size, dtype):
         guard = -(-max(GUARD_MIN_BYTES, size) // 64) * 64
-        self.buffer = np.full(2 * guard + size + 64, POISON, np.uint8)
-        self.begin = guard + (start - self.buffer.ctypes.data - guard) % 64   # index of the region's first byte
+        self.begin = guard + (start - guard) % 64   # index of the region's first byte: start's address mod 64
+        self.buffer = np.empty(self.begin + size + guard + 64, np.uint8)
+        self.buffer = self.buffer[-self.buffer.ctypes.data % 64:][:self.begin + size + guard]   # 64-byte aligned
         self.start, self.size = start, size
+        # one run of guard elements, split where the region goes: the lead ends where the region's first
+        # element begins and the trail starts where its last ends, so guard elements line up with its elements
+        half = (self.begin // 8 + 1) * 8
+        pattern = guard_pattern(dtype, (half + guard) // np.dtype(dtype).itemsize + 1, next(_copies_made))
+        self.lead, self.trail = pattern[half - self.begin:half], pattern[half:half + guard]
+        self.buffer[:self.begin], self.buffer[self.begin + size:] = self.lead, self.trail
         ctypes.memmove(self.buffer.ctypes.data + self.begin, start, size)
 
     def address(self, original):
@@ -139,8 +163,8 @@ class GuardedCopy:
     def bytes_written_outside(self):
         """Offsets from the region's start of the guard bytes that changed (negative: before the start)."""
         end = self.begin + self.size
-        before = np.flatnonzero(self.buffer[:self.begin] != POISON) - self.begin
-        after = np.flatnonzero(self.buffer[end:] != POISON) + self.size
+        before = np.flatnonzero(self.buffer[:self.begin] != self.lead) - self.begin
+        after = np.flatnonzero(self.buffer[end:] != self.trail) + self.size
         return np.concatenate([before, after])
 
     def copy_back(self):
@@ -157,7 +181,7 @@ def guarded_copies(arrays):
             groups[-1][2].append(i)
         else:
             groups.append([start, end, [i]])
-    return [(GuardedCopy(start, end - start), indices) for start, end, indices in groups]
+    return [(GuardedCopy(start, end - start, arrays[indices[0]].dtype), indices) for start, end, indices in groups]
 
 
 class EmulatedKernel:
@@ -212,10 +236,11 @@ class EmulatedKernel:
             outside = copy.bytes_written_outside()
             if outside.size:
                 itemsize = arrays[indices[0]].itemsize
+                elements = np.unique(outside // itemsize)
                 raise EmulationError(
                     f"{self.name} wrote outside {' = '.join(self.describe(i, arrays[i]) for i in indices)}: "
-                    f"{outside.size} bytes, at elements {outside.min() // itemsize} .. {outside.max() // itemsize} "
-                    f"of an array of {copy.size // itemsize}")
+                    f"{elements.size} elements, at {elements.min()} .. {elements.max()} of an array of "
+                    f"{copy.size // itemsize}")
 
 
 _capturing = None   # the launches recorded by the stream being captured, or None
