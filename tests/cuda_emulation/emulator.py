@@ -232,15 +232,17 @@ class EmulatedKernel:
             raise EmulationError(self.lib.emu_last_error().decode() if status == -2 else f"no kernel {self.name}")
         for copy, indices in copies:
             copy.copy_back()
+        strays = []
         for copy, indices in copies:
             outside = copy.bytes_written_outside()
             if outside.size:
                 itemsize = arrays[indices[0]].itemsize
                 elements = np.unique(outside // itemsize)
-                raise EmulationError(
-                    f"{self.name} wrote outside {' = '.join(self.describe(i, arrays[i]) for i in indices)}: "
-                    f"{elements.size} elements, at {elements.min()} .. {elements.max()} of an array of "
-                    f"{copy.size // itemsize}")
+                strays.append(f"{' = '.join(self.describe(i, arrays[i]) for i in indices)}: {elements.size} "
+                              f"elements, at {elements.min()} .. {elements.max()} of an array of "
+                              f"{copy.size // itemsize}")
+        if strays:
+            raise EmulationError(f"{self.name} wrote outside " + "; outside ".join(strays))
 
 
 _capturing = None   # the launches recorded by the stream being captured, or None
