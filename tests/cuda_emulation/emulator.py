@@ -155,6 +155,7 @@ class GuardedCopy:
         self.lead, self.trail = pattern[half - self.begin:half], pattern[half:half + guard]
         self.buffer[:self.begin], self.buffer[self.begin + size:] = self.lead, self.trail
         ctypes.memmove(self.buffer.ctypes.data + self.begin, start, size)
+        self.before = self.buffer[self.begin:self.begin + size].copy()
 
     def address(self, original):
         """Where an original address inside the region is in the copy."""
@@ -168,7 +169,9 @@ class GuardedCopy:
         return np.concatenate([before, after])
 
     def copy_back(self):
-        ctypes.memmove(self.start, self.buffer.ctypes.data + self.begin, self.size)
+        """Only where the launch changed something: inputs may live in read-only memory (np.load(mmap_mode='r'))."""
+        if not np.array_equal(self.buffer[self.begin:self.begin + self.size], self.before):
+            ctypes.memmove(self.start, self.buffer.ctypes.data + self.begin, self.size)
 
 
 def guarded_copies(arrays):
