@@ -2,7 +2,16 @@
 deliberate bugs (a missing __syncthreads, a barrier some threads skip, stores and a load one element outside
 an array, shared memory over 48 KiB), and here each must be caught, while the same kernels without the bug
 pass. See tests/cuda_emulation/cuda_cpu.h and emulator.py for what is checked.
+
+test_kernels_under_address_sanitizer runs these tests again, and the kernel tests of
+test_cupy_kernels_emulated.py, in a process with an AddressSanitizer build, where a load outside an array
+argument fails its launch too (elsewhere it reads NaN).
 """
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -85,10 +94,24 @@ def test_store_before_the_start_fails_the_launch(emulator):
         bounds_kernel(emulator, x, np.zeros_like(x), bug=2)
 
 
-def test_load_past_the_end_reads_nan(emulator):
+def test_load_past_the_end_reads_nan_or_fails_under_asan(emulator):
     x, out = np.arange(100, dtype=np.float32), np.zeros(100, np.float32)
-    bounds_kernel(emulator, x, out, bug=3)
-    assert np.isnan(out[-1]) and np.isfinite(out[:-1]).all()
+    if emulator.asan:
+        with pytest.raises(EmulationError, match=r"planted_bounds_kernel read outside argument 0 \(x, float32 "
+                                                 r"\(100,\)\): 1 elements, at 100 \.\. 100 of an array of 100"):
+            bounds_kernel(emulator, x, out, bug=3)
+    else:
+        bounds_kernel(emulator, x, out, bug=3)
+        assert np.isnan(out[-1]) and np.isfinite(out[:-1]).all()
+
+
+def test_loop_bound_off_by_one_fails_the_launch(emulator):
+    """The store past the end writes what the load past the end read: the guard's own NaN, moved to the
+    other array's guard, must still show (each guard element has bits of its own)."""
+    x, out = np.arange(100, dtype=np.float32), np.zeros(100, np.float32)
+    failure = r"read outside argument 0 \(x" if emulator.asan else r"wrote outside argument 1 \(out"
+    with pytest.raises(EmulationError, match=r"planted_bounds_kernel " + failure):
+        bounds_kernel(emulator, x, out, bug=4)
 
 
 def test_arguments_that_share_memory_share_one_copy(emulator):
@@ -129,3 +152,23 @@ def test_shared_declarations_the_emulation_cannot_register_fail_the_build():
                 "    __shared__ float scalar;\n"):
         with pytest.raises(RuntimeError, match="bad.cu: 1 __shared__ declarations"):
             emulator_module.register_shared_arrays(bad, "bad.cu")
+
+
+# ---- AddressSanitizer ------------------------------------------------------------------------------------------
+# The kernel set's tests (both tile choices, both dtypes), without the slower schedule, graph and subprocess ones
+ASAN_KERNEL_TESTS = "not project and not schedule and not graph and not uncapturable and not recaptured"
+
+
+@pytest.mark.slow
+def test_kernels_under_address_sanitizer(emulator):
+    if emulator.asan:
+        pytest.skip("this is the AddressSanitizer run")
+    tests_dir = pathlib.Path(__file__).parent
+    env = dict(os.environ, **emulator_module.asan_environment(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests_dir / "test_emulator_checks.py"),
+         str(tests_dir / "test_cupy_kernels_emulated.py"), "-k", f"test_emulator_checks or ({ASAN_KERNEL_TESTS})"],
+        capture_output=True, text=True, env=env, cwd=tests_dir.parent, timeout=1800)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -119,7 +119,25 @@ inline std::vector<EmuBarrier> emu_warp_barriers;
 inline double emu_warp_slots[1024];
 inline unsigned long long emu_progress = 0;   // barrier arrivals and departures, finished threads: deadlocks
 
-inline void emu_yield() { swapcontext(&emu_current->context, &emu_scheduler_context); }
+// Under AddressSanitizer (emulator.py's GPUBP_EMULATION_ASAN=1) every switch between stacks is announced,
+// as ASan asks of code that swaps stacks itself; elsewhere these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+inline const void* emu_scheduler_stack = nullptr;   // the stack the scheduler runs on, as ASan reports it
+inline size_t emu_scheduler_stack_size = 0;
+#define EMU_START_SWITCH(fake_stack, bottom, size) __sanitizer_start_switch_fiber(fake_stack, bottom, size)
+#define EMU_FINISH_SWITCH(fake_stack, bottom, size) __sanitizer_finish_switch_fiber(fake_stack, bottom, size)
+#else
+#define EMU_START_SWITCH(fake_stack, bottom, size) ((void)0)
+#define EMU_FINISH_SWITCH(fake_stack, bottom, size) ((void)0)
+#endif
+
+inline void emu_yield() {
+    void* fake_stack = nullptr;
+    EMU_START_SWITCH(&fake_stack, emu_scheduler_stack, emu_scheduler_stack_size);
+    swapcontext(&emu_current->context, &emu_scheduler_context);
+    EMU_FINISH_SWITCH(fake_stack, &emu_scheduler_stack, &emu_scheduler_stack_size);
+}
 
 // Every arrival yields, the last one too: the barrier opens at the end of a scheduler round, and the next
 // round resumes the waiting fibers in a fresh random order, so no fiber is always first past a barrier.
@@ -147,9 +165,11 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 }
 
 inline void emu_fiber_main() {
+    EMU_FINISH_SWITCH(nullptr, &emu_scheduler_stack, &emu_scheduler_stack_size);
     (*emu_body)();
     ++emu_progress;
     emu_current->done = true;   // then uc_link returns to the scheduler
+    EMU_START_SWITCH(nullptr, emu_scheduler_stack, emu_scheduler_stack_size);   // nullptr: this stack ends
 }
 
 // Runs one block to the end; false (and emu_error) when its threads deadlock.
@@ -179,7 +199,10 @@ inline bool emu_run_block(std::vector<EmuFiber>& fibers, size_t stack_size, dim3
         for (EmuFiber* f : running) {
             threadIdx = dim3{f->thread, 0, 0};
             emu_current = f;
+            void* fake_stack = nullptr;
+            EMU_START_SWITCH(&fake_stack, f->stack.get(), stack_size);
             swapcontext(&emu_scheduler_context, &f->context);
+            EMU_FINISH_SWITCH(fake_stack, nullptr, nullptr);
         }
         running.erase(std::remove_if(running.begin(), running.end(), [](EmuFiber* f) { return f->done; }),
                       running.end());

@@ -10,6 +10,8 @@ What every emulated launch checks (EmulationError names the kernel when one fail
   - global memory: each array argument is copied into an allocation of its own between guard zones of
     signaling NaN (guard_pattern), and copied back after the launch. A write outside the argument's extent
     fails the launch, naming the argument; a read outside it reads NaN, which shows in the results.
+    Built with GPUBP_EMULATION_ASAN=1 (AddressSanitizer; run in a process started with asan_environment())
+    the guard zones are poisoned for ASan, and a read outside an argument fails the launch too.
     Arguments whose memory overlaps (the same array twice, in-place operations) share one allocation;
   - launch limits, deadlocks and the 48 KiB of static shared memory (cuda_cpu.h);
   - threads and blocks run in a seeded random order (cuda_cpu.h): set_seed(lib, seed), or the environment
@@ -24,12 +26,14 @@ device pointers), not run; Graph.launch runs the recording again.
 import contextlib
 import ctypes
 import functools
+import hashlib
 import itertools
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 import types
 
 import numpy as np
@@ -88,24 +92,49 @@ def set_seed(lib, seed):
     lib.emu_set_seed(int(seed))
 
 
+def asan_environment():
+    """The environment variables a Python process needs to load an ASan build (GPUBP_EMULATION_ASAN=1):
+    Python itself is not built with ASan, so its runtime must be preloaded; reports must not end the
+    process (each fails its launch instead); Python's own allocations are not leaks to report."""
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return {"GPUBP_EMULATION_ASAN": "1", "LD_PRELOAD": os.path.realpath(libasan),
+            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=0"}
+
+
 def build(directory):
-    """Compile harness.cpp into directory/kernels_emulated.so and load it. FileNotFoundError when g++ is
-    missing (the caller skips); RuntimeError when it fails (the caller fails: the kernels do not build)."""
+    """Compile harness.cpp (with AddressSanitizer when GPUBP_EMULATION_ASAN=1) and load it. The library is
+    kept in the temporary folder under a hash of everything that goes into it (sources, flags, compiler), so
+    the test modules and subprocesses of one run, and later runs, compile it once. FileNotFoundError when
+    g++ is missing (the caller skips); RuntimeError when it fails (the caller fails: the kernels do not
+    build)."""
     if shutil.which("g++") is None:
         raise FileNotFoundError("g++ is not installed: the CPU emulation of the CUDA kernels needs it")
     directory = pathlib.Path(directory)
     sources = directory / "sources"   # the kernels as compiled here: shared arrays registered
     sources.mkdir(exist_ok=True)
-    for name, text in _sources().items():
-        (sources / name).write_text(register_shared_arrays(text, name), encoding="utf-8")
-    # harness.cpp beside them: #include "..." looks in the including file's folder first
-    shutil.copy(HERE / "harness.cpp", sources / "harness.cpp")
-    library = directory / "kernels_emulated.so"
-    command = ["g++", "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-               "-shared", "-fPIC", "-I", str(HERE), str(sources / "harness.cpp"), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"g++ could not build the emulation:\n{result.stderr[-5000:]}")
+    texts = {name: register_shared_arrays(text, name) for name, text in _sources().items()}
+    texts["harness.cpp"] = (HERE / "harness.cpp").read_text(encoding="utf-8")   # beside them: #include "..."
+    for name, text in texts.items():                                            # looks there first
+        (sources / name).write_text(text, encoding="utf-8")
+    asan = os.environ.get("GPUBP_EMULATION_ASAN") == "1"
+    if asan and "libasan" not in pathlib.Path("/proc/self/maps").read_text():
+        raise RuntimeError("GPUBP_EMULATION_ASAN=1 needs the ASan runtime preloaded: start Python with "
+                           "emulator.asan_environment()")
+    flags = ["-std=c++20", "-O1", "-fno-sanitize-recover=alignment", "-shared", "-fPIC"]
+    flags += ["-fsanitize=alignment,address", "-fsanitize-recover=address"] if asan else ["-fsanitize=alignment"]
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(repr([flags, compiler, sorted(texts.items()),
+                               (HERE / "cuda_cpu.h").read_text(encoding="utf-8")]).encode()).hexdigest()[:20]
+    library = pathlib.Path(tempfile.gettempdir()) / f"gpubp-emulated-kernels-{key}.so"
+    if not library.exists():
+        built = directory / "kernels_emulated.so"
+        command = ["g++", *flags, "-I", str(HERE), str(sources / "harness.cpp"), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ could not build the emulation:\n{result.stderr[-5000:]}")
+        partial = library.with_name(f"{library.name}.{os.getpid()}")
+        shutil.copy(built, partial)
+        os.replace(partial, library)   # atomic: a process beside this one loads a whole file or builds its own
     lib = ctypes.CDLL(str(library))
     lib.emu_signature.restype = ctypes.c_char_p
     lib.emu_signature.argtypes = [ctypes.c_char_p]
@@ -113,6 +142,9 @@ def build(directory):
     lib.emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_ulonglong] * 4 + [ctypes.c_void_p]
     lib.emu_last_error.restype = ctypes.c_char_p
     lib.emu_set_seed.argtypes = [ctypes.c_ulonglong]
+    lib.emu_guard.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_int]
+    lib.emu_stray_access.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
+    lib.asan = asan
     set_seed(lib, int(os.environ.get("GPUBP_EMULATION_SEED", "0")))
     return lib
 
@@ -140,9 +172,9 @@ class GuardedCopy:
     """Arguments whose memory overlaps (one array, or several views of overlapping memory), copied as one
     region of `size` bytes into a buffer of their own between guard zones (guard_pattern of the first
     array's dtype). The region keeps its address modulo 64, so 16-byte alignment (and misalignment, which
-    tests use) is as in the original."""
+    tests use) is as in the original. In an ASan build the guard zones are poisoned until release()."""
 
-    def __init__(self, start, size, dtype):
+    def __init__(self, lib, start, size, dtype):
         guard = -(-max(GUARD_MIN_BYTES, size) // 64) * 64
         self.begin = guard + (start - guard) % 64   # index of the region's first byte: start's address mod 64
         self.buffer = np.empty(self.begin + size + guard + 64, np.uint8)
@@ -156,6 +188,22 @@ class GuardedCopy:
         self.buffer[:self.begin], self.buffer[self.begin + size:] = self.lead, self.trail
         ctypes.memmove(self.buffer.ctypes.data + self.begin, start, size)
         self.before = self.buffer[self.begin:self.begin + size].copy()
+        self.lib = lib
+        self._guard(poison=1)
+
+    def _guard(self, poison):
+        self.lib.emu_guard(self.buffer.ctypes.data, self.begin, poison)
+        self.lib.emu_guard(self.buffer.ctypes.data + self.begin + self.size, self.buffer.size - self.begin - self.size,
+                           poison)
+
+    def release(self):
+        """Unpoisons the guard zones: the buffer goes back to the allocator, which may hand it to numpy."""
+        self._guard(poison=0)
+
+    def offset(self, address):
+        """address as an offset from the region's start, when it is in this buffer; else None."""
+        index = address - self.buffer.ctypes.data
+        return index - self.begin if 0 <= index < self.buffer.size else None
 
     def address(self, original):
         """Where an original address inside the region is in the copy."""
@@ -174,7 +222,7 @@ class GuardedCopy:
             ctypes.memmove(self.start, self.buffer.ctypes.data + self.begin, self.size)
 
 
-def guarded_copies(arrays):
+def guarded_copies(lib, arrays):
     """[(GuardedCopy, [argument index, ...])] for {index: array}: overlapping arrays share a copy."""
     spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, i) for i, a in arrays.items())
     groups = []   # [start, end, indices]
@@ -184,7 +232,8 @@ def guarded_copies(arrays):
             groups[-1][2].append(i)
         else:
             groups.append([start, end, [i]])
-    return [(GuardedCopy(start, end - start, arrays[indices[0]].dtype), indices) for start, end, indices in groups]
+    return [(GuardedCopy(lib, start, end - start, arrays[indices[0]].dtype), indices)
+            for start, end, indices in groups]
 
 
 class EmulatedKernel:
@@ -223,29 +272,47 @@ class EmulatedKernel:
                 assert type(arg) is numpy_type, \
                     f"{self.name} {self.describe(i)}: expected {numpy_type}, got {type(arg)}"
                 values.append(c_type(arg))
-        copies = guarded_copies(arrays)
+        copies = guarded_copies(self.lib, arrays)
         for copy, indices in copies:
             for i in indices:
                 values[i] = ctypes.c_void_p(copy.address(arrays[i].ctypes.data))
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         assert len(block) == 1, f"{self.name}: block {block}: the emulation runs 1-D blocks only"
-        status = self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers)
+        try:
+            status = self.lib.emu_launch_kernel(self.name.encode(), *grid, int(block[0]), pointers)
+            stray = ctypes.c_ulonglong(0)
+            access = self.lib.emu_stray_access(ctypes.byref(stray))
+        finally:
+            for copy, _ in copies:
+                copy.release()
         if status != 0:
             raise EmulationError(self.lib.emu_last_error().decode() if status == -2 else f"no kernel {self.name}")
-        for copy, indices in copies:
+        if access:
+            verb = "wrote" if access == 2 else "read"
+            for copy, indices in copies:
+                if copy.offset(stray.value) is not None:
+                    raise EmulationError(self._outside(verb, copy, indices, arrays, [copy.offset(stray.value)]))
+            raise EmulationError(f"{self.name}: AddressSanitizer saw a bad {'store' if access == 2 else 'load'} "
+                                 f"at {stray.value:#x}, in no argument's guard zone (its report is on stderr)")
+        for copy, _ in copies:
             copy.copy_back()
-        strays = []
-        for copy, indices in copies:
-            outside = copy.bytes_written_outside()
-            if outside.size:
-                itemsize = arrays[indices[0]].itemsize
-                elements = np.unique(outside // itemsize)
-                strays.append(f"{' = '.join(self.describe(i, arrays[i]) for i in indices)}: {elements.size} "
-                              f"elements, at {elements.min()} .. {elements.max()} of an array of "
-                              f"{copy.size // itemsize}")
+        strays = [self._outside("wrote", copy, indices, arrays, copy.bytes_written_outside())
+                  for copy, indices in copies]
+        strays = [s for s in strays if s]
         if strays:
-            raise EmulationError(f"{self.name} wrote outside " + "; outside ".join(strays))
+            raise EmulationError("; ".join(strays))
+
+    def _outside(self, verb, copy, indices, arrays, offsets):
+        """'kernel wrote outside argument 3 (Z, float32 (7, 5)): 5 elements, at 35 .. 39 of an array of 35'
+        for byte offsets from the argument's start; None for none."""
+        if not len(offsets):
+            return None
+        itemsize = arrays[indices[0]].itemsize
+        elements = np.unique(np.asarray(offsets) // itemsize)
+        return (f"{self.name} {verb} outside {' = '.join(self.describe(i, arrays[i]) for i in indices)}: "
+                f"{elements.size} elements, at {elements.min()} .. {elements.max()} of an array of "
+                f"{copy.size // itemsize}")
 
 
 _capturing = None   # the launches recorded by the stream being captured, or None

@@ -80,7 +80,42 @@ static const std::map<std::string, Entry>& registry() {
     return kernels;
 }
 
+// ---- AddressSanitizer (built with GPUBP_EMULATION_ASAN=1, emulator.py) -----------------------------------
+// The launcher marks the guard zones around each array argument as poisoned (emu_guard), so ASan reports
+// every access to them, loads included. Built with -fsanitize-recover=address and run with
+// halt_on_error=0, a report does not end the process: the first of a launch is kept, and fails it.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+static unsigned long long stray_address = 0;   // of the first access ASan reported in this launch
+static int stray_is_write = 0;
+static void on_asan_report(const char*) {
+    if (stray_address != 0) return;
+    stray_address = reinterpret_cast<unsigned long long>(__asan_get_report_address());
+    stray_is_write = __asan_get_report_access_type();
+}
+#endif
+
 extern "C" {
+
+// poison (1) or unpoison (0) bytes for AddressSanitizer; nothing in a build without it
+void emu_guard(void* address, unsigned long long bytes, int poison) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (poison) __asan_poison_memory_region(address, bytes);
+    else __asan_unpoison_memory_region(address, bytes);
+#endif
+    (void)address, (void)bytes, (void)poison;
+}
+
+// 0 when ASan reported no access in the last launch, else 1 for a load and 2 for a store at *address
+int emu_stray_access(unsigned long long* address) {
+#if defined(__SANITIZE_ADDRESS__)
+    *address = stray_address;
+    return stray_address == 0 ? 0 : stray_is_write ? 2 : 1;
+#else
+    *address = 0;
+    return 0;
+#endif
+}
 
 // the parameter type codes of a name expression, or nullptr when the harness does not know it
 const char* emu_signature(const char* name) {
@@ -93,6 +128,10 @@ int emu_launch_kernel(const char* name, unsigned long long gx, unsigned long lon
                       unsigned long long threads, void** args) {
     auto it = registry().find(name);
     if (it == registry().end()) return -1;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_set_error_report_callback(on_asan_report);
+    stray_address = 0;
+#endif
     if (it->second.launch(gx, gy, gz, threads, args)) return 0;
     emu_error = std::string(name) + ": " + emu_error;
     return -2;

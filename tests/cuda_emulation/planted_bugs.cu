@@ -15,13 +15,14 @@ __global__ void planted_shared_kernel(const float* x, float* out, int n, int bug
 }
 
 // out[i] = 2 x[i], one thread per element (grid-stride).
-//   bug 1: stores one element past the end of out (i <= n)
-//   bug 2: stores one element before the start of out
-//   bug 3: reads one element past the end of x
+//   bug 1: the last element is stored one past the end of out
+//   bug 2: the first element is stored one before the start of out
+//   bug 3: the last element is loaded from one past the end of x
+//   bug 4: the loop runs to i <= n: loads x[n] and stores out[n] (the value read from past the end)
 __global__ void planted_bounds_kernel(const float* x, float* out, int n, int bug) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + (bug == 1); i += gridDim.x * blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + (bug == 4); i += gridDim.x * blockDim.x) {
         const float value = 2.0f * x[bug == 3 && i == n - 1 ? n : i];
-        out[bug == 2 && i == 0 ? -1 : i] = value;
+        out[bug == 1 && i == n - 1 ? n : bug == 2 && i == 0 ? -1 : i] = value;
     }
 }
 
