@@ -12,10 +12,12 @@
 //     the array and fills it with 0xFF bytes (NaN as float or double) the first time a block passes it: a
 //     read of shared memory not written in this block gives NaN, never the previous block's values.
 //   - launch limits: gridDim.x <= 2^31 - 1, gridDim.y, z <= 65535, 1..1024 threads a block, <= 48 KiB of
-//     static shared memory a block (the sizes of the __shared__ arrays the kernel declared), and no
-//     deadlock (a barrier some threads never reach): each fails the launch with a message (emu_last_error).
+//     static shared memory a block (the sizes of the __shared__ arrays its threads passed: a declaration in
+//     a branch no thread takes is not counted), and no deadlock (a barrier some threads never reach): each
+//     fails the launch with a message (emu_last_error).
 // Global memory is checked by the launcher (emulator.py): each array argument lives in an allocation of its
-// own between guard zones, checked after every launch.
+// own between guard zones of signaling NaN, checked after every launch; in an AddressSanitizer build
+// (GPUBP_EMULATION_ASAN=1) the guard zones are poisoned, so a load from them fails the launch too.
 // What this cannot show: timing, bank conflicts, races between two accesses inside one stretch between
 // barriers (a fiber runs such a stretch without interruption), and anything a real warp does in lockstep
 // that a kernel relies on without a barrier (gpubp's kernels rely on none). Misaligned 16-byte vector

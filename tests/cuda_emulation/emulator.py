@@ -192,6 +192,8 @@ class GuardedCopy:
         self._guard(poison=1)
 
     def _guard(self, poison):
+        # ASan poisons whole 8-byte granules: a float32 region starting mid-granule leaves the 4 guard bytes
+        # before it unpoisoned (a load there still reads NaN, a store there still changes the guard)
         self.lib.emu_guard(self.buffer.ctypes.data, self.begin, poison)
         self.lib.emu_guard(self.buffer.ctypes.data + self.begin + self.size, self.buffer.size - self.begin - self.size,
                            poison)
