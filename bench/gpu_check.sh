@@ -263,7 +263,7 @@ run_stage tests "$b" env COLUMNS=400 "PYTHONPATH=$ROOT/tests:$PYTHONPATH" "${PYR
           --junitxml="$RUN/tests/junit.xml"
 
 # ---- 5. benchmarks: one process per implementation family, rows streamed to bench/rows.jsonl -------------------------
-declare -A FAMILY_BUDGET=([limits]=20 [ours-cupy]=70 [torch]=40 [cublas]=15 [ours-numba]=35 [jax]=30
+declare -A FAMILY_BUDGET=([limits]=20 [ours-cupy]=70 [torch]=40 [cublas]=15 [ours-numba]=50 [jax]=30
                           [ours-numpy]=30 [torch-cpu]=30)
 if [ "$DRY" = 1 ]; then BENCH_ARGS=(--device cpu --smoke --workloads train,fit)
 else BENCH_ARGS=(--device cuda --require-rows ${GPU_CHECK_BENCH_ARGS:---quick}); fi
