@@ -122,7 +122,8 @@ write_summary() {
 
 set_status() {   # NAME STATUS EXIT SECONDS BUDGET FIRST_ERROR (an empty field is written as -)
   local err=${6//$'\t'/ }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "${3:--}" "${4:--}" "${5:--}" "${err:0:400}" >"$RUN/status/$1"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "${3:--}" "${4:--}" "${5:--}" "${err:0:400}" >"$RUN/status/.$1" &&
+    mv "$RUN/status/.$1" "$RUN/status/$1"     # whole or not at all, for a reader or a kill mid-write
   write_summary
 }
 

@@ -146,7 +146,7 @@ def test_a_driver_killed_mid_stage_leaves_a_summary(tmp_path):
         status = None
         while time.monotonic() < deadline:
             found = list(tmp_path.glob("*/status/smoke-numba"))
-            if found and found[0].read_text().split("\t")[1] == "running":
+            if found and found[0].read_text().split("\t")[1:2] == ["running"]:
                 status = found[0]
                 break
             time.sleep(0.2)
