@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gpubp import activations as acts
+from gpubp import guard as G
 from gpubp import losses
 from gpubp.backends import availability, cuda_sources
 from gpubp.backends import cupy_backend as cb
@@ -241,8 +242,9 @@ def test_asarray_keeps_device_arrays():
 
 
 class TwoLayerStep:
-    """A fixed train step on fixed buffers: 30-64-3 tanh/softmax, SGD with momentum (everything run_step
-    needs to capture it: no host copies, no allocations after the first call)."""
+    """A fixed train step on fixed buffers: 30-64-3 tanh/softmax, the guard's checks, SGD with momentum and
+    Nesterov (settings in device memory), the step recorded in the guard: everything run_step needs to
+    capture it (no host copies, no allocations after the first call)."""
 
     def __init__(self, be, rng, dtype="float32", N=256):
         self.be = be
@@ -263,6 +265,9 @@ class TwoLayerStep:
         self.Z2, self.A2, self.delta2 = (be.empty((N, 3), dtype) for _ in range(3))
         self.loss = be.empty((1,), dtype)
         self.step = be.zeros((1,), np.int64)
+        self.hyper = be.asarray(np.array([0.05, 0.9, 0.0, 1e-4, 1.0]), np.float64)   # lr, μ, dampening, wd, nesterov
+        self.guard = be.zeros((G.SIZE,), np.float64)
+        be.copy_into(self.guard, np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]))
 
     def __call__(self):
         be = self.be
@@ -272,7 +277,9 @@ class TwoLayerStep:
         be.weight_grad(self.delta2, self.A1, self.dW2, self.db2)
         be.input_grad_masked(self.delta2, self.W2, self.Z1, self.A1, acts.TANH, 0.0, self.delta1)
         be.weight_grad(self.delta1, self.X, self.dW1, self.db1)
-        be.sgd_update(self.params, self.grads, self.momentum, self.step, 0.05, 0.9, 0.0, 1e-4, True)
+        be.guard_gradients(self.loss, self.grads, self.guard)
+        be.sgd_update(self.params, self.grads, self.momentum, self.step, self.hyper, self.guard)
+        be.record_step(losses.SOFTMAX_CE, self.loss, self.A2, self.y, self.guard)
 
 
 @pytest.mark.gpu
@@ -293,7 +300,9 @@ def test_graph_replay_equals_eager(rng):
     assert isinstance(graph_be._steps["step"], tuple) and not graph_be.graph_errors   # it was captured
     assert pool.used_bytes() == used   # replays allocate nothing
     assert np.array_equal(eager_be.to_numpy(eager.params), graph_be.to_numpy(graphed.params))
+    assert np.array_equal(eager_be.to_numpy(eager.guard), graph_be.to_numpy(graphed.guard))
     assert int(graph_be.to_numpy(graphed.step)[0]) == 6
+    assert graph_be.to_numpy(graphed.guard)[G.STEP] == 6 and graph_be.to_numpy(graphed.guard)[G.FAULT] == 0
 
 
 @pytest.mark.gpu
