@@ -21,6 +21,7 @@ Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_
 NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
 """
 import os
+import warnings
 import pathlib
 import subprocess
 import sys
@@ -314,14 +315,15 @@ def test_adam_update(backend, dtype, size, weight_decay, rng):
 
 
 # Bad elements placed for the grid-stride walks: with 1 SM the grid is 32 blocks of 256 threads (8192 threads),
-# so index 8197 is thread 5's second element and 300 thread 300's first; with 10^6 SMs every thread has one.
-OVERFLOW_CASES = [(1, [0]), (7, [6, 3]), (33, [32, 17]), (1031, [1030, 515, 343]), (20011, [20010, 8197, 300]),
-                  (20011, [20010, 8197])]
+# so index 8197 is thread 5's second element (after 5: a thread keeps its first), 300 and 301 two lanes of one
+# warp (the warp keeps the smaller); with 10^6 SMs every thread has one element.
+BAD_INDEX_CASES = [(1, [0]), (7, [6, 3]), (33, [32, 17]), (1031, [1030, 515, 343]),
+                   (20011, [20010, 8197, 301, 300]), (20011, [20010, 8197, 5]), (20011, [20010, 8197])]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["sgd", "sgd-momentum", "adam-v"])
-@pytest.mark.parametrize("size, bad", OVERFLOW_CASES, ids=str)
+@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
 def test_update_that_would_overflow_writes_nothing(backend, dtype, which, size, bad, rng):
     """CHECK finds the smallest bad index of the buffer the reference names (θ before the state), APPLY writes
     nothing, the finish kernel sets the fault and leaves the step count alone, and the flags are reset: the
@@ -422,15 +424,14 @@ def test_gather_rows_past_the_permutation_gives_nan_rows(backend, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size, bad", [(1, [0]), (7, [6, 2]), (33, [32, 31]), (1031, [1030, 515]),
-                                       (20011, [20010, 8197, 300]), (20011, [20010, 8197])], ids=str)
+@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
 def test_guard_gradients(backend, dtype, size, bad, rng):
     """Against the numpy backend, guard for guard: clean, a non-finite gradient (its smallest index), later
     steps skipped, a non-finite loss named before the gradients."""
     reference = NumpyBackend()
     grads = rng.standard_normal(size)
     broken = grads.copy()
-    broken[bad] = [np.inf, np.nan, -np.inf][:len(bad)]
+    broken[bad] = np.resize([np.inf, np.nan, -np.inf], len(bad))
     guard, ref_guard = device_float64(fresh_guard(steps=3)), fresh_guard(steps=3)
     for loss, g in ((0.5, grads), (0.5, broken), (np.nan, broken), (0.5, grads)):
         backend.guard_gradients(put([loss], dtype), put(g, dtype), guard)
@@ -605,3 +606,56 @@ def test_graph_is_recaptured_when_the_step_reads_other_buffers(backend, rng):
     backend.run_step(None, lambda: second())
     backend.run_step(None, lambda: second())
     assert None not in backend._steps and second.step[0] == 3
+
+
+# ---- a whole fit, eager against captured (the emulator records launches at capture, replays them at launch) ----
+def _fit(backend_obj, loss, optimizer, X, y, hidden="tanh", **fit_kw):
+    import gpubp
+    net = gpubp.Sequential(gpubp.Dense(X.shape[1], 8, hidden),
+                           gpubp.Dense(8, 3, "sigmoid" if loss == "bce" else "identity"),
+                           backend=backend_obj, dtype="float32", seed=1)
+    opt = gpubp.SGD(net, lr=0.1, momentum=0.9, nesterov=True) if optimizer == "sgd" else gpubp.Adam(net, lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a fault stops fit with a warning: compared below
+        history = net.fit(X, y, loss, opt, epochs=3, batch_size=16, **fit_kw)
+    state = {"params": backend_obj.to_numpy(net.params), "steps": net.steps,
+             **{"opt." + k: v for k, v in opt.state_arrays().items()}}
+    return history, state
+
+
+@pytest.mark.parametrize("case", ["bce-sgd", "softmax_ce-adam", "mse-sgd-fault"])
+def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng):
+    """fit on the emulated backend with graphs (each batch size's step captured on its second call: the full
+    batch in epoch 0, the last, short batch in epoch 1) gives the History and the parameters of the eager run
+    bit for bit, and reads the device as often as the numpy backend does (once per epoch, plus validation).
+    The fault case: rows 40-47 overflow float32 (identity hidden layer: nothing saturates), so batch 2 of epoch 0
+    (a replayed graph) faults; fit stops there with the parameters of batch 1, in every run."""
+    loss, optimizer = case.split("-")[:2]
+    X = rng.standard_normal((50, 5))
+    y = (rng.random((50, 3)) > 0.5).astype(float) if loss == "bce" else \
+        rng.integers(0, 3, 50) if loss == "softmax_ce" else rng.standard_normal((50, 3))
+    fit_kw = dict(validation_data=(X[:9], y[:9]))
+    if case.endswith("fault"):
+        X[40:48] = 1e30
+        fit_kw = dict(shuffle=False, hidden="identity")
+    eager_be, graph_be = cb.CupyBackend(), cb.CupyBackend()
+    eager_be.use_graphs, graph_be.use_graphs = False, True
+    eager_history, eager_state = _fit(eager_be, loss, optimizer, X, y, **fit_kw)
+    graph_history, graph_state = _fit(graph_be, loss, optimizer, X, y, **fit_kw)
+    numpy_be = NumpyBackend()
+    numpy_history, numpy_state = _fit(numpy_be, loss, optimizer, X, y, **fit_kw)
+    assert dict(graph_history) == dict(eager_history) and graph_history.stop_reason == eager_history.stop_reason
+    for key in eager_state:
+        np.testing.assert_array_equal(graph_state[key], eager_state[key], err_msg=key)
+    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, losses.NAMES[loss], 
+                                                                    optimizer.upper() if optimizer == "sgd" else "Adam")], tuple)
+    # the same run as the numpy reference, within float32 rounding, and the same device reads
+    assert numpy_history.keys() == graph_history.keys() and numpy_history.stop_reason == graph_history.stop_reason
+    for key in numpy_history:
+        np.testing.assert_allclose(graph_history[key], numpy_history[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(graph_state["params"], numpy_state["params"], rtol=1e-4, atol=1e-5)
+    assert graph_state["steps"] == numpy_state["steps"]
+    assert graph_be.counters["d2h"] == eager_be.counters["d2h"] == numpy_be.counters["d2h"]
+    assert graph_be.counters["sync"] == graph_be.counters["d2h"]
+    if case.endswith("fault"):
+        assert "epoch 0, batch 2" in graph_history.stop_reason and graph_state["steps"] == 2
