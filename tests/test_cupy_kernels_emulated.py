@@ -17,8 +17,14 @@ test_project_cupy_tests_pass_on_the_emulated_backend runs the project's cupy-par
 op harness tests/test_backend_ops.py, the seed example; all network tests with GPUBP_EMULATE_NETWORK_TESTS=1)
 on the emulated backend too.
 
+The training loop's ops (kernels/loop.cu, the guarded updates of kernels/optim.cu) are checked against the
+numpy backend guard for guard, bit for bit where the reference adds in float64 (record_step), with bad values
+placed where each level of the index minimum (a thread's walk, a warp, the grid's atomicMin) decides; a whole
+fit with CUDA graphs (capture modelled: launches recorded, then replayed) against the same fit run eagerly.
+
 Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
-NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
+NVRTC), -ftz, and what a real driver adds to CUDA graphs (memory pools, capture errors: GPU tests in
+test_cupy_backend.py).
 """
 import os
 import warnings
