@@ -14,7 +14,8 @@ shows in the guard. Outputs start as NaN (poisoned), so an element no thread wri
 arrays one element off 16-byte alignment to exercise the scalar fallbacks.
 
 test_project_cupy_tests_pass_on_the_emulated_backend runs the project's cupy-parametrised tests (the shared
-op harness tests/test_backend_ops.py, the seed example; all network tests with GPUBP_EMULATE_NETWORK_TESTS=1)
+op harness tests/test_backend_ops.py, the seed example, faults and fit; all network tests with
+GPUBP_EMULATE_NETWORK_TESTS=1)
 on the emulated backend too.
 
 The training loop's ops (kernels/loop.cu, the guarded updates of kernels/optim.cu) are checked against the
@@ -527,8 +528,9 @@ def test_harness_knows_every_name_expression(emulator):
 # memory test) and test_array_utilities (on the emulator numpy arrays are the device arrays, so its
 # is_device_array(np.zeros(2)) check cannot hold).
 EMULATED_RUNS = {
-    # the backend contract (every op, awkward sizes, poisoned outputs) and the seed's worked example: ~30 s
-    "contract": (["test_backend_ops.py", "test_seed_example.py"], None),
+    # the backend contract (every op, awkward sizes, poisoned outputs), the seed's worked example, and the
+    # guard end to end (faults named and rolled back, fit's device-side loop): ~1 min
+    "contract": (["test_backend_ops.py", "test_seed_example.py", "test_faults.py", "test_fit.py"], None),
     # every cupy-parametrised network test (training against numpy, deterministic mode, fuzzing): ~2 min,
     # so only with GPUBP_EMULATE_NETWORK_TESTS=1
     "network": (["."], "GPUBP_EMULATE_NETWORK_TESTS"),
