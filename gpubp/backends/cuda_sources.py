@@ -13,7 +13,7 @@ import pathlib
 import re
 from importlib import resources
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "loop.cu")
 
 # Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
 # option and '--device-as-default-execution-space': see runtime_nvrtc_options.
@@ -32,8 +32,10 @@ _GEMM_KERNELS = {"dense_forward.cu": ("dense_forward_kernel",),
 _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "dense_backward.cu": ("activation_mask_kernel", "weight_grad_reduce_kernel"),
                   "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
-                  "optim.cu": ("sgd_update_kernel", "adam_update_kernel")}
-_UNTEMPLATED_KERNELS = {"optim.cu": ("step_increment_kernel",)}
+                  "optim.cu": ("sgd_update_kernel", "adam_update_kernel"),
+                  "loop.cu": ("gather_rows_kernel", "nonfinite_scan_kernel", "guard_gradients_finish_kernel",
+                              "count_correct_kernel", "record_step_kernel")}
+_UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("advance_cursor_kernel",)}
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 

@@ -358,8 +358,9 @@ def fake_cupy():
         ndarray=np.ndarray, zeros=np.zeros, full=np.full, empty=_poisoned_empty, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite, stack=np.stack,
         asnumpy=lambda x: np.array(x, copy=True),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0),
         cuda=types.SimpleNamespace(
-            runtime=types.SimpleNamespace(getDevice=lambda: 0),
+            runtime=types.SimpleNamespace(getDevice=lambda: 0, memGetInfo=lambda: (80 << 30, 80 << 30)),
             Stream=lambda non_blocking=False: FakeStream(), get_current_stream=FakeStream,
             MemoryPool=lambda: types.SimpleNamespace(malloc=None),
             using_allocator=lambda allocator=None: contextlib.nullcontext()))

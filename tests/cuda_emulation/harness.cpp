@@ -18,6 +18,7 @@
 #include "dense_backward.cu"
 #include "loss.cu"
 #include "optim.cu"
+#include "loop.cu"
 #include "planted_bugs.cu"
 
 // one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*
@@ -65,12 +66,19 @@ static Entry entry(void (*kernel)(P...)) {
     PLAIN_ENTRY(weight_grad_reduce_kernel, T, TS), PLAIN_ENTRY(loss_grad_kernel, T, TS),   \
     PLAIN_ENTRY(loss_reduce_kernel, T, TS), PLAIN_ENTRY(one_hot_kernel, T, TS),            \
     PLAIN_ENTRY(sgd_update_kernel, T, TS), PLAIN_ENTRY(adam_update_kernel, T, TS)
+#define LOOP_ENTRIES(T, TS)                                                                \
+    PLAIN_ENTRY(gather_rows_kernel, T, TS), PLAIN_ENTRY(nonfinite_scan_kernel, T, TS),     \
+    PLAIN_ENTRY(guard_gradients_finish_kernel, T, TS),                                     \
+    PLAIN_ENTRY(count_correct_kernel, T, TS), PLAIN_ENTRY(record_step_kernel, T, TS)
 
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
         ALL_ENTRIES(float, "float"),
         ALL_ENTRIES(double, "double"),
-        {"step_increment_kernel", entry(step_increment_kernel)},
+        LOOP_ENTRIES(float, "float"),
+        LOOP_ENTRIES(double, "double"),
+        {"update_finish_kernel", entry(update_finish_kernel)},
+        {"advance_cursor_kernel", entry(advance_cursor_kernel)},
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
