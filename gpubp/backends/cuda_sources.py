@@ -13,7 +13,7 @@ import pathlib
 import re
 from importlib import resources
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "gemm_tc.cu")
 
 # Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
 # option and '--device-as-default-execution-space': see runtime_nvrtc_options.
@@ -34,6 +34,9 @@ _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
                   "optim.cu": ("sgd_update_kernel", "adam_update_kernel")}
 _UNTEMPLATED_KERNELS = {"optim.cu": ("step_increment_kernel",)}
+# Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double.
+TC_PRECISIONS = {"bf16": "TcBf16", "fp16": "TcFp16", "tf32": "TcTf32"}
+_TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -55,7 +58,13 @@ def name_expressions(filename):
         names += [kernel_name(k, dtype, tile) for k in _GEMM_KERNELS.get(filename, ()) for tile in GEMM_TILES]
         names += [kernel_name(k, dtype) for k in _PLAIN_KERNELS.get(filename, ())]
     names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
+    names += [tc_kernel_name(k, p) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS]
     return names
+
+
+def tc_kernel_name(kernel, precision):
+    """The name expression of a tensor-core kernel for a precision name, e.g. 'gemm_tc_kernel<TcBf16>'."""
+    return f"{kernel}<{TC_PRECISIONS[precision]}>"
 
 
 def kernels_dir():

@@ -47,7 +47,7 @@ class EmulatedKernel:
     """Stands in for a cupy RawKernel: kernel(grid, block, args), each argument checked against the kernel's
     parameter types (CuPy checks none: a Python int would arrive as a long long)."""
 
-    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64}
+    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64, "H": np.uint16}
     SCALARS = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
 
     def __init__(self, lib, name):

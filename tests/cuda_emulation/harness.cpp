@@ -10,19 +10,24 @@
 #include <utility>
 
 #include "cuda_cpu.h"
+#include "tensor_core_cpu.h"   // mma/ldmatrix/cp.async for gemm_tc.cu, before the kernels
 
 #include "dense_forward.cu"
 #include "dense_backward.cu"
 #include "loss.cu"
 #include "optim.cu"
+#include "gemm_tc.cu"
+#include "tc_probes.cu"   // test-only: the emulated tensor-core instructions one at a time
 
-// one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*
+// one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*,
+// H unsigned short* (bf16/fp16 bits)
 template <typename P> constexpr char type_code() {
     typedef std::remove_cv_t<std::remove_pointer_t<P>> E;
     if constexpr (std::is_pointer_v<P>) {
         if constexpr (std::is_same_v<E, float>) return 'f';
         else if constexpr (std::is_same_v<E, double>) return 'D';
         else if constexpr (std::is_same_v<E, long long>) return 'L';
+        else if constexpr (std::is_same_v<E, unsigned short>) return 'H';
         else return '?';
     } else if constexpr (std::is_same_v<P, int>) return 'i';
     else if constexpr (std::is_same_v<P, long long>) return 'q';
@@ -63,6 +68,13 @@ static const std::map<std::string, Entry>& registry() {
         ALL_ENTRIES(float, "float"),
         ALL_ENTRIES(double, "double"),
         {"step_increment_kernel", entry(step_increment_kernel)},
+        {"gemm_tc_kernel<TcBf16>", entry(gemm_tc_kernel<TcBf16>)},
+        {"gemm_tc_kernel<TcFp16>", entry(gemm_tc_kernel<TcFp16>)},
+        {"gemm_tc_kernel<TcTf32>", entry(gemm_tc_kernel<TcTf32>)},
+        {"tc_mma_probe_kernel<TcBf16>", entry(tc_mma_probe_kernel<TcBf16>)},
+        {"tc_mma_probe_kernel<TcFp16>", entry(tc_mma_probe_kernel<TcFp16>)},
+        {"tc_mma_probe_kernel<TcTf32>", entry(tc_mma_probe_kernel<TcTf32>)},
+        {"tc_ldmatrix_probe_kernel", entry(tc_ldmatrix_probe_kernel)},
     };
     return kernels;
 }

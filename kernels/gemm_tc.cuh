@@ -1,0 +1,269 @@
+// gemm_tc.cuh: the tensor-core GEMM core (sm_80+), beside gemm.cuh's FP32 SIMT core (issue 12, step 1).
+//
+//   C (M, N) = Σ_k round_P(A(m, k)) · round_P(B(n, k))      accumulated in fp32
+//
+// P, the operand precision, is a tag type: TcBf16, TcFp16 (operands stored as 16-bit raw bits, `unsigned
+// short`, already in the format), TcTf32 (operands stored as float32, rounded to tf32 here, nearest even:
+// tensor_core.cuh's tf32_round, the same as gpubp/precision.py's round_tf32). The numpy reference is
+// gpubp.precision.reference_gemm. Layout in this step: both operands K-contiguous ("TN"), row-major,
+//   A(m, k) = A[m*lda + k]   B(n, k) = B[n*ldb + k]
+// which is dense_forward's Z = A_prev · Wᵀ (A = A_prev (N, in), B = W (out, in)). input_grad (B n-contiguous)
+// and weight_grad (both operands m/n-contiguous, K = batch) need ldmatrix.trans for 16-bit types and scalar
+// shared loads for tf32 (.trans moves 16-bit elements only): not built yet, see the end of this comment.
+//
+// Instructions (tensor_core.cuh; PTX ISA 9.0, "Warp-level matrix multiply-accumulate instructions"):
+//   bf16/fp16: mma.sync.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32    tf32: mma.sync.m16n8k8 ...tf32...f32
+// Fragment layouts relied on (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and
+// "Matrix Fragments for mma.m16n8k8"; g = lane/4, t = lane%4):
+//   16-bit A regs a0..a3 hold (row g, k 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
+//   16-bit B regs b0, b1 hold (k 2t..2t+1, n g), (k 2t+8.., n g)
+//   tf32   A regs a0..a3 hold (g, t), (g+8, t), (g, t+4), (g+8, t+4);  B regs b0, b1: (k t, n g), (k t+4, n g)
+//   C/D regs c0..c3 hold (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+// Seen as bytes, the two agree: each A fragment is a 16-row x 32-byte patch (16 halves or 8 tf32 along k)
+// cut into four 8-row x 16-byte matrices, (rows 0-7, bytes 0-15), (8-15, 0-15), (0-7, 16-31), (8-15, 16-31)
+// for registers 0..3, and each lane's register i is (row lane/4, bytes 4(lane%4)..+3) of matrix i; a B
+// fragment is an 8(n) x 32-byte patch in the same way. That is exactly what ldmatrix.x4 (PTX ISA, "Warp-level
+// matrix load instruction: ldmatrix") delivers from K-contiguous shared rows, so one load path serves all
+// three precisions: only the mma (and tf32's rounding) differ.
+//
+// Tiles: block BM x BN = 128 x 128, 8 warps as 2 (m) x 4 (n), warp tile 64 x 32 = MI 4 x NI 4 mma tiles of
+// 16 x 8; 64 fp32 accumulators a thread. K is walked in slices of 64 bytes a row: BK = 32 (16-bit) or 16
+// (tf32), two mma k-steps each. Per k-step a warp issues 4 + 2 ldmatrix.x4 for 16 mma.
+// Pipeline: STAGES = 3 shared buffers filled by cp.async (16-byte copies, .cg: L2 only), one commit group per
+// slice; slice s+2 is in flight while slice s is computed. One __syncthreads per slice: after
+// cp.async.wait_group(STAGES-2) it both publishes slice s (every thread's copies) and tells every warp that
+// slice s-1 is done, so its buffer, (s+2) mod 3, can be refilled right after.
+// Shared memory: STAGES x (BM + BN) rows x 64 bytes = 48 KiB, the static limit (no opt-in needed, 2 blocks
+// per SM on sm_80 and sm_90). Rows are 64 bytes, unpadded (padding would not fit in 48 KiB); the four
+// 16-byte chunks of row r are XOR-swizzled, chunk c stored at c ^ ((r/2) % 4), so the 8 rows an ldmatrix
+// phase reads (r..r+7, same logical chunk) land in 8 different 16-byte bank groups: no conflicts (unswizzled,
+// rows r and r+2 share banks: 4-way conflicts). cp.async writes whole rows, conflict-free either way.
+// Edges (any M, N, K: 1, 7, 33, ...): a chunk past the matrix copies fewer bytes (cp.async's src-size),
+// zero-filled, so no bounds checks in the mma loop and no read outside A or B. cp.async needs 16-byte aligned
+// rows (lda, ldb multiples of 8 halves or 4 floats, aligned bases); otherwise each chunk is read element by
+// element with bounds checks and stored to shared memory directly (correct, slower; the backend can pad).
+//
+// Memory traffic (per block, K elements of e bytes): (BM + BN)·K·e bytes read from L2/HBM for 2·BM·BN·K FLOP,
+// 64 FLOP/byte for 16-bit operands (32 for tf32); over the grid A is read ceil(N/BN) times and B ceil(M/BM)
+// times (L2 absorbs most of it: blockIdx.x runs along M, so consecutive blocks share their B tile). C is
+// written once, 4 bytes an element. Occupancy: 256 threads x <= 128 registers (__launch_bounds__(256, 2)),
+// 48 KiB shared: 2 blocks = 16 warps an SM. These are design numbers; nothing here has been timed.
+//
+// Later steps (not in this file yet): input_grad / weight_grad layouts (ldmatrix.trans for 16-bit types; a
+// shared-memory layout with the swizzle on the n/m axis), the dense-layer epilogues (they plug into
+// tc_gemm_store_tile as gemm.cuh's do), producer-side rounding. wgmma (sm_90a) would replace mma.sync +
+// ldmatrix: warpgroup (128-thread) MMAs reading B (and optionally A) straight from shared memory through
+// matrix descriptors, which need the canonical 32/64/128-byte swizzled layouts, fed by TMA (cp.async.bulk
+// .tensor with a CUtensorMap built on the host: driver API, cuTensorMapEncodeTiled) and mbarrier-based stage
+// handshakes instead of cp.async groups; compiled for sm_90a (arch-specific, so a separate NVRTC target), with
+// dynamic shared memory above 48 KiB (cudaFuncSetAttribute) for 4+ stages of 128x256 tiles.
+#ifndef GPUBP_GEMM_TC_CUH
+#define GPUBP_GEMM_TC_CUH
+
+#include "tensor_core.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// operand precisions: storage type, mma k, the mma itself, and what a fragment needs before it (tf32: round)
+
+struct TcBf16 {
+    typedef unsigned short Storage;
+    static constexpr int MMA_K = 16;
+    __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+        mma_bf16_m16n8k16(acc, a, b);
+    }
+    template <int R>
+    __device__ __forceinline__ static void prepare(unsigned (&)[R]) {}
+};
+
+struct TcFp16 {
+    typedef unsigned short Storage;
+    static constexpr int MMA_K = 16;
+    __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+        mma_f16_m16n8k16(acc, a, b);
+    }
+    template <int R>
+    __device__ __forceinline__ static void prepare(unsigned (&)[R]) {}
+};
+
+// NOTE: tf32 operands are rounded per fragment, after ldmatrix, not once in shared memory: a shared-memory
+// pass would cost each thread 32 extra loads and stores per slice and a second barrier, while fragments cost
+// one cvt (sm_90) per register. A producer kernel that writes tf32-rounded data could skip it (later step).
+struct TcTf32 {
+    typedef float Storage;
+    static constexpr int MMA_K = 8;
+    __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+        mma_tf32_m16n8k8(acc, a, b);
+    }
+    template <int R>
+    __device__ __forceinline__ static void prepare(unsigned (&r)[R]) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) r[i] = tf32_round(float_from_bits(r[i]));
+    }
+};
+
+template <typename P, int BM_ = 128, int BN_ = 128, int WARPS_M_ = 2, int WARPS_N_ = 4, int STAGES_ = 3>
+struct TcGemmShape {
+    typedef typename P::Storage Storage;
+    static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int ROW_BYTES = 64;                             // one slice of one shared row
+    static constexpr int CHUNKS = ROW_BYTES / 16;                   // 16-byte chunks a row (cp.async size)
+    static constexpr int VEC = 16 / sizeof(Storage);                // elements a chunk
+    static constexpr int BK = ROW_BYTES / sizeof(Storage);          // 32 halves or 16 floats
+    static constexpr int K_STEPS = BK / P::MMA_K;                   // 2: each k-step reads 32 bytes a row
+    static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;      // warp tile
+    static constexpr int MI = WM / 16, NI = WN / 8;                 // mma tiles a warp
+    static constexpr int STAGE_BYTES = (BM + BN) * ROW_BYTES;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+    static_assert(K_STEPS * 32 == ROW_BYTES, "a k-step is 32 bytes of a row (two ldmatrix matrices wide)");
+    static_assert(WM % 16 == 0 && WN % 16 == 0, "B fragments are loaded two n8 tiles at a time");
+    static_assert((BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "whole chunks a thread");
+    static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
+};
+
+// byte offset of 16-byte chunk `chunk` of shared row `row` (see "Shared memory" above)
+__device__ __forceinline__ int tc_swizzle(int row, int chunk) {
+    return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+// Starts the copy of one operand's slice, rows [d0, d0 + D) x elements [k0, k0 + BK) of X(d, k) = X[d*ld + k],
+// into `dst` (D swizzled rows); zeros outside d < d_end, k < K. With vec_ok the copy is asynchronous (part of
+// the caller's next commit group), otherwise done here.
+template <typename S, int D>
+__device__ __forceinline__ void tc_load_slice(unsigned char* dst, const typename S::Storage* __restrict__ X,
+                                              long long ld, int d0, int d_end, int k0, int K, bool vec_ok,
+                                              int tid) {
+    typedef typename S::Storage Storage;
+#pragma unroll
+    for (int p = 0; p < D * S::CHUNKS / S::THREADS; ++p) {
+        const int c = tid + p * S::THREADS;
+        const int row = c / S::CHUNKS, chunk = c % S::CHUNKS;
+        unsigned char* to = dst + tc_swizzle(row, chunk);
+        const int gd = d0 + row, gk = k0 + chunk * S::VEC;
+        if (vec_ok) {
+            // NOTE: a chunk with nothing to read still copies (16 zero bytes) from a valid aligned address
+            int bytes = 0;
+            const Storage* from = X;
+            if (gd < d_end && gk < K) {
+                bytes = (K - gk < S::VEC ? K - gk : S::VEC) * static_cast<int>(sizeof(Storage));
+                from = X + gd * ld + gk;
+            }
+            cp_async_16(to, from, bytes);
+        } else {
+            Storage v[S::VEC];
+#pragma unroll
+            for (int i = 0; i < S::VEC; ++i) v[i] = (gd < d_end && gk + i < K) ? X[gd * ld + gk + i] : Storage(0);
+            unsigned* words = reinterpret_cast<unsigned*>(to);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                if constexpr (sizeof(Storage) == 2) words[w] = v[2 * w] | (static_cast<unsigned>(v[2 * w + 1]) << 16);
+                else words[w] = float_bits(v[w]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One block's tile: acc[mi][ni] = the 16x8 mma tile (mi, ni) of this warp (C/D fragment layout) of
+// Σ_{k < K} A(m, k) B(n, k) over the block tile at (m0, n0). Every thread of the block must call it.
+
+template <typename P, typename S>
+__device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __restrict__ A, long long lda,
+                                                   const typename P::Storage* __restrict__ B, long long ldb,
+                                                   int M, int N, int K, int m0, int n0,
+                                                   float (&acc)[S::MI][S::NI][4]) {
+    __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int warp_m = warp / S::WARPS_N, warp_n = warp % S::WARPS_N;
+    const bool a_vec = reinterpret_cast<unsigned long long>(A) % 16 == 0 && lda % S::VEC == 0;
+    const bool b_vec = reinterpret_cast<unsigned long long>(B) % 16 == 0 && ldb % S::VEC == 0;
+
+#pragma unroll
+    for (int mi = 0; mi < S::MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < S::NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    const int slices = (K + S::BK - 1) / S::BK;
+    auto load = [&](int slice) {   // slice `slice` into buffer slice % STAGES
+        unsigned char* stage = smem + (slice % S::STAGES) * S::STAGE_BYTES;
+        tc_load_slice<S, S::BM>(stage, A, lda, m0, M, slice * S::BK, K, a_vec, tid);
+        tc_load_slice<S, S::BN>(stage + S::BM * S::ROW_BYTES, B, ldb, n0, N, slice * S::BK, K, b_vec, tid);
+    };
+
+    // Prologue: STAGES-1 slices in flight. A group is committed even when it is empty (past the last slice),
+    // so that "wait until at most STAGES-2 groups are pending" always means "slice s has landed".
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {
+        if (s < slices) load(s);
+        cp_async_commit();
+    }
+
+    // ldmatrix.x4 row addresses, per lane (matrix lane/8, row lane%8 of it; layouts above):
+    //   A: matrices (rows +0, k-chunk +0), (+8, +0), (+0, +1), (+8, +1) -> a0..a3 of an m16 tile
+    //   B: matrices (rows +0, +0), (+0, +1), (+8, +0), (+8, +1)        -> b0, b1 of n8 tile 2j, then of 2j+1
+    const int a_row = warp_m * S::WM + (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
+    const int b_row = warp_n * S::WN + (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
+
+    for (int s = 0; s < slices; ++s) {
+        cp_async_wait<S::STAGES - 2>();   // this thread's copies of slice s have landed
+        __syncthreads();                  // everyone's have; and everyone is done with slice s-1's buffer
+        if (s + S::STAGES - 1 < slices) load(s + S::STAGES - 1);
+        cp_async_commit();
+
+        const unsigned char* As = smem + (s % S::STAGES) * S::STAGE_BYTES;
+        const unsigned char* Bs = As + S::BM * S::ROW_BYTES;
+#pragma unroll
+        for (int ks = 0; ks < S::K_STEPS; ++ks) {
+            unsigned a[S::MI][4], b[S::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < S::MI; ++mi) {
+                ldmatrix_x4(a[mi], As + tc_swizzle(a_row + mi * 16, 2 * ks + a_chunk));
+                P::prepare(a[mi]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < S::NI / 2; ++nj) {
+                unsigned d[4];
+                ldmatrix_x4(d, Bs + tc_swizzle(b_row + nj * 16, 2 * ks + b_chunk));
+                P::prepare(d);
+                b[2 * nj][0] = d[0], b[2 * nj][1] = d[1];
+                b[2 * nj + 1][0] = d[2], b[2 * nj + 1][1] = d[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < S::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < S::NI; ++ni) P::mma(acc[mi][ni], a[mi], b[ni]);
+        }
+    }
+    // Only empty groups can be pending here, but a block must not end with copies into shared memory that the
+    // next block on this SM may own: wait for all (free when there are none).
+    cp_async_wait<0>();
+}
+
+// Hands each pair of accumulators that lies inside C to epi(m, n, values, n_valid): row m, columns n, n + 1
+// (n_valid = 1 at the right edge of an odd N). n is even.
+template <typename S, typename Epilogue>
+__device__ __forceinline__ void tc_gemm_store_tile(const float (&acc)[S::MI][S::NI][4], int M, int N, int m0, int n0,
+                                                   const Epilogue& epi) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int row0 = m0 + (warp / S::WARPS_N) * S::WM + lane / 4;
+    const int col0 = n0 + (warp % S::WARPS_N) * S::WN + 2 * (lane % 4);
+#pragma unroll
+    for (int mi = 0; mi < S::MI; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {   // c0, c1 at row g; c2, c3 at row g + 8
+            const int m = row0 + mi * 16 + half * 8;
+            if (m >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < S::NI; ++ni) {
+                const int n = col0 + ni * 8;
+                if (n >= N) continue;
+                float v[2] = {acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]};
+                epi(m, n, v, N - n < 2 ? N - n : 2);
+            }
+        }
+}
+
+#endif  // GPUBP_GEMM_TC_CUH

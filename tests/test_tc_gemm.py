@@ -1,0 +1,299 @@
+"""The tensor-core GEMM (kernels/gemm_tc.cu on gemm_tc.cuh) on the CPU emulation, against
+gpubp.precision.reference_gemm; the emulated instructions one at a time (tests/cuda_emulation/tc_probes.cu);
+planted fragment-index and pipeline bugs that must fail; and the compile checks (NVRTC sm_90 / sm_80 without
+spills, nvcc).
+
+What the emulation runs is the real CUDA C: gemm_tc.cu with tensor_core.cuh's wrappers replaced by
+tests/cuda_emulation/tensor_core_cpu.h, which implements mma.sync, ldmatrix and cp.async by the PTX ISA's
+fragment layouts, warp-wide, and performs each cp.async only at the cp.async.wait_group that retires it.
+
+Tolerance (why it is tight, and why it holds on hardware too): the reference is the product of the rounded
+operands in float64, rounded once to float32: nearly exact. The kernel accumulates in float32, one rounding
+per mma step along K at least (the emulation rounds exactly once per step; hardware aligns and truncates
+inside each mma, which the PTX ISA leaves unspecified: up to about 2 units of float32 roundoff u = 2^-24 a
+step). So |C - ref| <= (steps + 1) · 4u · (|A|·|B|ᵀ), elementwise, with steps = ceil(K / mma_k): twice the
+hardware's worst case per step, plus the reference's own rounding. A fragment-index error moves whole
+products (relative error ~1, not ~1e-6) and fails it by orders of magnitude.
+"""
+import ctypes
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gpubp import precision as prec
+from gpubp.backends import cuda_sources
+
+from cuda_emulation import emulator as emulator_module
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+PRECISIONS = ["bf16", "fp16", "tf32"]
+MMA_K = {"bf16": 16, "fp16": 16, "tf32": 8}
+VEC = {"bf16": 8, "fp16": 8, "tf32": 4}   # elements of a 16-byte cp.async chunk
+BM = BN = 128
+THREADS = 256
+# A NaN in every storage format, for guard zones and row padding: a read of it that reaches a product shows
+NAN_BITS = {"bf16": 0x7FFF, "fp16": 0x7FFF}
+# (M, N, K): one element; below a tile and below a chunk; odd sizes; tails in every dimension; > 1000 in one
+GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (33, 7, 129), (130, 70, 33), (17, 130, 64), (1000, 64, 64),
+               (40, 1030, 48), (33, 17, 1000)]
+LAYOUTS = ["contiguous", "padded", "misaligned"]
+GUARD = 16
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    try:
+        library = emulator_module.build(tmp_path_factory.mktemp("cuda_emulation_tc"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    library.emu_tc_plant_bug.argtypes = [ctypes.c_int]
+    library.emu_tc_plant_bug.restype = None
+    return library
+
+
+@pytest.fixture
+def planted(lib):
+    """planted(n) plants emulation bug n (tensor_core_cpu.h's EmuPlantedBug) for the rest of the test."""
+    yield lib.emu_tc_plant_bug
+    lib.emu_tc_plant_bug(0)
+
+
+class Operand:
+    """An (rows, K) operand in the kernel's storage, with row length ld >= K, placed `offset` elements past a
+    16-byte boundary inside a buffer whose guard zones and row padding are NaN."""
+
+    def __init__(self, values, precision, ld, offset=0):
+        rows, K = values.shape
+        stored = prec.to_storage(values, precision)
+        fill = NAN_BITS.get(precision, np.nan)
+        raw = np.full(rows * ld + 2 * GUARD + offset + 16, fill, dtype=stored.dtype)
+        skip = (-raw.ctypes.data % 16) // raw.itemsize
+        self.buffer = raw[skip:]
+        self.array = self.buffer[GUARD + offset:GUARD + offset + rows * ld].reshape(rows, ld)
+        self.array[:, :K] = stored
+        self.ld = ld
+
+
+def layout(precision, K, name):
+    """(ld, offset) of both operands: contiguous rows (cp.async when K is a multiple of a chunk), rows padded
+    to a 16-byte multiple plus a chunk (cp.async always, the last chunk of a row masked by src-size), or a
+    base one element off 16-byte alignment (the element-by-element path)."""
+    vec = VEC[precision]
+    if name == "contiguous":
+        return K, 0
+    if name == "padded":
+        return (K + vec - 1) // vec * vec + vec, 0
+    return K, 1
+
+
+def run_gemm(lib, precision, A, B, layout_name="contiguous"):
+    """C = the emulated gemm_tc_kernel on A (M, K), B (N, K). C lives in an (M + 1, N + 1) array of NaN
+    (ldc = N + 1): every element of C must be written, and the extra row and column must stay NaN."""
+    (M, K), N = A.shape, B.shape[0]
+    ld, offset = layout(precision, K, layout_name)
+    a = Operand(A, precision, ld, offset)
+    b = Operand(B, precision, ld, offset)
+    C = np.full((M + 1, N + 1), np.nan, np.float32)
+    kernel = emulator_module.EmulatedKernel(lib, cuda_sources.tc_kernel_name("gemm_tc_kernel", precision))
+    kernel((max(1, math.ceil(M / BM)), max(1, math.ceil(N / BN))), (THREADS,),
+           [a.array, np.int32(ld), b.array, np.int32(ld), C, np.int32(N + 1), np.int32(M), np.int32(N), np.int32(K)])
+    assert np.isnan(C[M, :]).all() and np.isnan(C[:, N]).all(), "the kernel wrote outside C"
+    return C[:M, :N]
+
+
+def tolerance(A, B, precision):
+    """Elementwise bound on |C - reference_gemm| (module docstring)."""
+    K = A.shape[1]
+    scale = np.abs(prec.round_operand(A, precision)).astype(np.float64) @ \
+        np.abs(prec.round_operand(B, precision)).astype(np.float64).T
+    return (math.ceil(K / MMA_K[precision]) + 1) * 4 * 2.0**-24 * scale
+
+
+def gemm_error(C, A, B, precision):
+    """max |C - ref| / tolerance (inf where C is NaN): <= 1 passes."""
+    excess = np.abs(C.astype(np.float64) - prec.reference_gemm(A, B, precision)) / np.maximum(
+        tolerance(A, B, precision), 1e-300)
+    return float(np.max(np.where(np.isnan(excess), np.inf, excess))) if excess.size else 0.0
+
+
+# ---- the GEMM -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gemm_matches_reference(lib, precision, shape, layout_name, rng):
+    M, N, K = shape
+    if layout_name != "contiguous" and M * N * K > 10**6:
+        pytest.skip("the big shapes run contiguous only (emulation time)")
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    C = run_gemm(lib, precision, A, B, layout_name)
+    assert gemm_error(C, A, B, precision) <= 1
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gemm_is_exact_on_small_integers(lib, precision, rng):
+    """Small integers: every product and partial sum is exact in float32, in any order, on any hardware."""
+    M, N, K = 70, 45, 200
+    A = rng.integers(-8, 9, (M, K)).astype(np.float32)
+    B = rng.integers(-8, 9, (N, K)).astype(np.float32)
+    np.testing.assert_array_equal(run_gemm(lib, precision, A, B), A.astype(np.float64) @ B.astype(np.float64).T)
+
+
+def test_tf32_operands_are_rounded_to_nearest_even_in_the_kernel(lib):
+    """Operands exactly halfway between two tf32 values: RNE (the reference) and the hardware's truncation
+    of unrounded registers, or ties-away (cvt.rna), give different products; only RNE passes bit for bit."""
+    ties = np.array([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 5 * 2**-11], dtype=np.float32)
+    A = np.tile(ties, (3, 2))                      # (3, 8)
+    B = np.zeros((2, 8), np.float32)
+    B[0, 0] = B[1, 1] = 1                          # C[:, 0] = A[:, 0], C[:, 1] = A[:, 1]: the rounded values
+    C = run_gemm(lib, "tf32", A, B)
+    np.testing.assert_array_equal(C, prec.reference_gemm(A, B, "tf32"))
+    np.testing.assert_array_equal(C[0], [1.0, 1 + 4 * 2**-11])
+
+
+def test_k_zero_gives_zeros(lib):
+    C = run_gemm(lib, "bf16", np.zeros((5, 0), np.float32), np.zeros((3, 0), np.float32))
+    np.testing.assert_array_equal(C, np.zeros((5, 3)))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_nan_and_inf_operands_propagate(lib, precision, rng):
+    A = rng.standard_normal((20, 40)).astype(np.float32)
+    B = rng.standard_normal((9, 40)).astype(np.float32)
+    A[3, 7] = np.nan   # row 3 of C: NaN
+    A[5, 0] = np.inf   # row 5: ±inf
+    C = run_gemm(lib, precision, A, B)
+    ref = prec.reference_gemm(A, B, precision)
+    assert np.isnan(ref[3]).all() and np.isinf(ref[5]).all()
+    np.testing.assert_array_equal(C[[3, 5]], ref[[3, 5]])
+    rows = [r for r in range(20) if r not in (3, 5)]
+    assert gemm_error(C[rows], A[rows], B, precision) <= 1
+
+
+# ---- planted bugs: each must make the GEMM comparison fail ------------------------------------------------------------
+PLANTED = {   # tensor_core_cpu.h's EmuPlantedBug: a fragment index off by one, or the pipeline one group short
+    1: ("mma m16n8k16 A column + 1", ["bf16", "fp16"]),
+    2: ("mma m16n8k16 B k-row + 1", ["bf16", "fp16"]),
+    3: ("mma C/D column + 1", ["bf16", "fp16", "tf32"]),
+    4: ("mma m16n8k8 tf32 A column + 1", ["tf32"]),
+    5: ("ldmatrix row + 1", ["bf16", "fp16", "tf32"]),
+    7: ("cp.async.wait_group retires one group too few", ["bf16", "tf32"]),
+}
+
+
+@pytest.mark.parametrize("bug,precision", [(bug, p) for bug, (_, ps) in PLANTED.items() for p in ps],
+                         ids=lambda v: str(v))
+def test_planted_bug_fails_the_comparison(lib, planted, bug, precision, rng):
+    M, N, K = 70, 45, 96
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    assert gemm_error(run_gemm(lib, precision, -A, B), -A, B, precision) <= 1   # passes as built
+    # NOTE: other data than the run above, whose tiles are still in the emulator's shared memory (a static
+    # array): a pipeline bug that reads a stage before its copy lands would otherwise read the same values.
+    planted(bug)
+    error = gemm_error(run_gemm(lib, precision, A, B), A, B, precision)
+    assert error > 100, f"planted bug {bug} ({PLANTED[bug][0]}) went unnoticed: error {error} x tolerance"
+
+
+# ---- the emulated instructions, one at a time ---------------------------------------------------------------------
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_emulated_mma_matches_the_ptx_layouts(lib, precision, rng):
+    """tc_mma_probe_kernel builds fragments from global memory by the PTX ISA tables (no ldmatrix)."""
+    K = MMA_K[precision]
+    A = rng.standard_normal((16, K)).astype(np.float32)
+    B = rng.standard_normal((8, K)).astype(np.float32)
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    D = np.full((16, 8), np.nan, np.float32)
+    kernel = emulator_module.EmulatedKernel(lib, cuda_sources.tc_kernel_name("tc_mma_probe_kernel", precision))
+    kernel((1,), (32,), [prec.to_storage(A, precision), prec.to_storage(B, precision), C, D])
+    expected = prec.reference_gemm(A, B, precision).astype(np.float64) + C
+    bound = 2 * (tolerance(A, B, precision) + 4 * 2.0**-24 * np.abs(C))
+    assert (np.abs(D - expected) <= bound).all()
+
+
+@pytest.mark.parametrize("bug", [1, 2, 3, 4])
+def test_probe_sees_planted_mma_bugs(lib, planted, bug, rng):
+    precision = "tf32" if bug == 4 else "bf16"
+    K = MMA_K[precision]
+    A = rng.standard_normal((16, K)).astype(np.float32)
+    B = rng.standard_normal((8, K)).astype(np.float32)
+    C = np.zeros((16, 8), np.float32)
+    D = np.full((16, 8), np.nan, np.float32)
+    planted(bug)
+    kernel = emulator_module.EmulatedKernel(lib, cuda_sources.tc_kernel_name("tc_mma_probe_kernel", precision))
+    kernel((1,), (32,), [prec.to_storage(A, precision), prec.to_storage(B, precision), C, D])
+    assert not np.allclose(D, prec.reference_gemm(A, B, precision), rtol=1e-3, atol=1e-3)
+
+
+def ldmatrix(lib, X, trans):
+    out = np.full(32 * 4 * 2, 0xFFFF, np.uint16)
+    emulator_module.EmulatedKernel(lib, "tc_ldmatrix_probe_kernel")((1,), (32,), [X.ravel(), out, np.int32(trans)])
+    return out.reshape(32, 4, 2)
+
+
+def ldmatrix_expected(X, trans):
+    """PTX ISA, ldmatrix: register i of lane l holds matrix i's (row l/4, cols 2(l%4) + j), or with .trans
+    (rows 2(l%4) + j, col l/4); matrix i is rows 8i..8i+7 of X here."""
+    expected = np.empty((32, 4, 2), np.uint16)
+    for lane in range(32):
+        for i in range(4):
+            for j in range(2):
+                r, c = (2 * (lane % 4) + j, lane // 4) if trans else (lane // 4, 2 * (lane % 4) + j)
+                expected[lane, i, j] = X[8 * i + r, c]
+    return expected
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_emulated_ldmatrix_matches_the_ptx_layout(lib, trans):
+    X = np.arange(32 * 8, dtype=np.uint16).reshape(32, 8)   # each element names its own (row, col)
+    np.testing.assert_array_equal(ldmatrix(lib, X, trans), ldmatrix_expected(X, trans))
+
+
+@pytest.mark.parametrize("bug,trans", [(5, 0), (6, 1)])
+def test_probe_sees_planted_ldmatrix_bugs(lib, planted, bug, trans):
+    X = np.arange(32 * 8, dtype=np.uint16).reshape(32, 8)
+    planted(bug)
+    assert (ldmatrix(lib, X, trans) != ldmatrix_expected(X, trans)).any()
+
+
+# ---- compiling for the GPU ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", [90, 80])
+def test_nvrtc_compiles_without_spills(arch):
+    """Through the runtime's NVRTC options, every precision: no local memory, at most 128 registers (the
+    __launch_bounds__(256, 2) budget that keeps 2 blocks an SM), 48 KiB of static shared memory."""
+    from test_kernels_compile import NVRTC, NVRTC_MISSING
+    if NVRTC is None:
+        pytest.skip(str(NVRTC_MISSING))
+    source, _, names = cuda_sources.module_source("gemm_tc.cu")
+    _, log = NVRTC.compile(source, "gemm_tc.cu", cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"],
+                           names)
+    spills = [tuple(map(int, s)) for s in re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                                     r"(\d+) bytes spill loads", log)]
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    assert len(registers) == len(names) and len(spills) == len(names), log
+    assert all(s == (0, 0, 0) for s in spills), log
+    assert all(r <= 128 for r in registers), log
+    assert all(int(b) == 48 * 1024 for b in re.findall(r"(\d+) bytes smem", log)), log
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_nvcc_compiles_to_cubin(arch, tmp_path):
+    """nvcc down to SASS (ptxas) for each arch, every precision instantiated: the inline PTX is assembled,
+    not only passed through (a .cu of templates alone would compile to nothing)."""
+    kernels_dir = cuda_sources.kernels_dir()
+    unit = tmp_path / "gemm_tc_instances.cu"
+    unit.write_text('#include "gemm_tc.cu"\n' + "".join(
+        f"template __global__ void gemm_tc_kernel<{tag}>(const {tag}::Storage*, int, const {tag}::Storage*, int, "
+        f"float*, int, int, int, int);\n" for tag in cuda_sources.TC_PRECISIONS.values()))
+    result = subprocess.run(["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", str(kernels_dir),
+                             "-Xptxas", "-v", str(unit), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Compiling entry function") == 3, result.stderr
+    assert "spill stores" in result.stderr and not re.search(r"[1-9]\d* bytes spill", result.stderr), result.stderr
