@@ -2,9 +2,10 @@
 // the PTX ISA's tables written out here a second time, in another form (per register, where
 // tensor_core_cpu.h goes per element), and without ldmatrix. If the emulated mma and ldmatrix were wrong in
 // ways that cancel inside gemm_tc.cu, the GEMM tests would pass but these would not. They are plain CUDA C
-// on top of tensor_core.cuh, so the same probes can run on a GPU (through NVRTC) to hold the emulation up
-// against the hardware. tests/test_tc_gemm.py runs them.
-#include "gemm_tc.cuh"
+// on top of gemm_tc.cuh, so the same probes can run on a GPU (NVRTC, after cuda_sources.inline_includes of
+// gemm_tc.cuh) to hold the emulation up against the hardware. tests/test_tc_gemm.py runs them.
+// NOTE: no #include here: harness.cpp includes gemm_tc.cu (hence gemm_tc.cuh) first, and the emulation's
+// build may compile copies of the kernels from another folder than this file's.
 
 // One warp, one mma: D (16x8) = A (16xK) · Bᵀ + C, A (16, K) and B (8, K) row-major, K = P::MMA_K, C and D
 // (16, 8) row-major. Fragments come straight from global memory by the PTX ISA layouts (g = lane/4, t = lane%4):
