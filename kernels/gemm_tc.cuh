@@ -121,53 +121,114 @@ struct TcGemmShape {
     static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
 };
 
-// byte offset of 16-byte chunk `chunk` of shared row `row` (see "Shared memory" above)
-__device__ __forceinline__ int tc_swizzle(int row, int chunk) {
-    return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
-}
+// One operand's slice in shared memory (D = BM or BN rows of the tile's m or n, by BK of k), its copy from
+// global memory and its fragments. A K-contiguous operand is stored as D rows of 64 bytes (its k run);
+// a D-contiguous one (KCONTIG = false: input_grad's W, weight_grad's δ and A_prev) as BK rows of D elements
+// (256 bytes for 16-bit types, 512 for tf32), so every global row segment is copied whole either way.
+// Both take D x 64 bytes. Chunk c (16 bytes) of shared row r is stored at chunk c ^ swizzle(r):
+//   K-contiguous: (r / 2) % 4   ldmatrix reads rows r..r+7 at one chunk: 64-byte rows put two rows in a 128-byte
+//                               bank line, the XOR spreads the four pairs over its four 16-byte... both halves
+//   D-contiguous, 16-bit: r % 8   ldmatrix.trans reads k-rows r..r+7 (256 bytes apart: same banks) at one chunk
+//   D-contiguous, tf32: 2(r % 4)  scalar loads: lanes read k-rows t = 0..3 x 8 consecutive d (two chunks)
+// so that every ldmatrix phase and every scalar fragment load touches 8 distinct 16-byte bank groups.
+template <typename P, typename S, int D, bool KCONTIG>
+struct TcOperandTile {
+    typedef typename P::Storage Storage;
+    static constexpr int ROW_BYTES = KCONTIG ? S::ROW_BYTES : D * static_cast<int>(sizeof(Storage));
+    static constexpr int ROWS = KCONTIG ? D : S::BK;
+    static constexpr int ROW_CHUNKS = ROW_BYTES / 16;
+    static constexpr int PER_THREAD = ROWS * ROW_CHUNKS / S::THREADS;
+    static_assert(ROWS * ROW_CHUNKS % S::THREADS == 0, "whole chunks a thread");
+    static_assert(ROWS * ROW_BYTES == D * S::ROW_BYTES, "both layouts take the same shared memory");
 
-// Starts the copy of one operand's slice, rows [d0, d0 + D) x elements [k0, k0 + BK) of X(d, k) = X[d*ld + k],
-// into `dst` (D swizzled rows); zeros outside d < d_end, k < K. With vec_ok the copy is asynchronous (part of
-// the caller's next commit group), otherwise done here.
-template <typename S, int D>
-__device__ __forceinline__ void tc_load_slice(unsigned char* dst, const typename S::Storage* __restrict__ X,
-                                              long long ld, int d0, int d_end, int k0, int K, bool vec_ok,
-                                              int tid) {
-    typedef typename S::Storage Storage;
+    __device__ __forceinline__ static int offset(int row, int chunk) {
+        const int swizzle = KCONTIG ? (row >> 1) & 3 : sizeof(Storage) == 2 ? row & 7 : (row & 3) << 1;
+        return row * ROW_BYTES + ((chunk ^ swizzle) << 4);
+    }
+
+    // Starts the copy of X(d, k) for d in [d0, d0 + D), k in [k0, k0 + BK), X(d, k) = KCONTIG ? X[d*ld + k]
+    // : X[k*ld + d]; zeros outside d < d_end, k < K. With vec_ok (X and its rows 16-byte aligned) the copy is
+    // asynchronous, part of the caller's next commit group; otherwise it is done here, element by element.
+    __device__ __forceinline__ static void load(unsigned char* dst, const Storage* __restrict__ X, long long ld,
+                                                int d0, int d_end, int k0, int K, bool vec_ok, int tid) {
 #pragma unroll
-    for (int p = 0; p < D * S::CHUNKS / S::THREADS; ++p) {
-        const int c = tid + p * S::THREADS;
-        const int row = c / S::CHUNKS, chunk = c % S::CHUNKS;
-        unsigned char* to = dst + tc_swizzle(row, chunk);
-        const int gd = d0 + row, gk = k0 + chunk * S::VEC;
-        if (vec_ok) {
-            // NOTE: a chunk with nothing to read still copies (16 zero bytes) from a valid aligned address
-            int bytes = 0;
-            const Storage* from = X;
-            if (gd < d_end && gk < K) {
-                bytes = (K - gk < S::VEC ? K - gk : S::VEC) * static_cast<int>(sizeof(Storage));
-                from = X + gd * ld + gk;
-            }
-            cp_async_16(to, from, bytes);
-        } else {
-            Storage v[S::VEC];
+        for (int p = 0; p < PER_THREAD; ++p) {
+            const int c = tid + p * S::THREADS;
+            const int row = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS;
+            unsigned char* to = dst + offset(row, chunk);
+            // the chunk's first element, and how many of its VEC exist (the run is along k or along d)
+            const int gd = KCONTIG ? d0 + row : d0 + chunk * S::VEC;
+            const int gk = KCONTIG ? k0 + chunk * S::VEC : k0 + row;
+            const int run_end = KCONTIG ? K - gk : d_end - gd;
+            const int n_valid = (gd < d_end && gk < K) ? (run_end < S::VEC ? run_end : S::VEC) : 0;
+            const Storage* from = KCONTIG ? X + gd * ld + gk : X + gk * ld + gd;
+            if (vec_ok) {
+                // NOTE: a chunk with nothing to read still copies (16 zero bytes), from a valid aligned address
+                cp_async_16(to, n_valid > 0 ? from : X, n_valid * static_cast<int>(sizeof(Storage)));
+            } else {
+                Storage v[S::VEC];
 #pragma unroll
-            for (int i = 0; i < S::VEC; ++i) v[i] = (gd < d_end && gk + i < K) ? X[gd * ld + gk + i] : Storage(0);
-            unsigned* words = reinterpret_cast<unsigned*>(to);
+                for (int i = 0; i < S::VEC; ++i) v[i] = i < n_valid ? from[i] : Storage(0);
+                unsigned* words = reinterpret_cast<unsigned*>(to);
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                if constexpr (sizeof(Storage) == 2) words[w] = v[2 * w] | (static_cast<unsigned>(v[2 * w + 1]) << 16);
-                else words[w] = float_bits(v[w]);
+                for (int w = 0; w < 4; ++w) {
+                    if constexpr (sizeof(Storage) == 2) words[w] = v[2 * w] | (static_cast<unsigned>(v[2 * w + 1]) << 16);
+                    else words[w] = float_bits(v[w]);
+                }
             }
         }
     }
-}
+
+    // one 32-bit element of a D-contiguous tf32 tile
+    __device__ __forceinline__ static unsigned element(const unsigned char* tile, int k, int d) {
+        return *reinterpret_cast<const unsigned*>(tile + offset(k, d / 4) + (d % 4) * 4);
+    }
+
+    // The A fragment (4 registers) of the 16 x MMA_K block at tile row m, k-step ks (layouts at the top).
+    //   K-contiguous: ldmatrix.x4, matrices (rows +0, chunk +0), (+8, +0), (+0, +1), (+8, +1) = a0..a3
+    //   D-contiguous 16-bit: ldmatrix.x4.trans of k-rows, matrices (m +0, k +0), (+8, +0), (+0, +8), (+8, +8)
+    //   D-contiguous tf32: a_e = (m + g + 8(e%2), k t + 4(e/2)), one load each
+    __device__ __forceinline__ static void fragment_a(unsigned (&a)[4], const unsigned char* tile, int m, int ks,
+                                                      int lane) {
+        if constexpr (KCONTIG) {
+            ldmatrix_x4(a, tile + offset(m + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * ks + (lane >> 4)));
+        } else if constexpr (sizeof(Storage) == 2) {
+            ldmatrix_x4_trans(a, tile + offset(ks * 16 + (lane >> 4) * 8 + (lane & 7), m / 8 + ((lane >> 3) & 1)));
+        } else {
+            const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a[e] = element(tile, ks * 8 + t + 4 * (e >> 1), m + g + 8 * (e & 1));
+        }
+    }
+
+    // The B fragments (2 registers each) of the MMA_K x 8 blocks at tile columns n and n + 8, k-step ks.
+    //   K-contiguous: ldmatrix.x4, matrices (n +0, chunk +0), (+0, +1), (+8, +0), (+8, +1) = b0, b1 of n; of n+8
+    //   D-contiguous 16-bit: ldmatrix.x4.trans, matrices (k +0, n +0), (+8, +0), (+0, +8), (+8, +8)
+    //   D-contiguous tf32: b_e = (k t + 4e, n + g), one load each
+    __device__ __forceinline__ static void fragment_b2(unsigned (&b0)[2], unsigned (&b1)[2], const unsigned char* tile,
+                                                       int n, int ks, int lane) {
+        unsigned d[4];
+        if constexpr (KCONTIG) {
+            ldmatrix_x4(d, tile + offset(n + (lane & 7) + (lane >> 4) * 8, 2 * ks + ((lane >> 3) & 1)));
+        } else if constexpr (sizeof(Storage) == 2) {
+            ldmatrix_x4_trans(d, tile + offset(ks * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), n / 8 + (lane >> 4)));
+        } else {
+            const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                d[e] = element(tile, ks * 8 + t + 4 * e, n + g);
+                d[2 + e] = element(tile, ks * 8 + t + 4 * e, n + 8 + g);
+            }
+        }
+        b0[0] = d[0], b0[1] = d[1], b1[0] = d[2], b1[1] = d[3];
+    }
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // One block's tile: acc[mi][ni] = the 16x8 mma tile (mi, ni) of this warp (C/D fragment layout) of
 // Σ_{k < K} A(m, k) B(n, k) over the block tile at (m0, n0). Every thread of the block must call it.
 
-template <typename P, typename S>
+template <typename P, typename S, bool A_KCONTIG, bool B_KCONTIG>
 __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __restrict__ A, long long lda,
                                                    const typename P::Storage* __restrict__ B, long long ldb,
                                                    int M, int N, int K, int m0, int n0,
@@ -186,11 +247,13 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
+    typedef TcOperandTile<P, S, S::BM, A_KCONTIG> TileA;
+    typedef TcOperandTile<P, S, S::BN, B_KCONTIG> TileB;
     const int slices = (K + S::BK - 1) / S::BK;
     auto load = [&](int slice) {   // slice `slice` into buffer slice % STAGES
         unsigned char* stage = smem + (slice % S::STAGES) * S::STAGE_BYTES;
-        tc_load_slice<S, S::BM>(stage, A, lda, m0, M, slice * S::BK, K, a_vec, tid);
-        tc_load_slice<S, S::BN>(stage + S::BM * S::ROW_BYTES, B, ldb, n0, N, slice * S::BK, K, b_vec, tid);
+        TileA::load(stage, A, lda, m0, M, slice * S::BK, K, a_vec, tid);
+        TileB::load(stage + S::BM * S::ROW_BYTES, B, ldb, n0, N, slice * S::BK, K, b_vec, tid);
     };
 
     // Prologue: STAGES-1 slices in flight. A group is committed even when it is empty (past the last slice),
@@ -200,12 +263,6 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
         if (s < slices) load(s);
         cp_async_commit();
     }
-
-    // ldmatrix.x4 row addresses, per lane (matrix lane/8, row lane%8 of it; layouts above):
-    //   A: matrices (rows +0, k-chunk +0), (+8, +0), (+0, +1), (+8, +1) -> a0..a3 of an m16 tile
-    //   B: matrices (rows +0, +0), (+0, +1), (+8, +0), (+8, +1)        -> b0, b1 of n8 tile 2j, then of 2j+1
-    const int a_row = warp_m * S::WM + (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
-    const int b_row = warp_n * S::WN + (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
 
     for (int s = 0; s < slices; ++s) {
         cp_async_wait<S::STAGES - 2>();   // this thread's copies of slice s have landed
@@ -217,24 +274,24 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
         const unsigned char* Bs = As + S::BM * S::ROW_BYTES;
 #pragma unroll
         for (int ks = 0; ks < S::K_STEPS; ++ks) {
-            unsigned a[S::MI][4], b[S::NI][2];
-#pragma unroll
-            for (int mi = 0; mi < S::MI; ++mi) {
-                ldmatrix_x4(a[mi], As + tc_swizzle(a_row + mi * 16, 2 * ks + a_chunk));
-                P::prepare(a[mi]);
-            }
+            // All of the k-step's B fragments (NI x 2 registers), then A one m16 tile at a time (4 registers):
+            // holding every A fragment too (MI x 4 more) spills the D-contiguous tf32 variants, whose scalar
+            // fragment loads each need an address register.
+            unsigned b[S::NI][2];
 #pragma unroll
             for (int nj = 0; nj < S::NI / 2; ++nj) {
-                unsigned d[4];
-                ldmatrix_x4(d, Bs + tc_swizzle(b_row + nj * 16, 2 * ks + b_chunk));
-                P::prepare(d);
-                b[2 * nj][0] = d[0], b[2 * nj][1] = d[1];
-                b[2 * nj + 1][0] = d[2], b[2 * nj + 1][1] = d[3];
+                TileB::fragment_b2(b[2 * nj], b[2 * nj + 1], Bs, warp_n * S::WN + nj * 16, ks, lane);
+                P::prepare(b[2 * nj]);
+                P::prepare(b[2 * nj + 1]);
             }
 #pragma unroll
-            for (int mi = 0; mi < S::MI; ++mi)
+            for (int mi = 0; mi < S::MI; ++mi) {
+                unsigned a[4];
+                TileA::fragment_a(a, As, warp_m * S::WM + mi * 16, ks, lane);
+                P::prepare(a);
 #pragma unroll
-                for (int ni = 0; ni < S::NI; ++ni) P::mma(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < S::NI; ++ni) P::mma(acc[mi][ni], a, b[ni]);
+            }
         }
     }
     // Only empty groups can be pending here, but a block must not end with copies into shared memory that the

@@ -41,7 +41,7 @@ NAN_BITS = {"bf16": 0x7FFF, "fp16": 0x7FFF}
 # (M, N, K): one element; below a tile and below a chunk; odd sizes; tails in every dimension; > 1000 in one
 GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (33, 7, 129), (130, 70, 33), (17, 130, 64), (1000, 64, 64),
                (40, 1030, 48), (33, 17, 1000)]
-LAYOUTS = ["contiguous", "padded", "misaligned"]
+MEMORY_LAYOUTS = ["contiguous", "padded", "misaligned"]
 GUARD = 16
 
 
@@ -64,44 +64,48 @@ def planted(lib):
 
 
 class Operand:
-    """An (rows, K) operand in the kernel's storage, with row length ld >= K, placed `offset` elements past a
-    16-byte boundary inside a buffer whose guard zones and row padding are NaN."""
+    """An operand in the kernel's storage: `stored` (rows, cols) with row length ld >= cols, placed `offset`
+    elements past a 16-byte boundary inside a buffer whose guard zones and row padding are NaN."""
 
-    def __init__(self, values, precision, ld, offset=0):
-        rows, K = values.shape
-        stored = prec.to_storage(values, precision)
-        fill = NAN_BITS.get(precision, np.nan)
-        raw = np.full(rows * ld + 2 * GUARD + offset + 16, fill, dtype=stored.dtype)
+    def __init__(self, stored, precision, ld, offset=0):
+        rows, cols = stored.shape
+        values = prec.to_storage(stored, precision)
+        raw = np.full(rows * ld + 2 * GUARD + offset + 16, NAN_BITS.get(precision, np.nan), dtype=values.dtype)
         skip = (-raw.ctypes.data % 16) // raw.itemsize
-        self.buffer = raw[skip:]
-        self.array = self.buffer[GUARD + offset:GUARD + offset + rows * ld].reshape(rows, ld)
-        self.array[:, :K] = stored
-        self.ld = ld
+        self.array = raw[skip + GUARD + offset:skip + GUARD + offset + rows * ld].reshape(rows, ld)
+        self.array[:, :cols] = values
 
 
-def layout(precision, K, name):
-    """(ld, offset) of both operands: contiguous rows (cp.async when K is a multiple of a chunk), rows padded
-    to a 16-byte multiple plus a chunk (cp.async always, the last chunk of a row masked by src-size), or a
-    base one element off 16-byte alignment (the element-by-element path)."""
+def memory_layout(precision, cols, name):
+    """(ld, offset) of an operand whose rows hold `cols` elements: contiguous rows (cp.async when cols is a
+    multiple of a 16-byte chunk), rows padded to a 16-byte multiple plus a chunk (cp.async always, the last
+    chunk of a row masked by src-size, the padding NaN), or a base one element off 16-byte alignment (the
+    element-by-element path)."""
     vec = VEC[precision]
     if name == "contiguous":
-        return K, 0
+        return cols, 0
     if name == "padded":
-        return (K + vec - 1) // vec * vec + vec, 0
-    return K, 1
+        return (cols + vec - 1) // vec * vec + vec, 0
+    return cols, 1
 
 
-def run_gemm(lib, precision, A, B, layout_name="contiguous"):
-    """C = the emulated gemm_tc_kernel on A (M, K), B (N, K). C lives in an (M + 1, N + 1) array of NaN
-    (ldc = N + 1): every element of C must be written, and the extra row and column must stay NaN."""
+def run_gemm(lib, precision, A, B, memory="contiguous", layout="forward"):
+    """C = A (M, K) · B (N, K)ᵀ by the emulated gemm_tc_kernel for `layout` (cuda_sources.TC_LAYOUTS): each
+    operand is stored as given or transposed, as that layout reads it. C lives in an (M + 1, N + 1) array of
+    NaN (ldc = N + 1): every element of C must be written, the extra row and column must stay NaN."""
     (M, K), N = A.shape, B.shape[0]
-    ld, offset = layout(precision, K, layout_name)
-    a = Operand(A, precision, ld, offset)
-    b = Operand(B, precision, ld, offset)
+    a_kcontig, b_kcontig = cuda_sources.TC_LAYOUTS[layout]
+    stored_a = A if a_kcontig else A.T
+    stored_b = B if b_kcontig else B.T
+    lda, a_offset = memory_layout(precision, stored_a.shape[1], memory)
+    ldb, b_offset = memory_layout(precision, stored_b.shape[1], memory)
+    a = Operand(stored_a, precision, lda, a_offset)
+    b = Operand(stored_b, precision, ldb, b_offset)
     C = np.full((M + 1, N + 1), np.nan, np.float32)
-    kernel = emulator_module.EmulatedKernel(lib, cuda_sources.tc_kernel_name("gemm_tc_kernel", precision))
+    kernel = emulator_module.EmulatedKernel(lib, cuda_sources.tc_kernel_name("gemm_tc_kernel", precision, layout))
     kernel((max(1, math.ceil(M / BM)), max(1, math.ceil(N / BN))), (THREADS,),
-           [a.array, np.int32(ld), b.array, np.int32(ld), C, np.int32(N + 1), np.int32(M), np.int32(N), np.int32(K)])
+           [a.array, np.int32(lda), b.array, np.int32(ldb), C, np.int32(N + 1), np.int32(M), np.int32(N),
+            np.int32(K)])
     assert np.isnan(C[M, :]).all() and np.isnan(C[:, N]).all(), "the kernel wrote outside C"
     return C[:M, :N]
 
@@ -122,26 +126,29 @@ def gemm_error(C, A, B, precision):
 
 
 # ---- the GEMM -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("memory", MEMORY_LAYOUTS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", list(cuda_sources.TC_LAYOUTS))
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_gemm_matches_reference(lib, precision, shape, layout_name, rng):
+def test_gemm_matches_reference(lib, precision, layout, shape, memory, rng):
     M, N, K = shape
-    if layout_name != "contiguous" and M * N * K > 10**6:
-        pytest.skip("the big shapes run contiguous only (emulation time)")
+    if memory != "contiguous" and M * N * K > 10**6:
+        pytest.skip("the big shapes run with contiguous rows only (emulation time)")
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((N, K)).astype(np.float32)
-    C = run_gemm(lib, precision, A, B, layout_name)
+    C = run_gemm(lib, precision, A, B, memory, layout)
     assert gemm_error(C, A, B, precision) <= 1
 
 
+@pytest.mark.parametrize("layout", list(cuda_sources.TC_LAYOUTS))
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_gemm_is_exact_on_small_integers(lib, precision, rng):
+def test_gemm_is_exact_on_small_integers(lib, precision, layout, rng):
     """Small integers: every product and partial sum is exact in float32, in any order, on any hardware."""
     M, N, K = 70, 45, 200
     A = rng.integers(-8, 9, (M, K)).astype(np.float32)
     B = rng.integers(-8, 9, (N, K)).astype(np.float32)
-    np.testing.assert_array_equal(run_gemm(lib, precision, A, B), A.astype(np.float64) @ B.astype(np.float64).T)
+    np.testing.assert_array_equal(run_gemm(lib, precision, A, B, layout=layout),
+                                  A.astype(np.float64) @ B.astype(np.float64).T)
 
 
 def test_tf32_operands_are_rounded_to_nearest_even_in_the_kernel(lib):
@@ -177,26 +184,27 @@ def test_nan_and_inf_operands_propagate(lib, precision, rng):
 
 # ---- planted bugs: each must make the GEMM comparison fail ------------------------------------------------------------
 PLANTED = {   # tensor_core_cpu.h's EmuPlantedBug: a fragment index off by one, or the pipeline one group short
-    1: ("mma m16n8k16 A column + 1", ["bf16", "fp16"]),
-    2: ("mma m16n8k16 B k-row + 1", ["bf16", "fp16"]),
-    3: ("mma C/D column + 1", ["bf16", "fp16", "tf32"]),
-    4: ("mma m16n8k8 tf32 A column + 1", ["tf32"]),
-    5: ("ldmatrix row + 1", ["bf16", "fp16", "tf32"]),
-    7: ("cp.async.wait_group retires one group too few", ["bf16", "tf32"]),
+    1: ("mma m16n8k16 A column + 1", [("bf16", "forward"), ("fp16", "weight_grad")]),
+    2: ("mma m16n8k16 B k-row + 1", [("bf16", "forward"), ("fp16", "input_grad")]),
+    3: ("mma C/D column + 1", [("bf16", "forward"), ("tf32", "forward"), ("tf32", "weight_grad")]),
+    4: ("mma m16n8k8 tf32 A column + 1", [("tf32", "forward"), ("tf32", "weight_grad")]),
+    5: ("ldmatrix row + 1", [("bf16", "forward"), ("fp16", "forward"), ("tf32", "forward")]),
+    6: ("ldmatrix.trans column + 1", [("bf16", "input_grad"), ("bf16", "weight_grad")]),
+    7: ("cp.async.wait_group retires one group too few", [("bf16", "forward"), ("tf32", "weight_grad")]),
 }
 
 
-@pytest.mark.parametrize("bug,precision", [(bug, p) for bug, (_, ps) in PLANTED.items() for p in ps],
-                         ids=lambda v: str(v))
-def test_planted_bug_fails_the_comparison(lib, planted, bug, precision, rng):
-    M, N, K = 70, 45, 96
+@pytest.mark.parametrize("bug,precision,layout", [(bug, p, layout) for bug, (_, cases) in PLANTED.items()
+                                                  for p, layout in cases], ids=lambda v: str(v))
+def test_planted_bug_fails_the_comparison(lib, planted, bug, precision, layout, rng):
+    M, N, K = 72, 48, 96   # multiples of a chunk in every layout: cp.async (not the element path) everywhere
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((N, K)).astype(np.float32)
-    assert gemm_error(run_gemm(lib, precision, -A, B), -A, B, precision) <= 1   # passes as built
+    assert gemm_error(run_gemm(lib, precision, -A, B, layout=layout), -A, B, precision) <= 1   # passes as built
     # NOTE: other data than the run above, whose tiles are still in the emulator's shared memory (a static
     # array): a pipeline bug that reads a stage before its copy lands would otherwise read the same values.
     planted(bug)
-    error = gemm_error(run_gemm(lib, precision, A, B), A, B, precision)
+    error = gemm_error(run_gemm(lib, precision, A, B, layout=layout), A, B, precision)
     assert error > 100, f"planted bug {bug} ({PLANTED[bug][0]}) went unnoticed: error {error} x tolerance"
 
 
@@ -262,23 +270,35 @@ def test_probe_sees_planted_ldmatrix_bugs(lib, planted, bug, trans):
 
 
 # ---- compiling for the GPU ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", [90, 80])
-def test_nvrtc_compiles_without_spills(arch):
-    """Through the runtime's NVRTC options, every precision: no local memory, at most 128 registers (the
-    __launch_bounds__(256, 2) budget that keeps 2 blocks an SM), 48 KiB of static shared memory."""
+def ptxas_report(arch):
+    """{name expression: (registers, (stack frame, spill store, spill load bytes), shared bytes)} of gemm_tc.cu
+    compiled by NVRTC with the runtime's options for sm_<arch>."""
     from test_kernels_compile import NVRTC, NVRTC_MISSING
     if NVRTC is None:
         pytest.skip(str(NVRTC_MISSING))
     source, _, names = cuda_sources.module_source("gemm_tc.cu")
-    _, log = NVRTC.compile(source, "gemm_tc.cu", cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"],
-                           names)
-    spills = [tuple(map(int, s)) for s in re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                                     r"(\d+) bytes spill loads", log)]
-    registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
-    assert len(registers) == len(names) and len(spills) == len(names), log
-    assert all(s == (0, 0, 0) for s in spills), log
-    assert all(r <= 128 for r in registers), log
-    assert all(int(b) == 48 * 1024 for b in re.findall(r"(\d+) bytes smem", log)), log
+    lowered, log = NVRTC.compile(source, "gemm_tc.cu",
+                                 cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"], names)
+    by_symbol = {symbol: name for name, symbol in lowered.items()}
+    report = {}
+    for block in log.split("Compiling entry function '")[1:]:
+        name = by_symbol[block.split("'")[0]]
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        report[name] = (int(re.search(r"Used (\d+) registers", block).group(1)),
+                        tuple(int(x) for x in spill.groups()), int(re.search(r"(\d+) bytes smem", block).group(1)))
+    assert sorted(report) == sorted(names), log
+    return report
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_nvrtc_compiles_without_spills(arch):
+    """Through the runtime's NVRTC options, every precision and layout: no local memory, 48 KiB of static
+    shared memory, and at most 128 registers (2 blocks an SM) where TC_GEMM_MIN_BLOCKS asks for 2."""
+    for name, (registers, spill, shared) in ptxas_report(arch).items():
+        assert spill == (0, 0, 0), (name, spill)
+        assert shared == 48 * 1024, (name, shared)
+        one_block = "TcTf32" in name and "true, true" not in name
+        assert registers <= (255 if one_block else 128), (name, registers)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
@@ -289,11 +309,12 @@ def test_nvcc_compiles_to_cubin(arch, tmp_path):
     kernels_dir = cuda_sources.kernels_dir()
     unit = tmp_path / "gemm_tc_instances.cu"
     unit.write_text('#include "gemm_tc.cu"\n' + "".join(
-        f"template __global__ void gemm_tc_kernel<{tag}>(const {tag}::Storage*, int, const {tag}::Storage*, int, "
-        f"float*, int, int, int, int);\n" for tag in cuda_sources.TC_PRECISIONS.values()))
+        f"template __global__ void gemm_tc_kernel<{tag}, {str(a).lower()}, {str(b).lower()}>(const {tag}::Storage*, "
+        f"int, const {tag}::Storage*, int, float*, int, int, int, int);\n"
+        for tag in cuda_sources.TC_PRECISIONS.values() for a, b in cuda_sources.TC_LAYOUTS.values()))
     result = subprocess.run(["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", str(kernels_dir),
                              "-Xptxas", "-v", str(unit), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("Compiling entry function") == 3, result.stderr
+    assert result.stderr.count("Compiling entry function") == 9, result.stderr
     assert "spill stores" in result.stderr and not re.search(r"[1-9]\d* bytes spill", result.stderr), result.stderr

@@ -34,8 +34,10 @@ _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
                   "optim.cu": ("sgd_update_kernel", "adam_update_kernel")}
 _UNTEMPLATED_KERNELS = {"optim.cu": ("step_increment_kernel",)}
-# Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double.
+# Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double,
+# and (the GEMMs) on the operand layouts (A_KCONTIG, B_KCONTIG) of the three products of a dense layer.
 TC_PRECISIONS = {"bf16": "TcBf16", "fp16": "TcFp16", "tf32": "TcTf32"}
+TC_LAYOUTS = {"forward": (True, True), "input_grad": (True, False), "weight_grad": (False, False)}
 _TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -58,13 +60,17 @@ def name_expressions(filename):
         names += [kernel_name(k, dtype, tile) for k in _GEMM_KERNELS.get(filename, ()) for tile in GEMM_TILES]
         names += [kernel_name(k, dtype) for k in _PLAIN_KERNELS.get(filename, ())]
     names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
-    names += [tc_kernel_name(k, p) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS]
+    names += [tc_kernel_name(k, p, layout) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS
+              for layout in TC_LAYOUTS]
     return names
 
 
-def tc_kernel_name(kernel, precision):
-    """The name expression of a tensor-core kernel for a precision name, e.g. 'gemm_tc_kernel<TcBf16>'."""
-    return f"{kernel}<{TC_PRECISIONS[precision]}>"
+def tc_kernel_name(kernel, precision, layout=None):
+    """The name expression of a tensor-core kernel for a precision name and (GEMMs) a TC_LAYOUTS name, e.g.
+    'gemm_tc_kernel<TcBf16, true, false>' for ('bf16', 'input_grad'); 'tc_mma_probe_kernel<TcBf16>'."""
+    args = [TC_PRECISIONS[precision]] + [str(x).lower() for x in TC_LAYOUTS[layout]] if layout else \
+        [TC_PRECISIONS[precision]]
+    return f"{kernel}<{', '.join(args)}>"
 
 
 def kernels_dir():

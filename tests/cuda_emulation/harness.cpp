@@ -63,14 +63,17 @@ static Entry entry(void (*kernel)(P...)) {
     PLAIN_ENTRY(loss_reduce_kernel, T, TS), PLAIN_ENTRY(one_hot_kernel, T, TS),            \
     PLAIN_ENTRY(sgd_update_kernel, T, TS), PLAIN_ENTRY(adam_update_kernel, T, TS)
 
+#define TC_GEMM_ENTRIES(P)                                                                 \
+    {"gemm_tc_kernel<" #P ", true, true>", entry(gemm_tc_kernel<P, true, true>)},          \
+    {"gemm_tc_kernel<" #P ", true, false>", entry(gemm_tc_kernel<P, true, false>)},        \
+    {"gemm_tc_kernel<" #P ", false, false>", entry(gemm_tc_kernel<P, false, false>)}
+
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
         ALL_ENTRIES(float, "float"),
         ALL_ENTRIES(double, "double"),
         {"step_increment_kernel", entry(step_increment_kernel)},
-        {"gemm_tc_kernel<TcBf16>", entry(gemm_tc_kernel<TcBf16>)},
-        {"gemm_tc_kernel<TcFp16>", entry(gemm_tc_kernel<TcFp16>)},
-        {"gemm_tc_kernel<TcTf32>", entry(gemm_tc_kernel<TcTf32>)},
+        TC_GEMM_ENTRIES(TcBf16), TC_GEMM_ENTRIES(TcFp16), TC_GEMM_ENTRIES(TcTf32),
         {"tc_mma_probe_kernel<TcBf16>", entry(tc_mma_probe_kernel<TcBf16>)},
         {"tc_mma_probe_kernel<TcFp16>", entry(tc_mma_probe_kernel<TcFp16>)},
         {"tc_mma_probe_kernel<TcTf32>", entry(tc_mma_probe_kernel<TcTf32>)},
