@@ -5,11 +5,12 @@
 // P, the operand precision, is a tag type: TcBf16, TcFp16 (operands stored as 16-bit raw bits, `unsigned
 // short`, already in the format), TcTf32 (operands stored as float32, rounded to tf32 here, nearest even:
 // tensor_core.cuh's tf32_round, the same as gpubp/precision.py's round_tf32). The numpy reference is
-// gpubp.precision.reference_gemm. Layout in this step: both operands K-contiguous ("TN"), row-major,
-//   A(m, k) = A[m*lda + k]   B(n, k) = B[n*ldb + k]
-// which is dense_forward's Z = A_prev · Wᵀ (A = A_prev (N, in), B = W (out, in)). input_grad (B n-contiguous)
-// and weight_grad (both operands m/n-contiguous, K = batch) need ldmatrix.trans for 16-bit types and scalar
-// shared loads for tf32 (.trans moves 16-bit elements only): not built yet, see the end of this comment.
+// gpubp.precision.reference_gemm. Each operand is row-major in one of two layouts, as in gemm.cuh:
+//   A(m, k) = A_KCONTIG ? A[m*lda + k] : A[k*lda + m]      B(n, k) = B_KCONTIG ? B[n*ldb + k] : B[k*ldb + n]
+// so the three products of a dense layer need no transposed copies:
+//   dense_forward  Z = A_prev · Wᵀ   A = A_prev (N, in) k-contig,   B = W (out, in) k-contig
+//   input_grad     dA_prev = δ · W   A = δ (N, out) k-contig,       B = W (out, in) n-contig
+//   weight_grad    dW = δᵀ · A_prev  A = δ (N, out) m-contig,       B = A_prev (N, in) n-contig
 //
 // Instructions (tensor_core.cuh; PTX ISA 9.0, "Warp-level matrix multiply-accumulate instructions"):
 //   bf16/fp16: mma.sync.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32    tf32: mma.sync.m16n8k8 ...tf32...f32
@@ -19,12 +20,15 @@
 //   16-bit B regs b0, b1 hold (k 2t..2t+1, n g), (k 2t+8.., n g)
 //   tf32   A regs a0..a3 hold (g, t), (g+8, t), (g, t+4), (g+8, t+4);  B regs b0, b1: (k t, n g), (k t+4, n g)
 //   C/D regs c0..c3 hold (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
-// Seen as bytes, the two agree: each A fragment is a 16-row x 32-byte patch (16 halves or 8 tf32 along k)
-// cut into four 8-row x 16-byte matrices, (rows 0-7, bytes 0-15), (8-15, 0-15), (0-7, 16-31), (8-15, 16-31)
-// for registers 0..3, and each lane's register i is (row lane/4, bytes 4(lane%4)..+3) of matrix i; a B
-// fragment is an 8(n) x 32-byte patch in the same way. That is exactly what ldmatrix.x4 (PTX ISA, "Warp-level
-// matrix load instruction: ldmatrix") delivers from K-contiguous shared rows, so one load path serves all
-// three precisions: only the mma (and tf32's rounding) differ.
+// Seen as bytes, the 16-bit and tf32 layouts agree: each A fragment is a 16-row x 32-byte patch (16 halves
+// or 8 tf32 along k) cut into four 8-row x 16-byte matrices, (rows 0-7, bytes 0-15), (8-15, 0-15), (0-7,
+// 16-31), (8-15, 16-31) for registers 0..3, and each lane's register i is (row lane/4, bytes 4(lane%4)..+3)
+// of matrix i; a B fragment is an 8(n) x 32-byte patch in the same way. That is exactly what ldmatrix.x4
+// (PTX ISA, "Warp-level matrix load instruction: ldmatrix") delivers from K-contiguous shared rows, so for
+// K-contiguous operands one load path serves all three precisions. A D-contiguous operand (m- or
+// n-contiguous) is kept in shared memory as k-rows; for 16-bit types ldmatrix.x4.trans turns its 8x8
+// matrices into the same fragments ((k 2t..2t+1, column g) of each stored k x d matrix); for tf32, which
+// .trans cannot move (16-bit elements only), each fragment register is one 32-bit shared load.
 //
 // Tiles: block BM x BN = 128 x 128, 8 warps as 2 (m) x 4 (n), warp tile 64 x 32 = MI 4 x NI 4 mma tiles of
 // 16 x 8; 64 fp32 accumulators a thread. K is walked in slices of 64 bytes a row: BK = 32 (16-bit) or 16
@@ -33,11 +37,12 @@
 // slice; slice s+2 is in flight while slice s is computed. One __syncthreads per slice: after
 // cp.async.wait_group(STAGES-2) it both publishes slice s (every thread's copies) and tells every warp that
 // slice s-1 is done, so its buffer, (s+2) mod 3, can be refilled right after.
-// Shared memory: STAGES x (BM + BN) rows x 64 bytes = 48 KiB, the static limit (no opt-in needed, 2 blocks
-// per SM on sm_80 and sm_90). Rows are 64 bytes, unpadded (padding would not fit in 48 KiB); the four
-// 16-byte chunks of row r are XOR-swizzled, chunk c stored at c ^ ((r/2) % 4), so the 8 rows an ldmatrix
-// phase reads (r..r+7, same logical chunk) land in 8 different 16-byte bank groups: no conflicts (unswizzled,
-// rows r and r+2 share banks: 4-way conflicts). cp.async writes whole rows, conflict-free either way.
+// Shared memory: STAGES x (BM + BN) x 64 bytes = 48 KiB, the static limit (no opt-in needed; 2 blocks an SM
+// on sm_80 and sm_90), hence 3 stages, not 4. Rows are unpadded (padding would not fit in 48 KiB); their
+// 16-byte chunks are XOR-swizzled instead (TcOperandTile::offset), so that every ldmatrix phase (8 rows at
+// one logical chunk) and every tf32 scalar fragment load (4 k-rows x 8 columns) touches 8 distinct 16-byte
+// bank groups: conflict-free. Unswizzled, K-contiguous 64-byte rows r and r+2 share banks (4-way conflicts)
+// and D-contiguous rows (256 or 512 bytes) all do (8-way). cp.async writes whole rows, conflict-free.
 // Edges (any M, N, K: 1, 7, 33, ...): a chunk past the matrix copies fewer bytes (cp.async's src-size),
 // zero-filled, so no bounds checks in the mma loop and no read outside A or B. cp.async needs 16-byte aligned
 // rows (lda, ldb multiples of 8 halves or 4 floats, aligned bases); otherwise each chunk is read element by
@@ -47,16 +52,21 @@
 // 64 FLOP/byte for 16-bit operands (32 for tf32); over the grid A is read ceil(N/BN) times and B ceil(M/BM)
 // times (L2 absorbs most of it: blockIdx.x runs along M, so consecutive blocks share their B tile). C is
 // written once, 4 bytes an element. Occupancy: 256 threads x <= 128 registers (__launch_bounds__(256, 2)),
-// 48 KiB shared: 2 blocks = 16 warps an SM. These are design numbers; nothing here has been timed.
+// 48 KiB shared: 2 blocks = 16 warps an SM; tf32 with a D-contiguous operand needs 157-183 registers (its
+// scalar fragment loads) and runs 1 block an SM (gemm_tc.cu's TC_GEMM_MIN_BLOCKS). These are design
+// numbers: nothing here has been run on a GPU or timed yet.
 //
-// Later steps (not in this file yet): input_grad / weight_grad layouts (ldmatrix.trans for 16-bit types; a
-// shared-memory layout with the swizzle on the n/m axis), the dense-layer epilogues (they plug into
-// tc_gemm_store_tile as gemm.cuh's do), producer-side rounding. wgmma (sm_90a) would replace mma.sync +
-// ldmatrix: warpgroup (128-thread) MMAs reading B (and optionally A) straight from shared memory through
-// matrix descriptors, which need the canonical 32/64/128-byte swizzled layouts, fed by TMA (cp.async.bulk
-// .tensor with a CUtensorMap built on the host: driver API, cuTensorMapEncodeTiled) and mbarrier-based stage
-// handshakes instead of cp.async groups; compiled for sm_90a (arch-specific, so a separate NVRTC target), with
-// dynamic shared memory above 48 KiB (cudaFuncSetAttribute) for 4+ stages of 128x256 tiles.
+// Later steps (not in this file yet): the dense-layer epilogues (they plug into tc_gemm_store_tile as
+// gemm.cuh's do: bias + activation for forward, the derivative mask for input_grad, db from the δ tiles in
+// shared memory for weight_grad, split-K for weight_grad's long K = batch); producer-side rounding (epilogues
+// that write bf16/fp16/tf32 activations, so tf32 fragments need no cvt); tf32 D-contiguous operands through
+// registers into a K-contiguous shared layout (ldmatrix again, 2 blocks an SM). wgmma (sm_90a) would replace
+// mma.sync + ldmatrix: warpgroup (128-thread) MMAs reading B (and optionally A) straight from shared memory
+// through matrix descriptors, which need the canonical 32/64/128-byte swizzled layouts, fed by TMA
+// (cp.async.bulk.tensor with a CUtensorMap built on the host: driver API, cuTensorMapEncodeTiled) and
+// mbarrier-based stage handshakes instead of cp.async groups; compiled for sm_90a (arch-specific: a separate
+// NVRTC target, with the mma.sync path kept for sm_80), with dynamic shared memory above 48 KiB
+// (cudaFuncSetAttribute) for 4+ stages of 128x256 tiles.
 #ifndef GPUBP_GEMM_TC_CUH
 #define GPUBP_GEMM_TC_CUH
 
@@ -126,11 +136,11 @@ struct TcGemmShape {
 // a D-contiguous one (KCONTIG = false: input_grad's W, weight_grad's δ and A_prev) as BK rows of D elements
 // (256 bytes for 16-bit types, 512 for tf32), so every global row segment is copied whole either way.
 // Both take D x 64 bytes. Chunk c (16 bytes) of shared row r is stored at chunk c ^ swizzle(r):
-//   K-contiguous: (r / 2) % 4   ldmatrix reads rows r..r+7 at one chunk: 64-byte rows put two rows in a 128-byte
-//                               bank line, the XOR spreads the four pairs over its four 16-byte... both halves
-//   D-contiguous, 16-bit: r % 8   ldmatrix.trans reads k-rows r..r+7 (256 bytes apart: same banks) at one chunk
-//   D-contiguous, tf32: 2(r % 4)  scalar loads: lanes read k-rows t = 0..3 x 8 consecutive d (two chunks)
-// so that every ldmatrix phase and every scalar fragment load touches 8 distinct 16-byte bank groups.
+//   K-contiguous: (r / 2) % 4     ldmatrix reads rows r..r+7 (r % 8 = 0) at one chunk; two 64-byte rows share
+//                                 a 128-byte bank line, the XOR gives each pair its own chunk slots
+//   D-contiguous, 16-bit: r % 8   ldmatrix.trans reads k-rows r..r+7 (256 bytes apart: same banks unswizzled)
+//   D-contiguous, tf32: 2 (r % 4) a scalar fragment load reads k-rows t = 0..3 (512 bytes apart) x 8
+//                                 consecutive columns (two chunks, the first even): 8 distinct chunks
 template <typename P, typename S, int D, bool KCONTIG>
 struct TcOperandTile {
     typedef typename P::Storage Storage;
@@ -274,9 +284,8 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
         const unsigned char* Bs = As + S::BM * S::ROW_BYTES;
 #pragma unroll
         for (int ks = 0; ks < S::K_STEPS; ++ks) {
-            // All of the k-step's B fragments (NI x 2 registers), then A one m16 tile at a time (4 registers):
-            // holding every A fragment too (MI x 4 more) spills the D-contiguous tf32 variants, whose scalar
-            // fragment loads each need an address register.
+            // All of the k-step's B fragments (NI x 2 registers), then A one m16 tile at a time (4 registers
+            // live, not MI x 4: ptxas may still hoist the loads where registers allow).
             unsigned b[S::NI][2];
 #pragma unroll
             for (int nj = 0; nj < S::NI / 2; ++nj) {
