@@ -110,7 +110,7 @@ inline double emu_tf32_value(unsigned bits) {
     return f;
 }
 
-// Which (row, col) element e of a lane's fragment holds; `planted` shifts one index for the planted bugs.
+// Which (row, col) element e of a lane's fragment holds (the tables at the top); a planted bug shifts one.
 inline void emu_a16_index(unsigned lane, int e, int& row, int& col) {
     const int g = lane / 4, t = lane % 4;
     row = g + 8 * ((e / 2) % 2);
@@ -141,9 +141,11 @@ inline void emu_cd_index(unsigned lane, int e, int& row, int& col) {
     if (emu_tc_planted_bug == EMU_BUG_D_COL) col = (col + 1) % 8;
 }
 
-// D = A (16xK) · B (Kx8) + C for this lane's four D elements; K = 16 (16-bit types) or 8 (tf32).
-template <int K, typename Decode>
-inline void emu_mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2], Decode decode) {
+// D = A (16xK) · B (Kx8) + C for this lane's four D elements; K = 16 (16-bit types, `decode` gives a half's
+// value) or 8 (tf32, decoded by emu_tf32_value; decode is null).
+template <int K>
+inline void emu_mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                    double (*decode)(unsigned short)) {
     const unsigned first = emu_tc_warp_first_lane(), lane = threadIdx.x % 32;
     const unsigned warp = threadIdx.x / 32;
     emu_wait(emu_warp_barriers[warp]);   // every lane has read the previous exchange
@@ -194,7 +196,7 @@ inline void mma_f16_m16n8k16(float (&acc)[4], const unsigned (&a)[4], const unsi
     emu_mma<16>(acc, a, b, emu_f16_value);
 }
 inline void mma_tf32_m16n8k8(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    emu_mma<8>(acc, a, b, emu_f16_value /* unused: tf32 is decoded by emu_tf32_value */);
+    emu_mma<8>(acc, a, b, nullptr);
 }
 
 // ---- ldmatrix -----------------------------------------------------------------------------------------------
