@@ -231,6 +231,36 @@ def test_planted_bug_fails_the_comparison(lib, planted, bug, precision, layout, 
     assert error > 100, f"planted bug {bug} ({PLANTED[bug][0]}) went unnoticed: error {error} x tolerance"
 
 
+# The same, with the bug in the kernel's own source: gemm_tc.cuh copied, one fragment index in it moved by one,
+# the emulation built from the copy (a build of its own, ~10 s each).
+MUTATIONS = {
+    "store-row": ("const int row0 = m0 + (warp / S::WARPS_N) * S::WM + lane / 4;",
+                  "const int row0 = m0 + (warp / S::WARPS_N) * S::WM + (lane / 4 + 1) % 8;"),
+    "ldmatrix-a-row": ("ldmatrix_x4(a, tile + offset(m + (lane & 7) + ",
+                       "ldmatrix_x4(a, tile + offset(m + ((lane + 1) & 7) + "),
+    "trans-b-k": ("ldmatrix_x4_trans(d, tile + offset(ks * 16 + ((lane >> 3) & 1) * 8 + (lane & 7),",
+                  "ldmatrix_x4_trans(d, tile + offset(ks * 16 + ((lane >> 3) & 1) * 8 + ((lane + 1) & 7),"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_kernel_source_with_an_index_off_by_one_fails(mutation, tmp_path, monkeypatch, rng):
+    original, mutated = MUTATIONS[mutation]
+    kernels = tmp_path / "kernels"
+    shutil.copytree(cuda_sources.kernels_dir(), kernels)
+    header = kernels / "gemm_tc.cuh"
+    text = header.read_text(encoding="utf-8")
+    assert text.count(original) == 1, f"the mutation {mutation!r} no longer matches gemm_tc.cuh: update it"
+    header.write_text(text.replace(original, mutated), encoding="utf-8")
+    monkeypatch.setattr(cuda_sources, "kernels_dir", lambda: kernels)
+    (tmp_path / "build").mkdir()
+    lib = emulator_module.build(tmp_path / "build")
+    A = rng.standard_normal((72, 96)).astype(np.float32)
+    B = rng.standard_normal((48, 96)).astype(np.float32)
+    layout = "input_grad" if mutation == "trans-b-k" else "forward"
+    assert gemm_error(run_gemm(lib, "bf16", A, B, layout=layout), A, B, "bf16") > 100
+
+
 # ---- the emulated instructions, one at a time ---------------------------------------------------------------------
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_emulated_mma_matches_the_ptx_layouts(lib, precision, rng):
