@@ -545,7 +545,8 @@ def test_harness_knows_every_name_expression(emulator):
 EMULATED_RUNS = {
     # the backend contract (every op, awkward sizes, poisoned outputs), the seed's worked example, and the
     # guard end to end (faults named and rolled back, fit's device-side loop): ~1 min
-    "contract": (["test_backend_ops.py", "test_seed_example.py", "test_faults.py", "test_fit.py"], None),
+    "contract": (["test_backend_ops.py", "test_seed_example.py", "test_faults.py", "test_fit.py",
+                  "test_sync_free.py"], None),
     # every cupy-parametrised network test (training against numpy, deterministic mode, fuzzing): ~2 min,
     # so only with GPUBP_EMULATE_NETWORK_TESTS=1
     "network": (["."], "GPUBP_EMULATE_NETWORK_TESTS"),
@@ -670,7 +671,7 @@ def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng
     assert dict(graph_history) == dict(eager_history) and graph_history.stop_reason == eager_history.stop_reason
     for key in eager_state:
         np.testing.assert_array_equal(graph_state[key], eager_state[key], err_msg=key)
-    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, losses.NAMES[loss], 
+    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, 0, losses.NAMES[loss],
                                                                     optimizer.upper() if optimizer == "sgd" else "Adam")], tuple)
     # the same run as the numpy reference, within float32 rounding, and the same device reads
     assert numpy_history.keys() == graph_history.keys() and numpy_history.stop_reason == graph_history.stop_reason
