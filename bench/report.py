@@ -140,8 +140,8 @@ def table(run):
                      f"{_fmt(r['frac_of_limit'], '8.2f')} {_fmt(r['ratio_to_peer'], '7.3f')} {_fmt(peak, '9.1f')} "
                      f"{_fmt(r['mem_ratio_to_peer'], '6.2f')}  {bar}")
     lines.append("")
-    lines.append("x peer: median time over the peer's (cuBLAS for gemm, torch eager on the GPU, torch CPU with the "
-                 "same threads on the CPU); of limit: the floor time (flops at the GEMM limit, or bytes at the copy "
+    lines.append("x peer: median time over the peer's (cuBLAS for gemm, torch eager on the GPU, torch's "
+                 "graph-captured loop for fit on the GPU, torch CPU with the same threads on the CPU); of limit: the floor time (flops at the GEMM limit, or bytes at the copy "
                  "limit, whichever is larger) over the median.")
     if any(r["workload"] == "sweep" and r["device"] == "cuda" for r in run.rows):
         lines.append(suite.TINY_CUDA_NN)
