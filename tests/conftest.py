@@ -68,3 +68,14 @@ def pick_sizes(full, simulated):
 def rng(request):
     # A fresh, reproducible stream per test: the seed comes from the test's id (crc32: stable across runs).
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The kernels/*.cu built for the CPU emulation of CUDA (tests/cuda_emulation), once a session; the tests
+    that need it skip where g++ is missing."""
+    from cuda_emulation import emulator as emulator_module
+    try:
+        return emulator_module.build(tmp_path_factory.mktemp("cuda_emulation"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))

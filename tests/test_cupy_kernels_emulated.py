@@ -69,14 +69,6 @@ def tol(dtype, k=1):
 
 
 # ---- the emulated device ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    try:
-        return emulator_module.build(tmp_path_factory.mktemp("cuda_emulation"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(params=list(SM_COUNTS), ids=list(SM_COUNTS))
 def backend(request, emulator, monkeypatch):
     """A CupyBackend whose device is the emulator and whose arrays are numpy arrays."""

@@ -21,14 +21,6 @@ from cuda_emulation.emulator import EmulatedKernel, EmulationError
 SEEDS = [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    try:
-        return emulator_module.build(tmp_path_factory.mktemp("cuda_emulation"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 def shared_kernel(emulator, x, bug, seed, threads=64):
     """planted_shared_kernel: out[i] = x[i - 1] within a block (x[i] for a block's thread 0)."""
     emulator_module.set_seed(emulator, seed)

@@ -51,11 +51,8 @@ GUARD = 16
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    try:
-        library = emulator_module.build(tmp_path_factory.mktemp("cuda_emulation_tc"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def lib(emulator):
+    library = emulator
     library.emu_tc_plant_bug.argtypes = [ctypes.c_int]
     library.emu_tc_plant_bug.restype = None
     return library
