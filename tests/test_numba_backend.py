@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gpubp
+from gpubp import guard as G
 from conftest import SIMULATOR
 
 numba_backend = pytest.importorskip("gpubp.backends.numba_backend")
@@ -36,9 +37,11 @@ def test_one_hot_from_device_labels_and_step_counter(rng):
     assert np.array_equal(be.to_numpy(out), np.eye(3)[[2, 0, 1, 1, 0]])
     params, grads = be.asarray(rng.standard_normal(9), np.float64), be.zeros((9,), np.float64)
     buf, step = be.zeros((9,), np.float64), be.zeros((1,), np.int64)
+    hyper = be.asarray(np.array([0.1, 0.9, 0.0, 0.0, 0.0]), np.float64)      # lr, μ, dampening, wd, nesterov
+    guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
     for _ in range(3):
-        be.sgd_update(params, grads, buf, step, 0.1, 0.9, 0.0, 0.0, False)
-    assert int(be.to_numpy(step)[0]) == 3
+        be.sgd_update(params, grads, buf, step, hyper, guard)
+    assert int(be.to_numpy(step)[0]) == 3 and be.to_numpy(guard)[G.STEP] == 3
 
 
 @needs_numba
