@@ -2,6 +2,11 @@
 device-resident arrays. Runs on an NVIDIA GPU, or on the CPU under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1,
 set before numba is imported), which is how CI tests it.
 
+The training loop's ops (guarded updates, gradient guard, step bookkeeping, batch gathering) are the kernels of
+numba_loop_kernels.py: a step launches them in stream order and never waits for the host. numba has no CUDA
+graphs, so run_step launches every step eagerly (the base class's default); `counters` counts every host<->device
+copy and wait.
+
 Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ (CuPy's) is used in place.
 Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
