@@ -15,7 +15,9 @@ block's findings and commits them into the guard (the CUDA threadFenceReduction 
 separate one-thread commit launch a two-kernel design would need (a numba launch from Python costs tens of
 microseconds of host time). An update is two launches of the same kernel: phase 0 computes the new values and
 writes nothing but the findings (its last block commits: a fault, or the step counted), phase 1 recomputes the
-same values and stores them unless the guard holds a fault.
+same values and stores them unless the guard holds a fault. The only atomics are integer min, add and exchange:
+their results do not depend on the order the blocks run in, so every op here gives the same bits run to run
+(deterministic=True needs nothing more).
 
 Every kernel runs on a real GPU and under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where blocks run one at a
 time; there the grids are kept small (LOOP_THREADS, LOOP_MAX_BLOCKS) but have several blocks, so the last-block
@@ -373,9 +375,8 @@ def launch_table():
                 # loss, loss_out, A, Y, guard, flags
                 (record_step_kernel, (i64, vec, mat, mat, gvec, ivec))):
             table.append(KernelLaunch(kernel.py_func.__name__, dtype_name, kernel, argtypes))
-    # dtype-free kernels and the integer zeros() of the guard-free buffers (step counts, flags)
+    # dtype-free kernels, and zeros() of an int64 buffer (the optimizer's step count)
     table.append(KernelLaunch("fill_kernel", "int64", fill_kernel, (ivec, i64)))
-    table.append(KernelLaunch("fill_kernel", "int32", fill_kernel, (numba.int32[::1], i64)))
     table.append(KernelLaunch("flags_init_kernel", "int64", flags_init_kernel, (ivec,)))
     table.append(KernelLaunch("advance_cursor_kernel", "int64", advance_cursor_kernel, (ivec, i64)))
     return table
