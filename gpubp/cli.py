@@ -93,19 +93,25 @@ class EpochReporter:
             self.bar = tqdm(total=self.n_train, desc=f"epoch {epoch + 1}/{self.epochs}", unit="sample",
                             unit_scale=True, leave=False, dynamic_ncols=width > 0, ncols=None if width else 80)
 
+    @property
+    def log_every(self):
+        """Batches between progress-bar updates: about 20 a epoch. Each update reads the device once (fit's loop
+        otherwise reads it once per epoch)."""
+        return max(1, -(-self.n_train // self.batch_size) // 20)
+
     def on_batch_end(self, batch, n_batches, loss):
-        rows = min(self.batch_size, self.n_train - batch * self.batch_size)
-        self.seen += rows
+        done = min((batch + 1) * self.batch_size, self.n_train)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update(rows)
+            self.bar.update(done - self.seen)
+        self.seen = done
 
     def on_epoch_end(self, _epoch_in_fit, logs):
         # fit runs one epoch per call here, so its own epoch counter is always 0: ours is self.epoch.
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        rate = self.seen / max(time.perf_counter() - self.started, 1e-9)
+        rate = self.n_train / max(time.perf_counter() - self.started, 1e-9)
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
         click.echo(f"epoch {self.epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
 
@@ -272,8 +278,9 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
             # fit warns when a non-finite step stops it; here that becomes the run's stop reason, said once.
             warnings.simplefilter("ignore", RuntimeWarning)
             result = net.fit(X_train, y_train, loss=targets.loss, optimizer=opt, epochs=1, batch_size=batch_size,
-                             validation_data=(X_held, y_held), on_batch_end=reporter.on_batch_end,
-                             on_epoch_end=reporter.on_epoch_end)
+                             validation_data=(X_held, y_held), on_epoch_end=reporter.on_epoch_end,
+                             on_batch_end=reporter.on_batch_end if reporter.tty else None,
+                             log_every=reporter.log_every if reporter.tty else None)
         if result.stop_reason is not None:
             stop_reason = result.stop_reason
             break

@@ -55,41 +55,98 @@ class Workspace:
         self.loss = be.zeros((1,), dtype)
 
 
+# fit keeps its data on the device while X and Y take at most this share of the device's free memory; above it
+# the data stays on the host and goes up in chunks (DeviceData).
+DEVICE_DATA_SHARE = 0.5
+
+
 class DeviceData:
-    """fit's data on the device: X and the float targets Y uploaded once, an order buffer (N + 1,) int64 holding
-    the epoch's permutation and, in its last entry, the cursor of the next batch (one upload per epoch for both),
-    and the step closures that gather a batch and train on it."""
+    """fit's data on the device, and the step closures that train on it.
 
-    def __init__(self, net, X, y, loss_id):
+    Resident (the usual case): X and the float targets Y are uploaded once, integer labels one-hot encoded on the
+    device; an order buffer (N + 1,) int64 holds the epoch's permutation and, in its last entry, the cursor of
+    the next batch (one upload per epoch for both), and each step gathers its rows on the device.
+    Streamed (X and Y above DEVICE_DATA_SHARE of the free device memory): they stay on the host; each epoch goes
+    up in chunks of whole batches, the rows of a chunk gathered on the host in the epoch's order, into two
+    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c; the
+    copies are stream-ordered after the steps that read the buffer before). Host-to-device copies then grow with
+    the data, never the reads."""
+
+    class Buffers:
+        def __init__(self, X, Y, order):
+            self.X, self.Y, self.order = X, Y, order
+
+    def __init__(self, net, X, y, loss_id, batch_size, optimizer):
         be = net.backend
-        self.net, self.loss_id, self.rows = net, loss_id, X.shape[0]
-        self.X = be.asarray(X, net.dtype)        # no copy when X already is a device array of the model's dtype
-        if loss_id == losses.SOFTMAX_CE and y.ndim == 1:
-            self.Y = be.empty((self.rows, net.n_out), net.dtype)
-            be.one_hot(y, net.n_out, self.Y)
+        self.net, self.loss_id, self.batch_size, self.optimizer = net, loss_id, batch_size, optimizer
+        self.rows = N = X.shape[0]
+        labels = loss_id == losses.SOFTMAX_CE and y.ndim == 1
+        row_bytes = (net.n_in + net.n_out) * net.dtype.itemsize
+        free = be.free_memory()
+        budget = None if free is None else DEVICE_DATA_SHARE * free
+        if budget is None or be.is_device_array(X) or N * row_bytes <= budget:
+            self.chunk_rows = N
+            X = be.asarray(X, net.dtype)        # no copy when X already is a device array of the model's dtype
+            if labels:
+                Y = be.empty((N, net.n_out), net.dtype)
+                be.one_hot(y, net.n_out, Y)
+            else:
+                Y = be.asarray(y, net.dtype)
+            self.buffers = [self.Buffers(X, Y, be.empty((N + 1,), np.int64))]
         else:
-            self.Y = be.asarray(y, net.dtype)
-        self.order = be.empty((self.rows + 1,), np.int64)
-        self.cursor = be.view(self.order, self.rows, (1,))
+            # two chunks in the budget, each a whole number of batches
+            self.chunk_rows = max(1, int(budget // (2 * row_bytes)) // batch_size) * batch_size
+            self.host_X = np.ascontiguousarray(X, dtype=net.dtype)
+            y = np.asarray(y)
+            self.host_Y = (np.eye(net.n_out, dtype=net.dtype)[y] if labels
+                           else np.ascontiguousarray(y.reshape(N, net.n_out), dtype=net.dtype))
+            self.buffers = [self.Buffers(be.empty((self.chunk_rows, net.n_in), net.dtype),
+                                         be.empty((self.chunk_rows, net.n_out), net.dtype),
+                                         be.empty((self.chunk_rows + 1,), np.int64)) for _ in range(2)]
+        self._closures = {}
 
-    def start_epoch(self, permutation):
-        self.net.backend.copy_into(self.order, np.append(permutation, 0))
-        self.net.backend.copy_into(self.net._guard_head, G.fresh(self.net._steps))   # the epoch's sums start at 0
+    @property
+    def streamed(self):
+        return self.chunk_rows < self.rows
 
-    def step_closure(self, n, optimizer):
-        """The launches of one step on the next n rows: gather X and Y, move the cursor, then the step. One closure
-        per batch size, made once: it holds the same objects at every call, so a backend may replay it as a
-        captured graph."""
-        net, be = self.net, self.net.backend
-        ws = net._workspace(n)
-        X, Y, order, cursor, loss_id = self.X, self.Y, self.order, self.cursor, self.loss_id
+    def batches(self, permutation):
+        """(rows, step key, step closure) for every batch of an epoch in `permutation`'s order; uploads the order
+        (or, streamed, each chunk) as it goes."""
+        be = self.net.backend
+        for c, start in enumerate(range(0, self.rows, self.chunk_rows)):
+            rows = permutation[start:start + self.chunk_rows]
+            k = c % len(self.buffers)
+            buffers = self.buffers[k]
+            if self.streamed:
+                m = len(rows)
+                be.copy_into(buffers.X[:m], self.host_X[rows])
+                be.copy_into(buffers.Y[:m], self.host_Y[rows])
+                rows = np.arange(m)
+            order = np.zeros(buffers.order.shape[0], np.int64)   # the order, then (last entry) the cursor, 0
+            order[:len(rows)] = rows
+            be.copy_into(buffers.order, order)
+            for b in range(0, len(rows), self.batch_size):
+                n = min(self.batch_size, len(rows) - b)
+                yield n, ("fit", n, k, self.loss_id, self.optimizer.key()), self._closure(k, n)
 
-        def step():
-            be.gather_rows(X, order, cursor, ws.X)
-            be.gather_rows(Y, order, cursor, ws.Y)
-            be.advance_cursor(cursor, n)
-            net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws)
-        return step
+    def _closure(self, k, n):
+        """The launches of one step on the next n rows of buffers k: gather X and Y, move the cursor, then the
+        step. Made once per (buffers, batch size): it holds the same objects at every call, so a backend may
+        replay it as a captured graph."""
+        if (k, n) not in self._closures:
+            net, be, optimizer, loss_id = self.net, self.net.backend, self.optimizer, self.loss_id
+            ws = net._workspace(n)
+            b = self.buffers[k]
+            X, Y, order = b.X, b.Y, b.order
+            cursor = be.view(order, order.shape[0] - 1, (1,))
+
+            def step():
+                be.gather_rows(X, order, cursor, ws.X)
+                be.gather_rows(Y, order, cursor, ws.Y)
+                be.advance_cursor(cursor, n)
+                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws)
+            self._closures[(k, n)] = step
+        return self._closures[(k, n)]
 
 
 class LazyLoss:
@@ -348,6 +405,10 @@ class Sequential:
         y = self._check_y(y, loss_id, X.shape[0])
         if not isinstance(sync, bool):
             raise TypeError(f"sync: expected True or False, got {sync!r}")
+        return self._train_step(X, y, loss_id, optimizer, sync)
+
+    def _train_step(self, X, y, loss_id, optimizer, sync=True):
+        """The step on validated inputs (train_step without its checks; the bench times both)."""
         N = X.shape[0]
         ws = self._workspace(N)
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
@@ -474,19 +535,17 @@ class Sequential:
             log_every = 1
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
 
-        data = DeviceData(self, X, y, loss_id)
+        data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
         N = data.rows
         n_batches = -(-N // batch_size)
-        steps = {n: data.step_closure(n, optimizer) for n in {batch_size if N >= batch_size else N, N % batch_size}
-                 if n}
         history = History()
         for epoch in range(epochs):
-            data.start_epoch(self.rng.permutation(N) if shuffle else np.arange(N))
+            permutation = self.rng.permutation(N) if shuffle else np.arange(N)
+            self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
             epoch_start = self._steps
-            for b in range(n_batches):
-                n = min(batch_size, N - b * batch_size)
+            for b, (_, key, step) in enumerate(data.batches(permutation)):
                 with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
-                    self.backend.run_step(("fit", n, loss_id, optimizer.key()), steps[n])
+                    self.backend.run_step(key, step)
                 self._pending += 1
                 done = b + 1
                 read_now = (done == n_batches or (check_every is not None and done % check_every == 0)

@@ -1,24 +1,33 @@
 """The cupy backend's kernels and launch code, run on the CPU: no GPU needed.
 
-tests/cuda_emulation/ compiles kernels/*.cu with g++ against a small CUDA shim (a std::thread per CUDA
-thread, std::barrier for __syncthreads and warp shuffles) and exposes a cuLaunchKernel-like entry that
-looks kernels up by their NVRTC name expressions. Here CupyBackend itself runs, unchanged, on numpy arrays:
-its `cp` module is swapped for a numpy stand-in and its `_kernel` lookup for the emulated launcher, which
-checks every argument's type against the kernel's parameter list (CuPy checks none). So each op exercises
-the real Python launch code (tile choice, split-K, grids, argument order and types) and the real CUDA C
-(tiling, edge handling, epilogues, reductions), against the numpy reference.
+tests/cuda_emulation/ compiles kernels/*.cu with g++ against a small CUDA shim (cuda_cpu.h: each CUDA thread
+a fiber, blocks one after another) and exposes a cuLaunchKernel-like entry that looks kernels up by their
+NVRTC name expressions. Here CupyBackend itself runs, unchanged, on numpy arrays: its `cp` module is swapped
+for a numpy stand-in and its `_kernel` lookup for the emulated launcher. So each op exercises the real Python
+launch code (tile choice, split-K, grids, argument order and types) and the real CUDA C (tiling, edge
+handling, epilogues, reductions), against the numpy reference.
 
-Arrays live inside guard zones of NaN: a read past an array's end poisons the result, a write past it
-shows in the guard. Outputs start as NaN (poisoned), so an element no thread writes shows too. Vector
-(16-byte) accesses at misaligned addresses abort under -fsanitize=alignment; `offset` variants start
-arrays one element off 16-byte alignment to exercise the scalar fallbacks.
+Every emulated launch is checked more strictly than a GPU would check it (tests/cuda_emulation/emulator.py
+and cuda_cpu.h say how; tests/test_emulator_checks.py shows each check firing on a planted bug):
+  - argument types against the kernel's parameter list (CuPy checks none);
+  - global memory: each array argument in an allocation of its own between guard zones of signaling NaN:
+    a store outside it fails the launch (EmulationError naming the kernel and argument), a load outside it
+    reads NaN, which the comparisons below see;
+  - the schedule: threads and blocks run in a seeded random order, reshuffled at every barrier; the kernels
+    must give the same bits under every schedule (test_results_are_the_same_bits_under_every_schedule);
+  - shared memory starts every block as NaN, so a read of shared memory not written in this block shows;
+  - launch limits (grid, 1024 threads, 48 KiB of static shared memory) and deadlocked barriers;
+  - outputs start as NaN (poisoned), so an element no thread writes shows; vector (16-byte) accesses at
+    misaligned addresses abort under -fsanitize=alignment; `offset` variants start arrays one element off
+    16-byte alignment to exercise the scalar fallbacks.
 
 test_project_cupy_tests_pass_on_the_emulated_backend runs the project's cupy-parametrised tests (the shared
 op harness tests/test_backend_ops.py, the seed example; all network tests with GPUBP_EMULATE_NETWORK_TESTS=1)
-on the emulated backend too.
+on the emulated backend too. GPUBP_EMULATION_SEED picks the schedule's seed (default 0).
 
 Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
-NVRTC), -ftz, and CUDA graphs (GPU tests in test_cupy_backend.py).
+NVRTC), -ftz, races inside one stretch between two barriers (a fiber runs it without interruption), and real
+CUDA graphs (GPU tests in test_cupy_backend.py).
 """
 import os
 import pathlib
@@ -36,7 +45,6 @@ from gpubp.backends.numpy_backend import NumpyBackend
 
 from cuda_emulation import emulator as emulator_module
 
-GUARD = 16              # elements of NaN before and after each array (keeps 16-byte alignment)
 DTYPES = ["float32", "float64"]
 ACTIVATIONS = list(acts.NAMES.values())
 # sm_count steers the launch code: 1 makes every GEMM take the 128x128 tile and never split K; a huge count
@@ -69,38 +77,15 @@ def backend(request, emulator, monkeypatch):
     return cb.CupyBackend()
 
 
-class Guarded:
-    """An array inside a larger buffer of NaN (or -7 for integers): GUARD elements on each side, `offset`
-    more elements in front so the array can start off 16-byte alignment."""
-    instances = []
-
-    def __init__(self, values, dtype, offset=0):
-        values = np.asarray(values)
-        dtype = np.dtype(dtype)
-        fill = np.nan if dtype.kind == "f" else -7
-        raw = np.full(values.size + 2 * GUARD + offset + 16, fill, dtype)
-        skip = (-raw.ctypes.data % 16) // dtype.itemsize   # make buffer start + GUARD 16-byte aligned
-        self.buffer = raw[skip:skip + values.size + 2 * GUARD + offset]
-        self.start, self.size, self.fill = GUARD + offset, values.size, fill
-        self.array = self.buffer[self.start:self.start + self.size].reshape(values.shape)
-        self.array[...] = values
-        Guarded.instances.append(self)
-
-    def guards_intact(self):
-        guards = np.concatenate([self.buffer[:self.start], self.buffer[self.start + self.size:]])
-        return bool(np.isnan(guards).all()) if self.buffer.dtype.kind == "f" else bool((guards == -7).all())
-
-
-@pytest.fixture(autouse=True)
-def check_guards():
-    Guarded.instances = []
-    yield
-    broken = [g for g in Guarded.instances if not g.guards_intact()]
-    assert not broken, f"{len(broken)} arrays had their guard zones written"
-
-
 def put(values, dtype, offset=0):
-    return Guarded(np.asarray(values, dtype=np.float64).astype(dtype), dtype, offset).array
+    """values as a dtype array that starts `offset` elements past a 16-byte boundary (1: misaligned, so
+    vector paths must fall back to scalar ones). Guard zones are the launcher's (emulator.GuardedCopy)."""
+    values = np.asarray(values, dtype=np.float64).astype(dtype)
+    raw = np.empty(values.size + offset + 16, dtype)
+    skip = (-raw.ctypes.data % 16) // raw.itemsize + offset
+    array = raw[skip:skip + values.size].reshape(values.shape)
+    array[...] = values
+    return array
 
 
 def poisoned(shape, dtype, offset=0):
@@ -258,7 +243,7 @@ def test_sgd_update(backend, dtype, momentum, dampening, weight_decay, nesterov,
     reference, ref_params, ref_buf = NumpyBackend(), theta0.copy(), np.zeros(size)
     ref_step = np.zeros(1, np.int64)
     params, buf = put(theta0, dtype), poisoned(size, dtype)
-    step = Guarded(np.zeros(1), np.int64).array
+    step = put(np.zeros(1), np.int64)
     for g in grads:
         backend.sgd_update(params, put(g, dtype), buf, step, 0.1, momentum, dampening, weight_decay, nesterov)
         reference.sgd_update(ref_params, g, ref_buf, ref_step, 0.1, momentum, dampening, weight_decay, nesterov)
@@ -274,7 +259,7 @@ def test_adam_update(backend, dtype, weight_decay, rng):
     reference, ref_params, ref_m, ref_v = NumpyBackend(), theta0.copy(), np.zeros(size), np.zeros(size)
     ref_step = np.zeros(1, np.int64)
     params, m, v = put(theta0, dtype), put(np.zeros(size), dtype), put(np.zeros(size), dtype)
-    step = Guarded(np.zeros(1), np.int64).array
+    step = put(np.zeros(1), np.int64)
     for g in grads:
         backend.adam_update(params, put(g, dtype), m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
         reference.adam_update(ref_params, g, ref_m, ref_v, ref_step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
@@ -287,6 +272,37 @@ def test_one_hot(backend, dtype):
     out = poisoned((5, 3), dtype)
     backend.one_hot(np.array([2, 0, 1, 2, 0]), 3, out)
     np.testing.assert_array_equal(out, np.eye(3)[[2, 0, 1, 2, 0]])
+
+
+SCHEDULE_SEEDS = [1, 2, 3]
+
+
+def test_results_are_the_same_bits_under_every_schedule(backend, emulator, rng):
+    """No kernel uses atomics, and threads exchange data only across barriers, so the order the emulator runs
+    threads and blocks in (a seeded shuffle, reshuffled at every barrier) must not change a single bit.
+    One pass of the kernel set per seed: GEMMs over several tiles (split K in small-tile-split-k), the
+    fused mask epilogue, warp shuffles and shared-memory reductions of the loss."""
+    N, n_in, n_out = 1031, 20, 70
+    A_prev, W, b, delta, Z_prev = inputs(rng, "float32", (N, n_in), (n_out, n_in), n_out, (N, n_out), (N, n_in))
+    y = np.eye(n_out)[rng.integers(0, n_out, N)]
+    results = []
+    for seed in SCHEDULE_SEEDS:
+        emulator_module.set_seed(emulator, seed)
+        Z, A = poisoned((N, n_out), "float32"), poisoned((N, n_out), "float32")
+        backend.dense_forward(put(A_prev, "float32"), put(W, "float32"), put(b, "float32"), acts.RELU, 0.1, Z, A)
+        dW, db = poisoned((n_out, n_in), "float32"), poisoned(n_out, "float32")
+        backend.weight_grad(put(delta, "float32"), put(A_prev, "float32"), dW, db)
+        delta_prev = poisoned((N, n_in), "float32")
+        backend.input_grad_masked(put(delta, "float32"), put(W, "float32"), put(Z_prev, "float32"),
+                                  put(np.tanh(Z_prev), "float32"), acts.TANH, 0.1, delta_prev)
+        P, d, loss = poisoned((N, n_out), "float32"), poisoned((N, n_out), "float32"), poisoned(1, "float32")
+        backend.loss_grad(losses.SOFTMAX_CE, acts.IDENTITY, 0.1, Z, put(y, "float32"), P, d, loss)
+        results.append([Z, A, dW, db, delta_prev, P, d, loss])
+    np.testing.assert_allclose(results[0][2], delta.T @ A_prev, **tol("float32", N))
+    np.testing.assert_allclose(results[0][0], A_prev @ W.T + b, **tol("float32", n_in))
+    for seed, result in zip(SCHEDULE_SEEDS[1:], results[1:]):
+        for name, first, other in zip(["Z", "A", "dW", "db", "delta_prev", "P", "d", "loss"], results[0], result):
+            np.testing.assert_array_equal(other, first, err_msg=f"{name} differs between seeds 1 and {seed}")
 
 
 def test_harness_knows_every_name_expression(emulator):

@@ -1,8 +1,10 @@
 """What is particular to the numba backend: how it reports itself, that "auto" never picks the simulator, that
 CuPy arrays are used in place (on a GPU), that its kernels launch at any size, and that its training loop does
-not wait for the host (issue 11: counted host<->device traffic, the loop kernels' scratch). The kernels themselves are
-checked against the numpy reference by test_backend_ops.py, test_network_backends.py and test_seed_example.py,
-which run the numba backend under the simulator in CI (tests/run.sh) and on a GPU with the gpu marker."""
+not wait for the host (issue 11: counted host<->device traffic, the loop kernels' scratch). The kernels themselves
+are checked against the numpy reference by test_backend_ops.py, test_network_backends.py and test_seed_example.py,
+which run the numba backend under the simulator in CI (tests/run.sh) and on a GPU with the gpu marker. The
+launch arithmetic (gemm_grid, grid_stride_blocks) is plain integers, checked here at batch sizes no test could
+launch; tests/test_numba_compile.py compiles every kernel for real GPUs."""
 import numpy as np
 import pytest
 
@@ -12,6 +14,8 @@ from gpubp import losses
 from conftest import SIMULATOR
 
 numba_backend = pytest.importorskip("gpubp.backends.numba_backend")
+from gpubp.backends import numba_kernels  # noqa: E402
+
 pytestmark = pytest.mark.numba
 
 needs_numba = pytest.mark.skipif(not numba_backend.available()[0], reason=numba_backend.available()[1])
@@ -61,6 +65,55 @@ def test_cupy_arrays_are_used_in_place(rng):
     loss_host = b.train_step(X, y, "mse", gpubp.SGD(b, lr=0.1))
     assert loss_cupy == pytest.approx(loss_host, rel=1e-6)
     np.testing.assert_array_equal(a.get_params()[0]["W"], b.get_params()[0]["W"])
+
+
+# ---- launch shapes ---------------------------------------------------------------------------------------------
+def _assert_gemm_grid_covers(grid, tile, M, N):
+    """Within CUDA's limits (x < 2³¹, y and z ≤ 65535), every row and column of C (M, N) in some block, and no
+    block wholly outside it."""
+    assert len(grid) <= 3 and all(isinstance(g, int) and g >= 1 for g in grid), grid
+    assert grid[0] <= numba_backend.MAX_GRID_X, grid
+    assert all(g <= numba_backend.MAX_GRID_YZ for g in grid[1:]), f"grid {grid}: y or z past 65535"
+    assert (grid[0] - 1) * tile[0] < M <= grid[0] * tile[0], (grid, M)
+    assert (grid[1] - 1) * tile[1] < N <= grid[1] * tile[1], (grid, N)
+
+
+@pytest.mark.parametrize("tile", [numba_kernels.GPU_TILE[:2], numba_kernels.SIMULATOR_TILE[:2]],
+                         ids=["gpu_tile", "simulator_tile"])
+@pytest.mark.parametrize("N", [1, 17, 65535 * 32 + 1, 2 ** 21 + 3, 3_000_000, 2 ** 31 - 1])
+def test_launch_grids_fit_cuda_limits_at_any_batch(N, tile):
+    """predict on 3M rows is one launch per layer: the batch is on grid.x, so no grid dimension passes its limit
+    (with the batch on grid.y, 65535 · 32 rows was the most a launch could hold)."""
+    n_in, n_out = 784, 10
+    for M, cols in ((N, n_out), (N, n_in), (n_out, n_in)):   # dense_forward, input_grad, weight_grad
+        _assert_gemm_grid_covers(numba_backend.gemm_grid(tile, M, cols), tile, M, cols)
+    for size in (N * n_out, N, n_out):   # activation_mask, loss rows and one_hot, bias_grad: 1-D grid-stride
+        for threads, max_blocks in ((256, 4096), (32, 1)):
+            blocks = numba_backend.grid_stride_blocks(size, threads, max_blocks)
+            assert 1 <= blocks <= min(max_blocks, numba_backend.MAX_GRID_X)
+            assert blocks == max_blocks or blocks * threads >= size   # fewer blocks: each thread strides on
+
+
+@needs_numba
+def test_gemm_launches_walk_the_batch_on_grid_x(rng, monkeypatch):
+    """The kernels' index math matches gemm_grid: a batch of 3·BM + 1 rows is 4 blocks along x and one along y, and
+    every row comes out right (a kernel still reading rows from blockIdx.y would leave rows past BM unwritten)."""
+    grids = []
+    real = numba_backend._gemm_grid
+    monkeypatch.setattr(numba_backend, "_gemm_grid", lambda M, N: grids.append((M, N, real(M, N))) or real(M, N))
+    be = gpubp.get_backend("numba")
+    N, n_in, n_out = 3 * numba_kernels.BM + 1, 3, 2
+    X, W, b = rng.standard_normal((N, n_in)), rng.standard_normal((n_out, n_in)), rng.standard_normal(n_out)
+    delta = rng.standard_normal((N, n_out))
+    Z, A = be.empty((N, n_out), np.float64), be.empty((N, n_out), np.float64)
+    be.dense_forward(be.asarray(X, np.float64), be.asarray(W, np.float64), be.asarray(b, np.float64), 0, 0.0, Z, A)
+    dX, dW = be.empty((N, n_in), np.float64), be.empty((n_out, n_in), np.float64)
+    be.input_grad(be.asarray(delta, np.float64), be.asarray(W, np.float64), dX)
+    be.weight_grad(be.asarray(delta, np.float64), be.asarray(X, np.float64), dW, None)
+    np.testing.assert_allclose(be.to_numpy(Z), X @ W.T + b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(dX), delta @ W, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(dW), delta.T @ X, rtol=1e-12, atol=1e-12)
+    assert grids == [(N, n_out, (4, 1)), (N, n_in, (4, 1)), (n_out, n_in, (1, 1))]
 
 
 # ---- the sync-free training loop (issue 11) ------------------------------------------------------------------

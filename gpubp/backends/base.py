@@ -96,6 +96,11 @@ class Backend:
     def synchronize(self):
         """Wait until every launched op has finished (for timing)."""
 
+    def free_memory(self):
+        """Bytes of device memory free for data (fit streams data larger than a share of it), or None when the
+        data is in host memory anyway (numpy)."""
+        return None
+
     # ---- the kernel set ----------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
         """Z = A_prev · Wᵀ + b and A = g(Z) (b may be None: no bias). Z is kept for backward; where

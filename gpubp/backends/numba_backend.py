@@ -85,13 +85,33 @@ def _launchable(namespace):
                                     else value for name, value in vars(namespace).items()})
 
 
-def _blocks(size):
-    return max(1, min(MAX_BLOCKS, -(-size // THREADS)))
+# ---- launch arithmetic: plain integers, tested without a GPU (tests/test_numba_backend.py) -------------------
+MAX_GRID_X = 2 ** 31 - 1   # CUDA's limits on grid.x, and on grid.y and grid.z
+MAX_GRID_YZ = 65535
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def gemm_grid(tile, M, N):
+    """The grid of a tiled GEMM launch that writes C (M, N) in tile = (BM, BN) blocks: (ceil(M/BM), ceil(N/BN)),
+    as the cupy backend's gemm_grid. The rows of C go on grid.x (up to 2³¹ − 1 blocks): they are the batch in
+    dense_forward and input_grad, and on grid.y (65535 blocks) a launch would stop at 65535·BM rows."""
+    return (ceil_div(M, tile[0]), ceil_div(N, tile[1]))
+
+
+def grid_stride_blocks(size, threads=None, max_blocks=None):
+    """The grid of a 1-D grid-stride launch over `size` items: enough blocks of `threads` for one item each,
+    at most `max_blocks` (each thread then loops), at least 1."""
+    threads = THREADS if threads is None else threads
+    max_blocks = MAX_BLOCKS if max_blocks is None else max_blocks
+    return max(1, min(max_blocks, ceil_div(size, threads)))
 
 
 def _gemm_grid(M, N):
     from .numba_kernels import BM, BN
-    return (-(-N // BN), -(-M // BM))
+    return gemm_grid((BM, BN), M, N)
 
 
 class NumbaBackend(Backend):
@@ -181,7 +201,7 @@ class NumbaBackend(Backend):
             x = self._device(x)
             if x.size and np.dtype(x.dtype).kind == "f":   # integers (the step count) are always finite
                 flat = x.reshape(x.size) if x.is_c_contiguous() else self.asarray(self._to_host(x).ravel(), x.dtype)
-                self.k.nonfinite_flag_kernel[_blocks(flat.size), THREADS](flat, flag)
+                self.k.nonfinite_flag_kernel[grid_stride_blocks(flat.size), THREADS](flat, flag)
         return int(self._to_host(flag)[0]) == 0
 
     def one_hot(self, labels, classes, out):
@@ -190,7 +210,7 @@ class NumbaBackend(Backend):
         else:
             self.counters["h2d"] += 1
             labels = cuda.to_device(np.ascontiguousarray(labels, np.int64))
-        self.k.one_hot_kernel[_blocks(out.shape[0]), THREADS](labels, out)
+        self.k.one_hot_kernel[grid_stride_blocks(out.shape[0]), THREADS](labels, out)
 
     def synchronize(self):
         self.counters["sync"] += 1
@@ -205,7 +225,7 @@ class NumbaBackend(Backend):
             A_prev, W, bias, has_bias, act, float(alpha), Z, A)
 
     def activation_mask(self, dA, Z, A, act, alpha, delta):
-        self.k.activation_mask_kernel[_blocks(delta.size), THREADS](
+        self.k.activation_mask_kernel[grid_stride_blocks(delta.size), THREADS](
             self._device(dA), self._device(Z), self._device(A), act, float(alpha), delta)
 
     def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
@@ -213,7 +233,7 @@ class NumbaBackend(Backend):
         self._tiles(dW).weight_grad[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](
             delta, A_prev, bool(accumulate), dW)
         if db is not None:
-            self.k.bias_grad_kernel[_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
+            self.k.bias_grad_kernel[grid_stride_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
 
     def input_grad(self, delta, W, dA_prev):
         # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do
@@ -229,7 +249,7 @@ class NumbaBackend(Backend):
         Z, y = self._device(Z), self._device(y)
         N = Z.shape[0]
         rows = self._scratch_buffer(("row_loss", Z.dtype.name), (N,), Z.dtype)
-        self.k.loss_rows_kernel[_blocks(N), THREADS](loss, act, float(alpha), Z, y, A, delta, rows)
+        self.k.loss_rows_kernel[grid_stride_blocks(N), THREADS](loss, act, float(alpha), Z, y, A, delta, rows)
         self._tiles(Z).sum[1, self.k.REDUCE_THREADS](rows, 1.0 / N, loss_out)
 
     # ---- the training loop's ops (numba_loop_kernels.py): nothing here waits for the host ---------------------

@@ -6,6 +6,7 @@ Every kernel runs on a real GPU and, slowly, on the CPU under the CUDA simulator
 so no warp intrinsics, and each cuda.shared.array on its own line. No kernel uses atomics: every reduction
 is summed in a fixed order, so every op is bit-identical run to run (deterministic mode needs nothing more).
 """
+import collections
 import functools
 import math
 import types
@@ -24,10 +25,9 @@ MSE, BCE, SOFTMAX_CE = losses.MSE, losses.BCE, losses.SOFTMAX_CE
 # K is walked BK at a time through shared memory. On a GPU: 32x32x16 tiles, 4x4 per thread, 64 threads. Under
 # the simulator, whose cost is per simulated thread (one OS thread each, polled at every syncthreads), the same
 # code runs 16x16x8 tiles with 16 threads: the test matrices (1 to 33 wide) still cross tile edges.
-if cuda.config.ENABLE_CUDASIM:
-    BM, BN, BK, TM, TN = 16, 16, 8, 4, 4
-else:
-    BM, BN, BK, TM, TN = 32, 32, 16, 4, 4
+GPU_TILE = (32, 32, 16, 4, 4)          # BM, BN, BK, TM, TN
+SIMULATOR_TILE = (16, 16, 8, 4, 4)
+BM, BN, BK, TM, TN = SIMULATOR_TILE if cuda.config.ENABLE_CUDASIM else GPU_TILE
 GEMM_THREADS = (BN // TN, BM // TM)          # (x along n, y along m)
 REDUCE_THREADS = 32 if cuda.config.ENABLE_CUDASIM else 128   # the one-block reductions (loss sum)
 
@@ -70,12 +70,14 @@ def gemm_tile(Aop, a_kcontig, Bop, b_kcontig, M, N, K, acc, As, Bs):
     """acc[i, j] = Σ_k A(m, k)·B(k, n) for this thread's TM x TN outputs of the block's BM x BN tile, where
         A(m, k) = Aop[m, k] if a_kcontig else Aop[k, m]      B(k, n) = Bop[n, k] if b_kcontig else Bop[k, n]
     so Z = A_prev·Wᵀ, dA = δ·W and dW = δᵀ·A_prev all read their operands in place, untransposed.
+    Block (bx, by) computes rows m0 = bx·BM … and columns n0 = by·BN … of C (M, N): the rows of C, which are
+    the batch in the forward and input-gradient GEMMs, walk grid.x (up to 2³¹ − 1 blocks), not grid.y (65535).
     Thread (tx, ty) owns rows m0 + ty + i·(BM/TM) and columns n0 + tx + j·(BN/TN): strided, so that the
     threads of a warp read neighbouring shared-memory words. Outside the matrix, tiles are zero-filled and the
     FMAs need no bounds checks."""
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     tid = ty * GEMM_THREADS[0] + tx
-    m0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+    m0, n0 = tile_origin()
     for i in range(TM):
         for j in range(TN):
             acc[i, j] = 0
@@ -105,10 +107,18 @@ def gemm_tile(Aop, a_kcontig, Bop, b_kcontig, M, N, K, acc, As, Bs):
 
 
 @cuda.jit(device=True)
+def tile_origin():
+    """(m0, n0): the first row and column of C in this block's tile. Rows on blockIdx.x (see gemm_grid in
+    numba_backend.py). int64: blockIdx and threadIdx are int32 in numba, and a row index passes 2³¹ − 1 on a batch
+    of more than 2³¹ rows (grid.x allows 2³¹ − 1 blocks of BM rows)."""
+    return numba.int64(cuda.blockIdx.x) * BM, numba.int64(cuda.blockIdx.y) * BN
+
+
+@cuda.jit(device=True)
 def output_position(i, j):
     """The element (m, n) of C that this thread holds in acc[i, j] after gemm_tile."""
-    return (cuda.blockIdx.y * BM + cuda.threadIdx.y + i * (BM // TM),
-            cuda.blockIdx.x * BN + cuda.threadIdx.x + j * (BN // TN))
+    m0, n0 = tile_origin()
+    return m0 + cuda.threadIdx.y + i * (BM // TM), n0 + cuda.threadIdx.x + j * (BN // TN)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,8 +130,9 @@ def kernels_for(dtype_name):
 
     @cuda.jit
     def dense_forward_kernel(A_prev, W, b, has_bias, act, alpha, Z, A):
-        """Z = A_prev · Wᵀ + b, A = g(Z). Launch: grid (ceil(out/BN), ceil(N/BM)), block GEMM_THREADS.
-        Traffic: A_prev read ceil(out/BN) times, W ceil(N/BM) times; Z and A written once."""
+        """Z = A_prev · Wᵀ + b, A = g(Z); A_prev (N, in), W (out, in), b (out,), Z and A (N, out).
+        Launch: grid gemm_grid(N, out) = (ceil(N/BM), ceil(out/BN)), batch rows on x; block GEMM_THREADS.
+        Traffic: A_prev read ceil(out/BN) times, W ceil(N/BM) times, b once per tile; Z and A written once."""
         As = cuda.shared.array((BK, BM), dt)
         Bs = cuda.shared.array((BK, BN), dt)
         acc = cuda.local.array((TM, TN), dt)
@@ -138,7 +149,9 @@ def kernels_for(dtype_name):
     @cuda.jit
     def input_grad_kernel(delta, W, masked, Z_prev, A_prev, act, alpha, out):
         """dA_prev = δ · W, or with `masked` δ_prev = (δ · W) ⊙ g'(Z_prev) (the previous layer's mask as the
-        epilogue). Launch: grid (ceil(in/BN), ceil(N/BM)), block GEMM_THREADS."""
+        epilogue); δ (N, out), W (out, in), Z_prev, A_prev and out (N, in). Launch: grid gemm_grid(N, in) =
+        (ceil(N/BM), ceil(in/BN)), batch rows on x; block GEMM_THREADS. Traffic: δ read ceil(in/BN) times,
+        W ceil(N/BM) times; out written once, Z_prev and A_prev read once when masked (else never)."""
         As = cuda.shared.array((BK, BM), dt)
         Bs = cuda.shared.array((BK, BN), dt)
         acc = cuda.local.array((TM, TN), dt)
@@ -155,8 +168,11 @@ def kernels_for(dtype_name):
 
     @cuda.jit
     def weight_grad_kernel(delta, A_prev, accumulate, dW):
-        """dW (=|+=) δᵀ · A_prev = Σₙ δₙ aₙᵀ, the seed's outer products summed over the batch in a fixed order.
-        Launch: grid (ceil(in/BN), ceil(out/BM)), block GEMM_THREADS. Traffic: each block walks all N rows."""
+        """dW (=|+=) δᵀ · A_prev = Σₙ δₙ aₙᵀ, the seed's outer products summed over the batch in a fixed order;
+        δ (N, out), A_prev (N, in), dW (out, in). Launch: grid gemm_grid(out, in) = (ceil(out/BM), ceil(in/BN)),
+        block GEMM_THREADS: the batch is K here, walked inside each block, so the grid does not grow with N.
+        Traffic: δ read ceil(in/BN) times, A_prev ceil(out/BM) times; dW read (when accumulating) and written
+        once."""
         As = cuda.shared.array((BK, BM), dt)
         Bs = cuda.shared.array((BK, BN), dt)
         acc = cuda.local.array((TM, TN), dt)
@@ -174,7 +190,8 @@ def kernels_for(dtype_name):
     @cuda.jit
     def sum_kernel(values, scale, out):
         """out[0] = scale · Σ values, by ONE block of REDUCE_THREADS: strided partial sums, then a shared-memory
-        tree, always in the same order (deterministic, no atomics)."""
+        tree, always in the same order (deterministic, no atomics). Launch: grid 1, block REDUCE_THREADS.
+        Traffic: values (N,) read once, one element written."""
         partial = cuda.shared.array(REDUCE_THREADS, dt)
         t = cuda.threadIdx.x
         s = values[0] * 0
@@ -197,8 +214,8 @@ def kernels_for(dtype_name):
 
 @cuda.jit
 def bias_grad_kernel(delta, accumulate, db):
-    """db (=|+=) Σₙ δₙ: one thread per output column, summing rows in order (no atomics).
-    Launch: 1-D grid-stride over out."""
+    """db (=|+=) Σₙ δₙ; δ (N, out), db (out,): one thread per output column, summing rows in order (no atomics).
+    Launch: 1-D grid-stride over out (grid_stride_blocks(out)). Traffic: δ read once, db written once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for j in range(start, db.shape[0], stride):
         s = delta[0, j] * 0
@@ -213,7 +230,8 @@ def bias_grad_kernel(delta, accumulate, db):
 # ---- elementwise ------------------------------------------------------------------------------------------
 @cuda.jit
 def activation_mask_kernel(dA, Z, A, act, alpha, delta):
-    """δ = dA ⊙ g'(Z) over the flattened (N, out) arrays. Launch: 1-D grid-stride."""
+    """δ = dA ⊙ g'(Z) over the flattened (N, out) arrays (δ may be dA). Launch: 1-D grid-stride over N·out
+    (grid_stride_blocks). Traffic: dA, Z and A read once, δ written once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for e in range(start, delta.size, stride):
         n, j = e // delta.shape[1], e % delta.shape[1]
@@ -222,7 +240,8 @@ def activation_mask_kernel(dA, Z, A, act, alpha, delta):
 
 @cuda.jit
 def nonfinite_flag_kernel(x, flag):
-    """flag[0] = 1 where any element of the flat array x is NaN or inf (every writer writes the same 1)."""
+    """flag[0] = 1 where any element of the flat array x is NaN or inf (every writer writes the same 1).
+    Launch: 1-D grid-stride over x.size. Traffic: x read once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, x.size, stride):
         if math.isnan(x[i]) or math.isinf(x[i]):
@@ -231,7 +250,8 @@ def nonfinite_flag_kernel(x, flag):
 
 @cuda.jit
 def one_hot_kernel(labels, out):
-    """out[n, :] = 0, out[n, labels[n]] = 1. Launch: 1-D grid-stride over rows."""
+    """out[n, :] = 0, out[n, labels[n]] = 1; labels (N,) int64, out (N, classes). Launch: 1-D grid-stride over
+    the N rows. Traffic: labels read once, out written once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for n in range(start, out.shape[0], stride):
         for j in range(out.shape[1]):
@@ -245,7 +265,9 @@ def loss_rows_kernel(loss, act, alpha, Z, Y, A, delta, row_loss):
     Σₙ row_loss[n] / N (summed afterwards by sum_kernel, in a fixed order):
         MSE        row_loss = ½‖F(z) − y‖²            δ = (A − y)/N ⊙ F'(Z)
         BCE        row_loss = mean over outputs of max(z, 0) − z·y + log(1 + e^−|z|)     δ = (σ(z) − y)/(N·out)
-        SOFTMAX_CE row_loss = −Σₖ yₖ log softmax(z)ₖ  δ = (softmax(z) − y)/N"""
+        SOFTMAX_CE row_loss = −Σₖ yₖ log softmax(z)ₖ  δ = (softmax(z) − y)/N
+    Z, Y, A, δ (N, out), row_loss (N,). Launch: 1-D grid-stride over the N rows. Traffic: Z and Y read once
+    (softmax reads Z three times, from cache), A and δ written once."""
     N, out = Z.shape[0], Z.shape[1]
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for n in range(start, N, stride):
@@ -284,3 +306,103 @@ def loss_rows_kernel(loss, act, alpha, Z, Y, A, delta, row_loss):
                 total -= Y[n, k] * log_p
             row_loss[n] = total
 
+
+# ---- the kernel table: every kernel with the argument types numba_backend.py launches it with ----------------
+KERNEL_DTYPES = ("float32", "float64")
+KernelLaunch = collections.namedtuple("KernelLaunch", "name dtype kernel argtypes")
+
+
+def launch_table():
+    """One KernelLaunch per kernel of this module and dtype: the numba types of the arguments that
+    numba_backend.py passes, which are the types a GPU launch compiles for (the training loop's kernels,
+    optimizers included, are in numba_loop_kernels.launch_table()). Arrays are C-contiguous (the backend makes
+    every array it launches on contiguous); a Python int is int64, a Python float float64 and a Python bool
+    boolean, as numba types launch arguments.
+    tests/test_numba_compile.py compiles every entry for real GPUs and checks that no kernel is missing."""
+    i64, f64, flag = numba.int64, numba.float64, numba.boolean
+    table = []
+    for dtype_name in KERNEL_DTYPES:
+        dt = numba.from_dtype(np.dtype(dtype_name))
+        mat, vec = dt[:, ::1], dt[::1]
+        tiles = kernels_for(dtype_name)
+        for kernel, argtypes in (
+                # A_prev, W, b, has_bias, act, alpha, Z, A
+                (tiles.dense_forward, (mat, mat, vec, flag, i64, f64, mat, mat)),
+                # delta, W, masked, Z_prev, A_prev, act, alpha, out
+                (tiles.input_grad, (mat, mat, flag, mat, mat, i64, f64, mat)),
+                # delta, A_prev, accumulate, dW
+                (tiles.weight_grad, (mat, mat, flag, mat)),
+                # row_loss, 1/N, loss_out
+                (tiles.sum, (vec, f64, vec)),
+                # delta, accumulate, db
+                (bias_grad_kernel, (mat, flag, vec)),
+                # dA, Z, A, act, alpha, delta
+                (activation_mask_kernel, (mat, mat, mat, i64, f64, mat)),
+                # x (flat), flag
+                (nonfinite_flag_kernel, (vec, numba.int32[::1])),
+                # labels, out
+                (one_hot_kernel, (numba.int64[::1], mat)),
+                # loss, act, alpha, Z, Y, A, delta, row_loss
+                (loss_rows_kernel, (i64, i64, f64, mat, mat, mat, mat, vec))):
+            table.append(KernelLaunch(kernel.py_func.__name__, dtype_name, kernel, argtypes))
+    return table
+
+
+def _dispatchers(namespace, device):
+    """The cuda.jit functions of a module or namespace: kernels (device=False) or device functions (True)."""
+    return {name: value for name, value in vars(namespace).items()
+            if hasattr(value, "targetoptions") and hasattr(value, "py_func")
+            and bool(value.targetoptions.get("device")) == device}
+
+
+def all_kernels():
+    """{(kernel name, dtype or None): dispatcher} for every kernel of this module, found by looking (module
+    globals and each dtype's kernels_for set), not from launch_table: what the table must cover."""
+    found = {(k.py_func.__name__, None): k for k in _dispatchers(_module_namespace(), device=False).values()}
+    for dtype_name in KERNEL_DTYPES:
+        for k in _dispatchers(kernels_for(dtype_name), device=False).values():
+            found[(k.py_func.__name__, dtype_name)] = k
+    return found
+
+
+def _module_namespace():
+    return types.SimpleNamespace(**globals())
+
+
+_DEVICE_OVERLOADS = {}   # (device function name, cc) -> that function's overloads compiled for cc
+
+
+def compile_ptx(kernel, argtypes, cc):
+    """PTX of one of this module's kernels for `argtypes` and compute capability `cc` (a (major, minor) tuple),
+    with no GPU and no CUDA driver: needs only NVRTC and libNVVM (CUDA_HOME). The same options as a launch
+    (opt=True, no fastmath, no debug). Not available under the simulator.
+
+    Why not just numba.cuda.compile_ptx(kernel.py_func, argtypes, cc=cc): it takes `cc` for the kernel, but
+    numba-cuda (0.30) compiles each device function the kernel calls in CUDADispatcher.compile_device, for
+    get_current_device().compute_capability, which asks the driver: with no GPU that raises CudaSupportError,
+    and with one the device functions are lowered for that GPU whatever `cc` the kernel is for (and cached by
+    argument types only). So, holding numba's compiler lock, the dispatcher module's device lookup answers
+    `cc`, and each device function of this module compiles into overloads kept per cc (its own are put back
+    afterwards): a device function lowered for one cc is never linked into a kernel for another."""
+    if cuda.config.ENABLE_CUDASIM:
+        raise RuntimeError("compile_ptx needs the real numba.cuda compiler: unset NUMBA_ENABLE_CUDASIM")
+    from numba.cuda import dispatcher as cuda_dispatcher
+    from numba.cuda.core.compiler_lock import global_compiler_lock
+    if not hasattr(cuda_dispatcher, "get_current_device"):
+        raise RuntimeError("numba.cuda.dispatcher no longer looks up get_current_device: compile_ptx needs "
+                           "updating for this numba-cuda version")
+    cc = tuple(cc)
+    device_functions = _dispatchers(_module_namespace(), device=True)
+    with global_compiler_lock:
+        saved_lookup = cuda_dispatcher.get_current_device
+        saved = {name: fn.overloads for name, fn in device_functions.items()}
+        cuda_dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+        try:
+            for name, fn in device_functions.items():
+                fn.overloads = _DEVICE_OVERLOADS.setdefault((name, cc), collections.OrderedDict())
+            ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(argtypes), cc=cc, opt=True, fastmath=False)
+        finally:
+            cuda_dispatcher.get_current_device = saved_lookup
+            for name, fn in device_functions.items():
+                fn.overloads = saved[name]
+    return ptx

@@ -4,7 +4,9 @@
 
 It patches cupy_backend at import (the registry asks cupy_backend.available() at each get_backend, so every
 module sees the emulated backend). Run it in its own process only (tests/test_cupy_kernels_emulated.py does):
-it leaves cupy_backend patched for good. On the emulator numpy arrays are the "device" arrays.
+it leaves cupy_backend patched for good. On the emulator numpy arrays are the "device" arrays. Every launch
+is checked as tests/cuda_emulation/emulator.py says (a stray store fails it with EmulationError);
+GPUBP_EMULATION_SEED picks the seed of the thread and block order (default 0).
 """
 import atexit
 import os

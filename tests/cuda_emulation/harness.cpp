@@ -2,7 +2,10 @@
 // own: a kernel is looked up by its name expression (the strings cuda_sources.name_expressions gives
 // NVRTC), and launched with a grid, a block and an array of pointers to its argument values, as
 // cuLaunchKernel takes them. emu_signature tells the caller each parameter's type, so a test can check the
-// arguments the cupy backend passes (CuPy itself checks none).
+// arguments the cupy backend passes (CuPy itself checks none). A launch that breaks a launch limit or
+// deadlocks fails: emu_launch_kernel returns -2 and emu_last_error says why, naming the kernel.
+// emu_set_seed fixes the schedule (the order of threads and blocks, cuda_cpu.h).
+// planted_bugs.cu adds test-only kernels with deliberate bugs (tests/test_emulator_checks.py).
 #include <functional>
 #include <map>
 #include <string>
@@ -15,6 +18,7 @@
 #include "dense_backward.cu"
 #include "loss.cu"
 #include "optim.cu"
+#include "planted_bugs.cu"
 
 // one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*
 template <typename P> constexpr char type_code() {
@@ -32,18 +36,22 @@ template <typename P> constexpr char type_code() {
 
 struct Entry {
     std::string signature;
-    std::function<void(dim3, dim3, void**)> launch;
+    std::function<bool(unsigned long long, unsigned long long, unsigned long long, unsigned long long, void**)>
+        launch;
 };
 
 template <typename... P, size_t... I>
-static void launch_with(void (*kernel)(P...), dim3 grid, dim3 block, void** args, std::index_sequence<I...>) {
-    emu_launch(grid, block, kernel, *static_cast<std::remove_cv_t<P>*>(args[I])...);
+static bool launch_with(void (*kernel)(P...), unsigned long long gx, unsigned long long gy, unsigned long long gz,
+                        unsigned long long threads, void** args, std::index_sequence<I...>) {
+    return emu_launch(gx, gy, gz, threads, kernel, *static_cast<std::remove_cv_t<P>*>(args[I])...);
 }
 
 template <typename... P>
 static Entry entry(void (*kernel)(P...)) {
-    return Entry{std::string{type_code<P>()...}, [kernel](dim3 grid, dim3 block, void** args) {
-                     launch_with(kernel, grid, block, args, std::index_sequence_for<P...>{});
+    return Entry{std::string{type_code<P>()...},
+                 [kernel](unsigned long long gx, unsigned long long gy, unsigned long long gz,
+                          unsigned long long threads, void** args) {
+                     return launch_with(kernel, gx, gy, gz, threads, args, std::index_sequence_for<P...>{});
                  }};
 }
 
@@ -63,11 +71,51 @@ static const std::map<std::string, Entry>& registry() {
         ALL_ENTRIES(float, "float"),
         ALL_ENTRIES(double, "double"),
         {"step_increment_kernel", entry(step_increment_kernel)},
+        // test-only (planted_bugs.cu)
+        {"planted_shared_kernel", entry(planted_shared_kernel)},
+        {"planted_bounds_kernel", entry(planted_bounds_kernel)},
+        {"planted_shared_size_kernel<49152>", entry(planted_shared_size_kernel<49152>)},
+        {"planted_shared_size_kernel<49156>", entry(planted_shared_size_kernel<49156>)},
     };
     return kernels;
 }
 
+// ---- AddressSanitizer (built with GPUBP_EMULATION_ASAN=1, emulator.py) -----------------------------------
+// The launcher marks the guard zones around each array argument as poisoned (emu_guard), so ASan reports
+// every access to them, loads included. Built with -fsanitize-recover=address and run with
+// halt_on_error=0, a report does not end the process: the first of a launch is kept, and fails it.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+static unsigned long long stray_address = 0;   // of the first access ASan reported in this launch
+static int stray_is_write = 0;
+static void on_asan_report(const char*) {
+    if (stray_address != 0) return;
+    stray_address = reinterpret_cast<unsigned long long>(__asan_get_report_address());
+    stray_is_write = __asan_get_report_access_type();
+}
+#endif
+
 extern "C" {
+
+// poison (1) or unpoison (0) bytes for AddressSanitizer; nothing in a build without it
+void emu_guard(void* address, unsigned long long bytes, int poison) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (poison) __asan_poison_memory_region(address, bytes);
+    else __asan_unpoison_memory_region(address, bytes);
+#endif
+    (void)address, (void)bytes, (void)poison;
+}
+
+// 0 when ASan reported no access in the last launch, else 1 for a load and 2 for a store at *address
+int emu_stray_access(unsigned long long* address) {
+#if defined(__SANITIZE_ADDRESS__)
+    *address = stray_address;
+    return stray_address == 0 ? 0 : stray_is_write ? 2 : 1;
+#else
+    *address = 0;
+    return 0;
+#endif
+}
 
 // the parameter type codes of a name expression, or nullptr when the harness does not know it
 const char* emu_signature(const char* name) {
@@ -75,12 +123,23 @@ const char* emu_signature(const char* name) {
     return it == registry().end() ? nullptr : it->second.signature.c_str();
 }
 
-// 0 on success, -1 for an unknown name expression
-int emu_launch_kernel(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args) {
+// 0 on success, -1 for an unknown name expression, -2 for a failed launch (emu_last_error says why)
+int emu_launch_kernel(const char* name, unsigned long long gx, unsigned long long gy, unsigned long long gz,
+                      unsigned long long threads, void** args) {
     auto it = registry().find(name);
     if (it == registry().end()) return -1;
-    it->second.launch(dim3{gx, gy, gz}, dim3{threads, 1, 1}, args);
-    return 0;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_set_error_report_callback(on_asan_report);
+    stray_address = 0;
+#endif
+    if (it->second.launch(gx, gy, gz, threads, args)) return 0;
+    emu_error = std::string(name) + ": " + emu_error;
+    return -2;
 }
+
+const char* emu_last_error() { return emu_error.c_str(); }
+
+// The schedule of every launch from now on: the same seed and launches give the same thread and block orders.
+void emu_set_seed(unsigned long long seed) { emu_rng.seed(seed); }
 
 }  // extern "C"

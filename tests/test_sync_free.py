@@ -1,0 +1,249 @@
+"""The training loop that never waits for the host (gpubp/guard.py), on every backend (cupy on the CPU emulator
+through tests/test_cupy_kernels_emulated.py, numba under the simulator):
+
+- fit reads the device a fixed number of times per epoch, however many batches it has, and its host-to-device
+  copies do not grow with the number of batches (the backends count both);
+- train_step(sync=False) never synchronises; float() of its LazyLoss does, once;
+- a fault planted mid-epoch (a row that overflows in batch 7; a learning rate that overflows at step 12) is
+  reported at the next read, naming that step, with the parameters of the last good step;
+- fit gives, bit for bit on numpy, what the step-by-step loop of public train_step calls gives.
+"""
+import numpy as np
+import pytest
+
+import gpubp
+from conftest import pick_sizes
+from gpubp import guard as G
+from helpers import make_data, make_net
+
+
+def _net(backend_name, loss="softmax_ce", sizes=(5, 8, 3), dtype="float32", seed=0):
+    return make_net(list(sizes), hidden="relu", loss=loss, backend=backend_name, dtype=dtype, seed=seed)
+
+
+def _counted(net, fn):
+    """The backend's counters' increase while fn() runs."""
+    before = dict(net.backend.counters)
+    fn()
+    return {k: net.backend.counters[k] - before[k] for k in before}
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "bce", "mse"])
+def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(backend_name, loss, rng):
+    n_out = 3 if loss != "bce" else 1
+    counts = {}
+    for n_batches in (20, 40):
+        batch = 4
+        X, y = make_data(rng, n_batches * batch - 1, 5, n_out, loss)    # a short last batch too
+        net = _net(backend_name, loss=loss, sizes=(5, 8, n_out))
+        opt = gpubp.SGD(net, lr=0.01, momentum=0.9)
+        counts[n_batches] = _counted(net, lambda: net.fit(X, y, loss, opt, epochs=2, batch_size=batch))
+        assert net.steps == 2 * n_batches
+    assert counts[20]["d2h"] == counts[40]["d2h"] <= 2 * 2 + 1     # at most 2 per epoch (+1: fit's first read)
+    assert counts[20]["sync"] == counts[40]["sync"]
+    assert counts[20]["h2d"] == counts[40]["h2d"]
+
+
+def test_check_every_and_log_every_add_reads_where_asked(backend_name, rng):
+    X, y = make_data(rng, 80, 5, 3, "softmax_ce")
+    net = _net(backend_name)
+    opt = gpubp.SGD(net, lr=0.01)
+    plain = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4))
+    checked = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4, check_every=5))
+    assert checked["d2h"] - plain["d2h"] == 3            # after batches 5, 10, 15 (batch 20 ends the epoch anyway)
+    seen = []
+    logged = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4, log_every=10,
+                                           on_batch_end=lambda b, n, value: seen.append((b, n, value))))
+    assert [(b, n) for b, n, _ in seen] == [(9, 20), (19, 20)] and logged["d2h"] == plain["d2h"] + 1
+    assert all(isinstance(v, float) and np.isfinite(v) for _, _, v in seen)
+
+
+def test_a_user_loop_with_sync_false_never_synchronises(backend_name, rng):
+    X, y = make_data(rng, 16, 5, 3, "softmax_ce")
+    net = _net(backend_name)
+    opt = gpubp.Adam(net, lr=1e-3)
+    Xd = net.backend.asarray(X, net.dtype)
+    yd = net.backend.asarray(y, np.int64)
+    net.train_step(Xd, yd, "softmax_ce", opt)             # warm-up: compiles, allocates, captures
+    lazy = []
+    counted = _counted(net, lambda: lazy.extend(net.train_step(Xd, yd, "softmax_ce", opt, sync=False)
+                                                for _ in range(10)))
+    assert counted == {"sync": 0, "d2h": 0, "h2d": 0}
+    read = _counted(net, lambda: float(lazy[3]))
+    assert read["d2h"] == 1
+    assert net.steps == 11 and repr(lazy[0]) == "LazyLoss(train step 1)"
+    # the lazy losses are the losses the synchronous loop returns
+    twin = _net(backend_name)
+    twin_opt = gpubp.Adam(twin, lr=1e-3)
+    expected = [twin.train_step(X, y, "softmax_ce", twin_opt) for _ in range(11)]
+    np.testing.assert_allclose([float(v) for v in lazy], expected[1:], rtol=1e-6)
+
+
+def test_a_lazy_loss_too_old_to_read_says_so():
+    net = _net("numpy")
+    opt = gpubp.SGD(net, lr=1e-3)
+    X, y = np.ones((2, 5)), np.array([0, 1])
+    first = net.train_step(X, y, "softmax_ce", opt, sync=False)
+    for _ in range(G.RING_SIZE):
+        net.train_step(X, y, "softmax_ce", opt, sync=False)
+    with pytest.raises(ValueError, match="no longer kept"):
+        float(first)
+
+
+def _state(net, opt):
+    return [net.backend.to_numpy(net.params)] + [v for v in opt.state_arrays().values()]
+
+
+def test_an_overflowing_row_in_batch_7_is_reported_at_the_epoch_end(backend_name, rng):
+    # NaN inputs are refused up front (ValueError, the model untouched), so the planted fault is a finite row
+    # whose products overflow float32 (MSE through identity layers: δ ~ 1e30, dW ~ 1e60): batch 7's loss or
+    # gradients are not finite.
+    batch, n_batches = 3, pick_sizes(20, 12)
+    X, y = make_data(rng, batch * n_batches, 5, 3, "mse")
+    X[7 * batch + 1] = 1e30
+
+    def make():
+        net = make_net([5, 8, 3], hidden="identity", loss="mse", backend=backend_name, dtype="float32")
+        return net, gpubp.SGD(net, lr=0.01, momentum=0.9)
+
+    net, opt = make()
+    twin, twin_opt = make()                                # the same model, stopped by hand after batch 6
+    for b in range(7):
+        twin.train_step(X[b * batch:(b + 1) * batch], y[b * batch:(b + 1) * batch], "mse", twin_opt)
+    with pytest.warns(RuntimeWarning, match=r"fit stopped: epoch 0, batch 7: train step 7: the (loss|gradient of "
+                                            r"layer \d)"):
+        history = net.fit(X, y, "mse", opt, epochs=3, batch_size=batch, shuffle=False)
+    assert f"({n_batches - 8} later steps of the same check interval skipped)" in history.stop_reason
+    assert net.steps == 7 and opt.steps_taken == 7 and "loss" not in history
+    for a, b in zip(_state(net, opt), _state(twin, twin_opt)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the model goes on from there
+    net.train_step(X[:batch], y[:batch], "mse", opt)
+    assert net.steps == 8
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_learning_rate_that_overflows_at_step_12_is_reported_at_the_next_read(backend_name, optimizer, rng):
+    X, y = make_data(rng, 6, 5, 3, "softmax_ce")
+    net = _net(backend_name, sizes=(5, 4, 3))
+    make_opt = (lambda n: gpubp.SGD(n, lr=0.05)) if optimizer == "sgd" else (lambda n: gpubp.Adam(n, lr=0.01))
+    opt = make_opt(net)
+    kept = None
+    for step in range(16):
+        if step == 12:
+            kept = _state(net, opt)
+            opt.lr = 1e300      # inf in float32: the update overflows; the settings live on the device (no recapture)
+        net.train_step(X, y, "softmax_ce", opt, sync=False)
+    with pytest.raises(FloatingPointError, match=r"train step 12: the update made the parameters of layer \d.*"
+                                                 r"\(3 later steps of the same check interval skipped\)"):
+        net.sync()
+    assert net.steps == 12 and opt.steps_taken == 12
+    for a, b in zip(_state(net, opt), kept):
+        np.testing.assert_array_equal(a, b)
+    opt.lr = 0.01                                           # lower the learning rate and carry on
+    net.train_step(X, y, "softmax_ce", opt)
+    assert net.steps == 13
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "bce", "mse"])
+def test_fit_equals_the_loop_of_public_train_steps(backend_name, loss, rng):
+    """The same seed gives the same History and parameters as the host loop fit used to run: bit for bit on
+    numpy, within rounding on the GPU backends (whose sums are ordered differently)."""
+    n_out = 1 if loss == "bce" else 3
+    X, y = make_data(rng, 45, 5, n_out, loss)
+    Xv, yv = make_data(rng, 9, 5, n_out, loss)
+    net = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=4)
+    history = net.fit(X, y, loss, gpubp.Adam(net, lr=1e-2), epochs=3, batch_size=8, validation_data=(Xv, yv))
+
+    ref = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=4)
+    opt = gpubp.Adam(ref, lr=1e-2)
+    targets = np.eye(n_out)[y] if loss == "softmax_ce" else y
+    expected = {}
+    for epoch in range(3):
+        order = ref.rng.permutation(len(X))
+        total_loss = total_correct = 0.0
+        for b in range(0, len(X), 8):
+            idx = order[b:b + 8]
+            prediction = ref.predict(X[idx])                 # before the update: Keras-style running accuracy
+            total_loss += ref.train_step(X[idx], y[idx], loss, opt) * len(idx)
+            accuracy = gpubp.losses.accuracy(gpubp.losses.loss_id(loss), prediction, targets[idx])
+            total_correct += (accuracy or 0.0) * len(idx)
+        logs = {"loss": total_loss / len(X)}
+        if loss != "mse":
+            logs["accuracy"] = total_correct / len(X)
+        logs["val_loss"], val_accuracy = ref.evaluate(Xv, yv, loss)
+        if val_accuracy is not None:
+            logs["val_accuracy"] = val_accuracy
+        for k, v in logs.items():
+            expected.setdefault(k, []).append(v)
+    assert sorted(history) == sorted(expected)
+    if backend_name == "numpy":
+        assert dict(history) == expected
+        np.testing.assert_array_equal(net.backend.to_numpy(net.params), ref.backend.to_numpy(ref.params))
+    else:
+        for k in expected:
+            np.testing.assert_allclose(history[k], expected[k], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(net.backend.to_numpy(net.params), ref.backend.to_numpy(ref.params),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_fit_takes_device_arrays_in_place(backend_name, rng):
+    X, y = make_data(rng, 30, 5, 3, "softmax_ce")
+    net = _net(backend_name)
+    opt = gpubp.SGD(net, lr=0.05)
+    Xd, yd = net.backend.asarray(X, net.dtype), net.backend.asarray(y, np.int64)
+    on_device = _counted(net, lambda: net.fit(Xd, yd, "softmax_ce", opt, epochs=1, batch_size=7))
+    twin = _net(backend_name)
+    twin.fit(X, y, "softmax_ce", gpubp.SGD(twin, lr=0.05), epochs=1, batch_size=7)
+    np.testing.assert_array_equal(net.backend.to_numpy(net.params), twin.backend.to_numpy(twin.params))
+    assert on_device["h2d"] <= 3     # the order buffer, the guard reset (and the labels' first check)
+
+
+def test_optimizer_settings_other_than_lr_are_fixed():
+    net = _net("numpy")
+    opt = gpubp.SGD(net, lr=0.1, momentum=0.9)
+    with pytest.raises(AttributeError, match="only lr may change"):
+        opt.momentum = 0.5
+    with pytest.raises(ValueError, match="SGD lr"):
+        opt.lr = -1.0
+    assert opt.lr == 0.1 and list(net.backend.to_numpy(opt.hyper)) == [0.1, 0.9, 0.0, 0.0, 0.0]
+    opt.lr = 0.2
+    assert list(net.backend.to_numpy(opt.hyper)) == [0.2, 0.9, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "mse"])
+def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(backend_name, loss, rng,
+                                                                                   monkeypatch):
+    n_out = 3
+    X, y = make_data(rng, 53, 5, n_out, loss)
+    Xv, yv = make_data(rng, 7, 5, n_out, loss)
+
+    def run(free_bytes):
+        net = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=2)
+        monkeypatch.setattr(net.backend, "free_memory", lambda: free_bytes)
+        if backend_name == "numpy":   # numpy arrays are that backend's device arrays, never streamed: pretend not
+            monkeypatch.setattr(net.backend, "is_device_array", lambda x: False)
+        opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
+        counted = _counted(net, lambda: history.update(net.fit(X, y, loss, opt, epochs=3, batch_size=4,
+                                                               validation_data=(Xv, yv))))
+        return net, counted
+
+    history = {}
+    resident, resident_counts = run(None)
+    expected = dict(history)
+    history.clear()
+    # 8 float32 values a row: 2 chunks of 2 batches fit in a budget of 0.5 * 1100 bytes; 53 rows make 7 chunks
+    streamed, streamed_counts = run(1100)
+    assert history == expected if backend_name == "numpy" else history.keys() == expected.keys()
+    np.testing.assert_allclose(streamed.backend.to_numpy(streamed.params), resident.backend.to_numpy(resident.params),
+                               rtol=0 if backend_name == "numpy" else 1e-5, atol=0 if backend_name == "numpy" else 1e-6)
+    assert streamed_counts["d2h"] == resident_counts["d2h"]              # the reads do not change
+    assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (7 * 3 - 1) - 2   # X, Y and order per chunk
+
+
+def test_a_device_array_is_never_streamed(monkeypatch, rng):
+    from gpubp.network import DeviceData
+    net = _net("numpy")
+    monkeypatch.setattr(net.backend, "free_memory", lambda: 10)
+    X, y = make_data(rng, 40, 5, 3, "softmax_ce")
+    assert DeviceData(net, X, y, 2, 4, gpubp.SGD(net, lr=0.1)).streamed is False   # numpy arrays are its device's
