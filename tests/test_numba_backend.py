@@ -169,16 +169,19 @@ def test_every_loop_op_leaves_its_scratch_clean(rng):
     assert L.loop_blocks(size) > 1
     guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
     assert _flags(be) == clean
-    # non-finite gradients found by the first block (a later round), the second and the last: the smallest, the
-    # second block's, is named whichever block reports last (the simulator runs blocks in order)
-    grads = rng.standard_normal(size)
-    second_block = L.LOOP_THREADS
-    last_block = L.LOOP_THREADS * (L.loop_blocks(size) - 1)
-    grads[[size - 1, 2 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS, last_block + 1, second_block]] = np.nan
-    be.guard_gradients(be.asarray(np.array([0.5]), np.float64), be.asarray(grads, np.float64), guard)
-    head = be.to_numpy(guard)[:G.RING]
-    assert (head[G.FAULT], head[G.FAULT_INDEX]) == (G.GRADIENT, second_block)
-    assert _flags(be) == clean
+    # non-finite gradients found by several blocks, in several grid-stride rounds: the smallest is named, found
+    # by the first block (which reports first: the simulator runs blocks in order) or by the last (which commits)
+    last_block = L.LOOP_THREADS * (L.loop_blocks(size) - 1)       # first index of the last block's first round
+    later_round = 2 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS
+    for bad, smallest in (([size - 1, later_round, last_block + 1, 3], 3),
+                          ([size - 1, later_round + 1, last_block + 2], last_block + 2)):
+        guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
+        grads = rng.standard_normal(size)
+        grads[bad] = np.nan
+        be.guard_gradients(be.asarray(np.array([0.5]), np.float64), be.asarray(grads, np.float64), guard)
+        head = be.to_numpy(guard)[:G.RING]
+        assert (head[G.FAULT], head[G.FAULT_INDEX]) == (G.GRADIENT, smallest)
+        assert _flags(be) == clean
     # an update that would overflow θ (found by every block) and a clean one after a reset
     guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
     params, step = be.asarray(rng.standard_normal(size), np.float64), be.zeros((1,), np.int64)

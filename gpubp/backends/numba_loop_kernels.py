@@ -57,10 +57,10 @@ INDEX_SLOTS = (BAD_PARAMS, BAD_STATE, BAD_STATE + 1, BAD_GRADIENT)
 SGD, ADAM = 0, 1          # update_kernel's `rule`
 
 # Launch shape of every kernel here: 1-D blocks of LOOP_THREADS, at most LOOP_MAX_BLOCKS blocks, grid-stride.
-# Under the simulator (one OS thread per CUDA thread, one block at a time) a few small blocks, so that the
-# multi-block paths (atomics, tickets) run there too.
-LOOP_THREADS = 16 if SIMULATOR else 256
-LOOP_MAX_BLOCKS = 4 if SIMULATOR else 1024
+# Under the simulator (one OS thread per CUDA thread, about a millisecond each, one block at a time) two tiny
+# blocks: few threads, but the multi-block paths (atomics, tickets, the last block's commit) run there too.
+LOOP_THREADS = 8 if SIMULATOR else 256
+LOOP_MAX_BLOCKS = 2 if SIMULATOR else 1024
 
 
 def loop_blocks(work):
