@@ -15,7 +15,7 @@ def pytest_generate_tests(metafunc):
         return
     full = _full(metafunc.config)
     params = []
-    for workload in ("gemm", "train", "sweep", "dense"):
+    for workload in ("gemm", "train", "fit", "sweep", "dense"):
         kind = suite.KINDS[workload]
         for device in ("cuda", "cpu"):
             for case, p in suite.CASES[workload](device, quick=False, smoke=not full):

@@ -7,10 +7,17 @@ not, and a factory per kind of work it can do:
     dense(sets)                A_out = relu(A · Wᵀ + b)        sets: [(A (N, in), W (out, in), b (out,))]
     train(spec, params0, sets, lr)   one SGD step (momentum 0.9) on the MLP `spec`, from params0
                                      sets: [(X (N, in), Y (N, out))], float32 numpy
+    fit(spec, params0, data, lr)     one epoch of the public `Sequential.fit` (shuffled, batch spec.batch)
+                                     data: (X (samples, in), Y (samples, out)), float32 numpy, kept on the host
 
 Each factory moves the numpy inputs to its device (not timed) and returns a Runner: run(i) does the work on
 input set i, sync() waits for the device, result() returns what run computed last as numpy (gemm, dense) or
-the parameters [{"W", "b"}] (train), peak_bytes() the device memory the runner added (None where unknown).
+the parameters [{"W", "b"}] (train, fit), peak_bytes() the device memory the runner added (None where unknown),
+info() a note for the row on how it ran (e.g. whether CUDA graphs were replayed; None where nothing to say).
+
+Each implementation belongs to a family (ours-cupy, ours-numba, ours-numpy, cublas, torch, torch-cpu, jax):
+gpu_check runs one process per family (`python -m bench --family ...`), so a sticky CUDA error in one family
+cannot fail the rows of the others.
 
 Peers compute the same math in the same precision: float32 everywhere, TF32 off (torch's matmul precision
 "highest", JAX's default matmul precision "highest", CuPy without CUPY_TF32). The MLP is Dense+ReLU hidden
@@ -25,20 +32,23 @@ MOMENTUM = 0.9
 
 
 class Runner:
-    def __init__(self, run, sync, result, peak_bytes=None, keep=None):
+    def __init__(self, run, sync, result, peak_bytes=None, keep=None, info=None):
         self.run = run
         self.sync = sync
         self.result = result
         self.peak_bytes = peak_bytes or (lambda: None)
         self.keep = keep    # objects that must outlive the runs (graphs, buffers)
+        self.info = info or (lambda: None)
 
 
 class Impl:
-    def __init__(self, name, device, probe, gemm=None, dense=None, train=None, ours=False, note=""):
+    def __init__(self, name, device, probe, gemm=None, dense=None, train=None, fit=None, ours=False, note="",
+                 family=None):
         self.name, self.device, self.probe = name, device, probe
-        self.gemm, self.dense, self.train = gemm, dense, train
+        self.gemm, self.dense, self.train, self.fit = gemm, dense, train, fit
         self.ours = ours
         self.note = note
+        self.family = family or name
 
     def supports(self, kind):
         return getattr(self, kind) is not None
@@ -189,14 +199,39 @@ def _memory_meter(be):
     return lambda: int(free0 - cupy.cuda.runtime.memGetInfo()[0])
 
 
-def _gpubp_train(backend_name, checked=True):
+def graph_info(be):
+    """How a backend ran its steps, from what it keeps about them: which step keys were captured as CUDA graphs
+    (and replayed), which ran eagerly and why; None for a backend that keeps no such record."""
+    steps = getattr(be, "_steps", None)
+    if steps is None:
+        return None
+    graphed = sorted(str(k[0]) for k, v in steps.items() if isinstance(v, tuple))
+    eager = sorted(str(k[0]) for k, v in steps.items() if v == "eager")
+    parts = [f"CUDA graphs replayed: {', '.join(graphed) or 'none'}"]
+    if eager:
+        errors = getattr(be, "graph_errors", {})
+        parts.append(f"eager after a failed capture: {', '.join(eager)} "
+                     f"({'; '.join(str(e)[:120] for e in errors.values())})")
+    if not getattr(be, "use_graphs", True):
+        parts.append("graphs switched off (GPUBP_CUDA_GRAPHS=0)")
+    return "; ".join(parts)
+
+
+def _gpubp_train(backend_name, checked=True, host_batches=False):
     """checked=True times the public Sequential.train_step (input validation, finite checks, loss to host);
-    checked=False the step behind it (Sequential._train_step), to show what the checks cost."""
+    checked=False the step behind it (Sequential._train_step), to show what the checks cost.
+    host_batches=True: the batches stay NumPy arrays, the path a user takes: each step copies them into the
+    model's workspace, so the whole step (forward, loss, backward, then the update) can replay as CUDA graphs.
+    Device batches (the default) are used in place, so forward and backward run eagerly (only the update is
+    a graph): the two rows side by side show what the graph and the copy cost or save."""
     def make(spec, params0, sets, lr, backend=None):
         from gpubp import losses
         from gpubp.backends import get_backend
         be = get_backend(backend if backend is not None else backend_name)
-        dev = [(be.asarray(X, np.float32), be.asarray(Y, np.float32)) for X, Y in sets]
+        if host_batches:
+            dev = [(np.ascontiguousarray(X, np.float32), np.ascontiguousarray(Y, np.float32)) for X, Y in sets]
+        else:
+            dev = [(be.asarray(X, np.float32), be.asarray(Y, np.float32)) for X, Y in sets]
         meter = _memory_meter(be)
         net, opt = gpubp_net(spec, params0, lr, be)
         loss_id = losses.loss_id(spec.loss)
@@ -209,8 +244,41 @@ def _gpubp_train(backend_name, checked=True):
                 net.train_step(X, Y, loss=spec.loss, optimizer=opt)
             else:
                 net._train_step(X, Y, loss_id, opt)
-        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev)
+        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev, info=lambda: graph_info(be))
     return make
+
+
+def _gpubp_fit(backend_name):
+    """One epoch of the public Sequential.fit on NumPy data (shuffled, batch spec.batch), as a user calls it."""
+    def make(spec, params0, data, lr, backend=None):
+        from gpubp.backends import get_backend
+        be = get_backend(backend if backend is not None else backend_name)
+        X, Y = (np.ascontiguousarray(a, np.float32) for a in data)
+        meter = _memory_meter(be)
+        net, opt = gpubp_net(spec, params0, lr, be)
+
+        counted = {}
+
+        def run(i):
+            before = dict(getattr(be, "counters", {}))
+            net.fit(X, Y, loss=spec.loss, optimizer=opt, epochs=1, batch_size=spec.batch, shuffle=True)
+            counted.update({k: v - before.get(k, 0) for k, v in getattr(be, "counters", {}).items()})
+
+        def info():
+            return "; ".join(filter(None, [host_traffic(counted, spec.batches), graph_info(be)]))
+        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=(X, Y), info=info)
+    return make
+
+
+def host_traffic(counted, steps):
+    """What the backend's counters (gpubp/backends/base.py: sync, d2h, h2d) saw in the last fit epoch, per step.
+    All zero means the backend does not count (a fit from host data copies at least once), so it says that."""
+    if not counted:
+        return "host syncs: the backend has no counters"
+    if not any(counted.values()):
+        return "host syncs: not counted by this backend (its counters stayed 0)"
+    return ("per step over the last epoch: " + ", ".join(f"{k} {v / steps:.3g}" for k, v in sorted(counted.items()))
+            + " (the backend's counters)")
 
 
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
@@ -405,30 +473,52 @@ def _jax_train(spec, params0, sets, lr):
     return Runner(run, _jax_sync(jax, state), result, keep=data)
 
 
+UNCHECKED_NOTE = "Sequential._train_step: the step without train_step's input checks"
+DEVICE_INPUT_NOTE = ("train: the public train_step on batches already on the device, used in place (a step on "
+                     "buffers the caller owns is not replayed from a graph); fit: the public Sequential.fit on "
+                     "NumPy data, one epoch")
+HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the model's workspace each step (the "
+                     "path a user takes): the whole step can replay as a CUDA graph")
+
+
 # ---- the registry ------------------------------------------------------------------------------------------------
 def registry():
     """name -> Impl, in the order the table lists them (ours first)."""
     impls = [
         Impl("gpubp-numpy", "cpu", _gpubp_probe("numpy"), gemm=_gpubp_gemm("numpy"), dense=_gpubp_dense("numpy"),
-             train=_gpubp_train("numpy"), ours=True),
+             train=_gpubp_train("numpy"), fit=_gpubp_fit("numpy"), ours=True, family="ours-numpy"),
         Impl("gpubp-numpy-unchecked", "cpu", _gpubp_probe("numpy"), train=_gpubp_train("numpy", checked=False),
-             ours=True, note="Sequential._train_step: the step without train_step's input checks"),
+             ours=True, note=UNCHECKED_NOTE, family="ours-numpy"),
         Impl("gpubp-cupy", "cuda", _gpubp_probe("cupy"), gemm=_gpubp_gemm("cupy"), dense=_gpubp_dense("cupy"),
-             train=_gpubp_train("cupy"), ours=True),
+             train=_gpubp_train("cupy"), fit=_gpubp_fit("cupy"), ours=True, family="ours-cupy",
+             note=DEVICE_INPUT_NOTE),
+        Impl("gpubp-cupy-numpy-batches", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", host_batches=True),
+             ours=True, family="ours-cupy", note=HOST_BATCHES_NOTE),
         Impl("gpubp-cupy-unchecked", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", checked=False),
-             ours=True, note="Sequential._train_step: the step without train_step's input checks"),
+             ours=True, note=UNCHECKED_NOTE, family="ours-cupy"),
         Impl("gpubp-numba", "cuda", _gpubp_probe("numba"), gemm=_gpubp_gemm("numba"), dense=_gpubp_dense("numba"),
-             train=_gpubp_train("numba"), ours=True),
+             train=_gpubp_train("numba"), fit=_gpubp_fit("numba"), ours=True, family="ours-numba",
+             note=DEVICE_INPUT_NOTE),
+        Impl("gpubp-numba-numpy-batches", "cuda", _gpubp_probe("numba"),
+             train=_gpubp_train("numba", host_batches=True), ours=True, family="ours-numba", note=HOST_BATCHES_NOTE),
         Impl("torch-cpu", "cpu", _torch_cpu_probe, gemm=_torch_gemm("cpu"), dense=_torch_dense("cpu"),
-             train=_torch_train("cpu")),
-        Impl("cublas", "cuda", _cupy_probe, gemm=_cublas_gemm, note="cupy.matmul, TF32 off"),
+             train=_torch_train("cpu"), family="torch-cpu"),
+        Impl("cublas", "cuda", _cupy_probe, gemm=_cublas_gemm, note="cupy.matmul, TF32 off", family="cublas"),
         Impl("torch-eager", "cuda", _torch_cuda_probe, gemm=_torch_gemm("cuda"), dense=_torch_dense("cuda"),
-             train=_torch_train("cuda")),
+             train=_torch_train("cuda"), family="torch"),
         Impl("torch-graph", "cuda", _torch_cuda_probe, train=_torch_train("cuda", graph=True),
-             note="the step captured as a CUDA graph per input set, replayed"),
-        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train),
+             note="the step captured as a CUDA graph per input set, replayed", family="torch"),
+        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train, family="jax"),
     ]
     return {impl.name: impl for impl in impls}
+
+
+def families(reg=None):
+    """family name -> [implementation names], in registry order."""
+    out = {}
+    for impl in (registry() if reg is None else reg).values():
+        out.setdefault(impl.family, []).append(impl.name)
+    return out
 
 
 # The peer each device's rows are compared with (ratio = our time / the peer's time), per kind of work.

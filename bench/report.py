@@ -2,7 +2,14 @@
 
 Files are named by device and date: bench/results/<device>_<YYYYMMDD-HHMM>.{json,txt}, _sweep.png, _gemm.png,
 where <device> is the GPU's name (e.g. nvidia-h100-80gb-hbm3) or cpu-<model> on a machine without one.
+
+    python -m bench.report --jsonl rows.jsonl [--jsonl more.jsonl] --out DIR [--stem bench] [--versions FILE]
+
+makes the same files from the JSON-lines records that `python -m bench --jsonl` streams (gpu_check's report
+stage: rows of several processes, one per implementation family; ratios and fractions of the limits are
+computed here, across them). Lines that do not parse (a process killed mid-write) are counted and skipped.
 """
+import argparse
 import datetime
 import json
 import os
@@ -75,7 +82,7 @@ def _gpu_info():
 
 
 def environment(run):
-    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    env = {"dry_run": bool(getattr(run, "dry_run", False) or suite.dry_run()),"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": run.threads, "platform": platform.platform(),
            "versions": _versions(), "cupy_tf32_env": os.environ.get("CUPY_TF32"), "argv": sys.argv,
            "other_cpu_load": run.other_cpu_load(), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
@@ -104,7 +111,7 @@ def _fmt(v, spec):
 
 
 def _rate(r):
-    if r["workload"] in ("train", "sweep", "dense") and r["samples_per_s"]:
+    if r["workload"] in ("train", "sweep", "dense", "fit") and r["samples_per_s"]:
         return f"{r['samples_per_s']:.3g} samp/s"
     if r["tflops"]:
         return f"{r['tflops']:.3f} TFLOP/s"
@@ -114,7 +121,10 @@ def _rate(r):
 
 
 def table(run):
-    lines = [f"{'workload':<7} {'dev':<4} {'case':<26} {'impl':<22} {'median':>11} {'±':>9} {'rate':>18} "
+    lines = []
+    if getattr(run, "dry_run", False) or suite.dry_run():
+        lines.append("DRY RUN (GPU_CHECK_DRY=1): CPU stand-ins at tiny sizes; nothing here is a GPU result")
+    lines += [f"{'workload':<7} {'dev':<4} {'case':<26} {'impl':<22} {'median':>11} {'±':>9} {'rate':>18} "
              f"{'of limit':>8} {'x peer':>7} {'peak MiB':>9} {'mem x':>6}  bar"]
     for r in run.rows:
         if r["status"] != "ok":
@@ -153,12 +163,15 @@ def to_json(run, env):
             "rows": run.rows}
 
 
-def save(run, out=None, plots=True):
-    """Write <label>_<date>.json and .txt (and plots) under `out` (default bench/results); returns the paths."""
+def save(run, out=None, plots=True, stem=None, extra=None):
+    """Write <label>_<date>.json and .txt (and plots) under `out` (default bench/results), or <stem>.json ... when
+    a stem is given; `extra` is added to the environment (e.g. gpu_check's versions). Returns the paths."""
     env = environment(run)
+    if extra:
+        env.update(extra)
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['device_label']}_{env['date_utc'][:16].replace('-', '').replace(':', '').replace('T', '-')}"
+    stem = stem or f"{env['device_label']}_{env['date_utc'][:16].replace('-', '').replace(':', '').replace('T', '-')}"
     paths = [out / f"{stem}.json", out / f"{stem}.txt"]
     paths[0].write_text(json.dumps(to_json(run, env), indent=1, default=str) + "\n")
     paths[1].write_text(f"{env['device']}, {env['threads']} CPU threads, {env['date_utc']}; other processes kept "
@@ -224,3 +237,83 @@ def _lines(rows):
     for r in rows:
         lines.setdefault((r["impl"], r["device"]), []).append(r)
     return lines
+
+
+# ---- a run read back from JSON lines (gpu_check's report stage) -------------------------------------------------------
+class LoadedRun:
+    """What `python -m bench --jsonl` streamed, from one or more files, shaped like a suite.Run for table() and
+    save(): rows, skipped entries, the limits (the best measured per device), the processes' start records."""
+
+    def __init__(self, records, bad_lines=0):
+        self.rows = [{k: r.get(k) for k in suite.ROW_FIELDS} for r in records if r.get("record") == "row"]
+        self.skipped = [{"what": r["what"], "reason": r["reason"]} for r in records if r.get("record") == "skipped"]
+        self.starts = [r for r in records if r.get("record") == "start"]
+        self.bad_lines = bad_lines
+        self.dry_run = any(r.get("dry_run") for r in self.starts)
+        self.limits = {}
+        for r in records:
+            if r.get("record") == "limits":
+                lim = self.limits.setdefault(r["device"], {})
+                for k, v in r["limits"].items():
+                    lim[k] = max(lim.get(k, 0), v)
+        for r in self.rows:
+            if r["status"] == "ok" and r["workload"] != "limits":
+                suite.apply_limits(r, self.limits.get(r["device"], {}))
+        suite.add_ratios(self.rows)
+        ends = [r for r in records if r.get("record") == "end"]
+        self.threads = max((r["threads"] for r in ends if r.get("threads")), default=None)
+        loads = [r["other_cpu_load"] for r in ends if r.get("other_cpu_load") is not None]
+        self._load = max(loads) if loads else None
+        self.config = argparse.Namespace(
+            workloads=sorted({r["workload"] for r in self.rows}), devices=sorted({r["device"] for r in self.rows}),
+            quick=any(s.get("quick") for s in self.starts), smoke=any(s.get("smoke") for s in self.starts),
+            budget_s=None)
+
+    def other_cpu_load(self):
+        return self._load
+
+
+def load_jsonl(paths):
+    records, bad = [], 0
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:      # the last line of a process killed while writing it
+                bad += 1
+    return LoadedRun(records, bad)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.report", description="the table, JSON and plots from the "
+                                "JSON-lines rows of `python -m bench --jsonl`")
+    p.add_argument("--jsonl", action="append", required=True, help="a rows file (repeat for several)")
+    p.add_argument("--out", required=True, help="directory for the files")
+    p.add_argument("--stem", default=None, help="file name stem (default <device>_<date>)")
+    p.add_argument("--versions", default=None, help="a JSON file of versions (gpu_check's) to record with them")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    paths = [Path(x) for x in args.jsonl if Path(x).exists()]
+    if not paths:
+        print(f"ERROR: no rows file: {', '.join(args.jsonl)} (no bench stage wrote a row)")
+        return 1
+    run = load_jsonl(paths)
+    extra = {"from_jsonl": [str(x) for x in paths], "unparsed_lines": run.bad_lines}
+    if args.versions and Path(args.versions).exists():
+        extra["gpu_check_versions"] = json.loads(Path(args.versions).read_text())
+    if os.environ.get("GPU_CHECK_PLANTED") == "1":
+        print("ERROR: planted failure in the report stage (GPU_CHECK_PLANTED=1)")
+        return 1
+    print(table(run))
+    print()
+    for path in save(run, args.out, plots=not args.no_plots, stem=args.stem, extra=extra):
+        print(f"wrote {path}")
+    if run.bad_lines:
+        print(f"note: {run.bad_lines} unparsed line(s) skipped (a process killed while writing)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,19 @@
 float64 reference and then timed; the hardware's limits are measured in the same run; rows become a table, a
 JSON file and plots (bench.report).
 
-    python -m bench [--workloads limits,gemm,dense,train,sweep] [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m bench [--workloads limits,gemm,train,fit,sweep,dense] [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m bench --family ours-cupy --device cuda --jsonl rows.jsonl --no-save     (gpu_check's bench stages)
+
+--family (or --impls) runs a chosen set of implementations, and measures the limits only where the family
+`limits` is named; --jsonl appends each row to a JSON-lines file as soon as its case is done (flushed), so a
+process killed half-way leaves every finished row on disk; `python -m bench.report --jsonl` makes the table,
+the ratios and the plots from such a file afterwards.
 
 A row is a dict with every key of ROW_FIELDS (None where it does not apply). status is "ok" (timed), or
 "failed" (refused by the reference check, or an error): a failed row has no time.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -18,9 +25,10 @@ from . import impls as impls_mod
 from . import timing
 from . import workloads as wl
 
-WORKLOADS = ("limits", "gemm", "train", "sweep", "dense")   # the order they run in: SPEC's bars first
-KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train"}
-CASES = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases, "sweep": wl.sweep_cases}
+WORKLOADS = ("limits", "gemm", "train", "fit", "sweep", "dense")   # the order they run in: SPEC's bars first
+KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train", "fit": "fit"}
+CASES = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases, "sweep": wl.sweep_cases,
+         "fit": wl.fit_cases}
 ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error", "median_s", "spread_s", "min_s",
               "max_s", "repeats", "inner", "rel_err", "flops", "min_bytes", "tflops", "gb_per_s",
               "samples_per_s", "limit", "frac_of_limit", "peer", "ratio_to_peer", "peak_bytes", "peer_peak_bytes",
@@ -40,8 +48,12 @@ TINY_CUDA_NN_RANGE = (1.2e8, 2.0e8)
 
 class Config:
     def __init__(self, workloads=WORKLOADS, devices=("cpu", "cuda"), quick=False, smoke=False, threads=None,
-                 budget_s=None, seed=0, log=print):
+                 budget_s=None, seed=0, log=print, impls=None, limits=True, jsonl=None, plant=False):
         self.workloads = tuple(w for w in WORKLOADS if w in workloads)
+        self.impls = None if impls is None else tuple(impls)    # implementation names to run (None: all)
+        self.limits = limits          # measure the hardware's limits (gpu_check: in the `limits` family only)
+        self.jsonl = jsonl            # a JSON-lines file each row is appended to as soon as its case is done
+        self.plant = plant            # add an implementation with a wrong result (it must be refused)
         self.devices = tuple(devices)
         self.quick, self.smoke = quick, smoke
         self.threads = threads
@@ -63,6 +75,10 @@ class Run:
     def __init__(self, config, registry=None):
         self.config = config
         self.registry = impls_mod.registry() if registry is None else registry
+        if config.impls is not None:
+            self.registry = {k: v for k, v in self.registry.items() if k in config.impls}
+        if config.plant:
+            self.registry.update(planted_impls(self.registry))
         self.rows, self.skipped, self.limits = [], [], {}
         self._probes = {}
         self.start = time.monotonic()
@@ -80,6 +96,13 @@ class Run:
     def log(self, line):
         self.config.log(line)
 
+    def emit(self, record):
+        emit(self.config.jsonl, record)
+
+    def add_row(self, row):
+        self.rows.append(row)
+        self.emit(dict(row, record="row"))
+
     def probe(self, impl):
         if impl.name not in self._probes:
             try:
@@ -92,6 +115,7 @@ class Run:
         entry = {"what": what, "reason": reason}
         if entry not in self.skipped:
             self.skipped.append(entry)
+            self.emit(dict(entry, record="skipped"))
             self.log(f"  skipped: {what}: {reason}")
 
     def out_of_time(self):
@@ -110,6 +134,19 @@ class Run:
             else:
                 self.skip(f"{impl.name} ({kind})", reason)
         return out
+
+
+def emit(jsonl, record):
+    """Append one record to the JSON-lines file `jsonl` (if any), closed at once: on disk even if we are killed
+    next. Records: start (one per process), row (a ROW_FIELDS dict), skipped, limits."""
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def dry_run():
+    """True in gpu_check's dry run (GPU_CHECK_DRY=1): nothing of it is a GPU result, and it says so."""
+    return os.environ.get("GPU_CHECK_DRY") == "1"
 
 
 def _cpu_times():
@@ -140,7 +177,7 @@ def _limit_row(run, device, case, impl, timing_, flops=None, nbytes=None, note="
         row["tflops"] = flops / timing_.median / 1e12
     if nbytes:
         row["gb_per_s"] = nbytes / timing_.median / 1e9
-    run.rows.append(row)
+    run.add_row(row)
     run.log(f"  limits  {device}  {case:<28} {impl:<12} " + (f"{row['tflops']:.3f} TFLOP/s" if flops else
                                                             f"{row['gb_per_s']:.1f} GB/s"))
     return row
@@ -284,7 +321,7 @@ def run_case(run, workload, device, case, params, entries, check, n_sets, flops=
     for e in entries:
         _finish_row(run, e, device, flops, nbytes, samples)
         e.runner = e.timer = None
-        run.rows.append(e.row)
+        run.add_row(e.row)
     _free_device_memory()
     return [e.row for e in entries]
 
@@ -300,21 +337,33 @@ def _finish_row(run, e, device, flops, nbytes, samples):
             row["gb_per_s"] = nbytes / t / 1e9
         if samples:
             row["samples_per_s"] = samples / t
-        lim = run.limits.get(device, {})
-        floors = []
-        if flops and lim.get("flops"):
-            floors.append(("flops", flops / lim["flops"]))
-        if nbytes and lim.get("bytes"):
-            floors.append(("bytes", nbytes / lim["bytes"]))
-        if floors:     # the larger floor is what bounds this work: its fraction of the measured time
-            which, floor = max(floors, key=lambda f: f[1])
-            row["limit"] = {"flops": f"{lim['flops'] / 1e12:.3f} TFLOP/s GEMM", "bytes":
-                            f"{lim['bytes'] / 1e9:.0f} GB/s copy"}[which]
-            row["frac_of_limit"] = floor / t
+        apply_limits(row, run.limits.get(device, {}))
+        try:
+            info = e.runner.info() if e.runner is not None else None
+        except Exception as exc:     # a note is not worth a row
+            info = f"info: {type(exc).__name__}: {exc}"
+        if info:
+            row["note"] = "; ".join(filter(None, [row["note"], info]))
         run.log(f"  {row['workload']:<6} {device:<4} {row['case']:<26} {row['impl']:<22} {_ms(t)} ± "
                 f"{_ms(row['spread_s'])}  err {row['rel_err']:.1e}")
     else:
         run.log(f"  {row['workload']:<6} {device:<4} {row['case']:<26} {row['impl']:<22} FAILED: {row['error']}")
+
+
+def apply_limits(row, lim):
+    """frac_of_limit and limit of an ok row from the device's limits {'flops': FLOP/s, 'bytes': B/s}: the larger
+    floor (flops at the GEMM limit, or bytes at the copy limit) is what bounds the work; its fraction of the
+    measured time."""
+    floors = []
+    if row.get("flops") and lim.get("flops"):
+        floors.append(("flops", row["flops"] / lim["flops"]))
+    if row.get("min_bytes") and lim.get("bytes"):
+        floors.append(("bytes", row["min_bytes"] / lim["bytes"]))
+    if floors and row.get("median_s"):
+        which, floor = max(floors, key=lambda f: f[1])
+        row["limit"] = {"flops": f"{lim['flops'] / 1e12:.3f} TFLOP/s GEMM", "bytes":
+                        f"{lim['bytes'] / 1e9:.0f} GB/s copy"}[which]
+        row["frac_of_limit"] = floor / row["median_s"]
 
 
 def _ms(t):
@@ -338,10 +387,11 @@ def run_workload(run, workload, device):
     c = run.config
     kind = KINDS[workload]
     impls = run.impls_for(kind, device)
-    if workload == "sweep":     # the unchecked steps are shown once, in train; the sweep compares libraries
-        impls = [i for i in impls if not i.name.endswith("-unchecked")]
+    if workload == "sweep":     # the unchecked and NumPy-batch steps are shown once, in train; the sweep compares
+        impls = [i for i in impls if not i.name.endswith(("-unchecked", "-numpy-batches"))]     # libraries
     if not impls:
-        run.skip(f"{workload} on {device}", "no implementation can run here")
+        if c.impls is None:     # a chosen family that does no such work is no news
+            run.skip(f"{workload} on {device}", "no implementation can run here")
         return
     cases = CASES[workload](device, c.quick, c.smoke)
     rng = np.random.default_rng(c.seed)
@@ -371,6 +421,10 @@ class BuiltCase:
             return Entry(impl, lambda: impl.gemm(self.sets))
         if self.kind == "dense":
             return Entry(impl, lambda: impl.dense(self.sets))
+        if self.kind == "fit":
+            return Entry(impl, lambda: impl.fit(self.mlp, self.params0, self.sets[0], wl.TIMING_LR),
+                         lambda: impl.fit(self.mlp, self.params0, wl.fit_check_data(self.mlp, self.sets[0]),
+                                          wl.VALIDATE_LR))
         return Entry(impl, lambda: impl.train(self.mlp, self.params0, self.sets, wl.TIMING_LR),
                      lambda: impl.train(self.mlp, self.params0, self.sets, wl.VALIDATE_LR))
 
@@ -385,6 +439,12 @@ def build_case(kind, params, rng):
         N, i, o = params["N"], params["in"], params["out"]
         return BuiltCase(kind, params, sets, wl.dense_reference(sets, rng), 2 * N * i * o,
                          4 * (N * i + o * i + o + N * o), samples=N)
+    if kind == "fit":
+        spec = params
+        data = wl.fit_data(spec, rng)
+        params0 = wl.initial_params(spec, rng)
+        return BuiltCase(kind, spec.params(), [data], wl.fit_reference(spec, params0, data), spec.flops(),
+                         spec.min_bytes(), samples=spec.samples, mlp=spec, params0=params0)
     mlp = params
     sets = wl.train_sets(mlp, rng)
     params0 = wl.initial_params(mlp, rng)
@@ -398,7 +458,7 @@ def add_ratios(rows):
     for r in rows:
         if r["workload"] == "limits":
             continue
-        peer = impls_mod.PEER.get((r["device"], KINDS[r["workload"]]))
+        peer = impls_mod.PEER.get((r["device"], KINDS.get(r["workload"], r["workload"])))
         r["peer"] = peer
         p = by_key.get((r["workload"], r["case"], r["device"], peer))
         if r["status"] == "ok" and p is not None:
@@ -410,6 +470,37 @@ def add_ratios(rows):
         if bar is not None and r["impl"].startswith("gpubp-") and "unchecked" not in r["impl"]:
             r["spec_bar"] = bar
             r["meets_bar"] = None if r["ratio_to_peer"] is None else bool(r["ratio_to_peer"] <= bar)
+
+
+def planted_impls(registry):
+    """gpu_check's planted failure: a copy of the first implementation of `registry` whose results are off by
+    1% (as a kernel bug would make them); the reference check must refuse every one of its rows."""
+    first = next(iter(registry.values()), None)
+    if first is None:
+        return {}
+
+    def wrong(factory):
+        if factory is None:
+            return None
+
+        def make(*args, **kwargs):
+            runner = factory(*args, **kwargs)
+            result = runner.result
+
+            def off():
+                r = result()
+                if isinstance(r, list):     # parameters: the first layer's weights off by 1%
+                    r = [dict(p) for p in r]
+                    r[0]["W"] = np.asarray(r[0]["W"]) * 1.01
+                    return r
+                return np.asarray(r) * np.float32(1.01)
+            runner.result = off
+            return runner
+        return make
+    name = f"{first.name}-planted-wrong"
+    return {name: impls_mod.Impl(name, first.device, first.probe, gemm=wrong(first.gemm), dense=wrong(first.dense),
+                                 train=wrong(first.train), fit=wrong(first.fit), ours=first.ours,
+                                 family=first.family, note="PLANTED: results off by 1% on purpose; must be REFUSED")}
 
 
 def set_threads(threads):
@@ -450,12 +541,17 @@ def run_suite(config, registry=None):
             "for numpy's BLAS and torch")
     try:
         for device in config.devices:
-            if device == "cuda" and not any(run.probe(i)[0] for i in run.registry.values() if i.device == "cuda"):
+            if device == "cuda" and run.registry and not any(run.probe(i)[0] for i in run.registry.values()
+                                                             if i.device == "cuda"):
                 reasons = "; ".join(f"{i.name}: {run.probe(i)[1]}" for i in run.registry.values()
                                     if i.device == "cuda")
                 run.skip("every GPU workload", f"nothing can run on a GPU here ({reasons})")
                 continue
-            measure_limits(run, device)
+            if config.limits:
+                measure_limits(run, device)
+                run.emit({"record": "limits", "device": device, "limits": run.limits.get(device, {})})
+            if not any(i.device == device for i in run.registry.values()):
+                continue
             for workload in config.workloads:
                 if workload != "limits":
                     run.log(f"-- {workload} on {device}")
@@ -463,6 +559,8 @@ def run_suite(config, registry=None):
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
+        run.emit({"record": "end", "threads": run.threads, "other_cpu_load": run.other_cpu_load(),
+                  "seconds": round(time.monotonic() - run.start, 1)})
     add_ratios(run.rows)
     return run
 
@@ -478,6 +576,16 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=None, help="seconds; rows after that are marked not run")
     p.add_argument("--out", default=None, help="directory for the JSON, table and plots (default bench/results)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--family", default=None,
+                   help="comma-separated implementation families (ours-cupy, ours-numba, ours-numpy, cublas, torch, "
+                        "torch-cpu, jax, limits): run only these; limits are measured only when `limits` is named")
+    p.add_argument("--impls", default=None, help="comma-separated implementation names (as --family)")
+    p.add_argument("--jsonl", default=None, help="append each row to this JSON-lines file as its case finishes")
+    p.add_argument("--require-rows", action="store_true",
+                   help="exit 1 when no row was measured (gpu_check on the GPU machine: a family that cannot run "
+                        "there is a failure, not a quiet pass)")
+    p.add_argument("--no-save", action="store_true",
+                   help="write no JSON/table/plots at the end (gpu_check's report stage makes them from --jsonl)")
     args = p.parse_args(argv)
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(chosen) - set(WORKLOADS))
@@ -486,17 +594,58 @@ def parse_args(argv):
     return args, chosen
 
 
+def select_impls(family, names, registry=None):
+    """(implementation names, measure limits?) for --family / --impls; (None, True) when neither is given."""
+    if family is None and names is None:
+        return None, True
+    families = impls_mod.families(registry)
+    chosen, limits = [], False
+    for f in (x.strip() for x in (family or "").split(",") if x.strip()):
+        if f == "limits":
+            limits = True
+        elif f in families:
+            chosen += families[f]
+        else:
+            raise ValueError(f"--family: unknown {f!r}; choose from {sorted(families) + ['limits']}")
+    for n in (x.strip() for x in (names or "").split(",") if x.strip()):
+        if n not in (registry or impls_mod.registry()):
+            raise ValueError(f"--impls: unknown {n!r}")
+        chosen.append(n)
+    return chosen, limits
+
+
 def main(argv=None):
+    import signal
     from . import report
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # gpu_check's timeout sends SIGINT: rows so far stay
     args, chosen = parse_args(sys.argv[1:] if argv is None else argv)
     devices = ("cuda", "cpu") if args.device == "all" else (args.device,)
+    try:
+        names, limits = select_impls(args.family, args.impls)
+    except ValueError as exc:
+        print(f"ERROR: {exc}")
+        return 2
+    plant = os.environ.get("GPU_CHECK_PLANTED") == "1"
     config = Config(workloads=chosen, devices=devices, quick=args.quick, smoke=args.smoke, threads=args.threads,
-                    budget_s=args.budget)
+                    budget_s=args.budget, impls=names, limits=limits, jsonl=args.jsonl, plant=plant)
+    emit(args.jsonl, {"record": "start", "argv": sys.argv if argv is None else list(argv), "pid": os.getpid(),
+                      "family": args.family, "impls": names, "dry_run": dry_run(), "quick": args.quick,
+                      "smoke": args.smoke, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     run = run_suite(config)
+    if plant and not any(r["impl"].endswith("-planted-wrong") for r in run.rows):
+        print("ERROR: planted failure: no implementation to plant a wrong result in (GPU_CHECK_PLANTED=1)")
+        return 1
     print()
     print(report.table(run))
     print()
-    for p in report.save(run, args.out, plots=not args.no_plots):
-        print(f"wrote {p}")
-    failed = [r for r in run.rows if r["status"] != "ok"]
-    return 1 if any(r["error"] and r["error"].startswith("REFUSED") for r in failed) else 0
+    if not args.no_save:
+        for p in report.save(run, args.out, plots=not args.no_plots):
+            print(f"wrote {p}")
+    failed = [r for r in run.rows if r["status"] != "ok" and not (r["error"] or "").startswith("not run:")]
+    for r in failed:
+        print(f"FAILED: {r['workload']} {r['device']} {r['case']} {r['impl']}: {r['error']}")
+    if args.require_rows and not any(r["status"] == "ok" for r in run.rows):
+        reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in run.skipped) or "nothing was chosen"
+        print(f"ERROR: no row was measured ({reasons})")
+        return 1
+    return 1 if failed else 0

@@ -4,6 +4,7 @@
     dense   A_out = relu(A · Wᵀ + b) at the train shapes' first layers (one dense forward alone)
     train   one SGD step (momentum 0.9) of an MLP, ReLU hidden layers, identity output; SPEC section 5 shapes
     sweep   the 64-wide × 4-hidden train step (64-64-64-64-64-1, mse) over batch sizes, as samples/s
+    fit     one epoch of the public Sequential.fit on NumPy data at the train shapes, as samples/s
 
 A case is (name, params); `make_sets` draws its input sets (float32, standard normal: never zeros) and
 `reference` returns a function that checks a runner's result against numpy in float64 (timing.check).
@@ -50,6 +51,31 @@ class MLP:
     def params(self):
         return {"dims": self.dims, "batch": self.batch, "loss": self.loss, "optimizer": "SGD momentum 0.9",
                 "dtype": "float32"}
+
+
+class FitSpec(MLP):
+    """An epoch of `samples` rows of an MLP trained by fit in batches of `batch`."""
+
+    def __init__(self, dims, batch, loss, samples):
+        super().__init__(dims, batch, loss)
+        self.samples = int(samples)
+
+    @property
+    def name(self):
+        return super().name + f" x{self.samples}"
+
+    @property
+    def batches(self):
+        return -(-self.samples // self.batch)
+
+    def flops(self):
+        return super().flops() * self.samples // self.batch
+
+    def min_bytes(self):
+        return super().min_bytes() * self.batches
+
+    def params(self):
+        return dict(super().params(), samples=self.samples, epochs=1, shuffle=True)
 
 
 def n_sets_for(set_bytes):
@@ -99,6 +125,22 @@ def sweep_cases(device, quick, smoke=False):
     return [(f"b{2**e}", MLP([64] * 5 + [1], 2**e, "mse")) for e in exps]
 
 
+def fit_cases(device, quick, smoke=False):
+    """The train shapes, each over an epoch of a few dozen batches (fewer for the large-batch one)."""
+    if smoke:
+        specs = [FitSpec([12, 16, 16, 3], 32, "softmax_ce", 128)]
+    elif device == "cuda":
+        specs = [FitSpec([784, 1024, 1024, 10], 1024, "softmax_ce", 32 * 1024),
+                 FitSpec([64] * 5 + [1], 65536, "mse", 16 * 65536)]
+    else:
+        specs = [FitSpec([784, 256, 256, 10], 256, "softmax_ce", 32 * 256),
+                 FitSpec([64] * 5 + [1], 4096, "mse", 16 * 4096)]
+    return [(s.name, s) for s in specs]
+
+
+FIT_CHECK_BATCHES = 3   # fit's check: an epoch of this many batches from θ0, against the numpy backend in float64
+
+
 # ---- inputs and references ---------------------------------------------------------------------------------------
 def _normal(rng, shape):
     return rng.standard_normal(shape, dtype=np.float32)
@@ -129,6 +171,36 @@ def train_sets(mlp, rng):
             Y = _normal(rng, (N, n_out))
         sets.append((X, Y))
     return sets
+
+
+def fit_data(spec, rng):
+    """One data set of spec.samples rows (a fit epoch cycles through more than any cache by itself)."""
+    N, n_in, n_out = spec.samples, spec.dims[0], spec.dims[-1]
+    X = _normal(rng, (N, n_in))
+    if spec.loss == "softmax_ce":
+        return X, np.eye(n_out, dtype=np.float32)[rng.integers(0, n_out, N)]
+    return X, _normal(rng, (N, n_out))
+
+
+def fit_check_data(spec, data):
+    n = min(spec.samples, FIT_CHECK_BATCHES * spec.batch)
+    return data[0][:n], data[1][:n]
+
+
+def fit_reference(spec, params0, data):
+    """A check of the parameters after one fit epoch over fit_check_data (learning rate VALIDATE_LR): the change
+    θ − θ0 against the numpy backend's in float64, same θ0, same seed (so the same shuffle), same batches."""
+    from .impls import gpubp_net
+    net, opt = gpubp_net(spec, params0, VALIDATE_LR, backend="numpy", dtype="float64")
+    X, Y = fit_check_data(spec, data)
+    net.fit(X.astype(np.float64), Y.astype(np.float64), loss=spec.loss, optimizer=opt, epochs=1,
+            batch_size=spec.batch, shuffle=True)
+    p0 = _flat(params0)
+    ref_change = _flat(net.get_params()) - p0
+
+    def check(result, what):
+        return timing.check(_flat(result) - p0, ref_change, TRAIN_TOL, what)
+    return check
 
 
 def initial_params(mlp, rng):
@@ -180,6 +252,8 @@ def check_calls(kind, n_sets):
     different sets: an implementation that keeps reading the first call's inputs (a CUDA graph replayed on
     stale buffers, a cached result) gives a wrong answer and is refused. Train: three steps (a graph-capturing
     backend runs eagerly, captures, then replays); gemm and dense: set 1, then set 0, which is checked."""
+    if kind == "fit":
+        return [0]      # one epoch; its batches differ from one another already
     return [0, 1 % n_sets, 2 % n_sets] if kind == "train" else [1 % n_sets, 0]
 
 

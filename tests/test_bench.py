@@ -165,3 +165,92 @@ def test_gpu_rows_are_compared_with_torch_eager(monkeypatch):
     if run.probe(fake["torch-eager"])[0]:
         assert all(r["ratio_to_peer"] > 0 for r in ours)
     assert all(0 < r["frac_of_limit"] for r in ours)
+
+
+def test_families_choose_implementations_and_limits():
+    names, limits = suite.select_impls("ours-cupy", None)
+    assert names == ["gpubp-cupy", "gpubp-cupy-numpy-batches", "gpubp-cupy-unchecked"] and not limits
+    names, limits = suite.select_impls("limits,torch", "jax-jit")
+    assert names == ["torch-eager", "torch-graph", "jax-jit"] and limits
+    assert suite.select_impls(None, None) == (None, True)
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        suite.select_impls("nope", None)
+    every = {n for ns in impls.families().values() for n in ns}
+    assert every == set(impls.registry())       # every implementation is in exactly one family
+
+
+def test_rows_stream_to_jsonl_and_the_report_joins_the_processes(tmp_path):
+    """Two runs (as gpu_check's family processes) append to one file; the report computes the ratios and the
+    fractions of the limits across them, and skips a line cut off by a kill."""
+    rows_file = tmp_path / "rows.jsonl"
+    for family, limits in (("ours-numpy", True), ("torch-cpu", False)):
+        names, _ = suite.select_impls(family, None)
+        config = suite.Config(workloads=("train",), devices=("cpu",), smoke=True, log=lambda _: None, impls=names,
+                              limits=limits, jsonl=str(rows_file))
+        run = suite.run_suite(config)
+        assert all(r["frac_of_limit"] is None for r in run.rows if r["impl"] == "torch-cpu")
+    with open(rows_file, "a") as f:
+        f.write('{"record": "row", "workload": "tr')          # a process killed mid-line
+    loaded = report.load_jsonl([rows_file])
+    assert loaded.bad_lines == 1 and loaded.limits["cpu"]["flops"] > 0
+    ours = [r for r in loaded.rows if r["impl"] == "gpubp-numpy"]
+    assert ours and all(r["frac_of_limit"] > 0 for r in ours)
+    if any(r["impl"] == "torch-cpu" and r["status"] == "ok" for r in loaded.rows):
+        assert all(r["ratio_to_peer"] > 0 for r in ours)
+    assert report.main(["--jsonl", str(rows_file), "--out", str(tmp_path / "out"), "--stem", "bench",
+                        "--no-plots"]) == 0
+    assert "gpubp-numpy" in (tmp_path / "out" / "bench.txt").read_text()
+
+
+class _OnDevice(np.ndarray):
+    """An array HostInputsNumpy counts as its own device array."""
+
+
+class HostInputsNumpy(NumpyBackend):
+    """The numpy backend as a GPU backend sees NumPy batches: host arrays, copied into the workspace (only what
+    its asarray returns is a device array); run_step records the step keys it is given as the cupy backend's
+    graph cache does (second call with a key: a 'graph')."""
+
+    def __init__(self):
+        super().__init__()
+        self._steps, self.graph_errors = {}, {}
+
+    def asarray(self, x, dtype):
+        return np.ascontiguousarray(x, dtype=dtype).view(_OnDevice)
+
+    def is_device_array(self, x):
+        return isinstance(x, _OnDevice)
+
+    def run_step(self, key, fn):
+        fn()
+        if key is not None:
+            self._steps[key] = "warm" if key not in self._steps else ("graph",)
+
+
+def test_the_public_path_row_reaches_the_whole_step_graph():
+    """The device-input row's step has key None (eager: its buffers are the caller's); the NumPy-batch row's
+    whole step has a key, so a GPU backend replays it as a graph; each row's note says which steps were graphs."""
+    mlp = suite.wl.MLP([6, 5, 3], 8, "softmax_ce")
+    rng = np.random.default_rng(0)
+    sets, params0 = suite.wl.train_sets(mlp, rng), suite.wl.initial_params(mlp, rng)
+    check = suite.wl.train_reference(mlp, params0, sets)
+    notes = {}
+    for host in (False, True):
+        runner = impls._gpubp_train("numpy", host_batches=host)(mlp, params0, sets, suite.wl.VALIDATE_LR,
+                                                                backend=HostInputsNumpy())
+        for i in suite.wl.check_calls("train", len(sets)):
+            runner.run(i)
+        assert check(runner.result(), "x") < 1e-3
+        notes[host] = runner.info()
+    graphed = {host: note.split(";")[0].removeprefix("CUDA graphs replayed: ").split(", ")
+               for host, note in notes.items()}
+    assert "train" in graphed[True] and "train" not in graphed[False], notes
+
+
+def test_fit_rows_time_one_epoch_of_the_public_fit(tmp_path):
+    lines = []
+    run = suite.run_suite(smoke_config(lines, workloads=("fit",)), cpu_registry("gpubp-numpy"))
+    rows = [r for r in run.rows if r["workload"] == "fit"]
+    assert rows and all(r["status"] == "ok" and r["samples_per_s"] > 0 and r["rel_err"] < 1e-3 for r in rows)
+    assert rows[0]["params"]["samples"] == 128 and rows[0]["params"]["epochs"] == 1
+    assert "per step over the last epoch:" in rows[0]["note"], rows[0]["note"]     # the numpy backend counts

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gpubp import activations as acts
+from gpubp import guard as G
 from gpubp import losses
 from gpubp.backends import availability, cuda_sources
 from gpubp.backends import cupy_backend as cb
@@ -77,6 +78,15 @@ def test_launch_math(sm_count):
             assert rows % tile[2] == 0 and rows >= cb._MIN_SLICE_ROWS
     assert cb.elementwise_grid(1, sm_count) == (1,)
     assert cb.elementwise_grid(10**9, sm_count) == (32 * sm_count,)
+    for n, F, itemsize in [(1, 1, 4), (7, 3, 8), (64, 4, 4), (1024, 784, 4), (33, 1031, 8), (10**6, 2, 4)]:
+        group_log2, (blocks,) = cb.gather_launch(n, F, itemsize, sm_count)
+        group, vectors = 1 << group_log2, -(-F // (16 // itemsize))
+        assert group <= cb._THREADS and (group >= vectors or group == cb._THREADS) and (group < 2 * vectors or group == 1)
+        assert 1 <= blocks <= 32 * sm_count and (blocks * (cb._THREADS // group) >= n or blocks == 32 * sm_count)
+    for loss, N, C in [(losses.BCE, 1, 1), (losses.BCE, 65536, 10), (losses.SOFTMAX_CE, 7, 3),
+                       (losses.SOFTMAX_CE, 10**6, 10)]:
+        (blocks,) = cb.count_correct_grid(loss, N, C, sm_count)
+        assert 1 <= blocks <= 32 * sm_count
 
 
 # ---- on a GPU --------------------------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ def be():
 
 
 def put(x, dtype):
-    return cb.cp.asarray(np.asarray(x, dtype=dtype))
+    return cb.cp.asarray(np.array(x, dtype=dtype))   # a copy also where cp is numpy (the emulator): ops work in place
 
 
 def poisoned(shape, dtype):
@@ -241,8 +251,9 @@ def test_asarray_keeps_device_arrays():
 
 
 class TwoLayerStep:
-    """A fixed train step on fixed buffers: 30-64-3 tanh/softmax, SGD with momentum (everything run_step
-    needs to capture it: no host copies, no allocations after the first call)."""
+    """A fixed train step on fixed buffers: 30-64-3 tanh/softmax, the guard's checks, SGD with momentum and
+    Nesterov (settings in device memory), the step recorded in the guard: everything run_step needs to
+    capture it (no host copies, no allocations after the first call)."""
 
     def __init__(self, be, rng, dtype="float32", N=256):
         self.be = be
@@ -263,6 +274,9 @@ class TwoLayerStep:
         self.Z2, self.A2, self.delta2 = (be.empty((N, 3), dtype) for _ in range(3))
         self.loss = be.empty((1,), dtype)
         self.step = be.zeros((1,), np.int64)
+        self.hyper = be.asarray(np.array([0.05, 0.9, 0.0, 1e-4, 1.0]), np.float64)   # lr, μ, dampening, wd, nesterov
+        self.guard = be.zeros((G.SIZE,), np.float64)
+        be.copy_into(self.guard, np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]))
 
     def __call__(self):
         be = self.be
@@ -272,7 +286,9 @@ class TwoLayerStep:
         be.weight_grad(self.delta2, self.A1, self.dW2, self.db2)
         be.input_grad_masked(self.delta2, self.W2, self.Z1, self.A1, acts.TANH, 0.0, self.delta1)
         be.weight_grad(self.delta1, self.X, self.dW1, self.db1)
-        be.sgd_update(self.params, self.grads, self.momentum, self.step, 0.05, 0.9, 0.0, 1e-4, True)
+        be.guard_gradients(self.loss, self.grads, self.guard)
+        be.sgd_update(self.params, self.grads, self.momentum, self.step, self.hyper, self.guard)
+        be.record_step(losses.SOFTMAX_CE, self.loss, self.A2, self.y, self.guard)
 
 
 @pytest.mark.gpu
@@ -293,7 +309,9 @@ def test_graph_replay_equals_eager(rng):
     assert isinstance(graph_be._steps["step"], tuple) and not graph_be.graph_errors   # it was captured
     assert pool.used_bytes() == used   # replays allocate nothing
     assert np.array_equal(eager_be.to_numpy(eager.params), graph_be.to_numpy(graphed.params))
+    assert np.array_equal(eager_be.to_numpy(eager.guard), graph_be.to_numpy(graphed.guard))
     assert int(graph_be.to_numpy(graphed.step)[0]) == 6
+    assert graph_be.to_numpy(graphed.guard)[G.STEP] == 6 and graph_be.to_numpy(graphed.guard)[G.FAULT] == 0
 
 
 @pytest.mark.gpu
@@ -313,3 +331,89 @@ def test_uncapturable_steps_run_eagerly(be, rng):
     assert be._steps["host-copy"] == "eager" and "host-to-device" in be.graph_errors["host-copy"]
     assert int(be.to_numpy(step.step)[0]) == 4   # every call ran once, the failed capture included
     assert np.isfinite(losses_seen).all()
+
+
+# ---- the training loop's device-side ops at GPU sizes (the op harness and the emulator cover awkward ones) ------
+def _fresh_guard(steps=0):
+    guard = np.full(G.SIZE, np.nan)
+    guard[:G.RING] = G.fresh(steps)
+    return guard
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_guard_checks_at_gpu_sizes(be, dtype, rng):
+    """guard_gradients and a guarded update over 3M elements: the smallest bad index out of thousands of
+    blocks (bad values in one warp, in one thread's walk, at the end); nothing written."""
+    from gpubp.backends.numpy_backend import NumpyBackend
+    size = 3_000_017
+    grads = rng.standard_normal(size).astype(dtype)
+    bad = [size - 1, 2_000_001, 1_500_001, 1_500_000]
+    broken = grads.copy()
+    broken[bad] = np.inf
+    guard = put(_fresh_guard(steps=11), np.float64)
+    be.guard_gradients(put([0.5], dtype), put(grads, dtype), guard)
+    assert np.array_equal(be.to_numpy(guard)[:G.RING], G.fresh(11))
+    be.guard_gradients(put([0.5], dtype), put(broken, dtype), guard)
+    got = be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX]) == (G.GRADIENT, 11, 1_500_000)
+    theta = rng.standard_normal(size).astype(dtype)
+    g = grads.copy()
+    g[bad] = np.finfo(dtype).max / 4
+    params, buf = put(theta, dtype), put(np.zeros(size), dtype)
+    guard, step = put(_fresh_guard(steps=11), np.float64), put([3], np.int64)
+    be.sgd_update(params, put(g, dtype), buf, step, put([1e3, 0.0, 0.0, 0.0, 0.0], np.float64), guard)
+    got = be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_INDEX], got[G.STEP]) == (G.PARAMS, 1_500_000, 11)
+    assert np.array_equal(be.to_numpy(params), theta) and int(be.to_numpy(step)[0]) == 3
+    # a good update after a reset: as the numpy backend, and counted
+    guard = put(_fresh_guard(steps=11), np.float64)
+    hyper = [0.1, 0.9, 0.0, 1e-4, 1.0]
+    be.sgd_update(params, put(grads, dtype), buf, step, put(hyper, np.float64), guard)
+    ref_params, ref_buf, ref_step, ref_guard = theta.copy(), np.zeros(size, dtype), np.array([3]), _fresh_guard(11)
+    NumpyBackend().sgd_update(ref_params, grads, ref_buf, ref_step, np.array(hyper), ref_guard)
+    np.testing.assert_allclose(be.to_numpy(params), ref_params, **tol(dtype))
+    assert np.array_equal(be.to_numpy(guard), ref_guard, equal_nan=True) and int(be.to_numpy(step)[0]) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("loss", [losses.BCE, losses.SOFTMAX_CE], ids=losses.name_of)
+def test_gather_and_record_at_gpu_sizes(be, dtype, loss, rng):
+    """A 784-wide batch of 4096 rows gathered from 60000; record_step over 65536 rows, bit for bit as numpy."""
+    from gpubp.backends.numpy_backend import NumpyBackend
+    M, F, n, start = 60000, 784, 4096, 50000
+    src = rng.standard_normal((M, F)).astype(dtype)
+    order = rng.permutation(M)
+    order_dev = put(np.append(order, start), np.int64)
+    out = poisoned((n, F), dtype)
+    be.gather_rows(put(src, dtype), order_dev, order_dev[M:], out)
+    assert np.array_equal(be.to_numpy(out), src[order[start:start + n]])
+    N, C = 65536, 10
+    A = rng.random((N, C)).astype(dtype)
+    A[::3, 9] = A[::3, 0]                                   # ties: the first index wins
+    Y = np.eye(C, dtype=dtype)[rng.integers(0, C, N)] if loss == losses.SOFTMAX_CE else \
+        (rng.random((N, C)) > 0.5).astype(dtype)
+    guard, ref_guard = put(_fresh_guard(steps=5), np.float64), _fresh_guard(steps=5)
+    be.record_step(loss, put([0.25], dtype), put(A, dtype), put(Y, dtype), guard)
+    NumpyBackend().record_step(loss, np.array([0.25], dtype), A, Y, ref_guard)
+    assert np.array_equal(be.to_numpy(guard), ref_guard, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_fit_moves_data_once_per_epoch_not_per_step(rng):
+    """Per epoch fit uploads the epoch's order and resets the guard's head (2 host-to-device copies) and reads
+    the guard once (1 device-to-host copy, 1 wait): nothing per step, with graphs on."""
+    require_cupy()
+    import gpubp
+
+    def counters_after(epochs):
+        net = gpubp.Sequential(gpubp.Dense(20, 32, "relu"), gpubp.Dense(32, 3), backend="cupy", seed=0)
+        opt = gpubp.Adam(net, lr=1e-3)
+        X, y = rng.standard_normal((1000, 20)), rng.integers(0, 3, 1000)
+        net.fit(X, y, "softmax_ce", opt, epochs=epochs, batch_size=64)
+        assert not net.backend.graph_errors
+        return dict(net.backend.counters)
+
+    one, three = counters_after(1), counters_after(3)
+    assert (three["h2d"] - one["h2d"], three["d2h"] - one["d2h"], three["sync"] - one["sync"]) == (4, 2, 2)

@@ -22,14 +22,21 @@ and cuda_cpu.h say how; tests/test_emulator_checks.py shows each check firing on
     16-byte alignment to exercise the scalar fallbacks.
 
 test_project_cupy_tests_pass_on_the_emulated_backend runs the project's cupy-parametrised tests (the shared
-op harness tests/test_backend_ops.py, the seed example; all network tests with GPUBP_EMULATE_NETWORK_TESTS=1)
-on the emulated backend too. GPUBP_EMULATION_SEED picks the schedule's seed (default 0).
+op harness tests/test_backend_ops.py, the seed example, faults and fit; all network tests with
+GPUBP_EMULATE_NETWORK_TESTS=1) on the emulated backend too. GPUBP_EMULATION_SEED picks the schedule's seed
+(default 0).
+
+The training loop's ops (kernels/loop.cu, the guarded updates of kernels/optim.cu) are checked against the
+numpy backend guard for guard, bit for bit where the reference adds in float64 (record_step), with bad values
+placed where each level of the index minimum (a thread's walk, a warp, the grid's atomicMin) decides; a whole
+fit with CUDA graphs (capture modelled: launches recorded, then replayed) against the same fit run eagerly.
 
 Not covered here: speed, bank conflicts, NVRTC-specific behaviour (test_kernels_compile.py compiles with
-NVRTC), -ftz, races inside one stretch between two barriers (a fiber runs it without interruption), and real
-CUDA graphs (GPU tests in test_cupy_backend.py).
+NVRTC), -ftz, races inside one stretch between two barriers (a fiber runs it without interruption), and what
+a real driver adds to CUDA graphs (memory pools, capture errors: GPU tests in test_cupy_backend.py).
 """
 import os
+import warnings
 import pathlib
 import subprocess
 import sys
@@ -38,6 +45,7 @@ import numpy as np
 import pytest
 
 from gpubp import activations as acts
+from gpubp import guard as G
 from gpubp import losses
 from gpubp.backends import cuda_sources
 from gpubp.backends import cupy_backend as cb
@@ -233,38 +241,256 @@ def test_loss_grad_grid_stride_over_rows(backend, rng, monkeypatch):
     np.testing.assert_allclose(delta, delta_ref, **tol("float64"))
 
 
+# ---- guarded updates (kernels/optim.cu): CHECK, APPLY, finish ----------------------------------------------------
+def fresh_guard(steps=0, fault=G.NONE):
+    """A guard as the host resets it (STEP = steps), the loss ring NaN so a stray write shows; with `fault`, one
+    that already holds a fault."""
+    guard = np.full(G.SIZE, np.nan)
+    guard[:G.RING] = G.fresh(steps)
+    if fault:
+        guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = fault, steps, 5
+    return guard
+
+
+def device_int64(values):
+    return put(values, np.int64)
+
+
+def device_float64(values):
+    return put(values, np.float64)
+
+
+SGD_SETTINGS = [(0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.0, 1e-2, True), (0.5, 0.3, 1e-3, False)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov",
-                         [(0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.0, 1e-2, True),
-                          (0.5, 0.3, 1e-3, False)])
-def test_sgd_update(backend, dtype, momentum, dampening, weight_decay, nesterov, rng):
-    size = 1031
+@pytest.mark.parametrize("size", [1, 33, 1031])
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov", SGD_SETTINGS, ids=str)
+def test_sgd_update(backend, dtype, size, momentum, dampening, weight_decay, nesterov, rng):
+    """Three steps against the numpy backend given the same hyper and guard; the momentum buffer starts
+    poisoned (the first step must overwrite it, or leave it alone when μ = 0)."""
     theta0, *grads = inputs(rng, dtype, size, size, size, size)
-    reference, ref_params, ref_buf = NumpyBackend(), theta0.copy(), np.zeros(size)
-    ref_step = np.zeros(1, np.int64)
+    hyper = [0.1, momentum, dampening, weight_decay, float(nesterov)]
+    reference, ref_params, ref_buf = NumpyBackend(), theta0.astype(dtype), np.full(size, np.nan, dtype)
+    ref_step, ref_guard = np.zeros(1, np.int64), fresh_guard(steps=7)
     params, buf = put(theta0, dtype), poisoned(size, dtype)
-    step = put(np.zeros(1), np.int64)
+    step, guard = device_int64([0]), device_float64(fresh_guard(steps=7))
     for g in grads:
-        backend.sgd_update(params, put(g, dtype), buf, step, 0.1, momentum, dampening, weight_decay, nesterov)
-        reference.sgd_update(ref_params, g, ref_buf, ref_step, 0.1, momentum, dampening, weight_decay, nesterov)
+        backend.sgd_update(params, put(g, dtype), buf, step, device_float64(hyper), guard)
+        reference.sgd_update(ref_params, g.astype(dtype), ref_buf, ref_step, np.array(hyper), ref_guard)
     np.testing.assert_allclose(params, ref_params, **tol(dtype))
-    assert step[0] == 3
+    np.testing.assert_allclose(buf, ref_buf, **tol(dtype))   # NaN where μ = 0 in both: untouched
+    assert step[0] == ref_step[0] == 3
+    np.testing.assert_array_equal(guard, ref_guard)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 33, 1031])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_adam_update(backend, dtype, weight_decay, rng):
-    size = 1031
+def test_adam_update(backend, dtype, size, weight_decay, rng):
     theta0, *grads = inputs(rng, dtype, size, size, size, size, size)
-    reference, ref_params, ref_m, ref_v = NumpyBackend(), theta0.copy(), np.zeros(size), np.zeros(size)
-    ref_step = np.zeros(1, np.int64)
+    hyper = [1e-2, 0.9, 0.999, 1e-8, weight_decay]
+    reference, ref_params = NumpyBackend(), theta0.astype(dtype)
+    ref_m, ref_v = np.zeros(size, dtype), np.zeros(size, dtype)
+    ref_step, ref_guard = np.zeros(1, np.int64), fresh_guard()
     params, m, v = put(theta0, dtype), put(np.zeros(size), dtype), put(np.zeros(size), dtype)
-    step = put(np.zeros(1), np.int64)
+    step, guard = device_int64([0]), device_float64(fresh_guard())
     for g in grads:
-        backend.adam_update(params, put(g, dtype), m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
-        reference.adam_update(ref_params, g, ref_m, ref_v, ref_step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
+        backend.adam_update(params, put(g, dtype), m, v, step, device_float64(hyper), guard)
+        reference.adam_update(ref_params, g.astype(dtype), ref_m, ref_v, ref_step, np.array(hyper), ref_guard)
     np.testing.assert_allclose(params, ref_params, **tol(dtype))
-    assert step[0] == 4
+    np.testing.assert_allclose(m, ref_m, **tol(dtype))
+    np.testing.assert_allclose(v, ref_v, **tol(dtype))
+    assert step[0] == ref_step[0] == 4
+    np.testing.assert_array_equal(guard, ref_guard)
+
+
+# Bad elements placed for the grid-stride walks: with 1 SM the grid is 32 blocks of 256 threads (8192 threads),
+# so index 8197 is thread 5's second element (after 5: a thread keeps its first), 300 and 301 two lanes of one
+# warp (the warp keeps the smaller); with 10^6 SMs every thread has one element.
+BAD_INDEX_CASES = [(1, [0]), (7, [6, 3]), (33, [32, 17]), (1031, [1030, 515, 343]),
+                   (20011, [20010, 8197, 301, 300]), (20011, [20010, 8197, 5]), (20011, [20010, 8197])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "sgd-momentum", "adam-v"])
+@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
+def test_update_that_would_overflow_writes_nothing(backend, dtype, which, size, bad, rng):
+    """CHECK finds the smallest bad index of the buffer the reference names (θ before the state), APPLY writes
+    nothing, the finish kernel sets the fault and leaves the step count alone, and the flags are reset: the
+    next update, with good gradients but the fault still set, does nothing either."""
+    big = float(np.finfo(dtype).max)
+    theta0, g = inputs(rng, dtype, size, size)
+    if which == "sgd":                 # lr·g overflows θ
+        g[bad], hyper, s0 = big / 4, [1e3, 0.0, 0.0, 0.0, 0.0], [np.full(size, np.nan)]
+    elif which == "sgd-momentum":      # μ·b + g overflows b, and so θ: θ is named
+        g[bad], hyper, s0 = big * 0.75, [1e-30, 0.9, 0.0, 0.0, 0.0], [np.full(size, big * 0.75)]
+    else:                              # (1 − β2)·g² overflows v (state 1) alone
+        g[bad], hyper, s0 = np.sqrt(big) * 100, [1e-3, 0.9, 0.999, 1e-8, 0.0], [np.zeros(size), np.zeros(size)]
+    culprit = G.STATE + 1 if which == "adam-v" else G.PARAMS
+    params, state = put(theta0, dtype), [put(s, dtype) for s in s0]
+    step, guard = device_int64([1]), device_float64(fresh_guard(steps=9))
+    update = backend.adam_update if which == "adam-v" else backend.sgd_update
+    update(params, put(g, dtype), *state, step, device_float64(hyper), guard)
+    expected = fresh_guard(steps=9)
+    expected[G.FAULT], expected[G.FAULT_STEP], expected[G.FAULT_INDEX] = culprit, 9, min(bad)
+    np.testing.assert_array_equal(guard, expected)
+    np.testing.assert_array_equal(params, theta0.astype(dtype))
+    for buffer, s in zip(state, s0):
+        np.testing.assert_array_equal(buffer, s.astype(dtype))
+    assert step[0] == 1
+    assert (backend._bad_index() == cb._NO_INDEX).all()
+    update(params, put(np.zeros(size), dtype), *state, step, device_float64(hyper), guard)
+    np.testing.assert_array_equal(guard, expected)
+    np.testing.assert_array_equal(params, theta0.astype(dtype))
+    assert step[0] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+def test_updates_do_nothing_once_a_fault_is_set(backend, dtype, which, rng):
+    size = 1031
+    theta0, g, s0 = inputs(rng, dtype, size, size, size)
+    params, state = put(theta0, dtype), [put(np.abs(s0), dtype), put(np.abs(s0), dtype)][:1 if which == "sgd" else 2]
+    step, guard = device_int64([5]), device_float64(fresh_guard(steps=5, fault=G.GRADIENT))
+    hyper = device_float64([0.1, 0.9, 0.0, 0.0, 0.0] if which == "sgd" else [0.1, 0.9, 0.999, 1e-8, 0.0])
+    before = guard.copy()
+    (backend.sgd_update if which == "sgd" else backend.adam_update)(params, put(g, dtype), *state, step, hyper, guard)
+    np.testing.assert_array_equal(params, theta0.astype(dtype))
+    for buffer in state:
+        np.testing.assert_array_equal(buffer, np.abs(s0).astype(dtype))
+    assert step[0] == 5
+    np.testing.assert_array_equal(guard, before)
+
+
+def test_learning_rate_is_read_from_device_memory(backend, rng):
+    """A captured step keeps its arguments: a new lr must reach the kernel through `hyper`, not a host scalar."""
+    size = 40
+    theta0, g = inputs(rng, "float64", size, size)
+    params, hyper = put(theta0, "float64"), device_float64([0.1, 0.0, 0.0, 0.0, 0.0])
+    step, guard, buf = device_int64([0]), device_float64(fresh_guard()), poisoned(size, "float64")
+    grads = put(g, "float64")
+    backend.use_graphs = True
+    for lr in (0.1, 0.1, 0.5, 0.25):   # eager, captured, replayed with a new lr twice
+        hyper[0] = lr
+        backend.run_step("update", lambda: backend.sgd_update(params, grads, buf, step, hyper, guard))
+        theta0 = theta0 - lr * g
+    assert isinstance(backend._steps["update"], tuple)
+    np.testing.assert_allclose(params, theta0, rtol=1e-14)
+    assert step[0] == 4 and guard[G.STEP] == 4
+
+
+# ---- the training loop's device-side ops (kernels/loop.cu) -----------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, F, n, start", [(1, 1, 1, 0), (7, 3, 3, 4), (33, 4, 32, 1), (40, 7, 33, 2),
+                                            (300, 33, 260, 17), (1100, 1031, 5, 1090), (1100, 8, 1031, 60)],
+                         ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_gather_rows_and_advance_cursor(backend, dtype, M, F, n, start, offset, rng):
+    """Rows of every width (one vector, several, more than a block's threads) gathered by a permutation, with
+    16-byte vectors where src and out allow and element by element where not; the cursor moves by n."""
+    src = rng.standard_normal((M, F))
+    order = rng.permutation(M)
+    order_dev = device_int64(np.append(order, start))
+    cursor = order_dev[M:]
+    out = poisoned((n, F), dtype, offset)
+    backend.gather_rows(put(src, dtype, offset), order_dev, cursor, out)
+    np.testing.assert_array_equal(out, src[order[start:start + n]].astype(dtype))
+    backend.advance_cursor(cursor, n)
+    assert order_dev[M] == start + n
+    np.testing.assert_array_equal(order_dev[:M], order)
+
+
+def test_gather_rows_past_the_permutation_gives_nan_rows(backend, rng):
+    """A cursor that runs past the M rows (a caller's bug) reads nothing out of bounds: those rows are NaN,
+    which the step's loss turns into a fault the guard names."""
+    M, F = 9, 5
+    src = rng.standard_normal((M, F))
+    order = rng.permutation(M)
+    order_dev = device_int64(np.append(order, 6))
+    out = poisoned((5, F), "float32")
+    backend.gather_rows(put(src, "float32"), order_dev, order_dev[M:], out)
+    np.testing.assert_array_equal(out[:3], src[order[6:]].astype(np.float32))
+    assert np.isnan(out[3:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
+def test_guard_gradients(backend, dtype, size, bad, rng):
+    """Against the numpy backend, guard for guard: clean, a non-finite gradient (its smallest index), later
+    steps skipped, a non-finite loss named before the gradients."""
+    reference = NumpyBackend()
+    grads = rng.standard_normal(size)
+    broken = grads.copy()
+    broken[bad] = np.resize([np.inf, np.nan, -np.inf], len(bad))
+    guard, ref_guard = device_float64(fresh_guard(steps=3)), fresh_guard(steps=3)
+    for loss, g in ((0.5, grads), (0.5, broken), (np.nan, broken), (0.5, grads)):
+        backend.guard_gradients(put([loss], dtype), put(g, dtype), guard)
+        reference.guard_gradients(np.array([loss], dtype), g.astype(dtype), ref_guard)
+        np.testing.assert_array_equal(guard, ref_guard)
+        assert (backend._bad_index() == cb._NO_INDEX).all()
+    assert guard[G.FAULT] == G.GRADIENT and guard[G.FAULT_INDEX] == min(bad) and guard[G.SKIPPED] == 2
+    guard, ref_guard = device_float64(fresh_guard(steps=4)), fresh_guard(steps=4)
+    backend.guard_gradients(put([np.inf], dtype), put(broken, dtype), guard)
+    reference.guard_gradients(np.array([np.inf], dtype), broken.astype(dtype), ref_guard)
+    np.testing.assert_array_equal(guard, ref_guard)
+    assert guard[G.FAULT] == G.LOSS and guard[G.FAULT_INDEX] == -1 and guard[G.FAULT_STEP] == 4
+
+
+def record_inputs(rng, loss, N, C, dtype):
+    """Predictions with the awkward cases of gpubp.losses.accuracy: exact 0.5 (not > 0.5), tied maxima (the
+    first wins), a NaN in a row (numpy's argmax picks it), soft targets."""
+    A = rng.random((N, C))
+    if loss == losses.SOFTMAX_CE:
+        A[::3, C - 1] = A[::3, 0]                     # ties between the first and the last column
+        if N > 4 and C > 2:
+            A[4, 1] = np.nan                          # numpy's argmax: the first NaN
+        Y = np.eye(C)[rng.integers(0, C, N)]
+        Y[1::5] = rng.random((len(Y[1::5]), C))       # soft targets: their arg-max
+    else:
+        Y = (rng.random((N, C)) > 0.5).astype(float)
+        A.flat[::7] = 0.5
+        Y.flat[1::11] = 0.5
+    return A.astype(dtype), Y.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", [losses.MSE, losses.BCE, losses.SOFTMAX_CE], ids=losses.name_of)
+@pytest.mark.parametrize("N, C", [(1, 1), (7, 3), (33, 40), (1031, 10), (40, 1031)], ids=str)
+def test_record_step(backend, dtype, loss, N, C, rng):
+    """Against the numpy backend, bit for bit: the loss sum, rows, correct predictions (accuracy · n, as numpy
+    forms it), the ring slot of the step (wrapping, and STEP = 0's slot RING_SIZE − 1); nothing once faulted."""
+    if loss == losses.SOFTMAX_CE and C == 1:
+        C = 2
+    reference = NumpyBackend()
+    A, Y = record_inputs(rng, loss, N, C, dtype)
+    for steps in (G.RING_SIZE + 2, 0, 5):
+        guard, ref_guard = device_float64(fresh_guard(steps=steps)), fresh_guard(steps=steps)
+        for loss_value in (0.1, 1 / 3):
+            loss_out = np.array([loss_value], dtype)
+            backend.record_step(loss, put(loss_out, dtype), put(A, dtype), put(Y, dtype), guard)
+            reference.record_step(loss, loss_out, A, Y, ref_guard)
+            np.testing.assert_array_equal(guard, ref_guard)
+    assert guard[G.ROWS] == 2 * N and guard[G.RING + 4] == np.float64(np.array(1 / 3, dtype))
+    assert (backend._correct_count() == 0).all()
+    faulted = device_float64(fresh_guard(steps=3, fault=G.PARAMS))
+    before = faulted.copy()
+    backend.record_step(loss, put([0.5], dtype), put(A, dtype), put(Y, dtype), faulted)
+    np.testing.assert_array_equal(faulted, before)
+    assert (backend._correct_count() == 0).all()
+
+
+def test_guard_layout_matches_gpubp_guard():
+    """kernels/guard.cuh mirrors gpubp/guard.py: the same slots, ring and fault codes."""
+    import re
+    text = cuda_sources.read_kernel_file("guard.cuh")
+    values = {name: int(value) for name, value in re.findall(r"\b((?:GUARD|FAULT)_[A-Z_]+) = (\d+)", text)}
+    for name in ("FAULT", "FAULT_STEP", "FAULT_INDEX", "SKIPPED", "STEP", "LOSS_SUM", "CORRECT", "ROWS", "RING",
+                 "RING_SIZE"):
+        assert values["GUARD_" + name] == getattr(G, name), name
+    for name in ("NONE", "LOSS", "GRADIENT", "PARAMS", "STATE"):
+        assert values["FAULT_" + name] == getattr(G, name), name
+    assert re.search(r"#define GUARD_NO_INDEX \(1LL << 62\)", text) and cb._NO_INDEX == 2**62
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -317,8 +543,10 @@ def test_harness_knows_every_name_expression(emulator):
 # memory test) and test_array_utilities (on the emulator numpy arrays are the device arrays, so its
 # is_device_array(np.zeros(2)) check cannot hold).
 EMULATED_RUNS = {
-    # the backend contract (every op, awkward sizes, poisoned outputs) and the seed's worked example: ~30 s
-    "contract": (["test_backend_ops.py", "test_seed_example.py"], None),
+    # the backend contract (every op, awkward sizes, poisoned outputs), the seed's worked example, and the
+    # guard end to end (faults named and rolled back, fit's device-side loop): ~1 min
+    "contract": (["test_backend_ops.py", "test_seed_example.py", "test_faults.py", "test_fit.py",
+                  "test_sync_free.py"], None),
     # every cupy-parametrised network test (training against numpy, deterministic mode, fuzzing): ~2 min,
     # so only with GPUBP_EMULATE_NETWORK_TESTS=1
     "network": (["."], "GPUBP_EMULATE_NETWORK_TESTS"),
@@ -402,3 +630,56 @@ def test_graph_is_recaptured_when_the_step_reads_other_buffers(backend, rng):
     backend.run_step(None, lambda: second())
     backend.run_step(None, lambda: second())
     assert None not in backend._steps and second.step[0] == 3
+
+
+# ---- a whole fit, eager against captured (the emulator records launches at capture, replays them at launch) ----
+def _fit(backend_obj, loss, optimizer, X, y, hidden="tanh", **fit_kw):
+    import gpubp
+    net = gpubp.Sequential(gpubp.Dense(X.shape[1], 8, hidden),
+                           gpubp.Dense(8, 3, "sigmoid" if loss == "bce" else "identity"),
+                           backend=backend_obj, dtype="float32", seed=1)
+    opt = gpubp.SGD(net, lr=0.1, momentum=0.9, nesterov=True) if optimizer == "sgd" else gpubp.Adam(net, lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a fault stops fit with a warning: compared below
+        history = net.fit(X, y, loss, opt, epochs=3, batch_size=16, **fit_kw)
+    state = {"params": backend_obj.to_numpy(net.params), "steps": net.steps,
+             **{"opt." + k: v for k, v in opt.state_arrays().items()}}
+    return history, state
+
+
+@pytest.mark.parametrize("case", ["bce-sgd", "softmax_ce-adam", "mse-sgd-fault"])
+def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng):
+    """fit on the emulated backend with graphs (each batch size's step captured on its second call: the full
+    batch in epoch 0, the last, short batch in epoch 1) gives the History and the parameters of the eager run
+    bit for bit, and reads the device as often as the numpy backend does (once per epoch, plus validation).
+    The fault case: rows 40-47 overflow float32 (identity hidden layer: nothing saturates), so batch 2 of epoch 0
+    (a replayed graph) faults; fit stops there with the parameters of batch 1, in every run."""
+    loss, optimizer = case.split("-")[:2]
+    X = rng.standard_normal((50, 5))
+    y = (rng.random((50, 3)) > 0.5).astype(float) if loss == "bce" else \
+        rng.integers(0, 3, 50) if loss == "softmax_ce" else rng.standard_normal((50, 3))
+    fit_kw = dict(validation_data=(X[:9], y[:9]))
+    if case.endswith("fault"):
+        X[40:48] = 1e30
+        fit_kw = dict(shuffle=False, hidden="identity")
+    eager_be, graph_be = cb.CupyBackend(), cb.CupyBackend()
+    eager_be.use_graphs, graph_be.use_graphs = False, True
+    eager_history, eager_state = _fit(eager_be, loss, optimizer, X, y, **fit_kw)
+    graph_history, graph_state = _fit(graph_be, loss, optimizer, X, y, **fit_kw)
+    numpy_be = NumpyBackend()
+    numpy_history, numpy_state = _fit(numpy_be, loss, optimizer, X, y, **fit_kw)
+    assert dict(graph_history) == dict(eager_history) and graph_history.stop_reason == eager_history.stop_reason
+    for key in eager_state:
+        np.testing.assert_array_equal(graph_state[key], eager_state[key], err_msg=key)
+    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, 0, losses.NAMES[loss],
+                                                                    optimizer.upper() if optimizer == "sgd" else "Adam")], tuple)
+    # the same run as the numpy reference, within float32 rounding, and the same device reads
+    assert numpy_history.keys() == graph_history.keys() and numpy_history.stop_reason == graph_history.stop_reason
+    for key in numpy_history:
+        np.testing.assert_allclose(graph_history[key], numpy_history[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(graph_state["params"], numpy_state["params"], rtol=1e-4, atol=1e-5)
+    assert graph_state["steps"] == numpy_state["steps"]
+    assert graph_be.counters["d2h"] == eager_be.counters["d2h"] == numpy_be.counters["d2h"]
+    assert graph_be.counters["sync"] == graph_be.counters["d2h"]
+    if case.endswith("fault"):
+        assert "epoch 0, batch 2" in graph_history.stop_reason and graph_state["steps"] == 2

@@ -221,8 +221,8 @@ def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(
     def run(free_bytes):
         net = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=2)
         monkeypatch.setattr(net.backend, "free_memory", lambda: free_bytes)
-        if backend_name == "numpy":   # numpy arrays are that backend's device arrays, never streamed: pretend not
-            monkeypatch.setattr(net.backend, "is_device_array", lambda x: False)
+        if net.backend.is_device_array(X):   # numpy's (and the CPU emulator's) device arrays are numpy arrays,
+            monkeypatch.setattr(net.backend, "is_device_array", lambda x: False)   # never streamed: pretend not
         opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
         counted = _counted(net, lambda: history.update(net.fit(X, y, loss, opt, epochs=3, batch_size=4,
                                                                validation_data=(Xv, yv))))
@@ -238,7 +238,8 @@ def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(
     np.testing.assert_allclose(streamed.backend.to_numpy(streamed.params), resident.backend.to_numpy(resident.params),
                                rtol=0 if backend_name == "numpy" else 1e-5, atol=0 if backend_name == "numpy" else 1e-6)
     assert streamed_counts["d2h"] == resident_counts["d2h"]              # the reads do not change
-    assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (7 * 3 - 1) - 2   # X, Y and order per chunk
+    if resident_counts["h2d"]:   # (the CPU emulator's uploads are numpy copies it does not count)
+        assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (7 * 3 - 1) - 2   # X, Y, order per chunk
 
 
 def test_a_device_array_is_never_streamed(monkeypatch, rng):

@@ -13,7 +13,7 @@ import pathlib
 import re
 from importlib import resources
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "loop.cu", "gemm_tc.cu")
 
 # Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
 # option and '--device-as-default-execution-space': see runtime_nvrtc_options.
@@ -32,8 +32,15 @@ _GEMM_KERNELS = {"dense_forward.cu": ("dense_forward_kernel",),
 _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "dense_backward.cu": ("activation_mask_kernel", "weight_grad_reduce_kernel"),
                   "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
-                  "optim.cu": ("sgd_update_kernel", "adam_update_kernel")}
-_UNTEMPLATED_KERNELS = {"optim.cu": ("step_increment_kernel",)}
+                  "optim.cu": ("sgd_update_kernel", "adam_update_kernel"),
+                  "loop.cu": ("gather_rows_kernel", "nonfinite_scan_kernel", "guard_gradients_finish_kernel",
+                              "count_correct_kernel", "record_step_kernel")}
+_UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("advance_cursor_kernel",)}
+# Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double,
+# and (the GEMMs) on the operand layouts (A_KCONTIG, B_KCONTIG) of the three products of a dense layer.
+TC_PRECISIONS = {"bf16": "TcBf16", "fp16": "TcFp16", "tf32": "TcTf32"}
+TC_LAYOUTS = {"forward": (True, True), "input_grad": (True, False), "weight_grad": (False, False)}
+_TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -55,7 +62,17 @@ def name_expressions(filename):
         names += [kernel_name(k, dtype, tile) for k in _GEMM_KERNELS.get(filename, ()) for tile in GEMM_TILES]
         names += [kernel_name(k, dtype) for k in _PLAIN_KERNELS.get(filename, ())]
     names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
+    names += [tc_kernel_name(k, p, layout) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS
+              for layout in TC_LAYOUTS]
     return names
+
+
+def tc_kernel_name(kernel, precision, layout=None):
+    """The name expression of a tensor-core kernel for a precision name and (GEMMs) a TC_LAYOUTS name, e.g.
+    'gemm_tc_kernel<TcBf16, true, false>' for ('bf16', 'input_grad'); 'tc_mma_probe_kernel<TcBf16>'."""
+    args = [TC_PRECISIONS[precision]] + [str(x).lower() for x in TC_LAYOUTS[layout]] if layout else \
+        [TC_PRECISIONS[precision]]
+    return f"{kernel}<{', '.join(args)}>"
 
 
 def kernels_dir():

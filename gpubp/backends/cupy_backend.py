@@ -9,8 +9,12 @@ Design, in short (the kernels' header comments have the details):
 - Scalars are passed as np.int32 / np.int64 / np.float64, matching the kernels' int / long long / double
   parameters (CuPy does no type checking: a Python int would arrive as a long long).
 - Ops allocate nothing: scratch (split-K partial sums, loss partial sums) is made once per shape and kept.
-- No kernel uses atomics, so every op is bit-identical run to run on a given device; `deterministic` asks
-  for nothing more here.
+- Every op is bit-identical run to run on a given device, so `deterministic` asks for nothing more here: no
+  floating-point atomics; the only atomics take the minimum of an index or add integer counts (the guard's
+  checks, record_step), whose results do not depend on the order they land in.
+- The training loop's ops (gpubp/guard.py) never wait for the host: the guard, the step count, the cursor and
+  the optimizer settings live in device memory, updates check before they write (no copies), and a step
+  is capturable as a CUDA graph. `counters` count host transfers and waits (base.py).
 - run_step captures a whole train step as a CUDA graph (after one eager warm-up call) and replays it.
   Switch it off with GPUBP_CUDA_GRAPHS=0 in the environment or `backend.use_graphs = False`.
 """
@@ -27,6 +31,7 @@ except ImportError as exc:  # the module still imports, so available() can say w
     cp = None
     _IMPORT_ERROR = exc
 
+from .. import guard as G
 from .. import losses
 from . import cuda_sources
 from .base import Backend
@@ -35,6 +40,9 @@ _THREADS = 256           # block size of every launch (the GEMM tiles are 256 th
 _LOSS_MAX_BLOCKS = 1024  # loss_grad_kernel's grid is at most this: the size of its partial-sum scratch
 _MAX_SLICES = 64         # split-K: at most this many slices of the batch in weight_grad
 _MIN_SLICE_ROWS = 256    # ... each of at least this many rows
+_UPDATE_CHECK, _UPDATE_APPLY = 0, 1   # the phases of a guarded update (kernels/optim.cu)
+_NO_INDEX = 2**62        # kernels/guard.cuh GUARD_NO_INDEX: "no bad element" in the bad-index scratch
+_BAD_INDEX_SLOTS = 3     # θ, state 0, state 1 (the gradient scan uses slot 0)
 
 
 @functools.cache
@@ -137,6 +145,22 @@ def loss_blocks(N):
     return min(ceil_div(N, _THREADS // 32), _LOSS_MAX_BLOCKS)
 
 
+def gather_launch(n, F, itemsize, sm_count):
+    """(group_log2, grid) of gather_rows_kernel: a group of 2^group_log2 threads per row, as many as the row
+    has 16-byte vectors (up to the block), grid-stride over the n rows."""
+    vectors = ceil_div(F, 16 // itemsize)
+    group_log2 = min(max(vectors - 1, 0).bit_length(), int(math.log2(_THREADS)))
+    rows_per_block = _THREADS >> group_log2
+    return group_log2, (max(1, min(ceil_div(n, rows_per_block), 32 * sm_count)),)
+
+
+def count_correct_grid(loss, N, C, sm_count):
+    """count_correct_kernel's grid: bce grid-stride over the N·C elements; softmax_ce a warp per row."""
+    if loss == losses.BCE:
+        return elementwise_grid(N * C, sm_count)
+    return (max(1, min(ceil_div(N, _THREADS // 32), 32 * sm_count)),)
+
+
 def _i32(x):
     x = int(x)
     if not -2**31 <= x < 2**31:
@@ -185,6 +209,11 @@ class CupyBackend(Backend):
             buf = self._scratch[key] = cp.empty(size, dtype=dtype)
         return buf
 
+    def _count_read(self):
+        """A device-to-host copy, which waits for the device (base.py's counters)."""
+        self.counters["d2h"] += 1
+        self.counters["sync"] += 1
+
     def _refuse_while_capturing(self, what):
         if self._capturing:
             raise CaptureUnsafe(f"{what} cannot be captured in a CUDA graph")
@@ -203,6 +232,7 @@ class CupyBackend(Backend):
         if isinstance(x, cp.ndarray) or hasattr(x, "__cuda_array_interface__"):
             return cp.ascontiguousarray(cp.asarray(x), dtype=dtype)   # no copy when it already fits
         self._refuse_while_capturing("a host-to-device copy")
+        self.counters["h2d"] += 1
         return cp.asarray(np.ascontiguousarray(x, dtype=dtype))
 
     def copy_into(self, dst, src):
@@ -210,11 +240,13 @@ class CupyBackend(Backend):
             cp.copyto(dst, src, casting="unsafe")
             return
         self._refuse_while_capturing("a host-to-device copy")
+        self.counters["h2d"] += 1
         host = np.ascontiguousarray(np.broadcast_to(np.asarray(src).astype(dst.dtype, copy=False), dst.shape))
         dst.set(host)
 
     def to_numpy(self, x):
         self._refuse_while_capturing("a device-to-host copy")
+        self._count_read()
         return cp.asnumpy(x)
 
     def view(self, flat, offset, shape):
@@ -222,11 +254,13 @@ class CupyBackend(Backend):
 
     def all_finite(self, x):
         self._refuse_while_capturing("all_finite (a synchronising read)")
+        self._count_read()
         return bool(cp.isfinite(x).all())
 
     def all_finite_many(self, arrays):
         self._refuse_while_capturing("all_finite_many (a synchronising read)")
         flags = cp.stack([cp.isfinite(a).all() for a in arrays])   # reduced on the device: one sync below
+        self._count_read()
         return bool(flags.all())
 
     def one_hot(self, labels, classes, out):
@@ -235,6 +269,7 @@ class CupyBackend(Backend):
             device_labels = cp.ascontiguousarray(labels, dtype=np.int64)   # no copy when it already is
         else:
             self._refuse_while_capturing("a host-to-device copy of labels")
+            self.counters["h2d"] += 1
             device_labels = cp.asarray(np.ascontiguousarray(labels, dtype=np.int64))
         N = out.shape[0]
         if device_labels.shape != (N,) or out.shape != (N, classes):
@@ -246,7 +281,12 @@ class CupyBackend(Backend):
             (device_labels, out, np.int64(N), _i32(classes)))
 
     def synchronize(self):
+        self.counters["sync"] += 1
         cp.cuda.Device().synchronize()
+
+    def free_memory(self):
+        # the driver's free memory plus what CuPy's pool holds unused (it hands that out first)
+        return cp.cuda.runtime.memGetInfo()[0] + cp.get_default_memory_pool().free_bytes()
 
     # ---- the kernel set ------------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
@@ -349,32 +389,109 @@ class CupyBackend(Backend):
         _kernel("loss.cu", cuda_sources.kernel_name("loss_reduce_kernel", dtype))(
             (1,), (_THREADS,), (block_sums, np.int32(blocks), np.float64(scale), loss_out))
 
-    def _check_step(self, step):
-        if not (isinstance(step, cp.ndarray) and step.dtype == np.int64 and step.shape == (1,)):
-            raise TypeError(f"step: expected a device int64 array of shape (1,), got {type(step).__name__} "
-                            f"{getattr(step, 'dtype', '')} {getattr(step, 'shape', '')}")
+    # ---- guarded updates (gpubp/guard.py; kernels/optim.cu has the three launches and why) -------------------
+    def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
+        # params, grads, momentum_buf (P,) flat; step (1,) int64; hyper (5,) float64; guard (G.SIZE,) float64
+        self._check_small_array("step", step, np.int64, (1,))
+        self._check_small_array("hyper", hyper, np.float64, (len(self.SGD_HYPER),))
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        if momentum_buf is None:   # μ is in device memory: the kernel cannot be told to leave b alone
+            raise ValueError("momentum_buf: expected the momentum buffer (P,), got None")
+        self._guarded_update("sgd_update_kernel", params, (grads, momentum_buf), 2, step, hyper, guard)
 
-    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
-        # params, grads, momentum_buf (P,) flat; step (1,) int64
-        self._check_step(step)
-        if momentum_buf is None:
-            momentum_buf = params   # never touched when momentum == 0
-        dtype = self._dtype_name(params, grads, momentum_buf)
-        _kernel("optim.cu", cuda_sources.kernel_name("sgd_update_kernel", dtype))(
-            elementwise_grid(params.size, _sm_count()), (_THREADS,),
-            (params, grads, momentum_buf, step, np.int64(params.size), np.float64(lr), np.float64(momentum),
-             np.float64(dampening), np.float64(weight_decay), np.int32(bool(nesterov))))
-        _kernel("optim.cu", "step_increment_kernel")((1,), (1,), (step,))
+    def adam_update(self, params, grads, m, v, step, hyper, guard):
+        # params, grads, m, v (P,) flat; step (1,) int64; hyper (5,) float64; guard (G.SIZE,) float64
+        self._check_small_array("step", step, np.int64, (1,))
+        self._check_small_array("hyper", hyper, np.float64, (len(self.ADAM_HYPER),))
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        self._guarded_update("adam_update_kernel", params, (grads, m, v), 3, step, hyper, guard)
 
-    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-        # params, grads, m, v (P,) flat; step (1,) int64
-        self._check_step(step)
-        dtype = self._dtype_name(params, grads, m, v)
-        _kernel("optim.cu", cuda_sources.kernel_name("adam_update_kernel", dtype))(
-            elementwise_grid(params.size, _sm_count()), (_THREADS,),
-            (params, grads, m, v, step, np.int64(params.size), np.float64(lr), np.float64(beta1),
-             np.float64(beta2), np.float64(eps), np.float64(weight_decay)))
-        _kernel("optim.cu", "step_increment_kernel")((1,), (1,), (step,))
+    def _guarded_update(self, kernel, params, others, buffers, step, hyper, guard):
+        """CHECK, APPLY, finish (kernels/optim.cu): `buffers` = θ and the state buffers the kernel may flag."""
+        dtype = self._dtype_name(params, *others)
+        if any(b.shape != params.shape for b in others):
+            raise ValueError(f"{kernel}: expected every buffer of shape {params.shape}, got "
+                             f"{[b.shape for b in others]}")
+        bad_index = self._bad_index()
+        update = _kernel("optim.cu", cuda_sources.kernel_name(kernel, dtype))
+        grid = elementwise_grid(params.size, _sm_count())
+        for phase in (_UPDATE_CHECK, _UPDATE_APPLY):
+            update(grid, (_THREADS,),
+                   (np.int32(phase), params, *others, step, hyper, guard, bad_index, np.int64(params.size)))
+        _kernel("optim.cu", "update_finish_kernel")((1,), (1,), (bad_index, np.int32(buffers), step, guard))
+
+    # ---- the training loop's device-side ops (kernels/loop.cu) ------------------------------------------------
+    def gather_rows(self, src, order, cursor, out):
+        # src (M, F), order (>= M,) int64, cursor (1,) int64, out (n, F)
+        dtype = self._dtype_name(src, out)
+        self._check_small_array("order", order, np.int64)
+        self._check_small_array("cursor", cursor, np.int64, (1,))
+        if src.ndim != 2 or out.ndim != 2 or src.shape[1] != out.shape[1] or order.ndim != 1 \
+                or order.shape[0] < src.shape[0]:
+            raise ValueError(f"gather_rows: expected src (M, F), order (M,) and out (n, F), got {src.shape}, "
+                             f"{order.shape} and {out.shape}")
+        n, F = out.shape
+        if n == 0 or F == 0:
+            return
+        group_log2, grid = gather_launch(n, F, src.itemsize, _sm_count())
+        _kernel("loop.cu", cuda_sources.kernel_name("gather_rows_kernel", dtype))(
+            grid, (_THREADS,),
+            (src, order, cursor, out, np.int64(src.shape[0]), _i32(n), np.int64(F), np.int32(group_log2)))
+
+    def advance_cursor(self, cursor, n):
+        self._check_small_array("cursor", cursor, np.int64, (1,))
+        _kernel("loop.cu", "advance_cursor_kernel")((1,), (1,), (cursor, np.int64(n)))
+
+    def guard_gradients(self, loss_out, grads, guard):
+        # loss_out (1,), grads (P,) flat; guard (G.SIZE,) float64
+        dtype = self._dtype_name(loss_out, grads)
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        bad_index = self._bad_index()
+        _kernel("loop.cu", cuda_sources.kernel_name("nonfinite_scan_kernel", dtype))(
+            elementwise_grid(grads.size, _sm_count()), (_THREADS,), (grads, np.int64(grads.size), guard, bad_index))
+        _kernel("loop.cu", cuda_sources.kernel_name("guard_gradients_finish_kernel", dtype))(
+            (1,), (1,), (loss_out, bad_index, guard))
+
+    def record_step(self, loss, loss_out, A, Y, guard):
+        # loss_out (1,), A and Y (N, C) (Y may be (N,) for one output); guard (G.SIZE,) float64
+        if Y.shape != A.shape and Y.size == A.size:
+            Y = Y.reshape(A.shape)   # a view, no copy
+        dtype = self._dtype_name(loss_out, A, Y)
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        N, C = A.shape
+        count = self._correct_count()
+        compared = {losses.BCE: N * C, losses.SOFTMAX_CE: N}.get(loss, 0)
+        if compared:
+            _kernel("loop.cu", cuda_sources.kernel_name("count_correct_kernel", dtype))(
+                count_correct_grid(loss, N, C, _sm_count()), (_THREADS,),
+                (np.int32(loss), A, Y, _i32(N), _i32(C), guard, count))
+        _kernel("loop.cu", cuda_sources.kernel_name("record_step_kernel", dtype))(
+            (1,), (1,), (loss_out, count, _i32(N), np.int64(compared), guard))
+
+    def _bad_index(self):
+        """The check passes' int64 scratch (kernels/guard.cuh): the smallest bad index per buffer, GUARD_NO_INDEX
+        between ops (each op's one-thread finish kernel resets what its check pass set)."""
+        key = (cp.cuda.runtime.getDevice(), "bad index")
+        if key not in self._scratch:
+            self._scratch[key] = cp.full((_BAD_INDEX_SLOTS,), _NO_INDEX, dtype=np.int64)
+        return self._scratch[key]
+
+    def _correct_count(self):
+        """record_step's int64 scratch: the step's correct predictions, 0 between ops."""
+        key = (cp.cuda.runtime.getDevice(), "correct count")
+        if key not in self._scratch:
+            self._scratch[key] = cp.zeros((1,), dtype=np.int64)
+        return self._scratch[key]
+
+    @staticmethod
+    def _check_small_array(name, x, dtype, shape=None):
+        """One of the loop's small device arrays (step, cursor, order, hyper, guard): the kernels trust its dtype,
+        shape and layout, so they are checked here."""
+        if not (isinstance(x, cp.ndarray) and x.dtype == dtype and (shape is None or x.shape == shape)
+                and x.ndim == 1 and x.flags.c_contiguous):
+            raise TypeError(f"{name}: expected a C-contiguous 1-d device {np.dtype(dtype).name} array"
+                            f"{'' if shape is None else f' of shape {shape}'}, got {type(x).__name__} "
+                            f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
 
     # ---- whole-step CUDA graphs ----------------------------------------------------------------------------
     def run_step(self, key, fn):

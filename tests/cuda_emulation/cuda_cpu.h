@@ -41,6 +41,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))   // after the standard headers above, which spell it themselves
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
@@ -164,6 +165,19 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
     emu_warp_slots[t] = static_cast<double>(value);   // float and double round-trip exactly
     emu_wait(emu_warp_barriers[warp]);
     return static_cast<T>(emu_warp_slots[warp * 32 + (lane ^ lane_mask)]);
+}
+
+// Atomics: fibers run one at a time on one OS thread and switch only at barriers, so a plain
+// read-modify-write is atomic here. Only the overloads gpubp's kernels use.
+inline long long atomicMin(long long* address, long long value) {
+    const long long old = *address;
+    if (value < old) *address = value;
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+    const unsigned long long old = *address;
+    *address = old + value;
+    return old;
 }
 
 inline void emu_fiber_main() {

@@ -42,6 +42,8 @@ from gpubp.backends import cuda_sources, cupy_backend
 
 HERE = pathlib.Path(__file__).parent
 TEST_KERNELS = HERE / "planted_bugs.cu"   # test-only kernels with deliberate bugs, built into the harness
+TC_PROBES = HERE / "tc_probes.cu"         # test-only probes of the emulated tensor-core instructions
+HEADERS = ("cuda_cpu.h", "tensor_core_cpu.h")   # the emulation itself (found through -I, part of the cache key)
 
 
 class EmulationError(RuntimeError):
@@ -71,7 +73,8 @@ def _sources():
     """{file name: text} of what the harness compiles: kernels/*.cu and *.cuh, and the test kernels."""
     kernels = cuda_sources.kernels_dir()
     texts = {f.name: f.read_text(encoding="utf-8") for f in kernels.iterdir() if f.name.endswith((".cu", ".cuh"))}
-    texts[TEST_KERNELS.name] = TEST_KERNELS.read_text(encoding="utf-8")
+    for test_file in (TEST_KERNELS, TC_PROBES):
+        texts[test_file.name] = test_file.read_text(encoding="utf-8")
     return texts
 
 
@@ -124,7 +127,7 @@ def build(directory):
     flags += ["-fsanitize=alignment,address", "-fsanitize-recover=address"] if asan else ["-fsanitize=alignment"]
     compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(repr([flags, compiler, sorted(texts.items()),
-                               (HERE / "cuda_cpu.h").read_text(encoding="utf-8")]).encode()).hexdigest()[:20]
+                               [(HERE / h).read_text(encoding="utf-8") for h in HEADERS]]).encode()).hexdigest()[:20]
     library = pathlib.Path(tempfile.gettempdir()) / f"gpubp-emulated-kernels-{key}.so"
     if not library.exists():
         built = directory / "kernels_emulated.so"
@@ -241,7 +244,7 @@ def guarded_copies(lib, arrays):
 class EmulatedKernel:
     """Stands in for a cupy RawKernel: kernel(grid, block, args), checked as the module docstring says."""
 
-    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64}
+    POINTERS = {"f": np.float32, "D": np.float64, "L": np.int64, "H": np.uint16}
     SCALARS = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
 
     def __init__(self, lib, name):
@@ -358,8 +361,9 @@ def fake_cupy():
         ndarray=np.ndarray, zeros=np.zeros, full=np.full, empty=_poisoned_empty, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite, stack=np.stack,
         asnumpy=lambda x: np.array(x, copy=True),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0),
         cuda=types.SimpleNamespace(
-            runtime=types.SimpleNamespace(getDevice=lambda: 0),
+            runtime=types.SimpleNamespace(getDevice=lambda: 0, memGetInfo=lambda: (80 << 30, 80 << 30)),
             Stream=lambda non_blocking=False: FakeStream(), get_current_stream=FakeStream,
             MemoryPool=lambda: types.SimpleNamespace(malloc=None),
             using_allocator=lambda allocator=None: contextlib.nullcontext()))

@@ -13,20 +13,26 @@
 #include <utility>
 
 #include "cuda_cpu.h"
+#include "tensor_core_cpu.h"   // mma/ldmatrix/cp.async for gemm_tc.cu, before the kernels
 
 #include "dense_forward.cu"
 #include "dense_backward.cu"
 #include "loss.cu"
 #include "optim.cu"
+#include "loop.cu"
+#include "gemm_tc.cu"
 #include "planted_bugs.cu"
+#include "tc_probes.cu"   // test-only: the emulated tensor-core instructions one at a time
 
-// one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*
+// one character per parameter type: i int, q long long, d double, f float*, D double*, L long long*,
+// H unsigned short* (bf16/fp16 bits)
 template <typename P> constexpr char type_code() {
     typedef std::remove_cv_t<std::remove_pointer_t<P>> E;
     if constexpr (std::is_pointer_v<P>) {
         if constexpr (std::is_same_v<E, float>) return 'f';
         else if constexpr (std::is_same_v<E, double>) return 'D';
         else if constexpr (std::is_same_v<E, long long>) return 'L';
+        else if constexpr (std::is_same_v<E, unsigned short>) return 'H';
         else return '?';
     } else if constexpr (std::is_same_v<P, int>) return 'i';
     else if constexpr (std::is_same_v<P, long long>) return 'q';
@@ -65,17 +71,35 @@ static Entry entry(void (*kernel)(P...)) {
     PLAIN_ENTRY(weight_grad_reduce_kernel, T, TS), PLAIN_ENTRY(loss_grad_kernel, T, TS),   \
     PLAIN_ENTRY(loss_reduce_kernel, T, TS), PLAIN_ENTRY(one_hot_kernel, T, TS),            \
     PLAIN_ENTRY(sgd_update_kernel, T, TS), PLAIN_ENTRY(adam_update_kernel, T, TS)
+#define LOOP_ENTRIES(T, TS)                                                                \
+    PLAIN_ENTRY(gather_rows_kernel, T, TS), PLAIN_ENTRY(nonfinite_scan_kernel, T, TS),     \
+    PLAIN_ENTRY(guard_gradients_finish_kernel, T, TS),                                     \
+    PLAIN_ENTRY(count_correct_kernel, T, TS), PLAIN_ENTRY(record_step_kernel, T, TS)
+
+#define TC_GEMM_ENTRIES(P)                                                                 \
+    {"gemm_tc_kernel<" #P ", true, true>", entry(gemm_tc_kernel<P, true, true>)},          \
+    {"gemm_tc_kernel<" #P ", true, false>", entry(gemm_tc_kernel<P, true, false>)},        \
+    {"gemm_tc_kernel<" #P ", false, false>", entry(gemm_tc_kernel<P, false, false>)}
 
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
         ALL_ENTRIES(float, "float"),
         ALL_ENTRIES(double, "double"),
-        {"step_increment_kernel", entry(step_increment_kernel)},
+        LOOP_ENTRIES(float, "float"),
+        LOOP_ENTRIES(double, "double"),
+        {"update_finish_kernel", entry(update_finish_kernel)},
+        {"advance_cursor_kernel", entry(advance_cursor_kernel)},
+        TC_GEMM_ENTRIES(TcBf16), TC_GEMM_ENTRIES(TcFp16), TC_GEMM_ENTRIES(TcTf32),
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
         {"planted_shared_size_kernel<49152>", entry(planted_shared_size_kernel<49152>)},
         {"planted_shared_size_kernel<49156>", entry(planted_shared_size_kernel<49156>)},
+        // test-only (tc_probes.cu)
+        {"tc_mma_probe_kernel<TcBf16>", entry(tc_mma_probe_kernel<TcBf16>)},
+        {"tc_mma_probe_kernel<TcFp16>", entry(tc_mma_probe_kernel<TcFp16>)},
+        {"tc_mma_probe_kernel<TcTf32>", entry(tc_mma_probe_kernel<TcTf32>)},
+        {"tc_ldmatrix_probe_kernel", entry(tc_ldmatrix_probe_kernel)},
     };
     return kernels;
 }
