@@ -1,6 +1,7 @@
 """What is particular to the numba backend: how it reports itself, that "auto" never picks the simulator, that
-CuPy arrays are used in place (on a GPU), and that its kernels launch at any size. The kernels themselves are
-checked against the numpy reference by test_backend_ops.py, test_network_backends.py and test_seed_example.py,
+CuPy arrays are used in place (on a GPU), that its kernels launch at any size, and that its training loop does
+not wait for the host (issue 11: counted host<->device traffic, the loop kernels' scratch). The kernels themselves
+are checked against the numpy reference by test_backend_ops.py, test_network_backends.py and test_seed_example.py,
 which run the numba backend under the simulator in CI (tests/run.sh) and on a GPU with the gpu marker. The
 launch arithmetic (gemm_grid, grid_stride_blocks) is plain integers, checked here at batch sizes no test could
 launch; tests/test_numba_compile.py compiles every kernel for real GPUs."""
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 import gpubp
+from gpubp import guard as G
+from gpubp import losses
 from conftest import SIMULATOR
 
 numba_backend = pytest.importorskip("gpubp.backends.numba_backend")
@@ -40,9 +43,11 @@ def test_one_hot_from_device_labels_and_step_counter(rng):
     assert np.array_equal(be.to_numpy(out), np.eye(3)[[2, 0, 1, 1, 0]])
     params, grads = be.asarray(rng.standard_normal(9), np.float64), be.zeros((9,), np.float64)
     buf, step = be.zeros((9,), np.float64), be.zeros((1,), np.int64)
+    hyper = be.asarray(np.array([0.1, 0.9, 0.0, 0.0, 0.0]), np.float64)      # lr, μ, dampening, wd, nesterov
+    guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
     for _ in range(3):
-        be.sgd_update(params, grads, buf, step, 0.1, 0.9, 0.0, 0.0, False)
-    assert int(be.to_numpy(step)[0]) == 3
+        be.sgd_update(params, grads, buf, step, hyper, guard)
+    assert int(be.to_numpy(step)[0]) == 3 and be.to_numpy(guard)[G.STEP] == 3
 
 
 @needs_numba
@@ -109,3 +114,93 @@ def test_gemm_launches_walk_the_batch_on_grid_x(rng, monkeypatch):
     np.testing.assert_allclose(be.to_numpy(dX), delta @ W, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(be.to_numpy(dW), delta.T @ X, rtol=1e-12, atol=1e-12)
     assert grids == [(N, n_out, (4, 1)), (N, n_in, (4, 1)), (n_out, n_in, (1, 1))]
+
+
+# ---- the sync-free training loop (issue 11) ------------------------------------------------------------------
+@needs_numba
+def test_train_steps_without_sync_neither_copy_back_nor_wait(rng):
+    """train_step(sync=False) on host batches: each step uploads X and y (2 host-to-device copies) and nothing
+    else crosses; reading the loss is one device-to-host copy, one wait."""
+    from helpers import make_net
+    net = make_net([3, 4, 2], backend="numba", dtype="float32", seed=2)
+    opt = gpubp.Adam(net, lr=1e-2)
+    X, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    net.train_step(X, y, "mse", opt)               # first step: compilation, workspace, scratch
+    before = dict(net.backend.counters)
+    lazies = [net.train_step(X, y, "mse", opt, sync=False) for _ in range(4)]
+    moved = {k: net.backend.counters[k] - before[k] for k in before}
+    assert moved == {"sync": 0, "d2h": 0, "h2d": 8}
+    assert np.isfinite(float(lazies[-1]))
+    moved = {k: net.backend.counters[k] - before[k] for k in before}
+    assert moved == {"sync": 1, "d2h": 1, "h2d": 8}
+    assert net.steps == 5 and opt.steps_taken == 5
+
+
+@needs_numba
+def test_fit_crosses_to_the_host_a_fixed_number_of_times_per_epoch(rng):
+    """fit with the data on the device: per epoch the order and the guard's head go up (2 copies) and the guard
+    comes back once (1 copy, 1 wait), however many batches the epoch has."""
+    from helpers import make_net
+    net = make_net([3, 5, 3], loss="softmax_ce", backend="numba", dtype="float32", seed=4)
+    opt = gpubp.SGD(net, lr=0.1, momentum=0.9)
+    X, y = rng.standard_normal((40, 3)), rng.integers(0, 3, 40)
+    seen = []
+    net.fit(X, y, "softmax_ce", opt, epochs=3, batch_size=7,
+            on_epoch_end=lambda epoch, logs: seen.append(dict(net.backend.counters)))
+    per_epoch = [{k: b[k] - a[k] for k in a} for a, b in zip(seen, seen[1:])]
+    assert per_epoch == [{"sync": 1, "d2h": 1, "h2d": 2}] * 2     # 6 batches an epoch, not 6 reads
+    assert net.steps == 18
+
+
+def _flags(be):
+    from gpubp.backends import numba_loop_kernels as L
+    flags = be.to_numpy(be._loop_flags())
+    return {slot: int(flags[slot]) for slot in L.INDEX_SLOTS}, int(flags[L.TICKETS]), int(flags[L.CORRECT_COUNT])
+
+
+@needs_numba
+def test_every_loop_op_leaves_its_scratch_clean(rng):
+    """The loop kernels' scratch (numba_loop_kernels.flags) holds 'nothing found' and no tickets between ops,
+    after faults too, and the multi-block launches name the smallest bad index whichever block finds it."""
+    from gpubp.backends import numba_loop_kernels as L
+    be = gpubp.get_backend("numba")
+    clean = ({slot: L.NO_INDEX for slot in L.INDEX_SLOTS}, 0, 0)
+    size = 3 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS + 5     # several grid-stride rounds over several blocks
+    assert L.loop_blocks(size) > 1
+    guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
+    assert _flags(be) == clean
+    # non-finite gradients found by several blocks, in several grid-stride rounds: the smallest is named, found
+    # by the first block (which reports first: the simulator runs blocks in order) or by the last (which commits)
+    last_block = L.LOOP_THREADS * (L.loop_blocks(size) - 1)       # first index of the last block's first round
+    later_round = 2 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS
+    for bad, smallest in (([size - 1, later_round, last_block + 1, 3], 3),
+                          ([size - 1, later_round + 1, last_block + 2], last_block + 2)):
+        guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
+        grads = rng.standard_normal(size)
+        grads[bad] = np.nan
+        be.guard_gradients(be.asarray(np.array([0.5]), np.float64), be.asarray(grads, np.float64), guard)
+        head = be.to_numpy(guard)[:G.RING]
+        assert (head[G.FAULT], head[G.FAULT_INDEX]) == (G.GRADIENT, smallest)
+        assert _flags(be) == clean
+    # an update that would overflow θ (found by every block) and a clean one after a reset
+    guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
+    params, step = be.asarray(rng.standard_normal(size), np.float64), be.zeros((1,), np.int64)
+    buf = be.zeros((size,), np.float64)
+    big = np.full(size, 1e300)
+    be.sgd_update(params, be.asarray(big, np.float64), buf, step, be.asarray(np.array([1e10, 0.9, 0, 0, 0.0]), np.float64), guard)
+    head = be.to_numpy(guard)[:G.RING]
+    assert (head[G.FAULT], head[G.FAULT_INDEX], head[G.STEP]) == (G.PARAMS, 0, 0)
+    assert _flags(be) == clean
+    guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
+    be.sgd_update(params, be.asarray(rng.standard_normal(size), np.float64), buf, step,
+                  be.asarray(np.array([0.1, 0.9, 0, 0, 0.0]), np.float64), guard)
+    assert be.to_numpy(guard)[G.STEP] == 1 and int(be.to_numpy(step)[0]) == 1
+    assert _flags(be) == clean
+    # record_step over several blocks: the count of every block arrives
+    A = rng.random((size // 4, 4))
+    Y = (rng.random((size // 4, 4)) > 0.5).astype(float)
+    be.record_step(losses.BCE, be.asarray(np.array([0.25]), np.float64), be.asarray(A, np.float64),
+                   be.asarray(Y, np.float64), guard)
+    head = be.to_numpy(guard)[:G.RING]
+    assert head[G.CORRECT] == losses.accuracy(losses.BCE, A, Y) * (size // 4) and head[G.ROWS] == size // 4
+    assert _flags(be) == clean

@@ -2,6 +2,11 @@
 device-resident arrays. Runs on an NVIDIA GPU, or on the CPU under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1,
 set before numba is imported), which is how CI tests it.
 
+The training loop's ops (guarded updates, gradient guard, step bookkeeping, batch gathering) are the kernels of
+numba_loop_kernels.py: a step launches them in stream order and never waits for the host. numba has no CUDA
+graphs, so run_step launches every step eagerly (the base class's default); `counters` counts every host<->device
+copy and wait.
+
 Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ (CuPy's) is used in place.
 Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
@@ -115,10 +120,12 @@ class NumbaBackend(Backend):
 
     def __init__(self, deterministic=False):
         super().__init__(deterministic)
-        from . import numba_kernels
+        from . import numba_kernels, numba_loop_kernels
         self.k = _launchable(numba_kernels)
+        self.loop = _launchable(numba_loop_kernels)
         self._scratch = {}
         self._tile_sets = {}
+        self._update_kernels = {}
 
     def _scratch_buffer(self, key, shape, dtype):
         buf = self._scratch.get(key)
@@ -138,7 +145,10 @@ class NumbaBackend(Backend):
         return cuda.device_array(shape, dtype)
 
     def zeros(self, shape, dtype):
-        return cuda.to_device(np.zeros(shape, dtype))
+        out = cuda.device_array(shape, dtype)
+        if out.size:   # filled on the device: no host array uploaded
+            self.loop.fill_kernel[self.loop.loop_blocks(out.size), self.loop.LOOP_THREADS](out.reshape(out.size), 0)
+        return out
 
     def is_device_array(self, x):
         return cuda.devicearray.is_cuda_ndarray(x) or hasattr(x, "__cuda_array_interface__")
@@ -154,20 +164,28 @@ class NumbaBackend(Backend):
             x = self._device(x)
             if x.dtype == np.dtype(dtype) and x.is_c_contiguous():
                 return x
-            x = x.copy_to_host()   # a dtype change on the device is rare: take the simple path
+            x = self._to_host(x)   # a dtype change on the device is rare: take the simple path
+        self.counters["h2d"] += 1
         return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
 
     def copy_into(self, dst, src):
         if self.is_device_array(src):
             src = self._device(src)
             if src.dtype == dst.dtype and src.is_c_contiguous():
-                dst.copy_to_device(src)
+                dst.copy_to_device(src)   # device to device: the host does not wait
                 return
-            src = src.copy_to_host()
+            src = self._to_host(src)
+        self.counters["h2d"] += 1
         dst.copy_to_device(np.ascontiguousarray(np.broadcast_to(np.asarray(src), dst.shape), dtype=dst.dtype))
 
     def to_numpy(self, x):
-        return self._device(x).copy_to_host()
+        return self._to_host(self._device(x))
+
+    def _to_host(self, x):
+        """x.copy_to_host(), counted: a synchronous device-to-host copy (the host waits for the device)."""
+        self.counters["d2h"] += 1
+        self.counters["sync"] += 1
+        return x.copy_to_host()
 
     def view(self, flat, offset, shape):
         return flat[offset:offset + math.prod(shape)].reshape(shape)
@@ -177,19 +195,25 @@ class NumbaBackend(Backend):
 
     def all_finite_many(self, arrays):
         flag = self._scratch_buffer("finite_flag", (1,), np.int32)
+        self.counters["h2d"] += 1   # a 4-byte upload next to the wait below (a host read, never inside a step)
         flag.copy_to_device(np.zeros(1, np.int32))
         for x in arrays:
             x = self._device(x)
             if x.size and np.dtype(x.dtype).kind == "f":   # integers (the step count) are always finite
-                flat = x.reshape(x.size) if x.is_c_contiguous() else cuda.to_device(x.copy_to_host().ravel())
+                flat = x.reshape(x.size) if x.is_c_contiguous() else self.asarray(self._to_host(x).ravel(), x.dtype)
                 self.k.nonfinite_flag_kernel[grid_stride_blocks(flat.size), THREADS](flat, flag)
-        return int(flag.copy_to_host()[0]) == 0
+        return int(self._to_host(flag)[0]) == 0
 
     def one_hot(self, labels, classes, out):
-        labels = self._device(labels) if self.is_device_array(labels) else cuda.to_device(np.ascontiguousarray(labels, np.int64))
+        if self.is_device_array(labels):
+            labels = self._device(labels)
+        else:
+            self.counters["h2d"] += 1
+            labels = cuda.to_device(np.ascontiguousarray(labels, np.int64))
         self.k.one_hot_kernel[grid_stride_blocks(out.shape[0]), THREADS](labels, out)
 
     def synchronize(self):
+        self.counters["sync"] += 1
         cuda.synchronize()
 
     # ---- the kernel set ----------------------------------------------------------------------------------
@@ -228,14 +252,51 @@ class NumbaBackend(Backend):
         self.k.loss_rows_kernel[grid_stride_blocks(N), THREADS](loss, act, float(alpha), Z, y, A, delta, rows)
         self._tiles(Z).sum[1, self.k.REDUCE_THREADS](rows, 1.0 / N, loss_out)
 
-    def sgd_update(self, params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov):
-        self.k.sgd_update_kernel[grid_stride_blocks(params.size), THREADS](
-            params, self._device(grads), momentum_buf, step, float(lr), float(momentum), float(dampening),
-            float(weight_decay), bool(nesterov))
-        self.k.step_increment_kernel[1, 1](step)
+    # ---- the training loop's ops (numba_loop_kernels.py): nothing here waits for the host ---------------------
+    # Every scalar that changes from step to step (the step count, the settings, the cursor, the guard) is read
+    # by the kernels from device memory. numba has no CUDA graphs: run_step launches each step eagerly.
+    def _loop_flags(self):
+        """The loop kernels' int64 scratch (numba_loop_kernels.FLAGS_SIZE), made and initialised on the device
+        once; every op leaves it as it found it."""
+        flags = self._scratch.get("loop_flags")
+        if flags is None:
+            flags = self._scratch["loop_flags"] = cuda.device_array(self.loop.FLAGS_SIZE, np.int64)
+            self.loop.flags_init_kernel[1, 1](flags)
+        return flags
 
-    def adam_update(self, params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-        self.k.adam_update_kernel[grid_stride_blocks(params.size), THREADS](
-            params, self._device(grads), m, v, step, float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay))
-        self.k.step_increment_kernel[1, 1](step)
+    def _guarded_update(self, rule, params, grads, state0, state1, step, hyper, guard):
+        """Phase 0 (check, commit in its last block), then phase 1 (apply unless faulted): the same kernel."""
+        name = np.dtype(params.dtype).name
+        if name not in self._update_kernels:
+            self._update_kernels[name] = _launchable(
+                types.SimpleNamespace(update=self.loop.update_kernel_for(name))).update
+        launch = self._update_kernels[name][self.loop.loop_blocks(params.size), self.loop.LOOP_THREADS]
+        args = (rule, params, self._device(grads), state0, state1, step, self._device(hyper), guard,
+                self._loop_flags())
+        launch(*args, 0)
+        launch(*args, 1)
+
+    def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
+        # momentum_buf is passed as both state buffers: the SGD rule reads and writes state 0 only
+        self._guarded_update(self.loop.SGD, params, grads, momentum_buf, momentum_buf, step, hyper, guard)
+
+    def adam_update(self, params, grads, m, v, step, hyper, guard):
+        self._guarded_update(self.loop.ADAM, params, grads, m, v, step, hyper, guard)
+
+    def gather_rows(self, src, order, cursor, out):
+        self.loop.gather_rows_kernel[self.loop.loop_blocks(out.size), self.loop.LOOP_THREADS](
+            self._device(src), self._device(order), self._device(cursor), out)
+
+    def advance_cursor(self, cursor, n):
+        self.loop.advance_cursor_kernel[1, 1](self._device(cursor), int(n))
+
+    def guard_gradients(self, loss_out, grads, guard):
+        grads = self._device(grads)
+        self.loop.guard_gradients_kernel[self.loop.loop_blocks(grads.size), self.loop.LOOP_THREADS](
+            self._device(loss_out), grads, guard, self._loop_flags())
+
+    def record_step(self, loss, loss_out, A, Y, guard):
+        A = self._device(A)
+        work = A.size if loss == self.loop.BCE else A.shape[0] if loss == self.loop.SOFTMAX_CE else 0
+        self.loop.record_step_kernel[self.loop.loop_blocks(work), self.loop.LOOP_THREADS](
+            int(loss), self._device(loss_out), A, self._device(Y), guard, self._loop_flags())

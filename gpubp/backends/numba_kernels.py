@@ -307,59 +307,17 @@ def loss_rows_kernel(loss, act, alpha, Z, Y, A, delta, row_loss):
             row_loss[n] = total
 
 
-# ---- optimizers over the flat parameter buffer ---------------------------------------------------------------
-@cuda.jit
-def sgd_update_kernel(params, grads, buf, step, lr, momentum, dampening, weight_decay, nesterov):
-    """torch.optim.SGD, in place: g = ∇ + wd·θ; b = g (step 0) or μ·b + (1 − dampening)·g;
-    g = g + μ·b (Nesterov) or b; θ −= lr·g. `step` is read here and bumped by step_increment_kernel after.
-    params, grads, buf (P,) flat; step (1,) int64. Launch: 1-D grid-stride over P. Traffic: params and grads
-    read once, params written once; buf read and written once with momentum."""
-    first = step[0] == 0
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for i in range(start, params.size, stride):
-        g = grads[i] + weight_decay * params[i]
-        if momentum != 0:
-            b = g if first else momentum * buf[i] + (1 - dampening) * g
-            buf[i] = b
-            g = g + momentum * b if nesterov else b
-        params[i] -= lr * g
-
-
-@cuda.jit
-def adam_update_kernel(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-    """torch.optim.Adam, in place, t = step[0] + 1: g = ∇ + wd·θ; m = β1·m + (1 − β1)·g;
-    v = β2·v + (1 − β2)·g²; θ −= lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
-    params, grads, m, v (P,) flat; step (1,) int64. Launch: 1-D grid-stride over P. Traffic: params, m, v read
-    and written once, grads read once."""
-    t = step[0] + 1
-    step_size = lr / (1 - beta1 ** t)
-    root_bc2 = math.sqrt(1 - beta2 ** t)
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for i in range(start, params.size, stride):
-        g = grads[i] + weight_decay * params[i]
-        m[i] = beta1 * m[i] + (1 - beta1) * g
-        v[i] = beta2 * v[i] + (1 - beta2) * g * g
-        params[i] -= step_size * (m[i] / (math.sqrt(v[i]) / root_bc2 + eps))
-
-
-@cuda.jit
-def step_increment_kernel(step):
-    """step[0] += 1, one thread, launched after an update: every block of the update has read the old value.
-    Launch: grid 1, block 1. Traffic: one int64 read and written."""
-    if cuda.grid(1) == 0:
-        step[0] += 1
-
-
 # ---- the kernel table: every kernel with the argument types numba_backend.py launches it with ----------------
 KERNEL_DTYPES = ("float32", "float64")
 KernelLaunch = collections.namedtuple("KernelLaunch", "name dtype kernel argtypes")
 
 
 def launch_table():
-    """One KernelLaunch per kernel of this module and dtype (the dtype-free step_increment_kernel once, as
-    "int64"): the numba types of the arguments that numba_backend.py passes, which are the types a GPU launch
-    compiles for. Arrays are C-contiguous (the backend makes every array it launches on contiguous); a Python
-    int is int64, a Python float float64 and a Python bool boolean, as numba types launch arguments.
+    """One KernelLaunch per kernel of this module and dtype: the numba types of the arguments that
+    numba_backend.py passes, which are the types a GPU launch compiles for (the training loop's kernels,
+    optimizers included, are in numba_loop_kernels.launch_table()). Arrays are C-contiguous (the backend makes
+    every array it launches on contiguous); a Python int is int64, a Python float float64 and a Python bool
+    boolean, as numba types launch arguments.
     tests/test_numba_compile.py compiles every entry for real GPUs and checks that no kernel is missing."""
     i64, f64, flag = numba.int64, numba.float64, numba.boolean
     table = []
@@ -385,13 +343,8 @@ def launch_table():
                 # labels, out
                 (one_hot_kernel, (numba.int64[::1], mat)),
                 # loss, act, alpha, Z, Y, A, delta, row_loss
-                (loss_rows_kernel, (i64, i64, f64, mat, mat, mat, mat, vec)),
-                # params, grads, momentum_buf, step, lr, momentum, dampening, weight_decay, nesterov
-                (sgd_update_kernel, (vec, vec, vec, numba.int64[::1], f64, f64, f64, f64, flag)),
-                # params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay
-                (adam_update_kernel, (vec, vec, vec, vec, numba.int64[::1], f64, f64, f64, f64, f64))):
+                (loss_rows_kernel, (i64, i64, f64, mat, mat, mat, mat, vec))):
             table.append(KernelLaunch(kernel.py_func.__name__, dtype_name, kernel, argtypes))
-    table.append(KernelLaunch("step_increment_kernel", "int64", step_increment_kernel, (numba.int64[::1],)))
     return table
 
 
