@@ -233,8 +233,10 @@ class Sequential:
         return f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})"
 
     # ---- validation: everything is checked before anything is touched -------------------------------------
-    def _check_array(self, x, what, trailing):
-        """`x` as a numpy array or a device array of our backend, numeric, finite, of shape (N, *trailing)."""
+    def _check_array(self, x, what, trailing, on_device=False):
+        """`x` as a numpy array or a device array of our backend, numeric, finite, of shape (N, *trailing).
+        on_device=True (a sync=False step): the values of a device array are not read back (that would wait for
+        the device); a non-finite one reaches the step's guard instead, which reports it at the next read."""
         be = self.backend
         if not be.is_device_array(x):
             if isinstance(x, (str, bytes)) or x is None:
@@ -253,6 +255,8 @@ class Sequential:
             if isinstance(x, np.ndarray):
                 with np.errstate(over="ignore"):
                     finite = bool(np.isfinite(x.astype(self.dtype, copy=False)).all())
+            elif on_device:
+                finite = True
             else:
                 finite = be.all_finite(x if x.dtype == self.dtype else be.asarray(x, self.dtype))
             if not finite:
@@ -260,8 +264,8 @@ class Sequential:
                                  "beyond its range")
         return x
 
-    def _check_X(self, X):
-        return self._check_array(X, "X", (self.n_in,))
+    def _check_X(self, X, on_device=False):
+        return self._check_array(X, "X", (self.n_in,), on_device)
 
     def _check_loss(self, loss):
         loss_id = losses.loss_id(loss)
@@ -273,24 +277,26 @@ class Sequential:
                              f"stable form), got {last.activation!r}")
         return loss_id
 
-    def _check_y(self, y, loss_id, N):
+    def _check_y(self, y, loss_id, N, on_device=False):
         """Targets as a float (N, out) array (numpy or device); integer labels (N,) for softmax_ce are returned
-        as labels, to be one-hot encoded on the device."""
+        as labels, to be one-hot encoded on the device. on_device: as _check_array; a label out of range then
+        becomes a row of NaN (Backend.one_hot) that the guard reports, and bce's [0, 1] range goes unchecked."""
         out = self.n_out
         be = self.backend
+        read = lambda a: a if isinstance(a, np.ndarray) else None if on_device else be.to_numpy(a)   # noqa: E731
         if loss_id == losses.SOFTMAX_CE and y is not None and getattr(y, "ndim", np.ndim(y)) == 1:
-            y = self._check_array(y, "y", ())
+            y = self._check_array(y, "y", (), on_device)
             if np.dtype(y.dtype).kind not in "iu":
                 raise TypeError(f"y: softmax_ce expects integer class labels (N,) or one-hot (N, {out}), got dtype {y.dtype}")
-            host = y if isinstance(y, np.ndarray) else be.to_numpy(y)
-            if host.min() < 0 or host.max() >= out:
+            host = read(y)
+            if host is not None and (host.min() < 0 or host.max() >= out):
                 raise ValueError(f"y: class labels must lie in [0, {out}), got values from {host.min()} to {host.max()}")
         else:
             if out == 1 and y is not None and getattr(y, "ndim", np.ndim(y)) == 1:
                 y = y.reshape(-1, 1) if be.is_device_array(y) else np.asarray(y).reshape(-1, 1)
-            y = self._check_array(y, "y", (out,))
-            if loss_id == losses.BCE:
-                host = y if isinstance(y, np.ndarray) else be.to_numpy(y)
+            y = self._check_array(y, "y", (out,), on_device)
+            host = read(y) if loss_id == losses.BCE else None
+            if host is not None:
                 if host.min() < 0 or host.max() > 1:
                     raise ValueError(f"y: bce targets must lie in [0, 1], got values from {host.min()} to {host.max()}")
         if y.shape[0] != N:
@@ -398,13 +404,15 @@ class Sequential:
         FloatingPointError here. sync=False: returns at once with a LazyLoss; nothing waits for the device, and
         a fault is raised at the next read (float() of any LazyLoss, net.sync(), net.steps, a sync=True step).
         After a fault the following steps are skipped until that read, so the parameters stay those of the last
-        good step."""
-        loss_id = self._check_loss(loss)
-        optimizer = self._check_optimizer(optimizer)
-        X = self._check_X(X)
-        y = self._check_y(y, loss_id, X.shape[0])
+        good step. With sync=False the values of device-array inputs are not read back either: NaN or inf in them,
+        or a label out of range, is reported by the guard as a fault at the next read (not as a ValueError here),
+        and bce targets on the device are not checked against [0, 1]. NumPy inputs are checked as always."""
         if not isinstance(sync, bool):
             raise TypeError(f"sync: expected True or False, got {sync!r}")
+        loss_id = self._check_loss(loss)
+        optimizer = self._check_optimizer(optimizer)
+        X = self._check_X(X, on_device=not sync)
+        y = self._check_y(y, loss_id, X.shape[0], on_device=not sync)
         return self._train_step(X, y, loss_id, optimizer, sync)
 
     def _train_step(self, X, y, loss_id, optimizer, sync=True):

@@ -99,12 +99,15 @@ loss_reduce_kernel(const double* __restrict__ block_sums, int count, double scal
 
 // ---------------------------------------------------------------------------------------------------------
 // one_hot_kernel: out[n, k] = (labels[n] == k), out (N, classes); one thread per element (grid-stride).
-// A label outside [0, classes) gives a zero row (the network validates labels before this).
+// A label outside [0, classes) gives a row of NaN: labels already on the device are not read back by the
+// host for a sync=False step, so a bad one must make the loss non-finite, which the step's guard reports.
 
 template <typename T>
 __global__ void one_hot_kernel(const long long* __restrict__ labels, T* out, long long N, int classes) {
     const long long size = N * classes;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = labels[i / classes] == i % classes ? T(1) : T(0);
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long label = labels[i / classes];
+        out[i] = label < 0 || label >= classes ? T(nan("")) : label == i % classes ? T(1) : T(0);
+    }
 }

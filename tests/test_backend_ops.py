@@ -399,4 +399,8 @@ def test_array_utilities(backend_name, rng):
     out = h.poisoned((4, 3))
     h.be.one_hot(np.array([2, 0, 1, 2]), 3, out)
     assert np.array_equal(h.be.to_numpy(out), np.eye(3)[[2, 0, 1, 2]])
+    # a label out of range gives a row of NaN (the guard then reports the step), never a wrapped index
+    h.be.one_hot(h.be.asarray(np.array([2, -1, 3, 0]), np.int64), 3, out)
+    got = h.be.to_numpy(out)
+    assert np.isnan(got[[1, 2]]).all() and np.array_equal(got[[0, 3]], np.eye(3)[[2, 0]])
     assert h.be.is_device_array(flat) and not (backend_name != "numpy" and h.be.is_device_array(np.zeros(2)))

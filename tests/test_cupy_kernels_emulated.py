@@ -490,6 +490,9 @@ def test_one_hot(backend, dtype):
     out = poisoned((5, 3), dtype)
     backend.one_hot(np.array([2, 0, 1, 2, 0]), 3, out)
     np.testing.assert_array_equal(out, np.eye(3)[[2, 0, 1, 2, 0]])
+    backend.one_hot(np.array([2, -1, 3, 0, 1 << 40]), 3, out)     # out of range: a row of NaN
+    assert np.isnan(out[[1, 2, 4]]).all()
+    np.testing.assert_array_equal(out[[0, 3]], np.eye(3)[[2, 0]])
 
 
 SCHEDULE_SEEDS = [1, 2, 3]

@@ -32,29 +32,31 @@ def _counted(net, fn):
 def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(backend_name, loss, rng):
     n_out = 3 if loss != "bce" else 1
     counts = {}
-    for n_batches in (20, 40):
+    epochs = pick_sizes(2, 1)
+    for n_batches in pick_sizes((20, 40), (3, 6)):
         batch = 4
         X, y = make_data(rng, n_batches * batch - 1, 5, n_out, loss)    # a short last batch too
         net = _net(backend_name, loss=loss, sizes=(5, 8, n_out))
         opt = gpubp.SGD(net, lr=0.01, momentum=0.9)
-        counts[n_batches] = _counted(net, lambda: net.fit(X, y, loss, opt, epochs=2, batch_size=batch))
-        assert net.steps == 2 * n_batches
-    assert counts[20]["d2h"] == counts[40]["d2h"] <= 2 * 2 + 1     # at most 2 per epoch (+1: fit's first read)
-    assert counts[20]["sync"] == counts[40]["sync"]
-    assert counts[20]["h2d"] == counts[40]["h2d"]
+        counts[n_batches] = _counted(net, lambda: net.fit(X, y, loss, opt, epochs=epochs, batch_size=batch))
+        assert net.steps == epochs * n_batches
+    few, many = counts.values()
+    assert few["d2h"] == many["d2h"] <= 2 * epochs + 1     # at most 2 per epoch (+1: fit's first read)
+    assert few["sync"] == many["sync"]
+    assert few["h2d"] == many["h2d"]
 
 
 def test_check_every_and_log_every_add_reads_where_asked(backend_name, rng):
-    X, y = make_data(rng, 80, 5, 3, "softmax_ce")
+    X, y = make_data(rng, 20, 5, 3, "softmax_ce")
     net = _net(backend_name)
     opt = gpubp.SGD(net, lr=0.01)
-    plain = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4))
-    checked = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4, check_every=5))
-    assert checked["d2h"] - plain["d2h"] == 3            # after batches 5, 10, 15 (batch 20 ends the epoch anyway)
+    plain = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=2))
+    checked = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=2, check_every=3))
+    assert checked["d2h"] - plain["d2h"] == 3            # after batches 3, 6, 9 (batch 10 ends the epoch anyway)
     seen = []
-    logged = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=4, log_every=10,
+    logged = _counted(net, lambda: net.fit(X, y, "softmax_ce", opt, epochs=1, batch_size=2, log_every=5,
                                            on_batch_end=lambda b, n, value: seen.append((b, n, value))))
-    assert [(b, n) for b, n, _ in seen] == [(9, 20), (19, 20)] and logged["d2h"] == plain["d2h"] + 1
+    assert [(b, n) for b, n, _ in seen] == [(4, 10), (9, 10)] and logged["d2h"] == plain["d2h"] + 1
     assert all(isinstance(v, float) and np.isfinite(v) for _, _, v in seen)
 
 
@@ -65,17 +67,17 @@ def test_a_user_loop_with_sync_false_never_synchronises(backend_name, rng):
     Xd = net.backend.asarray(X, net.dtype)
     yd = net.backend.asarray(y, np.int64)
     net.train_step(Xd, yd, "softmax_ce", opt)             # warm-up: compiles, allocates, captures
-    lazy = []
+    lazy, steps = [], pick_sizes(10, 4)
     counted = _counted(net, lambda: lazy.extend(net.train_step(Xd, yd, "softmax_ce", opt, sync=False)
-                                                for _ in range(10)))
+                                                for _ in range(steps)))
     assert counted == {"sync": 0, "d2h": 0, "h2d": 0}
     read = _counted(net, lambda: float(lazy[3]))
     assert read["d2h"] == 1
-    assert net.steps == 11 and repr(lazy[0]) == "LazyLoss(train step 1)"
+    assert net.steps == steps + 1 and repr(lazy[0]) == "LazyLoss(train step 1)"
     # the lazy losses are the losses the synchronous loop returns
     twin = _net(backend_name)
     twin_opt = gpubp.Adam(twin, lr=1e-3)
-    expected = [twin.train_step(X, y, "softmax_ce", twin_opt) for _ in range(11)]
+    expected = [twin.train_step(X, y, "softmax_ce", twin_opt) for _ in range(steps + 1)]
     np.testing.assert_allclose([float(v) for v in lazy], expected[1:], rtol=1e-6)
 
 
@@ -123,26 +125,28 @@ def test_an_overflowing_row_in_batch_7_is_reported_at_the_epoch_end(backend_name
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_a_learning_rate_that_overflows_at_step_12_is_reported_at_the_next_read(backend_name, optimizer, rng):
+def test_a_learning_rate_that_overflows_mid_loop_is_reported_at_the_next_read(backend_name, optimizer, rng):
+    # step 12 of 16 (step 4 of 8 under the simulator, where each step costs a fraction of a second)
+    bad, total = pick_sizes((12, 16), (4, 8))
     X, y = make_data(rng, 6, 5, 3, "softmax_ce")
     net = _net(backend_name, sizes=(5, 4, 3))
     make_opt = (lambda n: gpubp.SGD(n, lr=0.05)) if optimizer == "sgd" else (lambda n: gpubp.Adam(n, lr=0.01))
     opt = make_opt(net)
     kept = None
-    for step in range(16):
-        if step == 12:
+    for step in range(total):
+        if step == bad:
             kept = _state(net, opt)
             opt.lr = 1e300      # inf in float32: the update overflows; the settings live on the device (no recapture)
         net.train_step(X, y, "softmax_ce", opt, sync=False)
-    with pytest.raises(FloatingPointError, match=r"train step 12: the update made the parameters of layer \d.*"
-                                                 r"\(3 later steps of the same check interval skipped\)"):
+    with pytest.raises(FloatingPointError, match=rf"train step {bad}: the update made the parameters of layer \d.*"
+                                                 rf"\({total - bad - 1} later steps of the same check interval skipped\)"):
         net.sync()
-    assert net.steps == 12 and opt.steps_taken == 12
+    assert net.steps == bad and opt.steps_taken == bad
     for a, b in zip(_state(net, opt), kept):
         np.testing.assert_array_equal(a, b)
     opt.lr = 0.01                                           # lower the learning rate and carry on
     net.train_step(X, y, "softmax_ce", opt)
-    assert net.steps == 13
+    assert net.steps == bad + 1
 
 
 @pytest.mark.parametrize("loss", ["softmax_ce", "bce", "mse"])
@@ -150,16 +154,17 @@ def test_fit_equals_the_loop_of_public_train_steps(backend_name, loss, rng):
     """The same seed gives the same History and parameters as the host loop fit used to run: bit for bit on
     numpy, within rounding on the GPU backends (whose sums are ordered differently)."""
     n_out = 1 if loss == "bce" else 3
-    X, y = make_data(rng, 45, 5, n_out, loss)
+    rows, epochs = pick_sizes((45, 3), (21, 2))
+    X, y = make_data(rng, rows, 5, n_out, loss)
     Xv, yv = make_data(rng, 9, 5, n_out, loss)
     net = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=4)
-    history = net.fit(X, y, loss, gpubp.Adam(net, lr=1e-2), epochs=3, batch_size=8, validation_data=(Xv, yv))
+    history = net.fit(X, y, loss, gpubp.Adam(net, lr=1e-2), epochs=epochs, batch_size=8, validation_data=(Xv, yv))
 
     ref = _net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=4)
     opt = gpubp.Adam(ref, lr=1e-2)
     targets = np.eye(n_out)[y] if loss == "softmax_ce" else y
     expected = {}
-    for epoch in range(3):
+    for epoch in range(epochs):
         order = ref.rng.permutation(len(X))
         total_loss = total_correct = 0.0
         for b in range(0, len(X), 8):
@@ -215,7 +220,9 @@ def test_optimizer_settings_other_than_lr_are_fixed():
 def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(backend_name, loss, rng,
                                                                                    monkeypatch):
     n_out = 3
-    X, y = make_data(rng, 53, 5, n_out, loss)
+    rows, epochs = pick_sizes((53, 3), (21, 1))     # chunks of 8 rows (2 batches): 7 or 3 a epoch
+    chunks = -(-rows // 8)
+    X, y = make_data(rng, rows, 5, n_out, loss)
     Xv, yv = make_data(rng, 7, 5, n_out, loss)
 
     def run(free_bytes):
@@ -224,7 +231,7 @@ def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(
         if net.backend.is_device_array(X):   # numpy's (and the CPU emulator's) device arrays are numpy arrays,
             monkeypatch.setattr(net.backend, "is_device_array", lambda x: False)   # never streamed: pretend not
         opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
-        counted = _counted(net, lambda: history.update(net.fit(X, y, loss, opt, epochs=3, batch_size=4,
+        counted = _counted(net, lambda: history.update(net.fit(X, y, loss, opt, epochs=epochs, batch_size=4,
                                                                validation_data=(Xv, yv))))
         return net, counted
 
@@ -232,14 +239,14 @@ def test_data_above_the_device_share_is_streamed_in_chunks_with_the_same_result(
     resident, resident_counts = run(None)
     expected = dict(history)
     history.clear()
-    # 8 float32 values a row: 2 chunks of 2 batches fit in a budget of 0.5 * 1100 bytes; 53 rows make 7 chunks
+    # 8 float32 values a row: 2 chunks of 2 batches fit in a budget of 0.5 * 1100 bytes
     streamed, streamed_counts = run(1100)
     assert history == expected if backend_name == "numpy" else history.keys() == expected.keys()
     np.testing.assert_allclose(streamed.backend.to_numpy(streamed.params), resident.backend.to_numpy(resident.params),
                                rtol=0 if backend_name == "numpy" else 1e-5, atol=0 if backend_name == "numpy" else 1e-6)
     assert streamed_counts["d2h"] == resident_counts["d2h"]              # the reads do not change
     if resident_counts["h2d"]:   # (the CPU emulator's uploads are numpy copies it does not count)
-        assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (7 * 3 - 1) - 2   # X, Y, order per chunk
+        assert streamed_counts["h2d"] - resident_counts["h2d"] >= 3 * (chunks * epochs - 1) - 2   # X, Y, order
 
 
 def test_a_device_array_is_never_streamed(monkeypatch, rng):
@@ -248,3 +255,30 @@ def test_a_device_array_is_never_streamed(monkeypatch, rng):
     monkeypatch.setattr(net.backend, "free_memory", lambda: 10)
     X, y = make_data(rng, 40, 5, 3, "softmax_ce")
     assert DeviceData(net, X, y, 2, 4, gpubp.SGD(net, lr=0.1)).streamed is False   # numpy arrays are its device's
+
+
+def test_sync_false_leaves_device_inputs_to_the_guard(backend_name, rng):
+    """A sync=False step does not read a device array back to check it: a NaN in X or a label out of range
+    becomes a fault of that step (the label a one-hot row of NaN), reported at the next read, with the
+    parameters of the last good step. NumPy inputs (the numpy backend's and the CPU emulator's "device" arrays
+    too) are still checked at once: ValueError, nothing launched."""
+    X, y = make_data(rng, 6, 5, 3, "softmax_ce")
+    net = _net(backend_name)
+    opt = gpubp.SGD(net, lr=0.05)
+    put = lambda a, dtype: net.backend.asarray(a, dtype)   # noqa: E731
+    net.train_step(put(X, net.dtype), put(y, np.int64), "softmax_ce", opt)
+    kept = _state(net, opt)
+    bad_X, bad_y = X.copy(), y.copy()
+    bad_X[2, 1] = np.nan
+    bad_y[4] = 3
+    for X_in, y_in in ((put(bad_X, net.dtype), put(y, np.int64)), (put(X, net.dtype), put(bad_y, np.int64))):
+        if isinstance(X_in, np.ndarray):
+            with pytest.raises(ValueError, match="X: expected finite|y: class labels"):
+                net.train_step(X_in, y_in, "softmax_ce", opt, sync=False)
+        else:
+            lazy = net.train_step(X_in, y_in, "softmax_ce", opt, sync=False)
+            with pytest.raises(FloatingPointError, match="train step 1: the (loss|gradient)"):
+                float(lazy)
+        for a, b in zip(_state(net, opt), kept):
+            np.testing.assert_array_equal(a, b)
+    assert net.steps == 1

@@ -90,7 +90,9 @@ class Backend:
         return all(self.all_finite(a) for a in arrays)
 
     def one_hot(self, labels, classes, out):
-        """out[n, :] = 0, out[n, labels[n]] = 1. `labels` is an integer numpy or device array of shape (N,)."""
+        """out[n, :] = 0, out[n, labels[n]] = 1. `labels` is an integer numpy or device array of shape (N,). A label
+        outside [0, classes) gives a row of NaN, so that a bad label the host never read makes the loss
+        non-finite and the step's guard reports it."""
         raise NotImplementedError
 
     def synchronize(self):

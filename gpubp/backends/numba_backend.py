@@ -216,6 +216,10 @@ class NumbaBackend(Backend):
         self.counters["sync"] += 1
         cuda.synchronize()
 
+    def free_memory(self):
+        # the simulator's "device" is host memory: no budget to keep to there
+        return None if SIMULATOR else cuda.current_context().get_memory_info().free
+
     # ---- the kernel set ----------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
         A_prev, W = self._device(A_prev), self._device(W)

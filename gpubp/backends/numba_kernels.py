@@ -250,12 +250,15 @@ def nonfinite_flag_kernel(x, flag):
 
 @cuda.jit
 def one_hot_kernel(labels, out):
-    """out[n, :] = 0, out[n, labels[n]] = 1; labels (N,) int64, out (N, classes). Launch: 1-D grid-stride over
-    the N rows. Traffic: labels read once, out written once."""
+    """out[n, :] = 0, out[n, labels[n]] = 1; labels (N,) int64, out (N, classes); a label outside [0, classes)
+    gives a row of NaN (device labels of a sync=False step are not read back: the step's guard reports it).
+    Launch: 1-D grid-stride over the N rows. Traffic: labels read once, out written once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for n in range(start, out.shape[0], stride):
+        label = labels[n]
+        bad = label < 0 or label >= out.shape[1]
         for j in range(out.shape[1]):
-            out[n, j] = 1 if labels[n] == j else 0
+            out[n, j] = math.nan if bad else (1 if label == j else 0)
 
 
 # ---- fused output activation + loss + ∂L/∂Z ---------------------------------------------------------------

@@ -46,8 +46,11 @@ class NumpyBackend(Backend):
         return bool(np.isfinite(x).all())
 
     def one_hot(self, labels, classes, out):
+        labels = np.asarray(labels)
+        bad = (labels < 0) | (labels >= classes)      # a row of NaN, as the GPU kernels (base.py)
         out.fill(0)
-        out[np.arange(out.shape[0]), np.asarray(labels)] = 1
+        out[np.flatnonzero(~bad), labels[~bad]] = 1
+        out[bad] = np.nan
 
     # ---- the kernel set ----------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
