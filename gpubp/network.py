@@ -13,8 +13,6 @@ A train step, in the seed's order:
 Nothing in a step waits for the host (gpubp/guard.py): the host reads the guard when it wants a value, once per
 train_step by default, once per epoch (or per `check_every` steps) in fit, and raises FloatingPointError then.
 """
-import json
-import math
 import numbers
 import warnings
 from collections import OrderedDict
@@ -377,8 +375,9 @@ class Sequential:
 
     def sync(self):
         """Wait for every step launched so far and read the guard (one device-to-host copy). Raises
-        FloatingPointError (a gpubp.guard.StepFault, whose .step is the faulty step), naming the step and the layer, when one of those steps faulted; the model then holds
-        the parameters and optimizer state of the last good step. Returns the guard as a numpy array."""
+        FloatingPointError (a gpubp.guard.StepFault, whose .step is the faulty step), naming the step and the
+        layer, when one of those steps faulted; the model then holds the parameters and optimizer state of the
+        last good step. Returns the guard as a numpy array."""
         guard = self.backend.to_numpy(self.guard)
         self._steps, self._pending = int(guard[G.STEP]), 0
         if guard[G.FAULT]:

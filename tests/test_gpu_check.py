@@ -110,9 +110,10 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
 
 
 def test_a_stage_cut_by_its_budget_leaves_its_output_and_a_status(tmp_path):
-    """A stage given 1 s is cut (SIGINT, then KILL) and recorded as a timeout with its log; pytest cut mid-run
-    by its budget still prints its summary and writes its junit xml (timeout -s INT); the report stage, with
-    no bench rows at all, fails saying so; the stages not selected are recorded as skipped."""
+    """A stage past its budget is cut (SIGINT, then KILL) and recorded as a timeout with its log: pytest cut
+    mid-run by its budget still prints its summary and writes its junit xml (timeout -s INT); the versions
+    stage, given 1 s, either finishes or is cut and says so (how long it takes depends on the machine); the
+    report stage, with no bench rows at all, fails saying so; the stages not selected are recorded as skipped."""
     slow = tmp_path / "suite" / "test_slow.py"
     slow.parent.mkdir()
     slow.write_text("import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(120)\n")
@@ -122,10 +123,12 @@ def test_a_stage_cut_by_its_budget_leaves_its_output_and_a_status(tmp_path):
                                      GPU_CHECK_BUDGET_TESTS="8", GPU_CHECK_TESTS=str(slow))
     log = proc.stdout + proc.stderr
     st = stages(run_dir)
-    assert st["versions"]["status"] == "timeout" and st["versions"]["exit"] in ("124", "137"), log[-3000:]
-    assert st["versions"]["first_error"].startswith("timed out at 1 s")
+    assert st["versions"]["status"] in ("passed", "timeout"), log[-3000:]
+    if st["versions"]["status"] == "timeout":
+        assert st["versions"]["exit"] in ("124", "137") and st["versions"]["first_error"].startswith("timed out at 1 s")
     assert (run_dir / "logs" / "versions.log").read_text().startswith("## versions:")
-    assert st["tests"]["status"] == "timeout", log[-3000:]
+    assert st["tests"]["status"] == "timeout" and st["tests"]["exit"] in ("124", "137"), log[-3000:]
+    assert st["tests"]["first_error"].startswith("timed out at 8 s")
     tests_log = (run_dir / "logs" / "tests.log").read_text()
     assert "KeyboardInterrupt" in tests_log and "1 passed" in tests_log      # pytest's own summary
     junit = (run_dir / "tests" / "junit.xml").read_text()

@@ -27,7 +27,6 @@ needed): launch_table() lists every kernel with the argument types the backend l
 import collections
 import functools
 import math
-import types
 
 import numba
 import numpy as np
