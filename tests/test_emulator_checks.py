@@ -147,8 +147,10 @@ def test_shared_declarations_the_emulation_cannot_register_fail_the_build():
 
 
 # ---- AddressSanitizer ------------------------------------------------------------------------------------------
-# The kernel set's tests (both tile choices, both dtypes), without the slower schedule, graph and subprocess ones
-ASAN_KERNEL_TESTS = "not project and not schedule and not graph and not uncapturable and not recaptured"
+# The kernel set's tests under AddressSanitizer: one tile choice and float32 (about a quarter of them, every
+# kernel still launched), without the slower schedule, graph, fit and subprocess ones
+ASAN_KERNEL_TESTS = ("large-tile and float32 and not project and not schedule and not graph and not uncapturable"
+                     " and not recaptured and not fit")
 
 
 @pytest.mark.slow
