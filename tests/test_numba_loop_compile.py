@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import SIMULATOR
+from test_numba_compile import toolkit  # noqa: F401  (the fixture: one toolkit lookup for both compile tests)
 from gpubp import guard as G
 from gpubp import losses
 
@@ -34,21 +35,10 @@ CCS = ((9, 0), (8, 0))
 
 
 @pytest.fixture(scope="session")
-def compiler():
-    """numba.cuda with NVVM and NVRTC loaded (CUDA_HOME pointed at /usr/local/cuda when nothing says where a
-    toolkit is); skips with the reason when either library is missing."""
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.isdir("/usr/local/cuda"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+def compiler(toolkit):
+    """numba.cuda with the toolkit test_numba_compile.py finds (CUDA_HOME, NVVM, NVRTC and libdevice checked
+    there, skipping with the reason when one is missing)."""
     from numba import cuda
-    from numba.cuda.cudadrv import nvrtc, nvvm
-    try:
-        nvvm.NVVM()
-    except Exception as exc:   # NvvmSupportError and friends: the library is not there
-        pytest.skip(f"libNVVM not found ({type(exc).__name__}: {exc}); set CUDA_HOME to a CUDA toolkit")
-    try:
-        nvrtc.get_supported_ccs()
-    except Exception as exc:
-        pytest.skip(f"NVRTC not found ({type(exc).__name__}: {exc}); pip install nvidia-cuda-nvrtc")
     return cuda
 
 
