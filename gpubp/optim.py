@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from .backends.base import Backend
+
 
 def _finite(value):
     try:
@@ -39,8 +41,8 @@ class Optimizer:
             raise TypeError(f"{type(self).__name__}: expected a gpubp.Sequential as first argument, got {type(net).__name__}")
         self.net = net
         be = net.backend
-        self.hyper = be.zeros((len(self.hyper_names),), np.float64)
-        self.lr = lr
+        self.hyper = be.empty((len(self.hyper_names),), np.float64)
+        self.lr = lr                                 # validates lr and writes every setting into hyper
         self.state = {name: be.zeros((net.layout.size,), net.dtype) for name in self.state_names}
         self.step_count = be.zeros((1,), np.int64)   # on the device: a captured step reads and bumps it
         net.optimizer = self
@@ -67,9 +69,7 @@ class Optimizer:
         self._write_hyper()
 
     def _write_hyper(self):
-        if hasattr(self, "hyper"):
-            values = self._hyper_values()
-            self.net.backend.copy_into(self.hyper, np.array(values, np.float64))
+        self.net.backend.copy_into(self.hyper, np.array(self._hyper_values(), np.float64))
 
     def _hyper_values(self):
         raise NotImplementedError
@@ -115,7 +115,7 @@ class SGD(Optimizer):
     g = g + μ·b (Nesterov) or b;  θ ← θ − lr·g."""
 
     state_names = ("momentum_buffer",)
-    hyper_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    hyper_names = Backend.SGD_HYPER
 
     def __init__(self, net, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0):
         self.momentum = _number(momentum, "SGD momentum", 0.0)
@@ -145,7 +145,7 @@ class Adam(Optimizer):
     θ ← θ − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)."""
 
     state_names = ("exp_avg", "exp_avg_sq")
-    hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    hyper_names = Backend.ADAM_HYPER
 
     def __init__(self, net, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
