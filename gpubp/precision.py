@@ -100,6 +100,19 @@ def to_storage(x, precision):
     return stored.view(np.uint16) if stored.dtype.itemsize == 2 else stored
 
 
+def decode(x, precision):
+    """float32 values of a host copy of a stored operand: a float32 array as it is, ml_dtypes.bfloat16 or
+    float16 cast (exact), and raw 16-bit bits (uint16, as the GPU backends may store bf16/fp16) read as
+    `precision`'s format."""
+    _check_name(precision)
+    x = np.asarray(x)
+    if x.dtype == np.uint16:
+        if precision not in ("bf16", "fp16"):
+            raise ValueError(f"decode: raw 16-bit storage holds bf16 or fp16, not precision={precision!r}")
+        return x.view(storage_dtype(precision)).astype(np.float32)
+    return x.astype(np.float32)
+
+
 def round_operand(x, precision):
     """float32 array holding x rounded to `precision` (RNE; inf/NaN kept; see the module docstring).
     x is first cast to float32 (the model's dtype), so float64 input is rounded twice, as on the device."""
