@@ -449,7 +449,7 @@ def launch_table():
     # the fp16 loss scaler's (float32 models only): loss_out, grads, scaler, guard, flags; scaler, guard
     table.append(KernelLaunch("unscale_gradients_kernel", "float32", unscale_gradients_kernel,
                               (numba.float32[::1], numba.float32[::1], gvec, gvec, ivec)))
-    table.append(KernelLaunch("update_scale_kernel", "float64", update_scale_kernel, (gvec, gvec)))
+    table.append(KernelLaunch("update_scale_kernel", "float32", update_scale_kernel, (gvec, gvec)))
     # zeros() of a 16-bit storage buffer (hidden A and δ of bf16/fp16: backends.base.Backend.storage_dtype)
     for dt in (numba.types.float16, numba.uint16):
         table.append(KernelLaunch("fill_kernel", str(dt), fill_kernel, (dt[::1], i64)))
