@@ -379,11 +379,13 @@ class Sequential:
             a = A
         return a
 
-    def _forward_loss_backward(self, X, Y, loss_id, ws):
-        """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16."""
+    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None):
+        """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
+        (`scale`, a device float64 (1,); default the scaler's)."""
         be, last = self.backend, self.layers[-1]
         self._forward(X, ws)
-        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss, self._scale)
+        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
+                     self._scale if scale is None else scale)
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
@@ -473,19 +475,29 @@ class Sequential:
         return float(lazy) if sync else lazy
 
     def gradients(self, X, y, loss):
-        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
+        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update.
+        fp16: computed loss-scaled as a train step is, from the scaler's current scale, halved (here, not in
+        the scaler) until no gradient overflows; then divided by it."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         ws = self._workspace(X.shape[0])
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
-        key = ("gradients", X.shape[0], loss_id) if staged else None
-        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
-            self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
-        grads = self.backend.to_numpy(self.grads)
-        if self.scaler is not None:   # fp16: the device holds S · gradient
-            grads = grads / grads.dtype.type(self.loss_scale[0])
-        return self.layout.unflatten(grads)
+        if self.scaler is None:
+            key = ("gradients", X.shape[0], loss_id) if staged else None
+            with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
+                self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
+            return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        scale, scale_device = self.loss_scale[0], self.backend.empty((1,), np.float64)
+        for _ in range(200):   # 2^-200 · MAX_SCALE is below any gradient that could overflow
+            self.backend.copy_into(scale_device, np.array([scale]))
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._forward_loss_backward(Xd, Yd, loss_id, ws, scale_device)
+            grads = self.backend.to_numpy(self.grads)
+            if np.isfinite(grads).all():
+                break
+            scale /= 2
+        return self.layout.unflatten(grads / grads.dtype.type(scale))
 
     def predict(self, X, batch_size=None):
         """The network's output A = F(Z) for every row of X, as a numpy array (N, out)."""
