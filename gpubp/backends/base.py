@@ -49,6 +49,8 @@ class Backend:
     """Base class; a backend sets `name` and implements every method below."""
 
     name = "base"
+    # The GEMM precisions this backend implements (gpubp/precision.py); Sequential refuses the others.
+    PRECISIONS = ("fp32",)
 
     def __init__(self, deterministic=False):
         # deterministic=True: every op must give bit-identical results run to run (no atomics in reductions).
@@ -216,10 +218,11 @@ class Backend:
         raise NotImplementedError
 
     def update_scale(self, scaler, guard):
-        """After the update and record_step: guard[FAULT] == OVERFLOW: the fault is cleared (FAULT = NONE,
-        FAULT_INDEX = -1), SCALE *= BACKOFF, GOOD = 0, OVERFLOWS += 1. guard[FAULT] == NONE: GOOD += 1, and when
-        GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (kept finite: not above loss_scale.MAX_SCALE) and GOOD = 0.
-        Any other fault: nothing (the host reports it)."""
+        """After the update, before record_step: guard[FAULT] == OVERFLOW: the fault is cleared (FAULT = NONE,
+        FAULT_STEP = 0, FAULT_INDEX = -1) and guard[STEP] += 1 (the step counts as taken, its update skipped, so
+        record_step then records its loss as for any step), SCALE *= BACKOFF, GOOD = 0, OVERFLOWS += 1.
+        guard[FAULT] == NONE: GOOD += 1, and when GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (not above
+        loss_scale.MAX_SCALE) and GOOD = 0. Any other fault: nothing (the host reports it)."""
         raise NotImplementedError
 
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------

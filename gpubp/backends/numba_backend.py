@@ -116,6 +116,9 @@ def _gemm_grid(M, N):
 
 class NumbaBackend(Backend):
     name = "numba"
+    # every precision, on any GPU numba compiles for: fp16/bf16 stored 16-bit, products in float32 FMAs (no
+    # tensor cores: numba.cuda has no mma), tf32 as operands rounded to tf32 and multiplied in float32
+    PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
     real_gpu = not SIMULATOR   # "auto" never picks the simulator
 
     def __init__(self, deterministic=False):
@@ -370,6 +373,8 @@ class NumbaBackend(Backend):
     # ---- fp16 dynamic loss scaling (gpubp/loss_scale.py): nothing here waits for the host either ---------------
     def unscale_gradients(self, loss_out, grads, scaler, guard):
         grads = self._device(grads)
+        if np.dtype(grads.dtype) != np.float32:   # loss scaling is fp16's, and fp16 models are float32
+            raise ValueError(f"unscale_gradients: expected float32 gradients, got {grads.dtype}")
         self.loop.unscale_gradients_kernel[self.loop.loop_blocks(grads.size), self.loop.LOOP_THREADS](
             self._device(loss_out), grads, self._device(scaler), guard, self._loop_flags())
 
