@@ -288,20 +288,19 @@ def _flags_clean(be):
 
 @needs_numba
 def test_unscale_gradients_divides_by_the_scale_and_reports_overflow(be, rng):
-    """Over several blocks: grads ·= 1/S (as numpy's grads *= 1/S, bit for bit); a non-finite gradient sets
+    """Over several blocks: grads ·= float32(1/S) (the numpy backend's, bit for bit); a non-finite gradient sets
     FAULT = OVERFLOW with the smallest bad index (found by a later block than the one that reports first) and
     leaves every other gradient unscaled too; a non-finite loss is a LOSS fault and touches nothing; with a
     fault already set the step only counts as skipped."""
     size = 3 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS + 5
     assert L.loop_blocks(size) > 1
-    scaler = S.fresh(scale=2.0 ** 12)
+    scaler = S.fresh(scale=3 * 2.0 ** 12)      # not a power of two: 1/S is rounded, as numpy rounds it
     grads = (rng.standard_normal(size) * 1e3).astype(np.float32)
     loss_ok = be.asarray(np.array([0.5]), np.float32)
     # a clean step: unscaled, no fault
     g_dev, guard = be.asarray(grads, np.float32), be.asarray(_guard(), np.float64)
     be.unscale_gradients(loss_ok, g_dev, be.asarray(scaler, np.float64), guard)
-    expected = grads.copy()
-    expected *= 1 / scaler[S.SCALE]
+    expected = grads * np.float32(1 / scaler[S.SCALE])
     np.testing.assert_array_equal(be.to_numpy(g_dev), expected)
     assert be.to_numpy(guard)[G.FAULT] == G.NONE and _flags_clean(be)
     # overflow: inf in the second block and in a later grid-stride round; NaN later still
@@ -332,8 +331,8 @@ def test_unscale_gradients_divides_by_the_scale_and_reports_overflow(be, rng):
 @needs_numba
 def test_update_scale_follows_the_loss_scale_rule(be):
     """update_scale against loss_scale.update on a host copy, over a sequence of good and overflowed steps with a
-    growth interval of 2: back-off, growth, the clamp at MAX_SCALE, the OVERFLOW fault cleared (and nothing
-    done for a real fault)."""
+    growth interval of 2: back-off, growth, the clamp at MAX_SCALE, the OVERFLOW fault cleared with the step
+    counted as taken (guard[STEP] + 1), and nothing done for a real fault."""
     host_scaler = S.fresh(scale=2.0 ** 99, growth_interval=2)
     scaler = be.asarray(host_scaler, np.float64)
     seen = []
@@ -346,7 +345,7 @@ def test_update_scale_follows_the_loss_scale_rule(be):
         S.update(host_scaler, overflow)
         np.testing.assert_array_equal(be.to_numpy(scaler), host_scaler)
         head = be.to_numpy(guard_dev)[:G.RING]
-        assert (head[G.FAULT], head[G.FAULT_INDEX]) == (G.NONE, -1)
+        assert (head[G.FAULT], head[G.FAULT_STEP], head[G.FAULT_INDEX], head[G.STEP]) == (G.NONE, 0, -1, 5 + overflow)
         seen.append(host_scaler[S.SCALE])
     assert host_scaler[S.OVERFLOWS] == 3 and seen[3] == seen[1] == S.MAX_SCALE   # the clamp was reached
     # a real fault: the scaler and the guard are left alone

@@ -169,11 +169,12 @@ def guard_gradients_kernel(loss_out, grads, guard, flags):
 def unscale_gradients_kernel(loss_out, grads, scaler, guard, flags):
     """guard_gradients for a loss-scaled step. If guard[FAULT] is set: guard[SKIPPED] += 1 and nothing else. Else
     a non-finite loss_out[0] sets FAULT = LOSS, FAULT_INDEX = -1 (a real fault; the gradients are left alone);
-    else every gradient is unscaled in place, grads[i] = grads[i] · (1/S) computed in float64 and stored in the
-    gradients' dtype (numpy's `grads *= 1 / scaler[SCALE]`; exact for a power-of-two S), and a non-finite
-    result (the scaled δ overflowed) sets FAULT = OVERFLOW, FAULT_INDEX = its smallest flat index; FAULT_STEP =
-    guard[STEP] with either. The update and record_step then skip the step; update_scale clears OVERFLOW.
-    loss_out (1,), grads (P,) flat, scaler (loss_scale.SIZE,) float64. Launch: 1-D grid-stride over P
+    else every gradient is unscaled in place, grads[i] = grads[i] · float32(1/S), a float32 product (the
+    numpy backend's `grads *= float32(1 / S)`; exact for a power-of-two S short of float32's subnormals), and a
+    non-finite result (the scaled δ overflowed) sets FAULT = OVERFLOW, FAULT_INDEX = its smallest flat index;
+    FAULT_STEP = guard[STEP] with either. The update then skips the step; update_scale clears OVERFLOW.
+    loss_out (1,) and grads (P,) flat float32 (fp16 models are float32), scaler (loss_scale.SIZE,) float64.
+    Launch: 1-D grid-stride over P
     (loop_blocks); each thread unscales all its elements, keeps its first non-finite one and atomic-mins it
     into flags[BAD_GRADIENT]; the last block to finish commits. Traffic: grads read and written once (not
     touched after a fault or with a non-finite loss), S read once per thread."""
@@ -183,7 +184,7 @@ def unscale_gradients_kernel(loss_out, grads, scaler, guard, flags):
         return
     loss_finite = math.isfinite(loss_out[0])
     if loss_finite:
-        inverse = 1.0 / scaler[SCALE]
+        inverse = np.float32(1.0 / scaler[SCALE])
         bad = NO_INDEX
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, grads.size, stride):
@@ -209,8 +210,10 @@ def unscale_gradients_kernel(loss_out, grads, scaler, guard, flags):
 
 @cuda.jit
 def update_scale_kernel(scaler, guard):
-    """The loss scaler's rule (gpubp/loss_scale.update), after the update and record_step of a step:
-        guard[FAULT] == OVERFLOW: FAULT = NONE, FAULT_INDEX = -1; S = S·BACKOFF, GOOD = 0, OVERFLOWS += 1
+    """The loss scaler's rule (gpubp/loss_scale.update), after the update, before record_step:
+        guard[FAULT] == OVERFLOW: FAULT = NONE, FAULT_STEP = 0, FAULT_INDEX = -1 and guard[STEP] += 1 (the step
+                                  is taken, its update skipped: record_step then records its loss);
+                                  S = S·BACKOFF, GOOD = 0, OVERFLOWS += 1
         guard[FAULT] == NONE:     GOOD += 1; when GOOD reaches GROWTH_INTERVAL: S = min(S·GROWTH, MAX_SCALE),
                                   GOOD = 0
         any other fault:          nothing (the host reports it)
@@ -220,7 +223,9 @@ def update_scale_kernel(scaler, guard):
     fault = guard[FAULT]
     if fault == OVERFLOW_FAULT:
         guard[FAULT] = NO_FAULT
+        guard[FAULT_STEP] = 0
         guard[FAULT_INDEX] = -1
+        guard[STEP] += 1
         scaler[SCALE] = scaler[SCALE] * scaler[BACKOFF]
         scaler[GOOD] = 0
         scaler[OVERFLOWS] += 1
