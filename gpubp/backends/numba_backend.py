@@ -7,6 +7,14 @@ numba_loop_kernels.py: a step launches them in stream order and never waits for 
 graphs, so run_step launches every step eagerly (the base class's default); `counters` counts every host<->device
 copy and wait.
 
+Mixed precision (issue 12, the contract in base.py): every precision, with no tensor cores (numba.cuda has no
+mma: products are float32 FMAs). storage_dtype is float16 for fp16 and uint16 bfloat16 bits for bf16 (numba-cuda
+has no bfloat16 array type, and none under the simulator); each GEMM kernel is built for the kinds of its arrays
+(numba_kernels: a float32 operand rounded to the precision as it is loaded, a 16-bit one read exactly, an output
+stored in its dtype), picked here from the arrays' dtypes and `precision`. fp32 launches the fp32 kernels as
+before. fp16's loss scale: loss_grad's `scale`, unscale_gradients and update_scale (numba_loop_kernels), on the
+device.
+
 Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ (CuPy's) is used in place.
 Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
