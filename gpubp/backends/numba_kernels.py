@@ -479,8 +479,8 @@ def store_delta(delta, n, k, value, d_kind, scaled, s):
 
 
 @cuda.jit(device=True)
-def loss_row(loss, act, alpha, Z, Y, A, delta, n, d_kind, scaled, s):
-    """Row n of loss_rows_kernel: writes A[n, :] and δ[n, :] (through store_delta) and returns the row's loss."""
+def loss_row(loss, act, alpha, Z, Y, A, delta, row_loss, n, d_kind, scaled, s):
+    """Row n of loss_rows_kernel: writes A[n, :], δ[n, :] (through store_delta) and row_loss[n]."""
     N, out = Z.shape[0], Z.shape[1]
     total = 0.0
     if loss == MSE:
@@ -491,8 +491,8 @@ def loss_row(loss, act, alpha, Z, Y, A, delta, n, d_kind, scaled, s):
             d = a - Y[n, k]
             total += d * d
             store_delta(delta, n, k, d / N * activation_derivative(act, z, a, alpha), d_kind, scaled, s)
-        return 0.5 * total
-    if loss == BCE:
+        row_loss[n] = 0.5 * total
+    elif loss == BCE:
         for k in range(out):
             z = Z[n, k]
             y = Y[n, k]
@@ -500,21 +500,22 @@ def loss_row(loss, act, alpha, Z, Y, A, delta, n, d_kind, scaled, s):
             A[n, k] = a
             total += max(z, 0) - z * y + math.log1p(math.exp(-abs(z)))
             store_delta(delta, n, k, (a - y) / (N * out), d_kind, scaled, s)
-        return total / out
-    zmax = Z[n, 0]
-    for k in range(1, out):
-        zmax = max(zmax, Z[n, k])
-    e = 0.0
-    for k in range(out):
-        e += math.exp(Z[n, k] - zmax)     # shifted by the row max: exp cannot overflow
-    log_e = math.log(e)
-    for k in range(out):
-        log_p = Z[n, k] - zmax - log_e
-        p = math.exp(log_p)
-        A[n, k] = p
-        store_delta(delta, n, k, (p - Y[n, k]) / N, d_kind, scaled, s)
-        total -= Y[n, k] * log_p
-    return total
+        row_loss[n] = total / out
+    else:
+        zmax = Z[n, 0]
+        for k in range(1, out):
+            zmax = max(zmax, Z[n, k])
+        e = 0.0
+        for k in range(out):
+            e += math.exp(Z[n, k] - zmax)     # shifted by the row max: exp cannot overflow
+        log_e = math.log(e)
+        for k in range(out):
+            log_p = Z[n, k] - zmax - log_e
+            p = math.exp(log_p)
+            A[n, k] = p
+            store_delta(delta, n, k, (p - Y[n, k]) / N, d_kind, scaled, s)
+            total -= Y[n, k] * log_p
+        row_loss[n] = total
 
 
 @cuda.jit
@@ -528,7 +529,7 @@ def loss_rows_kernel(loss, act, alpha, Z, Y, A, delta, row_loss):
     (softmax reads Z three times, from cache), A and δ written once."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for n in range(start, Z.shape[0], stride):
-        row_loss[n] = loss_row(loss, act, alpha, Z, Y, A, delta, n, PLAIN, False, 1.0)
+        loss_row(loss, act, alpha, Z, Y, A, delta, row_loss, n, PLAIN, False, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,7 +545,7 @@ def loss_rows_scaled_kernel_for(d_kind, scaled):
         s = np.float32(scale[0]) if scaled else np.float32(1)
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for n in range(start, Z.shape[0], stride):
-            row_loss[n] = loss_row(loss, act, alpha, Z, Y, A, delta, n, d_kind, scaled, s)
+            loss_row(loss, act, alpha, Z, Y, A, delta, row_loss, n, d_kind, scaled, s)
 
     return _built("loss_rows_kernel", ("float32", d_kind, scaled), loss_rows_kernel)
 
