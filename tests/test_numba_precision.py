@@ -241,6 +241,44 @@ def test_a_hidden_layer_forward_and_backward_match_the_reference(be, precision, 
                       N + 1, f"{precision} db +=")
 
 
+@needs_numba
+@pytest.mark.parametrize("precision", REDUCED)
+def test_unfused_ops_match_the_numpy_backend(be, precision, rng):
+    """The two ops a network does not launch but the interface has, into 16-bit outputs, against the numpy
+    backend's ops in the same precision: input_grad (dA_prev = store(round(δ)·round(W))) and activation_mask
+    (δ = store(dA ⊙ g'(Z)) from a stored dA and A; tanh's g' from A, sigmoid's too)."""
+    from gpubp.backends.numpy_backend import NumpyBackend
+    ref = NumpyBackend()
+    N, n_in, n_out = 7, 33, 5
+    sd = be.storage_dtype(precision)
+    host_storage = P.storage_dtype(precision)           # the numpy backend's: ml_dtypes.bfloat16, float16, float32
+    as_ref = lambda x: P.round_operand(x, precision).astype(host_storage)   # noqa: E731
+    d, W = P.round_operand(rng.standard_normal((N, n_out)), precision), rng.standard_normal((n_out, n_in))
+    W = W.astype(np.float32)
+    out = poisoned(be, (N, n_in), sd)
+    be.input_grad(stored(be, d, precision), be.asarray(W, np.float32), out, precision=precision)
+    want = np.empty((N, n_in), host_storage)
+    ref.input_grad(as_ref(d), W, want, precision)
+    got, want = host(be, out, precision), want.astype(np.float32)
+    reach = np.abs(d) @ np.abs(P.round_operand(W, precision))
+    t = P.SIGNIFICAND_BITS["fp32" if precision == "tf32" else precision]
+    bound = 2 * 1.01 * n_out * U32 * reach * (1 + 2.0 ** (1 - t)) + 2.0 ** (1 - t) * np.abs(want)
+    bound += 2.0 ** -24 if precision == "fp16" else 1e-38
+    assert not np.isnan(got).any() and np.all(np.abs(got - want) <= bound), f"{precision} input_grad"
+    for act in (acts.TANH, acts.SIGMOID):
+        Z = rng.standard_normal((N, n_out)).astype(np.float32)
+        dA, A = P.round_operand(rng.standard_normal((N, n_out)), precision), P.round_operand(
+            acts.forward(act, Z), precision)
+        delta = poisoned(be, (N, n_out), sd)
+        be.activation_mask(stored(be, dA, precision), be.asarray(Z, np.float32), stored(be, A, precision), act,
+                           0.0, delta)
+        want = np.empty((N, n_out), host_storage)
+        ref.activation_mask(as_ref(dA), Z, as_ref(A), act, 0.0, want)
+        # g' = 1 − A² or A(1 − A): float32 in numpy, float64 here, a few float32 ulps of |dA| apart
+        assert_one_ulp(host(be, delta, precision), want.astype(np.float64), precision,
+                       f"{precision} activation_mask", slack=4 * U32 * np.abs(dA))
+
+
 # ---- the loss gradient and the fp16 loss scaler -------------------------------------------------------------------
 @needs_numba
 @pytest.mark.parametrize("precision", REDUCED)
