@@ -162,10 +162,17 @@ class LazyLoss:
 
 
 class History(dict):
-    """Per-epoch metrics, Keras-style: history["loss"], history["val_loss"], history["accuracy"], ...
-    `stop_reason` is None unless fit stopped early (a non-finite step)."""
+    """Per-epoch metrics, Keras-style: history["loss"], history["val_loss"], history["accuracy"], ... (fit makes
+    every key it will fill, so they exist, as empty lists, even when no epoch finished). `epoch`: the 0-based
+    indices of the epochs recorded. `stop_reason` is None unless fit stopped early: a non-finite step (then
+    `fault` is the FloatingPointError), a callback (EarlyStopping, model.stop_training) or an exception."""
 
     stop_reason = None
+    fault = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = []
 
     @property
     def history(self):
@@ -503,34 +510,53 @@ class Sequential:
         self.backend.copy_into(self.params, self.layout.flatten(checked, self.dtype))
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
-            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None):
+            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None, callbacks=None, verbose=0,
+            initial_epoch=0):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
         batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
-        "val_loss"/"val_accuracy" with validation_data.
+        "val_loss"/"val_accuracy" with validation_data. Those keys are always there (lists, empty when no epoch
+        finished), and history.stop_reason says why fit stopped early (None when it ran every epoch).
+
+        Epochs run from `initial_epoch` to `epochs` - 1 (Keras: `epochs` is the index to stop at, so a resumed run
+        passes the epochs it has done as initial_epoch). verbose: 0 silent, 1 a progress bar per epoch (tqdm on
+        stderr, updated every `log_every` batches, by default about 20 times an epoch and never every batch),
+        2 one line per epoch on stderr.
+
+        callbacks: gpubp.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, your own), told of each epoch
+        and asked whether to stop (gpubp/callbacks.py). The older arguments still work: on_epoch_end(epoch, logs)
+        after each epoch (it may return "stop", as Callback.on_epoch_end), and on_batch_end(batch, n_batches, loss)
+        every `log_every` batches (default 1 when it is given) with that batch's loss; epoch and batch are
+        0-based. A callback that raises stops fit at once: the exception carries the History as `exc.history`
+        (also `net.history`, which fit sets before its first epoch), with stop_reason naming the exception.
 
         The loop does not wait for the host per step: X and y go to the device once, each epoch's order is
         drawn from the model's seeded generator (so a run is reproducible and resumable from a checkpoint) and
         uploaded once, batches are gathered on the device, and the loss and accuracy are summed there. The host
         reads the guard (gpubp/guard.py) once per epoch, and also every `check_every` steps and every
-        `log_every` steps when given. on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches, loss) are
-        optional callbacks; on_batch_end is called every `log_every` batches (default 1 when it is given) with
-        that batch's loss, and each call costs one read.
+        `log_every` steps when given; each read costs one device-to-host copy.
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
-        so (a RuntimeWarning and history.stop_reason naming the epoch, batch and layer); the steps between the
-        fault and that read are skipped."""
+        so (a RuntimeWarning, history.stop_reason naming the epoch, batch and layer, and history.fault holding
+        the FloatingPointError); the steps between the fault and that read are skipped."""
+        from . import callbacks as cbm
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         for value, what in ((epochs, "epochs"), (batch_size, "batch_size")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, numbers.Integral) \
+                or not 0 <= initial_epoch <= epochs:
+            raise ValueError(f"initial_epoch: expected an integer from 0 to epochs ({epochs}), got {initial_epoch!r}")
         for value, what in ((check_every, "check_every"), (log_every, "log_every")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{what}: expected a positive integer or None, got {value!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
+        if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+            raise ValueError(f"verbose: expected 0 (silent), 1 (a progress bar) or 2 (a line per epoch), got {verbose!r}")
         for value, what in ((on_epoch_end, "on_epoch_end"), (on_batch_end, "on_batch_end")):
             if value is not None and not callable(value):
                 raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")
+        user_callbacks = cbm.check_callbacks(callbacks)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         if validation_data is not None:
@@ -538,18 +564,54 @@ class Sequential:
                 raise ValueError("validation_data: expected a pair (X_val, y_val)")
             Xv = self._check_X(validation_data[0])
             yv = self._check_y(validation_data[1], loss_id, Xv.shape[0])
-        if log_every is None and on_batch_end is not None:
-            log_every = 1
+        metrics = ["loss"] + (["accuracy"] if losses.accuracy_applies(loss_id) else [])
+        if validation_data is not None:
+            metrics += ["val_" + name for name in metrics]
+        for cb in user_callbacks:
+            cb.check_metrics(list(metrics))
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
 
         data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
         N = data.rows
         n_batches = -(-N // batch_size)
-        history = History()
-        for epoch in range(epochs):
+        callbacks = ([cbm.ProgressBar(bar=verbose == 1)] if verbose else []) + user_callbacks
+        if on_epoch_end is not None or on_batch_end is not None:
+            callbacks.append(cbm.LambdaCallback(on_epoch_end, on_batch_end))
+        if log_every is None and verbose == 1:
+            log_every = cbm.progress_log_every(n_batches)
+        elif log_every is None and any(cb.wants_batches() for cb in callbacks):
+            log_every = 1
+        history = History({name: [] for name in metrics})
+        self.history, self.stop_training = history, False
+        params = {"epochs": epochs, "initial_epoch": initial_epoch, "batches": n_batches, "rows": N,
+                  "batch_size": batch_size, "metrics": list(metrics)}
+        callback_list = cbm.CallbackList(callbacks, self, params)
+        try:
+            callback_list.on_train_begin()
+            self._fit_epochs(data, loss_id, loss, history, callback_list, range(initial_epoch, epochs), shuffle,
+                             check_every, log_every, (Xv, yv) if validation_data is not None else None)
+            callback_list.on_train_end({name: values[-1] for name, values in history.items() if values})
+        except BaseException as exc:
+            callback_list.close()
+            if history.stop_reason is None:
+                history.stop_reason = f"{type(exc).__name__} raised during fit: {exc}"
+            try:
+                exc.history = history
+            except Exception:    # an exception type that takes no attributes: net.history still has it
+                pass
+            raise
+        return history
+
+    def _fit_epochs(self, data, loss_id, loss, history, callback_list, epochs, shuffle, check_every, log_every,
+                    validation):
+        """fit's loop over validated inputs; fills `history`, stops on a fault or when a callback asks."""
+        N = data.rows
+        n_batches = -(-N // data.batch_size)
+        for epoch in epochs:
+            callback_list.on_epoch_begin(epoch)
             permutation = self.rng.permutation(N) if shuffle else np.arange(N)
             self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
-            epoch_start = self._steps
+            epoch_start, batch_stop = self._steps, None
             for b, (_, key, step) in enumerate(data.batches(permutation)):
                 with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
                     self.backend.run_step(key, step)
@@ -562,24 +624,33 @@ class Sequential:
                 try:
                     guard = self.sync()
                 except G.StepFault as err:
-                    history.stop_reason = f"epoch {epoch}, batch {err.step - epoch_start}: {err}"
-                    warnings.warn(f"fit stopped: {history.stop_reason}", RuntimeWarning, stacklevel=2)
-                    return history
-                if on_batch_end is not None and done % log_every == 0:
-                    on_batch_end(b, n_batches, float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]))
-            logs = {"loss": guard[G.LOSS_SUM] / N}
+                    history.stop_reason = (f"epoch {epoch + 1}, batch {err.step - epoch_start + 1} of {n_batches}: "
+                                           f"{err}")
+                    history.fault = err
+                    warnings.warn(f"fit stopped: {history.stop_reason}", RuntimeWarning, stacklevel=3)
+                    return
+                if log_every is not None and done % log_every == 0:
+                    batch_stop = callback_list.on_batch_end(epoch, b, {
+                        "loss": float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]),
+                        "epoch_loss": float(guard[G.LOSS_SUM] / guard[G.ROWS])})
+                    if self.stop_training:      # asked in on_batch_end: this epoch ends here
+                        break
+            rows = guard[G.ROWS]            # N, unless a callback ended the epoch early
+            logs = {"loss": guard[G.LOSS_SUM] / rows}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = guard[G.CORRECT] / N
+                logs["accuracy"] = guard[G.CORRECT] / rows
             logs = {k: float(v) for k, v in logs.items()}
-            if validation_data is not None:
-                logs["val_loss"], val_accuracy = self.evaluate(Xv, yv, loss)
+            if validation is not None:
+                logs["val_loss"], val_accuracy = self.evaluate(*validation, loss)
                 if val_accuracy is not None:
                     logs["val_accuracy"] = val_accuracy
             for k, v in logs.items():
-                history.setdefault(k, []).append(v)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
-        return history
+                history[k].append(v)
+            history.epoch.append(epoch)
+            reason = callback_list.on_epoch_end(epoch, logs)
+            if reason is not None or self.stop_training:
+                history.stop_reason = reason or batch_stop or f"model.stop_training was set in epoch {epoch + 1}"
+                return
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, path, extra=None):

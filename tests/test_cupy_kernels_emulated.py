@@ -677,4 +677,4 @@ def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng
     assert graph_be.counters["d2h"] == eager_be.counters["d2h"] == numpy_be.counters["d2h"]
     assert graph_be.counters["sync"] == graph_be.counters["d2h"]
     if case.endswith("fault"):
-        assert "epoch 0, batch 2" in graph_history.stop_reason and graph_state["steps"] == 2
+        assert "epoch 1, batch 3 of " in graph_history.stop_reason and graph_state["steps"] == 2
