@@ -9,7 +9,7 @@ from .layers import Dense
 from .network import History, Sequential
 from .optim import SGD, Adam
 from .serialize import load
-from . import callbacks   # noqa: E402  gpubp.callbacks.EarlyStopping, ... (Keras-style fit callbacks)
+from . import callbacks, schedules   # gpubp.callbacks.EarlyStopping, gpubp.schedules.Cosine, ...
 
 __version__ = "0.1.0"
 __all__ = ["Sequential", "Dense", "SGD", "Adam", "load", "History", "get_backend", "availability",

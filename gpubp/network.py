@@ -428,6 +428,7 @@ class Sequential:
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
         key = ("train", N, loss_id, optimizer.key()) if staged else None
         step = self._steps + self._pending
+        optimizer._follow_schedule(step, "step")
         # Non-finite values are caught by the guard; numpy's overflow warnings would only repeat them, or, where
         # warnings are errors, stop an update half-way through its buffers.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -569,6 +570,8 @@ class Sequential:
             metrics += ["val_" + name for name in metrics]
         for cb in user_callbacks:
             cb.check_metrics(list(metrics))
+        if optimizer.schedule is not None:
+            optimizer.schedule.check_metrics(list(metrics))
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
 
         data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
@@ -605,14 +608,16 @@ class Sequential:
     def _fit_epochs(self, data, loss_id, loss, history, callback_list, epochs, shuffle, check_every, log_every,
                     validation):
         """fit's loop over validated inputs; fills `history`, stops on a fault or when a callback asks."""
-        N = data.rows
+        N, optimizer = data.rows, data.optimizer
         n_batches = -(-N // data.batch_size)
         for epoch in epochs:
+            optimizer._follow_schedule(epoch, "epoch")
             callback_list.on_epoch_begin(epoch)
             permutation = self.rng.permutation(N) if shuffle else np.arange(N)
             self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
             epoch_start, batch_stop = self._steps, None
             for b, (_, key, step) in enumerate(data.batches(permutation)):
+                optimizer._follow_schedule(self._steps + self._pending, "step")
                 with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
                     self.backend.run_step(key, step)
                 self._pending += 1
@@ -647,6 +652,8 @@ class Sequential:
             for k, v in logs.items():
                 history[k].append(v)
             history.epoch.append(epoch)
+            if optimizer.schedule is not None:
+                optimizer.schedule.observe(logs)
             reason = callback_list.on_epoch_end(epoch, logs)
             if reason is not None or self.stop_training:
                 history.stop_reason = reason or batch_stop or f"model.stop_training was set in epoch {epoch + 1}"

@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 
 from .backends import BACKENDS, Backend
+from . import schedules
 from .layers import Dense
 
 FORMAT = "gpubp-checkpoint-1"
@@ -52,6 +53,8 @@ def save(net, path, extra=None):
     arrays = {"format": np.array(FORMAT), "params": net.layout.pack(net.backend.to_numpy(net.params))}
     if net.optimizer is not None:
         meta["optimizer"] = {"type": type(net.optimizer).__name__, "config": net.optimizer.config()}
+        if net.optimizer.schedule is not None:
+            meta["optimizer"]["schedule"] = net.optimizer.schedule.to_dict()
         for name, value in net.optimizer.state_arrays().items():
             arrays["opt." + name] = value
     arrays["meta"] = np.array(json.dumps(meta))
@@ -183,7 +186,13 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
         net.rng.bit_generator.state = meta["rng"]
         optimizer = None
         if opt_meta is not None:
-            optimizer = OPTIMIZERS[opt_meta["type"]](net, **opt_meta.get("config", {}))
+            config, schedule = dict(opt_meta.get("config", {})), opt_meta.get("schedule")
+            if schedule is not None:
+                # made with its schedule, then given back the rate it had (which a schedule may have taken to 0)
+                saved_lr, config["lr"] = config.get("lr"), schedules.from_dict(schedule)
+            optimizer = OPTIMIZERS[opt_meta["type"]](net, **config)
+            if schedule is not None:
+                optimizer._set_lr(saved_lr)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.
