@@ -21,6 +21,7 @@ import numpy as np
 
 from . import activations as acts
 from . import guard as G
+from . import labels as L
 from . import losses
 from .backends import get_backend
 from .layers import Dense
@@ -418,7 +419,9 @@ class Sequential:
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         X = self._check_X(X, on_device=not sync)
+        y = L.encode(y, loss_id, self.n_out, self.classes, fitting=False)[0]
         y = self._check_y(y, loss_id, X.shape[0], on_device=not sync)
+        self.loss = loss
         return self._train_step(X, y, loss_id, optimizer, sync)
 
     def _train_step(self, X, y, loss_id, optimizer, sync=True):
@@ -450,7 +453,11 @@ class Sequential:
         return self.layout.unflatten(self.backend.to_numpy(self.grads))
 
     def predict(self, X, batch_size=None):
-        """The network's output A = F(Z) for every row of X, as a numpy array (N, out)."""
+        """The network's output A = F(Z) for every row of X, as a numpy array (N, out): the last layer's activation
+        applied, nothing more. So for a model trained with bce (sigmoid output) it is the probability of the
+        positive class (of each output); with softmax_ce (identity output; the softmax is part of the loss) it is
+        the logits, not probabilities; with mse it is the prediction itself. predict_proba and predict_classes
+        give probabilities and labels whatever the loss."""
         X = self._check_X(X)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
@@ -464,8 +471,65 @@ class Sequential:
             chunks.append(self.backend.to_numpy(self._forward(staged, ws)))
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
+    # What fit last trained with: the loss name and the original class labels (gpubp/labels.py); both saved.
+    loss = None
+    _classes = None
+
+    @property
+    def classes(self):
+        """The original class labels as a numpy array, in output order (softmax_ce) or [negative, positive] (one
+        bce output); None when the labels were indices already. fit sets them from the labels it sees; set them
+        before fit to fix them (say, every class of a data set whose training rows miss one)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, value):
+        self._classes = None if value is None else L.check_classes(value, self.n_out)
+
+    def predict_proba(self, X, batch_size=None):
+        """Probabilities (N, out) for the loss the model was trained with (self.loss): bce, the sigmoid output as
+        it is (each output's probability of its positive class); softmax_ce, the softmax of the logits (rows sum
+        to 1). A regression (mse) model has none: ValueError."""
+        proba_of = self._loss_for("predict_proba")
+        out = self.predict(X, batch_size)
+        return proba_of(out)
+
+    def predict_classes(self, X, batch_size=None):
+        """The predicted class of each row (N,), as the original labels where fit saw labels (self.classes), else
+        as indices: softmax_ce, the arg-max output; one bce output, classes[1] where its probability is above 0.5.
+        Several bce outputs (multi-label): (N, out) of 0 and 1. A regression (mse) model: ValueError."""
+        self._loss_for("predict_classes")
+        out = self.predict(X, batch_size)
+        if self.loss == "softmax_ce":
+            index = out.argmax(axis=1)
+        elif self.n_out == 1:
+            index = (out[:, 0] > 0.5).astype(np.int64)
+        else:
+            return (out > 0.5).astype(np.int64)
+        return index if self.classes is None else self.classes[index]
+
+    def _loss_for(self, what):
+        """The function from outputs to probabilities for self.loss; ValueError where there is none."""
+        if self.loss is None:
+            raise ValueError(f"{what}: the model does not know its loss yet; fit it (or train_step) first, or set "
+                             "net.loss to 'bce' or 'softmax_ce'")
+        if self.loss == "mse":
+            raise ValueError(f"{what}: this model was trained with mse (a regression): it has no probabilities or "
+                             "classes; use predict")
+        if self.loss == "bce":
+            return lambda out: out
+        if self.loss == "softmax_ce":
+            return _softmax
+        raise ValueError(f"{what}: net.loss is {self.loss!r}; expected 'bce', 'softmax_ce' or 'mse'")
+
     def evaluate(self, X, y, loss):
-        """(loss, accuracy) on (X, y) without updating anything; accuracy is None for mse."""
+        """(loss, accuracy) on (X, y) without updating anything; accuracy is None for mse. y may hold the model's
+        original class labels (self.classes)."""
+        y = L.encode(y, self._check_loss(loss), self.n_out, self.classes, fitting=False)[0]
+        return self._evaluate(X, y, loss)
+
+    def _evaluate(self, X, y, loss):
+        """evaluate on targets already encoded (fit's validation data)."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
@@ -559,12 +623,14 @@ class Sequential:
                 raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")
         user_callbacks = cbm.check_callbacks(callbacks)
         X = self._check_X(X)
+        y, classes = L.encode(y, loss_id, self.n_out, self.classes, fitting=True)   # labels -> indices, once
         y = self._check_y(y, loss_id, X.shape[0])
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a pair (X_val, y_val)")
             Xv = self._check_X(validation_data[0])
-            yv = self._check_y(validation_data[1], loss_id, Xv.shape[0])
+            yv = L.encode(validation_data[1], loss_id, self.n_out, classes, fitting=False)[0]
+            yv = self._check_y(yv, loss_id, Xv.shape[0])
         metrics = ["loss"] + (["accuracy"] if losses.accuracy_applies(loss_id) else [])
         if validation_data is not None:
             metrics += ["val_" + name for name in metrics]
@@ -573,6 +639,7 @@ class Sequential:
         if optimizer.schedule is not None:
             optimizer.schedule.check_metrics(list(metrics))
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
+        self.loss, self._classes = loss, classes
 
         data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
         N = data.rows
@@ -646,7 +713,7 @@ class Sequential:
                 logs["accuracy"] = guard[G.CORRECT] / rows
             logs = {k: float(v) for k, v in logs.items()}
             if validation is not None:
-                logs["val_loss"], val_accuracy = self.evaluate(*validation, loss)
+                logs["val_loss"], val_accuracy = self._evaluate(*validation, loss)
                 if val_accuracy is not None:
                     logs["val_accuracy"] = val_accuracy
             for k, v in logs.items():
@@ -664,3 +731,9 @@ class Sequential:
         """Checkpoint to `path` (atomic); `extra`: a JSON-able dict returned by gpubp.load as net.extra."""
         from .serialize import save
         save(self, path, extra=extra)
+
+
+def _softmax(logits):
+    """Row-wise softmax of numpy logits (N, out), shifted by each row's maximum so exp cannot overflow."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

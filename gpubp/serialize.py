@@ -2,7 +2,8 @@
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
 Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, seed, deterministic, steps, rng state,
-       optimizer type and config, extra)  params (flat, packed)  opt.<state name> (flat, packed)  opt.step (int64, (1,))
+       optimizer type, config and schedule, extra, the loss and class labels fit last used)  params (flat, packed)
+       opt.<state name> (flat, packed)  opt.step (int64, (1,))
 
 `extra` is the caller's own JSON-able metadata (the command line keeps its preprocessing there); load returns
 it as net.extra ({} when none was saved), and saving a loaded model again keeps it.
@@ -14,8 +15,8 @@ import zipfile
 
 import numpy as np
 
-from .backends import BACKENDS, Backend
 from . import schedules
+from .backends import BACKENDS, Backend
 from .layers import Dense
 
 FORMAT = "gpubp-checkpoint-1"
@@ -49,6 +50,8 @@ def save(net, path, extra=None):
         "rng": net.rng.bit_generator.state,
         "optimizer": None,
         "extra": extra or {},
+        "loss": net.loss,
+        "classes": None if net.classes is None else net.classes.tolist(),
     }
     arrays = {"format": np.array(FORMAT), "params": net.layout.pack(net.backend.to_numpy(net.params))}
     if net.optimizer is not None:
@@ -193,6 +196,13 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
             optimizer = OPTIMIZERS[opt_meta["type"]](net, **config)
             if schedule is not None:
                 optimizer._set_lr(saved_lr)
+        if meta.get("loss") is not None:
+            net._check_loss(meta["loss"])             # a known name that suits the output layer
+            net.loss = meta["loss"]
+        if meta.get("classes") is not None:
+            if net.loss not in ("bce", "softmax_ce"):
+                raise ValueError(f"class labels saved for the loss {net.loss!r}")
+            net.classes = meta["classes"]             # checked: distinct strings or numbers, one per output
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.
