@@ -217,7 +217,7 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:      # Keras's count: `patience` epochs without improvement (0 acts as 1)
             self.stopped_epoch = epoch
-            self.stop_reason = (f"early stopping: {self.monitor} did not improve on {self.best!r} (epoch "
+            self.stop_reason = (f"early stopping: {self.monitor} did not improve on {self.best:.6g} (epoch "
                                 f"{self.best_epoch + 1}) for {self.wait} epochs" if self.best is not None else
                                 f"early stopping: {self.monitor} was never finite in {self.wait} epochs")
             return STOP

@@ -63,7 +63,10 @@ def test_read_csv_default_target_is_the_last_column_and_decimals_are_floats(tmp_
 
 
 @pytest.mark.parametrize("text, target, message", [
-    ("a,b\n1,x\n", None, r"column 'b' is not numeric \(line 2: 'x'\)"),
+    ("a,b\nx,1\n", None, r"column 'a' is not numeric \(line 2: 'x'\)"),
+    ("a,b\n1,2\n\n3,4\n5,\n", None, "missing value in column b, line 5"),     # the file's own line numbers
+    ("a,b\n1,yes\n2,\n", None, "missing value in column b, line 3"),
+    ("a,b\n1,2\n ,3\n", None, "missing value in column a, line 3"),
     ("a,b\n1,2\n3\n", None, "line 3 has 1 fields"),
     ("a,b\n1,2\n", "c", "no column 'c'"),
     ("a,b\n", None, "at least one data row"),
