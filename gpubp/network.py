@@ -601,7 +601,12 @@ class Sequential:
         `log_every` steps when given; each read costs one device-to-host copy.
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
         so (a RuntimeWarning, history.stop_reason naming the epoch, batch and layer, and history.fault holding
-        the FloatingPointError); the steps between the fault and that read are skipped."""
+        the FloatingPointError); the steps between the fault and that read are skipped.
+
+        Threads (numpy backend): the time goes into NumPy's BLAS, which starts a thread per core. On a machine
+        shared with other work, or to compare timings, fix the count with threadpoolctl:
+        `with threadpoolctl.threadpool_limits(2): net.fit(...)` (the command line's --threads, the bench's
+        --threads)."""
         from . import callbacks as cbm
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
