@@ -474,6 +474,9 @@ class Sequential:
     # What fit last trained with: the loss name and the original class labels (gpubp/labels.py); both saved.
     loss = None
     _classes = None
+    # Set by fit: its History (from before the first epoch), and the flag a callback sets to stop it.
+    history = None
+    stop_training = False
 
     @property
     def classes(self):
