@@ -42,8 +42,8 @@ def check_classes(classes, n_out):
     values = [_plain(c) for c in (classes.tolist() if isinstance(classes, np.ndarray) else classes)]
     expected = 2 if n_out == 1 else n_out
     if len(values) != expected:
-        raise ValueError(f"classes: expected {expected} labels ({'two, for one sigmoid output' if n_out == 1 else 'one per output'}), "
-                         f"got {len(values)}")
+        why = "two, for one sigmoid output" if n_out == 1 else "one per output"
+        raise ValueError(f"classes: expected {expected} labels ({why}), got {len(values)}")
     strings = all(isinstance(v, str) for v in values)
     numbers_ = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     if not (strings or numbers_):

@@ -625,7 +625,8 @@ class Sequential:
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
         if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-            raise ValueError(f"verbose: expected 0 (silent), 1 (a progress bar) or 2 (a line per epoch), got {verbose!r}")
+            raise ValueError(f"verbose: expected 0 (silent), 1 (a progress bar) or 2 (a line per epoch), "
+                             f"got {verbose!r}")
         for value, what in ((on_epoch_end, "on_epoch_end"), (on_batch_end, "on_batch_end")):
             if value is not None and not callable(value):
                 raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")

@@ -3,14 +3,14 @@
 Each schedule is a pure function of the position t (0-based: the epoch, or the train step with per="step") that
 gives the learning rate, with the values of the matching torch.optim.lr_scheduler after t calls of its step():
 
-    StepDecay(lr, step_size, gamma=0.1)        lr · gamma^⌊t / step_size⌋                          (StepLR)
-    Exponential(lr, gamma)                     lr · gamma^t                                        (ExponentialLR)
-    Cosine(lr, total, warmup=0, min_lr=0)      t < warmup: lr · (t + 1) / warmup                   (LinearLR, then
-                                               then min_lr + (lr − min_lr)(1 + cos(π (t − warmup) / (total − warmup)))/2
-                                               and min_lr after `total` (torch's cosine would rise again there)
-                                                                                       CosineAnnealingLR)
-    ReduceOnPlateau(lr, monitor="val_loss", factor=0.1, patience=10, ...)   a function of the monitored values
-                                               seen so far, one per epoch, not of t (ReduceLROnPlateau)
+    StepDecay(lr, step_size, gamma=0.1)      lr · gamma^⌊t / step_size⌋                              torch: StepLR
+    Exponential(lr, gamma)                   lr · gamma^t                                             ExponentialLR
+    Cosine(lr, total, warmup=0, min_lr=0)    t < warmup:  lr · (t + 1) / warmup                       LinearLR, then
+                                             t ≤ total:   min_lr + (lr − min_lr) · (1 + cos(π s)) / 2 CosineAnnealingLR
+                                                          with s = (t − warmup) / (total − warmup)
+                                             t > total:   min_lr (torch's cosine would rise again)
+    ReduceOnPlateau(lr, monitor="val_loss", factor=0.1, patience=10, ...)               ReduceLROnPlateau
+                                             a function of the monitored values seen so far, one per epoch
 
 How they are applied: fit sets the optimizer's lr from its schedule before each epoch (per="epoch", the default)
 or before each step (per="step"; train_step does too, at the model's step count). The learning rate lives in
@@ -27,7 +27,8 @@ import numbers
 
 def _positive(value, what, low=0.0, low_open=True, high=None, high_open=False, integer=False):
     if integer:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (low_open and value == low):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
+                or (low_open and value == low):
             raise ValueError(f"{what}: expected an integer {'>' if low_open else '>='} {low:g}, got {value!r}")
         return int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -203,7 +204,8 @@ SCHEDULES = {cls.__name__: cls for cls in (StepDecay, Exponential, Cosine, Reduc
 def from_dict(d):
     """The schedule a checkpoint describes ({"type", "settings", and "observed" for ReduceOnPlateau}), every
     field checked: ValueError for anything else (a checkpoint is never trusted)."""
-    if not isinstance(d, dict) or not isinstance(d.get("type"), str) or d["type"] not in SCHEDULES or not isinstance(d.get("settings"), dict):
+    if not isinstance(d, dict) or not isinstance(d.get("type"), str) or d["type"] not in SCHEDULES \
+            or not isinstance(d.get("settings"), dict):
         raise ValueError(f"schedule: expected {{'type': one of {sorted(SCHEDULES)}, 'settings': {{...}}}}, "
                          f"got {d!r:.100}")
     cls = SCHEDULES[d["type"]]

@@ -70,7 +70,8 @@ def test_model_checkpoint_keeps_the_best_epoch_atomically(rng, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.npz"]          # no temporary file left behind
     every = ModelCheckpoint(str(tmp_path / "m-{epoch:02d}-{loss:.2f}.npz"), save_best_only=False)
     net.fit(X, y, "softmax_ce", opt, epochs=2, batch_size=8, callbacks=[every])
-    assert [os.path.basename(p)[:5] for p in every.saved] == ["m-01-", "m-02-"] and all(map(os.path.isfile, every.saved))
+    assert [os.path.basename(p)[:5] for p in every.saved] == ["m-01-", "m-02-"]
+    assert all(map(os.path.isfile, every.saved))
 
 
 def test_a_callback_stops_training_by_answer_or_by_flag(rng):

@@ -11,7 +11,8 @@ TESTS = Path(__file__).resolve().parent
 def test_skips_are_counted_by_reason_across_files(tmp_path):
     for name, reasons in (("test_a.py", ["no GPU", "no GPU", "no torch"]), ("test_b.py", ["no GPU"]),
                           ("test_c.py", [])):
-        body = "import pytest\n\n" + "".join(f"def test_{i}():\n    pytest.skip({r!r})\n\n" for i, r in enumerate(reasons))
+        tests = "".join(f"def test_{i}():\n    pytest.skip({r!r})\n\n" for i, r in enumerate(reasons))
+        body = "import pytest\n\n" + tests
         (tmp_path / name).write_text(body + "def test_runs():\n    pass\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider",
