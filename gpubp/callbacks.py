@@ -61,9 +61,10 @@ class Callback:
         return type(self).on_batch_end is not Callback.on_batch_end
 
 
-class LambdaCallback(Callback):
-    """fit's older arguments as a callback: on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches, loss),
-    where loss is that batch's loss. on_epoch_end may return "stop", as Callback.on_epoch_end."""
+class FitArguments(Callback):
+    """fit's older arguments, as fit calls them: on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches,
+    loss), where loss is that batch's loss. on_epoch_end may return "stop", as Callback.on_epoch_end. (Not
+    Keras's LambdaCallback, whose on_batch_end takes (batch, logs): subclass Callback for that.)"""
 
     def __init__(self, on_epoch_end=None, on_batch_end=None):
         self._epoch_end, self._batch_end = on_epoch_end, on_batch_end
@@ -148,7 +149,7 @@ class CallbackList:
 
 
 def _name(cb):
-    return cb._epoch_end.__qualname__ if isinstance(cb, LambdaCallback) and cb._epoch_end is not None \
+    return cb._epoch_end.__qualname__ if isinstance(cb, FitArguments) and cb._epoch_end is not None \
         else type(cb).__name__
 
 

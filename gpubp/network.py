@@ -655,7 +655,7 @@ class Sequential:
         n_batches = -(-N // batch_size)
         callbacks = ([cbm.ProgressBar(bar=verbose == 1)] if verbose else []) + user_callbacks
         if on_epoch_end is not None or on_batch_end is not None:
-            callbacks.append(cbm.LambdaCallback(on_epoch_end, on_batch_end))
+            callbacks.append(cbm.FitArguments(on_epoch_end, on_batch_end))
         if log_every is None and verbose == 1:
             log_every = cbm.progress_log_every(n_batches)
         elif log_every is None and any(cb.wants_batches() for cb in callbacks):

@@ -95,6 +95,8 @@ def test_a_callback_stops_training_by_answer_or_by_flag(rng):
     assert net.steps == steps + 2 and len(history["loss"]) == 1       # the epoch's first two batches, recorded
     assert history.stop_reason == "StopMidEpoch set model.stop_training in epoch 1, batch 2; the epoch ended there"
 
+    history = net.fit(X, y, "softmax_ce", opt, epochs=5, batch_size=8, on_epoch_end=lambda epoch, logs: "stop")
+    assert len(history["loss"]) == 1 and history.stop_reason.endswith("stopped training after epoch 1")
     answers_other = lambda epoch, logs: 1                                  # noqa: E731
     with pytest.raises(ValueError, match="on_epoch_end returned 1"):
         net.fit(X, y, "softmax_ce", opt, epochs=2, batch_size=8, on_epoch_end=answers_other)
