@@ -259,6 +259,9 @@ class Targets:
             raise ValueError(f"--loss bce: needs two classes or probabilities in [0, 1], got {len(classes)} "
                              f"distinct values from {classes[0]} to {classes[-1]}")
         if loss == "mse":
+            if y.dtype.kind not in "biuf":
+                raise ValueError("--loss mse: needs numeric targets; this target holds text labels (classes: use "
+                                 "bce or softmax_ce, or leave --loss out)")
             y2 = y.reshape(len(y), -1).astype(np.float64)
             std = y2.std(axis=0)
             return cls(loss, mean=y2.mean(axis=0).tolist(), std=np.where(std > 0, std, 1.0).tolist())

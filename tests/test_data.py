@@ -157,3 +157,12 @@ def test_targets_encode_and_decode_each_loss():
     assert abs(t.encode(y).mean()) < 1e-12
     with pytest.raises(ValueError, match="--loss bce"):
         data.Targets.fit(np.array([0.5, 2.0]), "bce")
+
+
+def test_text_labels_are_classes_and_not_a_regression(tmp_path):
+    ds = data.read_csv(write(tmp_path / "d.csv", "x,kind\n1,cat\n2,dog\n3,emu\n4,cat\n"))
+    assert ds.y.tolist() == ["cat", "dog", "emu", "cat"] and data.infer_loss(ds.y) == "softmax_ce"
+    targets = data.Targets.fit(ds.y, "softmax_ce")
+    assert targets.classes == ["cat", "dog", "emu"] and targets.decode(np.eye(3)[[2, 0]]).tolist() == ["emu", "cat"]
+    with pytest.raises(ValueError, match="--loss mse: needs numeric targets"):
+        data.Targets.fit(ds.y, "mse")
