@@ -3,6 +3,7 @@
     gpubp train --data breast_cancer --epochs 30 --save model.npz --plot curves.png
     gpubp train --data breast_cancer --epochs 60 --resume model.npz      # continues to epoch 60
     gpubp predict model.npz --data new.csv --out preds.csv
+    gpubp export model.npz --onnx model.onnx [--probabilities]              # for ONNX Runtime and friends
     gpubp info
     gpubp bench [ARGS...]                                                 # the suite in bench/ (source checkout)
 
@@ -403,6 +404,41 @@ def _features_for(data_spec, saved, n_in):
     return dataset.X
 
 
+# ---- export -------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True,
+              help="Write the network as an ONNX model here.")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: gpubp.export.ONNX_OPSET].")
+@click.option("--probabilities", is_flag=True,
+              help="End the graph in a softmax (or sigmoid) so that it outputs class probabilities.")
+def export(model, onnx_path, opset, probabilities):
+    """Export a checkpoint as an ONNX model (input X: (N, features), output Y or probabilities: (N, outputs)).
+    A checkpoint written by `gpubp train` has its preprocessing built into the graph: the graph takes the raw
+    feature columns in training order and gives regression values in the target's units."""
+    from gpubp.export import ONNX_OPSET, to_onnx
+    net = gpubp.load(model, backend="numpy")
+    input_scaling = output_scaling = None
+    about = "raw network outputs"
+    if "gpubp_cli" in net.extra:
+        saved = _cli_meta(net, model)
+        features = gdata.Standardizer.from_dict(saved["features"])
+        targets = gdata.Targets.from_dict(saved["targets"])
+        input_scaling = (features.mean, features.std)
+        if targets.loss == "mse" and not probabilities:
+            output_scaling = (targets.mean, targets.std)
+        if targets.loss == "softmax_ce":
+            output = f"columns are classes {targets.classes}" + ("" if probabilities else " (logits)")
+        elif targets.loss == "bce":
+            output = f"probability of class {targets.classes[1]!r}" if targets.classes else "probabilities"
+        else:
+            output = "values in the target's units"
+        about = f"features {', '.join(map(str, saved['feature_names']))} standardised inside; {output}"
+    to_onnx(net, onnx_path, opset=ONNX_OPSET if opset is None else opset, probabilities=probabilities,
+            input_scaling=input_scaling, output_scaling=output_scaling)
+    click.echo(f"{onnx_path}: ONNX model of {_describe(_architecture(net))}, {net.dtype.name}; {about}")
+
+
 # ---- info ---------------------------------------------------------------------------------------------------------
 @cli.command()
 def info():
@@ -482,7 +518,7 @@ def main(argv=None):
     except click.ClickException as exc:       # usage errors: a bad option value, a missing argument
         click.echo(_fail_line(exc.format_message()), err=True)
         return EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code
-    except (CliError, ValueError, TypeError, OSError, BackendUnavailable) as exc:
+    except (CliError, ValueError, TypeError, OSError, ImportError, BackendUnavailable) as exc:
         if os.environ.get("GPUBP_TRACEBACK") == "1":
             raise
         click.echo(_fail_line(exc), err=True)
