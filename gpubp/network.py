@@ -236,6 +236,7 @@ class Sequential:
         on_device=True (a sync=False step): the values of a device array are not read back (that would wait for
         the device); a non-finite one reaches the step's guard instead, which reports it at the next read."""
         be = self.backend
+        x = be.adopt(x, what)   # another library's device array (torch.cuda, jax): a view of it, no copy
         if not be.is_device_array(x):
             if isinstance(x, (str, bytes)) or x is None:
                 raise TypeError(f"{what}: expected a numeric array, got {type(x).__name__}")
@@ -281,6 +282,7 @@ class Sequential:
         becomes a row of NaN (Backend.one_hot) that the guard reports, and bce's [0, 1] range goes unchecked."""
         out = self.n_out
         be = self.backend
+        y = be.adopt(y, "y")
         read = lambda a: a if isinstance(a, np.ndarray) else None if on_device else be.to_numpy(a)   # noqa: E731
         if loss_id == losses.SOFTMAX_CE and y is not None and getattr(y, "ndim", np.ndim(y)) == 1:
             y = self._check_array(y, "y", (), on_device)
@@ -441,19 +443,29 @@ class Sequential:
             self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
         return self.layout.unflatten(self.backend.to_numpy(self.grads))
 
-    def predict(self, X, batch_size=None):
-        """The network's output A = F(Z) for every row of X, as a numpy array (N, out)."""
+    def predict(self, X, batch_size=None, device=False):
+        """The network's output A = F(Z) for every row of X, as a numpy array (N, out); device=True: as the
+        backend's own device array (cupy, numba; numpy on the numpy backend), with no copy to the host."""
         X = self._check_X(X)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if not isinstance(device, bool):
+            raise TypeError(f"device: expected True or False, got {device!r}")
         N = X.shape[0]
         step = N if batch_size is None else int(batch_size)
         chunks = []
+        out = self.backend.empty((N, self.n_out), self.dtype) if device else None
         for start in range(0, N, step):
             part = X[start:start + step]
             ws = self._workspace(part.shape[0])
             staged, _, _ = self._stage(part, None, None, ws)
-            chunks.append(self.backend.to_numpy(self._forward(staged, ws)))
+            A = self._forward(staged, ws)
+            if device:   # a device-to-device copy: the workspace is reused by the next call
+                self.backend.copy_into(out[start:start + part.shape[0]], A)
+            else:
+                chunks.append(self.backend.to_numpy(A))
+        if device:
+            return out
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def evaluate(self, X, y, loss):

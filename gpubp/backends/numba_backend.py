@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from .base import Backend
+from .base import DLPACK_CUDA, Backend, cuda_array_interface, dlpack_device
 
 try:
     from numba import cuda
@@ -152,6 +152,20 @@ class NumbaBackend(Backend):
 
     def is_device_array(self, x):
         return cuda.devicearray.is_cuda_ndarray(x) or hasattr(x, "__cuda_array_interface__")
+
+    def adopt(self, x, what="array"):
+        if x is None or isinstance(x, np.ndarray) or cuda.devicearray.is_cuda_ndarray(x):
+            return x
+        device = dlpack_device(x)
+        if device is not None and device[0] in DLPACK_CUDA and device[1] != cuda.get_current_device().id:
+            raise ValueError(f"{what}: on CUDA device {device[1]}, but this model's arrays are on device "
+                             f"{cuda.get_current_device().id}; move it there first")
+        if cuda_array_interface(x, what) is not None:
+            return cuda.as_cuda_array(x)      # a view of the same device memory, no copy
+        if device is not None and device[0] in DLPACK_CUDA:
+            raise TypeError(f"{what}: a {type(x).__name__} on the GPU that offers DLPack but not "
+                            "__cuda_array_interface__, which the numba backend reads; use the cupy backend")
+        return x
 
     def _device(self, x):
         """A numba view of a device array (CuPy's included, through __cuda_array_interface__, no copy)."""
