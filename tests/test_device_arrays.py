@@ -207,6 +207,20 @@ def test_numba_takes_foreign_arrays_and_returns_device_arrays(simulated_numba, r
     out = nets[1].predict(ForeignDeviceArray(X), device=True)
     assert cuda.devicearray.is_cuda_ndarray(out)
     np.testing.assert_allclose(out.copy_to_host(), nets[0].predict(X), rtol=1e-5, atol=1e-6)
+    # float64 for a float32 model, and a transposed layout: copied on the device (numba_interop_kernels)
+    for foreign in (ForeignDeviceArray(X.astype(np.float64)), ForeignDeviceArray(np.asfortranarray(X))):
+        expected = nets[0].predict(X)
+        before = dict(be.counters)
+        np.testing.assert_allclose(nets[1].predict(foreign), expected, rtol=1e-5, atol=1e-6)
+        # up: the finiteness check's 4-byte flag; down: that flag and the predictions; never the input
+        assert (be.counters["h2d"] - before["h2d"], be.counters["d2h"] - before["d2h"]) == (1, 2)
+    labels = np.array([0, 1, 1, 0, 1, 0], np.int32)      # int32 labels (torch's default is int64)
+    softmax = make_net([3, 2], loss="softmax_ce", backend=be, dtype="float32")
+    gpubp.SGD(softmax, lr=0.1)
+    reference = make_net([3, 2], loss="softmax_ce", backend="numpy", dtype="float32")
+    gpubp.SGD(reference, lr=0.1)
+    assert softmax.train_step(ForeignDeviceArray(X), ForeignDeviceArray(labels), loss="softmax_ce") == \
+        pytest.approx(reference.train_step(X, labels, loss="softmax_ce"), rel=1e-5)
     with pytest.raises(TypeError, match="X: a DLPackOnlyArray.*cupy backend"):
         nets[1].predict(ForeignDeviceArray(X, interface=False))
 
