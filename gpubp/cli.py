@@ -409,14 +409,13 @@ def _features_for(data_spec, saved, n_in):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True,
               help="Write the network as an ONNX model here.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: gpubp.export.ONNX_OPSET].")
+@click.option("--opset", type=int, default=gpubp.export.ONNX_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--probabilities", is_flag=True,
               help="End the graph in a softmax (or sigmoid) so that it outputs class probabilities.")
 def export(model, onnx_path, opset, probabilities):
     """Export a checkpoint as an ONNX model (input X: (N, features), output Y or probabilities: (N, outputs)).
     A checkpoint written by `gpubp train` has its preprocessing built into the graph: the graph takes the raw
     feature columns in training order and gives regression values in the target's units."""
-    from gpubp.export import ONNX_OPSET, to_onnx
     net = gpubp.load(model, backend="numpy")
     input_scaling = output_scaling = None
     about = "raw network outputs"
@@ -434,8 +433,8 @@ def export(model, onnx_path, opset, probabilities):
         else:
             output = "values in the target's units"
         about = f"features {', '.join(map(str, saved['feature_names']))} standardised inside; {output}"
-    to_onnx(net, onnx_path, opset=ONNX_OPSET if opset is None else opset, probabilities=probabilities,
-            input_scaling=input_scaling, output_scaling=output_scaling)
+    gpubp.export.to_onnx(net, onnx_path, opset=opset, probabilities=probabilities, input_scaling=input_scaling,
+                         output_scaling=output_scaling)
     click.echo(f"{onnx_path}: ONNX model of {_describe(_architecture(net))}, {net.dtype.name}; {about}")
 
 

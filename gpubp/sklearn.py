@@ -281,10 +281,6 @@ class _BaseMLP(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         return self.net_.predict(X)
 
-    def _more_tags_into(self, tags):
-        tags.input_tags.allow_nan = False
-        return tags
-
     # ---- pickling: numpy arrays only --------------------------------------------------------------------------
     def __getstate__(self):
         state = dict(super().__getstate__())   # a copy: object.__getstate__ returns the instance's own dict
@@ -389,8 +385,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _validation_score(self, X, y):
         return float(np.mean(self.predict(X) == y))
 
-    def __sklearn_tags__(self):
-        return self._more_tags_into(super().__sklearn_tags__())
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
@@ -427,6 +421,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return float(self.score(X, y))
 
     def __sklearn_tags__(self):
-        tags = self._more_tags_into(super().__sklearn_tags__())
-        tags.target_tags.multi_output = True
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True     # y may have several columns
         return tags

@@ -15,7 +15,6 @@ Without a GPU this runs on stand-ins:
 The same flows with torch.cuda tensors on a real GPU are the tests marked gpu at the end.
 """
 import ctypes
-import types
 
 import numpy as np
 import pytest
