@@ -28,6 +28,8 @@ import gpubp
 from gpubp import data as gdata
 from gpubp.activations import NAMES as ACTIVATIONS
 from gpubp.backends import BACKENDS, BackendUnavailable
+from gpubp.precision import NOTES as PRECISION_NOTES
+from gpubp.precision import PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1      # training stopped on a non-finite step (the last good parameters are saved)
@@ -190,6 +192,9 @@ def cli():
 @click.option("--momentum", type=click.FloatRange(min=0), default=None, help="SGD momentum [default: 0.9].")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[default: float32]")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+              help="GEMM operand precision (float32 models): tf32, or bf16/fp16 with 16-bit activations; fp16 "
+                   "scales the loss dynamically [default: fp32].")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
 @click.option("--val-split", type=float, default=None,
@@ -205,7 +210,7 @@ def cli():
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Save loss/accuracy curves (train and validation) as a PNG.")
 def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
-          seed, val_split, save_path, resume_path, checkpoint_every, plot_path):
+          precision, seed, val_split, save_path, resume_path, checkpoint_every, plot_path):
     """Train an MLP on DATA; print per-epoch progress and a held-out score."""
     save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default
     if checkpoint_every is not None and save_path is None:
@@ -220,6 +225,9 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         net = gpubp.load(resume_path, backend=backend)
         saved = _cli_meta(net, resume_path)
         _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype)
+        if precision is not None and precision != (net.precision or "fp32"):
+            raise CliError(f"--resume: {resume_path} was trained with precision {net.precision}, not --precision "
+                           f"{precision}")
         target = target if target is not None else saved["target"]      # the same column as the first run
         for option, value, key in (("--seed", seed, "seed"), ("--val-split", val_split, "val_split")):
             if value is not None and value != saved[key]:
@@ -244,8 +252,14 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         raise CliError(f"--loss {loss}: the checkpoint {resume_path} was trained with {targets.loss}")
     wanted = plan_architecture(X_train.shape[1], hidden, activation, targets.n_out, targets.loss)
     if saved is None:
-        net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
-                               dtype=dtype or "float32", seed=seed)
+        if precision not in (None, "fp32") and dtype == "float64":
+            raise CliError(f"--precision {precision}: needs --dtype float32 (operands are rounded from float32), "
+                           "not --dtype float64")
+        try:
+            net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
+                                   dtype=dtype or "float32", seed=seed, precision=precision)
+        except ValueError as exc:   # a precision the backend does not implement
+            raise CliError(f"--precision {precision}: {exc}") from None
         if optimizer == "adam" and momentum is not None:
             raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
         opt = (gpubp.Adam(net, lr=lr or 1e-3) if optimizer == "adam"
@@ -269,7 +283,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
 
     click.echo(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
                f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
-               f"{net.backend.name}, {net.dtype.name}" + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
+               f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
+               + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
     reporter = EpochReporter(len(X_train), batch_size, epochs)
     started = time.perf_counter()
     stop_reason = None
@@ -454,6 +469,12 @@ def info():
     for name, (usable, reason) in gpubp.availability().items():
         click.echo(f"  {name:6} {'yes' if usable else 'no '}  {reason}")
     click.echo(f"  auto -> {gpubp.get_backend('auto').name}")
+    click.echo("precisions (Sequential(precision=...), --precision):")
+    for name, how in PRECISION_NOTES.items():
+        click.echo(f"  {name:6} {how}")
+    for name, (usable, _) in gpubp.availability().items():
+        if usable:
+            click.echo(f"  on {name}: {' '.join(gpubp.get_backend(name).PRECISIONS)}")
     click.echo("gpu: " + _gpu_line())
 
 

@@ -21,7 +21,9 @@ import numpy as np
 
 from . import activations as acts
 from . import guard as G
+from . import loss_scale as LS
 from . import losses
+from . import precision as P
 from .backends import get_backend
 from .layers import Dense
 from .params import FlatLayout
@@ -42,14 +44,17 @@ def _dtype_name(dtype):
 
 class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
-    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z)."""
+    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
+    every δ are in `storage`, the GEMM precision's storage type (16-bit for bf16/fp16, base.py); Z, the output
+    layer's A (the prediction), X and Y in the model's dtype."""
 
-    def __init__(self, be, layers, N, dtype):
+    def __init__(self, be, layers, N, dtype, storage):
+        last = len(layers) - 1
         self.X = be.empty((N, layers[0].n_in), dtype)
         self.Y = be.empty((N, layers[-1].n_out), dtype)
         self.Z = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.A = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.G = [be.empty((N, layer.n_out), dtype) for layer in layers]
+        self.A = [be.empty((N, layer.n_out), dtype if i == last else storage) for i, layer in enumerate(layers)]
+        self.G = [be.empty((N, layer.n_out), storage) for layer in layers]
         self.loss = be.zeros((1,), dtype)
 
 
@@ -166,6 +171,7 @@ class History(dict):
     `stop_reason` is None unless fit stopped early (a non-finite step)."""
 
     stop_reason = None
+    overflow_steps = 0   # fp16: steps the loss scaler skipped for overflow (gpubp/loss_scale.py)
 
     @property
     def history(self):
@@ -173,7 +179,7 @@ class History(dict):
 
 
 class Sequential:
-    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False):
+    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False, precision=None):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -193,11 +199,16 @@ class Sequential:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
+        # None for float64 models (they multiply in float64); the GEMM ops take "fp32" for those
+        self.precision = P.check_precision(precision, _dtype_name(dtype))
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.deterministic = deterministic
         self.backend = get_backend(backend, deterministic=deterministic)
+        if self.precision is not None and self.precision not in self.backend.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not implemented on backend "
+                             f"{self.backend.name!r}; it has {list(self.backend.PRECISIONS)}")
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
@@ -212,11 +223,33 @@ class Sequential:
         self.guard = self.backend.zeros((G.SIZE,), np.float64)
         self._guard_head = self.backend.view(self.guard, 0, (G.RING,))
         self.steps = 0
+        # fp16 only: the device loss scaler (gpubp/loss_scale.py); _scale is its SCALE entry, read by loss_grad
+        self.scaler = self._scale = None
+        if self.precision == "fp16":
+            self.scaler = self.backend.empty((LS.SIZE,), np.float64)
+            self.backend.copy_into(self.scaler, LS.fresh())
+            self._scale = self.backend.view(self.scaler, LS.SCALE, (1,))
 
     def _bind(self):
         for layer, p, g in zip(self.layers, self.layout.views(self.backend, self.params),
                                self.layout.views(self.backend, self.grads)):
             layer.W, layer.b, layer.dW, layer.db = p["W"], p.get("b"), g["W"], g.get("b")
+            layer.precision = self._gemm_precision
+
+    @property
+    def _gemm_precision(self):
+        """What the GEMM ops take: the model's precision, or "fp32" (the model dtype's own arithmetic) for a
+        float64 model."""
+        return self.precision or "fp32"
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scaler's current scale and the steps it skipped for overflow, (scale, overflows), read
+        from the device (one read); None for other precisions."""
+        if self.scaler is None:
+            return None
+        scaler = self.backend.to_numpy(self.scaler)
+        return float(scaler[LS.SCALE]), int(scaler[LS.OVERFLOWS])
 
     @property
     def n_in(self):
@@ -228,7 +261,9 @@ class Sequential:
 
     def __repr__(self):
         inner = ", ".join(map(repr, self.layers))
-        return f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})"
+        precision = "" if self.precision in (None, P.DEFAULT_PRECISION) else f", precision={self.precision!r}"
+        return (f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}{precision}, "
+                f"seed={self.seed})")
 
     # ---- validation: everything is checked before anything is touched -------------------------------------
     def _check_array(self, x, what, trailing, on_device=False):
@@ -318,7 +353,8 @@ class Sequential:
     def _workspace(self, N):
         ws = self._workspaces.pop(N, None)
         if ws is None:
-            ws = Workspace(self.backend, self.layers, N, self.dtype)
+            ws = Workspace(self.backend, self.layers, N, self.dtype,
+                           self.backend.storage_dtype(self._gemm_precision) if self.precision else self.dtype)
             while len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.popitem(last=False)
         self._workspaces[N] = ws          # most recently used last
@@ -345,10 +381,13 @@ class Sequential:
             a = A
         return a
 
-    def _forward_loss_backward(self, X, Y, loss_id, ws):
+    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None):
+        """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
+        (`scale`, a device float64 (1,); default the scaler's)."""
         be, last = self.backend, self.layers[-1]
         self._forward(X, ws)
-        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
+        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
+                     self._scale if scale is None else scale)
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
@@ -358,9 +397,15 @@ class Sequential:
         """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
         be = self.backend
         self._forward_loss_backward(X, Y, loss_id, ws)
-        be.guard_gradients(ws.loss, self.grads, self.guard)
-        optimizer.step(self.guard)
-        be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        if self.scaler is None:
+            be.guard_gradients(ws.loss, self.grads, self.guard)
+            optimizer.step(self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
+            be.unscale_gradients(ws.loss, self.grads, self.scaler, self.guard)
+            optimizer.step(self.guard)
+            be.update_scale(self.scaler, self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
 
     # ---- the guard: read rarely, by the host --------------------------------------------------------------
     @property
@@ -432,16 +477,29 @@ class Sequential:
         return float(lazy) if sync else lazy
 
     def gradients(self, X, y, loss):
-        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
+        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update.
+        fp16: computed loss-scaled as a train step is, from the scaler's current scale, halved (here, not in
+        the scaler) until no gradient overflows; then divided by it."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         ws = self._workspace(X.shape[0])
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
-        key = ("gradients", X.shape[0], loss_id) if staged else None
-        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
-            self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
-        return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        if self.scaler is None:
+            key = ("gradients", X.shape[0], loss_id) if staged else None
+            with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
+                self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
+            return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        scale, scale_device = self.loss_scale[0], self.backend.empty((1,), np.float64)
+        for _ in range(200):   # 2^-200 · MAX_SCALE is below any gradient that could overflow
+            self.backend.copy_into(scale_device, np.array([scale]))
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._forward_loss_backward(Xd, Yd, loss_id, ws, scale_device)
+            grads = self.backend.to_numpy(self.grads)
+            if np.isfinite(grads).all():
+                break
+            scale /= 2
+        return self.layout.unflatten(grads / grads.dtype.type(scale))
 
     def predict(self, X, batch_size=None, device=False):
         """The network's output A = F(Z) for every row of X, as a numpy array (N, out); device=True: as the
@@ -579,9 +637,12 @@ class Sequential:
                     return history
                 if on_batch_end is not None and done % log_every == 0:
                     on_batch_end(b, n_batches, float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]))
-            logs = {"loss": guard[G.LOSS_SUM] / N}
+            rows = max(guard[G.ROWS], 1)   # the rows of the good steps: N unless fp16 skipped an overflow
+            logs = {"loss": guard[G.LOSS_SUM] / rows}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = guard[G.CORRECT] / N
+                logs["accuracy"] = guard[G.CORRECT] / rows
+            if self.scaler is not None:   # fp16: the scale now and the overflow skips so far (one more read)
+                logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
             if validation_data is not None:
                 logs["val_loss"], val_accuracy = self.evaluate(Xv, yv, loss)

@@ -251,7 +251,7 @@ class NumbaBackend(Backend):
         return None if SIMULATOR else cuda.current_context().get_memory_info().free
 
     # ---- the kernel set ----------------------------------------------------------------------------------
-    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
         A_prev, W = self._device(A_prev), self._device(W)
         has_bias = b is not None
         bias = self._device(b) if has_bias else self._scratch_buffer(("no_bias", Z.dtype.name), (1,), Z.dtype)
@@ -262,24 +262,24 @@ class NumbaBackend(Backend):
         self.k.activation_mask_kernel[grid_stride_blocks(delta.size), THREADS](
             self._device(dA), self._device(Z), self._device(A), act, float(alpha), delta)
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         delta, A_prev = self._device(delta), self._device(A_prev)
         self._tiles(dW).weight_grad[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](
             delta, A_prev, bool(accumulate), dW)
         if db is not None:
             self.k.bias_grad_kernel[grid_stride_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
 
-    def input_grad(self, delta, W, dA_prev):
+    def input_grad(self, delta, W, dA_prev, precision="fp32"):
         # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do
         self._tiles(dA_prev).input_grad[_gemm_grid(dA_prev.shape[0], dA_prev.shape[1]), self.k.GEMM_THREADS](
             self._device(delta), self._device(W), False, dA_prev, dA_prev, 0, 0.0, dA_prev)
 
-    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
         self._tiles(delta_prev).input_grad[_gemm_grid(delta_prev.shape[0], delta_prev.shape[1]), self.k.GEMM_THREADS](
             self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev), act,
             float(alpha), delta_prev)
 
-    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
         Z, y = self._device(Z), self._device(y)
         N = Z.shape[0]
         rows = self._scratch_buffer(("row_loss", Z.dtype.name), (N,), Z.dtype)
