@@ -20,12 +20,14 @@ epoch. Training stops after `max_iter` epochs, or earlier when the training loss
 validation score) has not improved by `tol` for `n_iter_no_change` epochs, as sklearn's MLP does.
 
 A fitted estimator keeps its network as `net_` (a gpubp.Sequential: export it with gpubp.export). Pickling
-stores the parameters, optimizer state and generator as numpy arrays, never device arrays; unpickling rebuilds
-the network on the estimator's `backend`.
+stores the network as gpubp's checkpoint (numpy arrays and JSON: parameters, optimizer state, generator,
+precision), never device arrays; unpickling rebuilds it on the estimator's `backend`.
 
 scikit-learn is an optional dependency (pip install gpubp[sklearn]); this module needs it at import.
 """
 import numbers
+import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -44,6 +46,7 @@ from .activations import NAMES as ACTIVATIONS
 from .layers import Dense
 from .network import Sequential
 from .optim import SGD, Adam
+from .serialize import load
 
 # sklearn's activation names beside gpubp's own: "logistic" is sklearn's name for the sigmoid.
 _ACTIVATION_ALIASES = {"logistic": "sigmoid"}
@@ -163,9 +166,7 @@ class _BaseMLP(BaseEstimator):
         widths = [n_in] + sizes + [n_out]
         layers = [Dense(a, b, hidden if i < len(sizes) else output_activation)
                   for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
-        # precision is forwarded only when asked for, so this works before Sequential takes it (issue 12)
-        extra = {} if self.precision is None else {"precision": self.precision}
-        net = Sequential(*layers, backend=self.backend, dtype=self.dtype, seed=self._seed(), **extra)
+        net = Sequential(*layers, backend=self.backend, dtype=self.dtype, seed=self._seed(), precision=self.precision)
         if self.solver == "sgd":
             SGD(net, lr=self.learning_rate_init, momentum=self.momentum, weight_decay=self.alpha,
                 nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
@@ -286,41 +287,33 @@ class _BaseMLP(BaseEstimator):
         state = dict(super().__getstate__())   # a copy: object.__getstate__ returns the instance's own dict
         net = state.pop("net_", None)
         if net is not None:
-            state["_net_state"] = _network_state(net)
+            state["_net_checkpoint"] = _network_to_bytes(net)
         return state
 
     def __setstate__(self, state):
-        net_state = state.pop("_net_state", None)
+        checkpoint = state.pop("_net_checkpoint", None)
         super().__setstate__(state)
-        if net_state is not None:
-            self.net_ = _network_from_state(net_state, self.backend)
+        if checkpoint is not None:
+            self.net_ = _network_from_bytes(checkpoint, self.backend)
 
 
-def _network_state(net):
-    """What rebuilds `net` anywhere: its architecture, dtype, seed, parameters, optimizer and generator, as plain
-    Python values and numpy arrays."""
-    state = {"layers": [layer.config() for layer in net.layers], "dtype": net.dtype.name, "seed": net.seed,
-             "deterministic": net.deterministic, "params": net.get_params(), "rng": net.rng.bit_generator.state,
-             "steps": net.steps, "optimizer": None}
-    if net.optimizer is not None:
-        state["optimizer"] = {"type": type(net.optimizer).__name__, "config": net.optimizer.config(),
-                              "arrays": net.optimizer.state_arrays()}
-    return state
+def _network_to_bytes(net):
+    """The network as gpubp's own checkpoint (an .npz of numpy arrays and JSON metadata: architecture, dtype,
+    precision, parameters, optimizer state, generator), so a pickle holds no device array and carries whatever
+    a checkpoint carries."""
+    with tempfile.TemporaryDirectory(prefix="gpubp-pickle-") as folder:
+        path = os.path.join(folder, "net.npz")
+        net.save(path)
+        with open(path, "rb") as f:
+            return f.read()
 
 
-def _network_from_state(state, backend):
-    net = Sequential(*[Dense(**config) for config in state["layers"]], backend=backend, dtype=state["dtype"],
-                     seed=state["seed"], deterministic=state["deterministic"])
-    net.set_params(state["params"])
-    net.rng.bit_generator.state = state["rng"]
-    net.steps = state["steps"]
-    if state["optimizer"] is not None:
-        config = dict(state["optimizer"]["config"])
-        if "betas" in config:
-            config["betas"] = tuple(config["betas"])
-        optimizer = {"SGD": SGD, "Adam": Adam}[state["optimizer"]["type"]](net, **config)
-        optimizer.load_state_arrays(state["optimizer"]["arrays"])
-    return net
+def _network_from_bytes(data, backend):
+    with tempfile.TemporaryDirectory(prefix="gpubp-pickle-") as folder:
+        path = os.path.join(folder, "net.npz")
+        with open(path, "wb") as f:
+            f.write(data)
+        return load(path, backend=backend)
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
