@@ -120,7 +120,7 @@ def test_pipeline_and_grid_search(rng):
 
 def test_pickle_holds_numpy_and_resumes_exactly(rng):
     X, y = _blobs(rng)
-    est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0, backend="numpy").fit(X, y)
+    est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, batch_size=16, random_state=0, backend="numpy").fit(X, y)
     state = est.__getstate__()
     assert "net_" not in state and "net_" in vars(est)       # the estimator itself keeps its network
     # the network travels as gpubp's checkpoint: numpy arrays only, readable without unpickling anything
