@@ -15,6 +15,10 @@ is both nn.Linear's weight layout and ONNX Gemm's B with transB = 1. The activat
     sigmoid      Sigmoid               Sigmoid
     tanh         Tanh                  Tanh
 
+The exported network computes in the model's dtype. A model trained with a reduced GEMM precision
+(Sequential(precision="bf16"), ...) is exported with its float32 parameters, so the ONNX or torch outputs differ
+from its net.predict by that precision's rounding.
+
 onnx and torch are optional: each function imports its library when called and says how to install it.
 """
 import numbers
