@@ -3,6 +3,7 @@
     gpubp train --data breast_cancer --epochs 30 --save model.npz --plot curves.png
     gpubp train --data breast_cancer --epochs 60 --resume model.npz      # continues to epoch 60
     gpubp predict model.npz --data new.csv --out preds.csv
+    gpubp export model.npz --onnx model.onnx [--probabilities]              # for ONNX Runtime and friends
     gpubp info
     gpubp bench [ARGS...]                                                 # the suite in bench/ (source checkout)
 
@@ -29,6 +30,8 @@ from gpubp import data as gdata
 from gpubp.activations import NAMES as ACTIVATIONS
 from gpubp.backends import BACKENDS, BackendUnavailable
 from gpubp.callbacks import Callback, EarlyStopping, progress_log_every
+from gpubp.precision import NOTES as PRECISION_NOTES
+from gpubp.precision import PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1      # training stopped on a non-finite step (the last good parameters are saved)
@@ -212,6 +215,9 @@ def cli():
 @click.option("--momentum", type=click.FloatRange(min=0), default=None, help="SGD momentum [default: 0.9].")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[default: float32]")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+              help="GEMM operand precision (float32 models): tf32, or bf16/fp16 with 16-bit activations; fp16 "
+                   "scales the loss dynamically [default: fp32].")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
 @click.option("--val-split", type=float, default=None,
@@ -239,8 +245,8 @@ def cli():
               help="CPU threads for the numpy backend's BLAS (threadpoolctl) [default: all cores]; on a machine "
                    "shared with other jobs, 1 or 2 gives steadier times.")
 def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
-          seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule, warmup,
-          early_stopping, threads):
+          precision, seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule,
+          warmup, early_stopping, threads):
     """Train an MLP on DATA; print per-epoch progress and a held-out score."""
     save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default
     if checkpoint_every is not None and save_path is None:
@@ -260,6 +266,9 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         net = gpubp.load(resume_path, backend=backend)
         saved = _cli_meta(net, resume_path)
         _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype, weight_decay, schedule)
+        if precision is not None and precision != (net.precision or "fp32"):
+            raise CliError(f"--resume: {resume_path} was trained with precision {net.precision}, not --precision "
+                           f"{precision}")
         target = target if target is not None else saved["target"]      # the same column as the first run
         for option, value, key in (("--seed", seed, "seed"), ("--val-split", val_split, "val_split")):
             if value is not None and value != saved[key]:
@@ -284,8 +293,14 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         raise CliError(f"--loss {loss}: the checkpoint {resume_path} was trained with {targets.loss}")
     wanted = plan_architecture(X_train.shape[1], hidden, activation, targets.n_out, targets.loss)
     if saved is None:
-        net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
-                               dtype=dtype or "float32", seed=seed)
+        if precision not in (None, "fp32") and dtype == "float64":
+            raise CliError(f"--precision {precision}: needs --dtype float32 (operands are rounded from float32), "
+                           "not --dtype float64")
+        try:
+            net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
+                                   dtype=dtype or "float32", seed=seed, precision=precision)
+        except ValueError as exc:   # a precision the backend does not implement
+            raise CliError(f"--precision {precision}: {exc}") from None
         if optimizer == "adam" and momentum is not None:
             raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
         rate = lr or (1e-3 if optimizer == "adam" else 0.05)
@@ -316,7 +331,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
 
     click.echo(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
                f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
-               f"{net.backend.name}, {net.dtype.name}" + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
+               f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
+               + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
     reporter = EpochReporter(len(X_train), batch_size, epochs)
     recorder = RunRecorder(history, epochs_done, checkpoint_every, checkpoint)
     callbacks = [reporter, recorder]
@@ -509,6 +525,40 @@ def _features_for(data_spec, saved, n_in):
     return dataset.X, dataset.y
 
 
+# ---- export -------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True,
+              help="Write the network as an ONNX model here.")
+@click.option("--opset", type=int, default=gpubp.export.ONNX_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--probabilities", is_flag=True,
+              help="End the graph in a softmax (or sigmoid) so that it outputs class probabilities.")
+def export(model, onnx_path, opset, probabilities):
+    """Export a checkpoint as an ONNX model (input X: (N, features), output Y or probabilities: (N, outputs)).
+    A checkpoint written by `gpubp train` has its preprocessing built into the graph: the graph takes the raw
+    feature columns in training order and gives regression values in the target's units."""
+    net = gpubp.load(model, backend="numpy")
+    input_scaling = output_scaling = None
+    about = "raw network outputs"
+    if "gpubp_cli" in net.extra:
+        saved = _cli_meta(net, model)
+        features = gdata.Standardizer.from_dict(saved["features"])
+        targets = gdata.Targets.from_dict(saved["targets"])
+        input_scaling = (features.mean, features.std)
+        if targets.loss == "mse" and not probabilities:
+            output_scaling = (targets.mean, targets.std)
+        if targets.loss == "softmax_ce":
+            output = f"columns are classes {targets.classes}" + ("" if probabilities else " (logits)")
+        elif targets.loss == "bce":
+            output = f"probability of class {targets.classes[1]!r}" if targets.classes else "probabilities"
+        else:
+            output = "values in the target's units"
+        about = f"features {', '.join(map(str, saved['feature_names']))} standardised inside; {output}"
+    gpubp.export.to_onnx(net, onnx_path, opset=opset, probabilities=probabilities, input_scaling=input_scaling,
+                         output_scaling=output_scaling)
+    click.echo(f"{onnx_path}: ONNX model of {_describe(_architecture(net))}, {net.dtype.name}; {about}")
+
+
 # ---- info ---------------------------------------------------------------------------------------------------------
 @cli.command()
 def info():
@@ -525,6 +575,12 @@ def info():
     for name, (usable, reason) in gpubp.availability().items():
         click.echo(f"  {name:6} {'yes' if usable else 'no '}  {reason}")
     click.echo(f"  auto -> {gpubp.get_backend('auto').name}")
+    click.echo("precisions (Sequential(precision=...), --precision):")
+    for name, how in PRECISION_NOTES.items():
+        click.echo(f"  {name:6} {how}")
+    for name, (usable, _) in gpubp.availability().items():
+        if usable:
+            click.echo(f"  on {name}: {' '.join(gpubp.get_backend(name).PRECISIONS)}")
     click.echo("gpu: " + _gpu_line())
 
 
@@ -588,7 +644,7 @@ def main(argv=None):
     except click.ClickException as exc:       # usage errors: a bad option value, a missing argument
         click.echo(_fail_line(exc.format_message()), err=True)
         return EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code
-    except (CliError, ValueError, TypeError, OSError, BackendUnavailable) as exc:
+    except (CliError, ValueError, TypeError, OSError, ImportError, BackendUnavailable) as exc:
         if os.environ.get("GPUBP_TRACEBACK") == "1":
             raise
         click.echo(_fail_line(exc), err=True)

@@ -31,8 +31,11 @@ RING = 8
 RING_SIZE = 1024
 SIZE = RING + RING_SIZE
 
-# fault codes
+# fault codes. OVERFLOW is the fp16 loss scaler's (gpubp/loss_scale.py): set by unscale_gradients, so the update
+# and record_step skip the step as for any fault, and cleared by update_scale in the same step; the host never
+# sees it.
 NONE, LOSS, GRADIENT, PARAMS, STATE = 0, 1, 2, 3, 4
+OVERFLOW = -1
 
 
 def fresh(steps):

@@ -22,7 +22,9 @@ import numpy as np
 from . import activations as acts
 from . import guard as G
 from . import labels as L
+from . import loss_scale as LS
 from . import losses
+from . import precision as P
 from .backends import get_backend
 from .layers import Dense
 from .params import FlatLayout
@@ -43,14 +45,17 @@ def _dtype_name(dtype):
 
 class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
-    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z)."""
+    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
+    every δ are in `storage`, the GEMM precision's storage type (16-bit for bf16/fp16, base.py); Z, the output
+    layer's A (the prediction), X and Y in the model's dtype."""
 
-    def __init__(self, be, layers, N, dtype):
+    def __init__(self, be, layers, N, dtype, storage):
+        last = len(layers) - 1
         self.X = be.empty((N, layers[0].n_in), dtype)
         self.Y = be.empty((N, layers[-1].n_out), dtype)
         self.Z = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.A = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.G = [be.empty((N, layer.n_out), dtype) for layer in layers]
+        self.A = [be.empty((N, layer.n_out), dtype if i == last else storage) for i, layer in enumerate(layers)]
+        self.G = [be.empty((N, layer.n_out), storage) for layer in layers]
         self.loss = be.zeros((1,), dtype)
 
 
@@ -174,6 +179,7 @@ class History(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.epoch = []
+    overflow_steps = 0   # fp16: steps the loss scaler skipped for overflow (gpubp/loss_scale.py)
 
     @property
     def history(self):
@@ -181,7 +187,7 @@ class History(dict):
 
 
 class Sequential:
-    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False):
+    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False, precision=None):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -201,11 +207,16 @@ class Sequential:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
+        # None for float64 models (they multiply in float64); the GEMM ops take "fp32" for those
+        self.precision = P.check_precision(precision, _dtype_name(dtype))
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.deterministic = deterministic
         self.backend = get_backend(backend, deterministic=deterministic)
+        if self.precision is not None and self.precision not in self.backend.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not implemented on backend "
+                             f"{self.backend.name!r}; it has {list(self.backend.PRECISIONS)}")
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
@@ -220,11 +231,33 @@ class Sequential:
         self.guard = self.backend.zeros((G.SIZE,), np.float64)
         self._guard_head = self.backend.view(self.guard, 0, (G.RING,))
         self.steps = 0
+        # fp16 only: the device loss scaler (gpubp/loss_scale.py); _scale is its SCALE entry, read by loss_grad
+        self.scaler = self._scale = None
+        if self.precision == "fp16":
+            self.scaler = self.backend.empty((LS.SIZE,), np.float64)
+            self.backend.copy_into(self.scaler, LS.fresh())
+            self._scale = self.backend.view(self.scaler, LS.SCALE, (1,))
 
     def _bind(self):
         for layer, p, g in zip(self.layers, self.layout.views(self.backend, self.params),
                                self.layout.views(self.backend, self.grads)):
             layer.W, layer.b, layer.dW, layer.db = p["W"], p.get("b"), g["W"], g.get("b")
+            layer.precision = self._gemm_precision
+
+    @property
+    def _gemm_precision(self):
+        """What the GEMM ops take: the model's precision, or "fp32" (the model dtype's own arithmetic) for a
+        float64 model."""
+        return self.precision or "fp32"
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scaler's current scale and the steps it skipped for overflow, (scale, overflows), read
+        from the device (one read); None for other precisions."""
+        if self.scaler is None:
+            return None
+        scaler = self.backend.to_numpy(self.scaler)
+        return float(scaler[LS.SCALE]), int(scaler[LS.OVERFLOWS])
 
     @property
     def n_in(self):
@@ -236,7 +269,9 @@ class Sequential:
 
     def __repr__(self):
         inner = ", ".join(map(repr, self.layers))
-        return f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})"
+        precision = "" if self.precision in (None, P.DEFAULT_PRECISION) else f", precision={self.precision!r}"
+        return (f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}{precision}, "
+                f"seed={self.seed})")
 
     # ---- validation: everything is checked before anything is touched -------------------------------------
     def _check_array(self, x, what, trailing, on_device=False):
@@ -244,6 +279,7 @@ class Sequential:
         on_device=True (a sync=False step): the values of a device array are not read back (that would wait for
         the device); a non-finite one reaches the step's guard instead, which reports it at the next read."""
         be = self.backend
+        x = be.adopt(x, what)   # another library's device array (torch.cuda, jax): a view of it, no copy
         if not be.is_device_array(x):
             if isinstance(x, (str, bytes)) or x is None:
                 raise TypeError(f"{what}: expected a numeric array, got {type(x).__name__}")
@@ -289,6 +325,7 @@ class Sequential:
         becomes a row of NaN (Backend.one_hot) that the guard reports, and bce's [0, 1] range goes unchecked."""
         out = self.n_out
         be = self.backend
+        y = be.adopt(y, "y")
         read = lambda a: a if isinstance(a, np.ndarray) else None if on_device else be.to_numpy(a)   # noqa: E731
         if loss_id == losses.SOFTMAX_CE and y is not None and getattr(y, "ndim", np.ndim(y)) == 1:
             y = self._check_array(y, "y", (), on_device)
@@ -324,7 +361,8 @@ class Sequential:
     def _workspace(self, N):
         ws = self._workspaces.pop(N, None)
         if ws is None:
-            ws = Workspace(self.backend, self.layers, N, self.dtype)
+            ws = Workspace(self.backend, self.layers, N, self.dtype,
+                           self.backend.storage_dtype(self._gemm_precision) if self.precision else self.dtype)
             while len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.popitem(last=False)
         self._workspaces[N] = ws          # most recently used last
@@ -351,10 +389,13 @@ class Sequential:
             a = A
         return a
 
-    def _forward_loss_backward(self, X, Y, loss_id, ws):
+    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None):
+        """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
+        (`scale`, a device float64 (1,); default the scaler's)."""
         be, last = self.backend, self.layers[-1]
         self._forward(X, ws)
-        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
+        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
+                     self._scale if scale is None else scale)
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
@@ -364,9 +405,15 @@ class Sequential:
         """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
         be = self.backend
         self._forward_loss_backward(X, Y, loss_id, ws)
-        be.guard_gradients(ws.loss, self.grads, self.guard)
-        optimizer.step(self.guard)
-        be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        if self.scaler is None:
+            be.guard_gradients(ws.loss, self.grads, self.guard)
+            optimizer.step(self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
+            be.unscale_gradients(ws.loss, self.grads, self.scaler, self.guard)
+            optimizer.step(self.guard)
+            be.update_scale(self.scaler, self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
 
     # ---- the guard: read rarely, by the host --------------------------------------------------------------
     @property
@@ -441,34 +488,57 @@ class Sequential:
         return float(lazy) if sync else lazy
 
     def gradients(self, X, y, loss):
-        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
+        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update.
+        fp16: computed loss-scaled as a train step is, from the scaler's current scale, halved (here, not in
+        the scaler) until no gradient overflows; then divided by it."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         ws = self._workspace(X.shape[0])
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
-        key = ("gradients", X.shape[0], loss_id) if staged else None
-        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
-            self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
-        return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        if self.scaler is None:
+            key = ("gradients", X.shape[0], loss_id) if staged else None
+            with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
+                self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
+            return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        scale, scale_device = self.loss_scale[0], self.backend.empty((1,), np.float64)
+        for _ in range(200):   # 2^-200 · MAX_SCALE is below any gradient that could overflow
+            self.backend.copy_into(scale_device, np.array([scale]))
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._forward_loss_backward(Xd, Yd, loss_id, ws, scale_device)
+            grads = self.backend.to_numpy(self.grads)
+            if np.isfinite(grads).all():
+                break
+            scale /= 2
+        return self.layout.unflatten(grads / grads.dtype.type(scale))
 
-    def predict(self, X, batch_size=None):
+    def predict(self, X, batch_size=None, device=False):
         """The network's output A = F(Z) for every row of X, as a numpy array (N, out): the last layer's activation
         applied, nothing more. So for a model trained with bce (sigmoid output) it is the probability of the
         positive class (of each output); with softmax_ce (identity output; the softmax is part of the loss) it is
         the logits, not probabilities; with mse it is the prediction itself. predict_proba and predict_classes
-        give probabilities and labels whatever the loss."""
+        give probabilities and labels whatever the loss. device=True: as the backend's own device array (cupy,
+        numba; numpy on the numpy backend), with no copy to the host."""
         X = self._check_X(X)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if not isinstance(device, bool):
+            raise TypeError(f"device: expected True or False, got {device!r}")
         N = X.shape[0]
         step = N if batch_size is None else int(batch_size)
         chunks = []
+        out = self.backend.empty((N, self.n_out), self.dtype) if device else None
         for start in range(0, N, step):
             part = X[start:start + step]
             ws = self._workspace(part.shape[0])
             staged, _, _ = self._stage(part, None, None, ws)
-            chunks.append(self.backend.to_numpy(self._forward(staged, ws)))
+            A = self._forward(staged, ws)
+            if device:   # a device-to-device copy: the workspace is reused by the next call
+                self.backend.copy_into(out[start:start + part.shape[0]], A)
+            else:
+                chunks.append(self.backend.to_numpy(A))
+        if device:
+            return out
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     # What fit last trained with: the loss name and the original class labels (gpubp/labels.py); both saved.
@@ -640,9 +710,10 @@ class Sequential:
             Xv = self._check_X(validation_data[0])
             yv = L.encode(validation_data[1], loss_id, self.n_out, classes, fitting=False)[0]
             yv = self._check_y(yv, loss_id, Xv.shape[0])
-        metrics = ["loss"] + (["accuracy"] if losses.accuracy_applies(loss_id) else [])
+        trained = ["loss"] + (["accuracy"] if losses.accuracy_applies(loss_id) else [])
+        metrics = trained + (["loss_scale"] if self.scaler is not None else [])
         if validation_data is not None:
-            metrics += ["val_" + name for name in metrics]
+            metrics += ["val_" + name for name in trained]
         for cb in user_callbacks:
             cb.check_metrics(list(metrics))
         if optimizer.schedule is not None:
@@ -716,10 +787,13 @@ class Sequential:
                         "epoch_loss": float(guard[G.LOSS_SUM] / guard[G.ROWS])})
                     if self.stop_training:      # asked in on_batch_end: this epoch ends here
                         break
-            rows = guard[G.ROWS]            # N, unless a callback ended the epoch early
+            # the rows of the good steps: N, unless a callback ended the epoch early or fp16 skipped an overflow
+            rows = max(guard[G.ROWS], 1)
             logs = {"loss": guard[G.LOSS_SUM] / rows}
             if losses.accuracy_applies(loss_id):
                 logs["accuracy"] = guard[G.CORRECT] / rows
+            if self.scaler is not None:   # fp16: the scale now and the overflow skips so far (one more read)
+                logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
             if validation is not None:
                 logs["val_loss"], val_accuracy = self._evaluate(*validation, loss)

@@ -34,6 +34,14 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"
 REDUCED = ("tf32", "bf16", "fp16")   # the tensor-core precisions
 
+# What each precision means, for `gpubp info` and the README
+NOTES = {
+    "fp32": "float32 operands (the default; float64 models multiply in float64)",
+    "tf32": "operands rounded to 10 mantissa bits inside the GEMM, float32 storage and accumulation",
+    "bf16": "bfloat16 operands, hidden activations and deltas stored in 16 bits, float32 accumulation",
+    "fp16": "float16 as bf16, with a dynamic loss scale on the device (overflow steps skipped)",
+}
+
 # Significand bits (implicit bit included) of each precision: unit roundoff u = 2^-SIGNIFICAND_BITS
 SIGNIFICAND_BITS = {"fp32": 24, "tf32": 11, "bf16": 8, "fp16": 11}
 
@@ -98,6 +106,19 @@ def to_storage(x, precision):
     (uint16: the kernels use `unsigned short` storage, see kernels/tensor_core.cuh)."""
     stored = np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(storage_dtype(precision)))
     return stored.view(np.uint16) if stored.dtype.itemsize == 2 else stored
+
+
+def decode(x, precision):
+    """float32 values of a host copy of a stored operand: a float32 array as it is, ml_dtypes.bfloat16 or
+    float16 cast (exact), and raw 16-bit bits (uint16, as the GPU backends may store bf16/fp16) read as
+    `precision`'s format."""
+    _check_name(precision)
+    x = np.asarray(x)
+    if x.dtype == np.uint16:
+        if precision not in ("bf16", "fp16"):
+            raise ValueError(f"decode: raw 16-bit storage holds bf16 or fp16, not precision={precision!r}")
+        return x.view(storage_dtype(precision)).astype(np.float32)
+    return x.astype(np.float32)
 
 
 def round_operand(x, precision):

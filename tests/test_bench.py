@@ -81,8 +81,8 @@ def test_no_gpu_skips_every_gpu_workload(monkeypatch):
 class WrongWeightGrad(NumpyBackend):
     """The numpy backend with a 1% error in dW: a kernel bug the harness must catch."""
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
-        super().weight_grad(delta, A_prev, dW, db, accumulate)
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        super().weight_grad(delta, A_prev, dW, db, accumulate, precision)
         dW *= 1.01
 
 
@@ -267,3 +267,14 @@ def test_a_bar_without_its_peer_says_no_peer_measured_not_misses():
     first, second = [line for line in report.table(run).splitlines() if line.startswith("train ")]
     assert first.endswith("no peer measured: ≤ 1.25x torch-cpu") and "misses" not in first
     assert second.endswith("misses ≤ 1.25x torch-cpu")
+
+
+def test_mixed_rows_train_in_bf16_and_skip_fp32_only_impls():
+    """The mixed workload trains gpubp in precision="bf16" (the row's update differs from float64 by bf16's
+    rounding, far above fp32's: it really ran in bf16) and asks no implementation that trains in fp32 only."""
+    reg = cpu_registry("gpubp-numpy", "gpubp-numpy-unchecked")
+    run = suite.run_suite(smoke_config([], workloads=("mixed",)), reg)
+    rows = [r for r in run.rows if r["workload"] == "mixed"]
+    assert [r["impl"] for r in rows] == ["gpubp-numpy"] and rows[0]["status"] == "ok", rows
+    assert rows[0]["params"]["precision"] == "bf16" and rows[0]["case"].endswith(" bf16")
+    assert 10 * suite.wl.TRAIN_TOL < rows[0]["rel_err"] < suite.wl.TRAIN_TOL_PRECISION["bf16"]

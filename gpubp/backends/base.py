@@ -23,18 +23,60 @@ layout and the order of a step):
     guard_gradients a non-finite loss or gradient sets the guard's fault
     record_step     the step's loss, correct predictions and rows added to the guard's sums
 
+Mixed precision (issue 12; gpubp/precision.py has the names and the numpy rounding). The GEMM ops take
+`precision` ("fp32", "tf32", "bf16", "fp16"; "fp32" means the model dtype's own arithmetic, and float64 models
+always pass it). round_p is precision.round_operand (RNE); "store" rounds RNE to the output array's dtype.
+    float32 always   parameters, gradients, optimizer state, Z, the output layer's A (the prediction), the loss,
+                     the staged X
+    storage_dtype(p) every hidden layer's A and every layer's δ (16-bit for bf16/fp16, float32 for fp32/tf32);
+                     an op writes into whatever dtype its output array has
+    dense_forward     Z = round_p(A_prev) · round_p(W)ᵀ + b  (float32 accumulation),  A = store(g(Z))
+    input_grad_masked δ_prev = store((round_p(δ) · round_p(W)) ⊙ g'(Z_prev)); g' from Z_prev (relu, leaky_relu)
+                      or from the stored A_prev (sigmoid, tanh), in float32
+    weight_grad       dW = round_p(δ)ᵀ · round_p(A_prev) (float32 accumulation),  db = Σₙ δₙ of the stored δ
+    loss_grad         δ_out = store(scale · ∂L/∂Z), scale the fp16 loss scale (gpubp/loss_scale.py), else 1
+For 16-bit stored arrays round_p is exact; tf32 stores nothing narrow and rounds operands inside the GEMM.
+
 Activations and losses are passed as the integer ids of gpubp.activations and gpubp.losses. Optimizer settings
 arrive as a device float64 array `hyper` (read by the kernels, so a changed learning rate needs no recapture).
 
 Every backend counts what crosses between host and device in `counters` (tests read them): "sync" (the host
 waited for the device), "d2h" (device-to-host copies) and "h2d" (host-to-device copies).
+
+Other libraries' device arrays (torch.cuda, jax, cupy under numba) come in through `adopt`: a view through
+__cuda_array_interface__ or DLPack, never a copy through the host.
 """
+
+# DLPack device types (dlpack.h's DLDeviceType) whose memory a CUDA kernel can read: kDLCUDA, kDLCUDAManaged.
+# kDLCUDAHost (3) is pinned host memory: treated as a host array.
+DLPACK_CUDA = (2, 13)
+
+
+def dlpack_device(x):
+    """(device type, device id) from x.__dlpack_device__(), or None where x has no DLPack device."""
+    method = getattr(type(x), "__dlpack_device__", None)
+    if method is None:
+        return None
+    device_type, device_id = method(x)
+    return int(device_type), int(device_id)
+
+
+def cuda_array_interface(x, what):
+    """x.__cuda_array_interface__, or None where x has none. Some objects define it but refuse to give it (a
+    torch tensor that requires grad): TypeError naming `what` and the library's reason."""
+    try:
+        return getattr(x, "__cuda_array_interface__", None)
+    except Exception as exc:
+        raise TypeError(f"{what}: a {type(x).__name__} that cannot be shared ({type(exc).__name__}: {exc}); for a "
+                        "torch tensor pass tensor.detach()") from None
 
 
 class Backend:
     """Base class; a backend sets `name` and implements every method below."""
 
     name = "base"
+    # The GEMM precisions this backend implements (gpubp/precision.py); Sequential refuses the others.
+    PRECISIONS = ("fp32",)
 
     def __init__(self, deterministic=False):
         # deterministic=True: every op must give bit-identical results run to run (no atomics in reductions).
@@ -57,6 +99,14 @@ class Backend:
         """`x` (numpy or a device array of this backend) as a C-contiguous device array of `dtype`; no copy when
         it already is one."""
         raise NotImplementedError
+
+    def adopt(self, x, what="array"):
+        """`x` as this backend's own device array when it is another library's array in this backend's device
+        memory (a torch.cuda tensor, a jax array, a cupy array under numba): a view of the same memory, no copy.
+        Anything else comes back unchanged (numpy arrays, lists, CPU tensors), to be checked and copied as
+        usual. ValueError naming `what` for an array on another device of this kind. The default, the numpy
+        backend's, changes nothing: numpy reads CPU tensors through __array__ without a copy."""
+        return x
 
     def copy_into(self, dst, src):
         """dst[...] = src, where src is a numpy array or a device array of the same shape; cast to dst's dtype."""
@@ -95,6 +145,14 @@ class Backend:
         non-finite and the step's guard reports it."""
         raise NotImplementedError
 
+    def storage_dtype(self, precision):
+        """The dtype of the arrays a GEMM of `precision` reads narrow: hidden activations A and every δ (see the
+        module docstring). float32 for fp32/tf32; a backend picks its 16-bit type for bf16/fp16 (numpy:
+        ml_dtypes.bfloat16 and float16; the GPU backends may keep raw bits as uint16). gpubp.precision.decode
+        turns a host copy of either into float32."""
+        from .. import precision as P
+        return P.storage_dtype(precision)
+
     def synchronize(self):
         """Wait until every launched op has finished (for timing)."""
 
@@ -104,36 +162,39 @@ class Backend:
         return None
 
     # ---- the kernel set ----------------------------------------------------------------------------------
-    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
         """Z = A_prev · Wᵀ + b and A = g(Z) (b may be None: no bias). Z is kept for backward; where
-        act == IDENTITY, A may be the same array as Z."""
+        act == IDENTITY and A has Z's dtype, A may be the same array as Z."""
         raise NotImplementedError
 
     def activation_mask(self, dA, Z, A, act, alpha, delta):
         """δ = dA ⊙ g'(Z). delta may be the same array as dA."""
         raise NotImplementedError
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         """dW (=|+=) δᵀ · A_prev, db (=|+=) Σₙ δₙ (db may be None: no bias)."""
         raise NotImplementedError
 
-    def input_grad(self, delta, W, dA_prev):
+    def input_grad(self, delta, W, dA_prev, precision="fp32"):
         """dA_prev = δ · W."""
         raise NotImplementedError
 
-    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
         """δ_prev = (δ · W) ⊙ g'(Z_prev): input_grad with the previous layer's activation-derivative mask fused
-        into its epilogue (one pass over δ_prev instead of two). This default runs the two ops in turn."""
-        self.input_grad(delta, W, delta_prev)
+        into its epilogue (one pass over δ_prev instead of two). This default runs the two ops in turn, which is
+        exact only where δ_prev is float32 (a 16-bit δ_prev would be rounded twice)."""
+        self.input_grad(delta, W, delta_prev, precision)
         self.activation_mask(delta_prev, Z_prev, A_prev, act, alpha, delta_prev)
 
-    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
         """The fused output step. From the output layer's pre-activation Z (N, out) and targets y (N, out):
         A = F(Z) (the prediction), loss_out[0] = L, delta = ∂L/∂Z. The forms (SPEC section 1):
             MSE        L = (1/N) Σₙ ½‖F(Zₙ) − yₙ‖²       δ = (A − y)/N ⊙ F'(Z)
             BCE        (act must be SIGMOID) L = mean over N·out of BCE-with-logits   δ = (σ(Z) − y)/(N·out)
             SOFTMAX_CE (act must be IDENTITY) L = (1/N) Σₙ −Σₖ yₙₖ log softmax(Zₙ)ₖ    δ = (softmax(Z) − y)/N
-        loss_out is a device array of shape (1,) in the model's dtype."""
+        loss_out is a device array of shape (1,) in the model's dtype. scale: None, or a device float64 array (1,)
+        (the fp16 loss scale, gpubp/loss_scale.py): delta = scale · ∂L/∂Z then, stored in delta's dtype; the loss
+        itself is never scaled."""
         raise NotImplementedError
 
     # The two updates are guarded (gpubp/guard.py): with guard[FAULT] set they do nothing; an update that would
@@ -180,6 +241,22 @@ class Backend:
         guard[LOSS_SUM] += loss_out[0]·n; guard[ROWS] += n; guard[RING + (guard[STEP] − 1) % RING_SIZE] =
         loss_out[0]; and guard[CORRECT] += accuracy·n, where accuracy is gpubp.losses.accuracy(loss, A, Y)
         computed as numpy does (a count divided by the elements compared, in float64), 0 for mse."""
+        raise NotImplementedError
+
+    # ---- fp16 dynamic loss scaling (gpubp/loss_scale.py has the scaler's layout and rule) ------------------
+    def unscale_gradients(self, loss_out, grads, scaler, guard):
+        """guard_gradients for a loss-scaled step: if guard[FAULT] is set, guard[SKIPPED] += 1; else a non-finite
+        loss sets FAULT = LOSS (a real fault, as guard_gradients); else grads *= 1/scaler[SCALE] and, when a
+        gradient is not finite (the scaled δ overflowed), FAULT = OVERFLOW, FAULT_STEP = guard[STEP],
+        FAULT_INDEX = the smallest such flat index: the update skips the step and update_scale clears it."""
+        raise NotImplementedError
+
+    def update_scale(self, scaler, guard):
+        """After the update, before record_step: guard[FAULT] == OVERFLOW: the fault is cleared (FAULT = NONE,
+        FAULT_STEP = 0, FAULT_INDEX = -1) and guard[STEP] += 1 (the step counts as taken, its update skipped, so
+        record_step then records its loss as for any step), SCALE *= BACKOFF, GOOD = 0, OVERFLOWS += 1.
+        guard[FAULT] == NONE: GOOD += 1, and when GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (not above
+        loss_scale.MAX_SCALE) and GOOD = 0. Any other fault: nothing (the host reports it)."""
         raise NotImplementedError
 
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------

@@ -34,7 +34,7 @@ except ImportError as exc:  # the module still imports, so available() can say w
 from .. import guard as G
 from .. import losses
 from . import cuda_sources
-from .base import Backend
+from .base import DLPACK_CUDA, Backend, cuda_array_interface, dlpack_device
 
 _THREADS = 256           # block size of every launch (the GEMM tiles are 256 threads too)
 _LOSS_MAX_BLOCKS = 1024  # loss_grad_kernel's grid is at most this: the size of its partial-sum scratch
@@ -228,6 +228,20 @@ class CupyBackend(Backend):
     def is_device_array(self, x):
         return isinstance(x, cp.ndarray)
 
+    def adopt(self, x, what="array"):
+        if x is None or isinstance(x, (cp.ndarray, np.ndarray)):
+            return x
+        device = dlpack_device(x)
+        if device is not None and device[0] in DLPACK_CUDA and device[1] != cp.cuda.runtime.getDevice():
+            raise ValueError(f"{what}: on CUDA device {device[1]}, but this model's arrays are on device "
+                             f"{cp.cuda.runtime.getDevice()}; move it there first (e.g. tensor.to('cuda:"
+                             f"{cp.cuda.runtime.getDevice()}'))")
+        if cuda_array_interface(x, what) is not None:
+            return cp.asarray(x)              # a view of the same device memory (CuPy keeps x alive)
+        if device is not None and device[0] in DLPACK_CUDA:
+            return cp.from_dlpack(x)          # likewise, through DLPack
+        return x
+
     def asarray(self, x, dtype):
         if isinstance(x, cp.ndarray) or hasattr(x, "__cuda_array_interface__"):
             return cp.ascontiguousarray(cp.asarray(x), dtype=dtype)   # no copy when it already fits
@@ -289,7 +303,7 @@ class CupyBackend(Backend):
         return cp.cuda.runtime.memGetInfo()[0] + cp.get_default_memory_pool().free_bytes()
 
     # ---- the kernel set ------------------------------------------------------------------------------------
-    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
         # A_prev (N, in), W (out, in), b (out,) or None, Z and A (N, out)
         N, n_in = A_prev.shape
         n_out = W.shape[0]
@@ -311,7 +325,7 @@ class CupyBackend(Backend):
             elementwise_grid(delta.size, _sm_count()), (_THREADS,),
             (dA, Z, A, delta, np.int64(delta.size), np.int32(act), np.float64(alpha)))
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         # delta (N, out), A_prev (N, in), dW (out, in), db (out,) or None
         N, n_out = delta.shape
         n_in = A_prev.shape[1]
@@ -345,11 +359,11 @@ class CupyBackend(Backend):
             (dW_parts, db_parts, dW, dW if db is None else db, np.int32(slices), np.int64(dW.size),
              _i32(n_out), has_bias, np.int32(accumulate)))
 
-    def input_grad(self, delta, W, dA_prev):
+    def input_grad(self, delta, W, dA_prev, precision="fp32"):
         # delta (N, out), W (out, in), dA_prev (N, in)
         self._input_grad(delta, W, dA_prev, None, None, -1, 0.0)
 
-    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
         """δ_prev = (δ · W) ⊙ g'(Z_prev): input_grad and the previous layer's activation_mask in one launch
         (dA_prev is never stored). delta (N, out), W (out, in), Z_prev, A_prev, delta_prev (N, in);
         delta_prev may be the same array as Z_prev or A_prev."""
@@ -371,7 +385,7 @@ class CupyBackend(Backend):
             (delta, W, out, Z_prev if masked else out, A_prev if masked else out, _i32(N), _i32(n_in),
              _i32(n_out), np.int32(mask_act), np.float64(alpha)))
 
-    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
         # Z, y, A, delta (N, out); loss_out (1,)
         N, C = Z.shape
         if y.shape != Z.shape:   # (N,) targets of a one-output model: a view, no copy
