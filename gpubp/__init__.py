@@ -4,14 +4,13 @@
     opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
     loss = net.train_step(X, y, loss="bce", optimizer=opt)
 """
-from . import export
+from . import callbacks, export, schedules   # gpubp.callbacks.EarlyStopping, gpubp.schedules.Cosine, ...
 from .backends import BackendUnavailable, availability, get_backend
 from .layers import Dense
 from .network import History, Sequential
 from .optim import SGD, Adam
 from .serialize import load
-from . import callbacks, schedules   # gpubp.callbacks.EarlyStopping, gpubp.schedules.Cosine, ...
 
 __version__ = "0.1.0"
 __all__ = ["Sequential", "Dense", "SGD", "Adam", "load", "History", "get_backend", "availability",
-           "BackendUnavailable", "export", "__version__"]
+           "BackendUnavailable", "callbacks", "export", "schedules", "__version__"]
