@@ -685,7 +685,10 @@ def compile_ptx(kernel, argtypes, cc):
     and with one the device functions are lowered for that GPU whatever `cc` the kernel is for (and cached by
     argument types only). So, holding numba's compiler lock, the dispatcher module's device lookup answers
     `cc`, and each device function of this module compiles into overloads kept per cc (its own are put back
-    afterwards): a device function lowered for one cc is never linked into a kernel for another."""
+    afterwards): a device function lowered for one cc is never linked into a kernel for another.
+    NOTE: numba's own overloads that compile through a dispatcher (the scalar `.view` of float32_bits and
+    bits_float32) also ask the stand-in lookup, and numba caches them by argument types only: they are a bitcast,
+    the same for every cc, so one lowering serves both."""
     if cuda.config.ENABLE_CUDASIM:
         raise RuntimeError("compile_ptx needs the real numba.cuda compiler: unset NUMBA_ENABLE_CUDASIM")
     from numba.cuda import dispatcher as cuda_dispatcher
