@@ -388,7 +388,8 @@ def test_kernels_as_launched_on_this_gpu_use_no_local_memory(capsys):
     lines = []
     for entry in TABLE:
         launched = entry.kernel.compile(entry.argtypes)
-        lines.append(f"{entry.name:<24}{entry.dtype:<9}{entry.variant or 'fp32':<28}{launched.regs_per_thread:>10} registers"
+        lines.append(f"{entry.name:<24}{entry.dtype:<9}{entry.variant or 'fp32':<28}"
+                     f"{launched.regs_per_thread:>10} registers"
                      f"{launched.local_mem_per_thread:>8} bytes local")
         assert launched.local_mem_per_thread == 0, lines[-1]
     with capsys.disabled():
