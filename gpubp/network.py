@@ -20,6 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import activations as acts
+from . import distributed
 from . import guard as G
 from . import loss_scale as LS
 from . import losses
@@ -79,9 +80,10 @@ class DeviceData:
         def __init__(self, X, Y, order):
             self.X, self.Y, self.order = X, Y, order
 
-    def __init__(self, net, X, y, loss_id, batch_size, optimizer):
+    def __init__(self, net, X, y, loss_id, batch_size, optimizer, data_parallel=None):
         be = net.backend
         self.net, self.loss_id, self.batch_size, self.optimizer = net, loss_id, batch_size, optimizer
+        self.data_parallel = data_parallel   # fit(comm=...): this rank's share of each global batch
         self.rows = N = X.shape[0]
         labels = loss_id == losses.SOFTMAX_CE and y.ndim == 1
         row_bytes = (net.n_in + net.n_out) * net.dtype.itemsize
@@ -114,9 +116,13 @@ class DeviceData:
 
     def batches(self, permutation):
         """(rows, step key, step closure) for every batch of an epoch in `permutation`'s order; uploads the order
-        (or, streamed, each chunk) as it goes."""
+        (or, streamed, each chunk) as it goes. With data_parallel: this rank's rows of each global batch, and a
+        last step of 0 rows when the last global batch has none for this rank (gpubp/distributed.py)."""
         be = self.net.backend
-        for c, start in enumerate(range(0, self.rows, self.chunk_rows)):
+        global_rows, s = None, 0
+        if self.data_parallel is not None:
+            permutation, global_rows = self.data_parallel.share(permutation, self.batch_size)
+        for c, start in enumerate(range(0, len(permutation), self.chunk_rows)):
             rows = permutation[start:start + self.chunk_rows]
             k = c % len(self.buffers)
             buffers = self.buffers[k]
@@ -130,14 +136,24 @@ class DeviceData:
             be.copy_into(buffers.order, order)
             for b in range(0, len(rows), self.batch_size):
                 n = min(self.batch_size, len(rows) - b)
-                yield n, ("fit", n, k, self.loss_id, self.optimizer.key()), self._closure(k, n)
+                g = None if global_rows is None else global_rows[s]
+                s += 1
+                yield n, ("fit", n, g, k, self.loss_id, self.optimizer.key()), self._closure(k, n, g)
+        if global_rows is not None and s < len(global_rows):
+            g = global_rows[s]
+            yield 0, ("fit", 0, g, None, self.loss_id, self.optimizer.key()), self._closure(None, 0, g)
 
-    def _closure(self, k, n):
+    def _closure(self, k, n, n_global=None):
         """The launches of one step on the next n rows of buffers k: gather X and Y, move the cursor, then the
-        step. Made once per (buffers, batch size): it holds the same objects at every call, so a backend may
-        replay it as a captured graph."""
-        if (k, n) not in self._closures:
+        step. Made once per (buffers, batch size, global batch size): it holds the same objects at every call,
+        so a backend may replay it as a captured graph."""
+        if (k, n, n_global) not in self._closures:
             net, be, optimizer, loss_id = self.net, self.net.backend, self.optimizer, self.loss_id
+            all_reduce = None if n_global is None else self.data_parallel.all_reduce(n, n_global)
+            if n == 0:
+                self._closures[(k, n, n_global)] = lambda: net._step_ops(None, None, loss_id, optimizer, None,
+                                                                         all_reduce)
+                return self._closures[(k, n, n_global)]
             ws = net._workspace(n)
             b = self.buffers[k]
             X, Y, order = b.X, b.Y, b.order
@@ -147,9 +163,9 @@ class DeviceData:
                 be.gather_rows(X, order, cursor, ws.X)
                 be.gather_rows(Y, order, cursor, ws.Y)
                 be.advance_cursor(cursor, n)
-                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws)
-            self._closures[(k, n)] = step
-        return self._closures[(k, n)]
+                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws, all_reduce)
+            self._closures[(k, n, n_global)] = step
+        return self._closures[(k, n, n_global)]
 
 
 class LazyLoss:
@@ -212,7 +228,10 @@ class Sequential:
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
-        self.grads = self.backend.zeros((self.layout.size,), self.dtype)
+        # The gradients, then one slot for the loss: what a data-parallel step sums across the ranks in one call
+        # (gpubp/distributed.py).
+        self.reduce_buffer = self.backend.zeros((self.layout.size + 1,), self.dtype)
+        self.grads = self.backend.view(self.reduce_buffer, 0, (self.layout.size,))
         self._bind()
         self.backend.copy_into(self.params, self.layout.flatten(
             [layer.init_params(self.rng) for layer in self.layers], self.dtype))
@@ -391,19 +410,26 @@ class Sequential:
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
             self.layers[i].backward(be, A_prev, ws.G[i], prev)
 
-    def _step_ops(self, X, Y, loss_id, optimizer, ws):
-        """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
+    def _step_ops(self, X, Y, loss_id, optimizer, ws, all_reduce=None):
+        """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host.
+        all_reduce (fit with comm): between backward and the guard, this rank's gradients and loss become the
+        global batch's (gpubp/distributed.py); X None: this rank has no rows in the step and only takes part."""
         be = self.backend
-        self._forward_loss_backward(X, Y, loss_id, ws)
+        loss_out = None
+        if X is not None:
+            self._forward_loss_backward(X, Y, loss_id, ws)
+            loss_out = ws.loss
+        if all_reduce is not None:
+            loss_out = all_reduce(loss_out)
         if self.scaler is None:
-            be.guard_gradients(ws.loss, self.grads, self.guard)
+            be.guard_gradients(loss_out, self.grads, self.guard)
             optimizer.step(self.guard)
-            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
         else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
-            be.unscale_gradients(ws.loss, self.grads, self.scaler, self.guard)
+            be.unscale_gradients(loss_out, self.grads, self.scaler, self.guard)
             optimizer.step(self.guard)
             be.update_scale(self.scaler, self.guard)
-            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        if X is not None:
+            be.record_step(loss_id, loss_out, ws.A[-1], Y, self.guard)
 
     # ---- the guard: read rarely, by the host --------------------------------------------------------------
     @property
@@ -561,7 +587,7 @@ class Sequential:
         self.backend.copy_into(self.params, self.layout.flatten(checked, self.dtype))
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
-            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None):
+            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None, comm=None):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
         batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
         "val_loss"/"val_accuracy" with validation_data.
@@ -575,7 +601,10 @@ class Sequential:
         that batch's loss, and each call costs one read.
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
         so (a RuntimeWarning and history.stop_reason naming the epoch, batch and layer); the steps between the
-        fault and that read are skipped."""
+        fault and that read are skipped.
+        comm (gpubp.distributed.init()): data-parallel over its ranks; batch_size is per rank, so each step
+        trains on batch_size × comm.size rows, and every rank ends with the same model, the one a single process
+        trains with that global batch (to rounding); the history holds global metrics (gpubp/distributed.py)."""
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         for value, what in ((epochs, "epochs"), (batch_size, "batch_size")):
@@ -596,13 +625,17 @@ class Sequential:
                 raise ValueError("validation_data: expected a pair (X_val, y_val)")
             Xv = self._check_X(validation_data[0])
             yv = self._check_y(validation_data[1], loss_id, Xv.shape[0])
+        comm = distributed.check_comm(comm)
         if log_every is None and on_batch_end is not None:
             log_every = 1
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
 
-        data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
+        data_parallel = None if comm is None else comm.data_parallel(self, optimizer, {
+            "loss": loss, "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "rows": X.shape[0],
+            "check_every": check_every, "log_every": log_every})
+        data = DeviceData(self, X, y, loss_id, batch_size, optimizer, data_parallel)
         N = data.rows
-        n_batches = -(-N // batch_size)
+        n_batches = -(-N // (batch_size * (1 if comm is None else comm.size)))
         history = History()
         for epoch in range(epochs):
             permutation = self.rng.permutation(N) if shuffle else np.arange(N)
@@ -625,10 +658,13 @@ class Sequential:
                     return history
                 if on_batch_end is not None and done % log_every == 0:
                     on_batch_end(b, n_batches, float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]))
-            rows = max(guard[G.ROWS], 1)   # the rows of the good steps: N unless fp16 skipped an overflow
-            logs = {"loss": guard[G.LOSS_SUM] / rows}
+            loss_sum, correct, rows = guard[[G.LOSS_SUM, G.CORRECT, G.ROWS]]
+            if data_parallel is not None:   # every rank's share of the epoch
+                loss_sum, correct, rows = data_parallel.sum_epoch((loss_sum, correct, rows))
+            rows = max(rows, 1)   # the rows of the good steps: N unless fp16 skipped an overflow
+            logs = {"loss": loss_sum / rows}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = guard[G.CORRECT] / rows
+                logs["accuracy"] = correct / rows
             if self.scaler is not None:   # fp16: the scale now and the overflow skips so far (one more read)
                 logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
