@@ -2,8 +2,9 @@
 rank 0 to an .npz (argv[2]) for the test to check against a single process.
 
     train OUT      the CASES below, each trained data-parallel: every rank's parameters and history; then a
-                   checkpoint written by rank 0 after one epoch and resumed by every rank; then ranks that differ
-                   in architecture, dtype or precision, and the errors every rank raised
+                   checkpoint written by rank 0 after one epoch and resumed by every rank; a step whose loss is
+                   inf on rank 1 only; then ranks that differ in architecture, dtype or precision, and the errors
+                   every rank raised
     raise OUT      rank 1 raises before fit: the job must end at once (MPI_Abort), naming rank 1
     kill OUT       rank 1 is killed (SIGKILL) after its first epoch: mpiexec must end the job
     hang OUT       rank 1 sleeps instead of calling fit: rank 0 must give up after init's timeout
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -88,6 +90,24 @@ def train(comm, out):
     params = gather(comm, resumed.backend.to_numpy(resumed.params))
     if comm.rank == 0:
         results["resumed.params"] = np.stack(params)
+
+    # a fault on one rank only: a float32 target so large that its squared error, hence the loss, is inf while
+    # every gradient stays finite. The loss is summed with the gradients, so every rank sees it and skips the step
+    X, y = data("mse", 40)
+    y = y.astype(np.float32)
+    y[batch_for(comm.size, None)] = 3e20            # rank 1's first row (no shuffling)
+    net = model("float32", "mse")
+    initial = net.backend.to_numpy(net.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # fit's "fit stopped" warning
+        history = net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=1, batch_size=batch_for(comm.size, None),
+                          shuffle=False, comm=comm)
+    reasons = comm.mpi.gather(str(history.stop_reason), root=0)
+    params = gather(comm, net.backend.to_numpy(net.params))
+    if comm.rank == 0:
+        results["fault.stop_reason"] = np.array(reasons)
+        results["fault.params"] = np.stack(params)
+        results["fault.initial"] = initial
 
     # a rank that differs: every rank must raise (no rank may hang), and say what differs
     for what, kwargs in (("architecture", {"hidden": 9}), ("dtype", {"dtype": "float32"}),
