@@ -339,6 +339,9 @@ class NcclTransport:
         except ImportError as exc:
             raise RuntimeError(f"the nccl transport needs CuPy with NCCL ({exc}); install gpubp[cuda12] or "
                                "gpubp[cuda13], or init(backend='mpi') for the numpy backend") from None
+        if not nccl.available:
+            raise RuntimeError("the nccl transport needs NCCL, which CuPy could not load here; pip install "
+                               "nvidia-nccl-cu12 (or -cu13), or init(backend='mpi') for the numpy backend")
         self.cupy, self.nccl = cupy, nccl
         unique_id = nccl.get_unique_id() if comm.rank == 0 else None
         unique_id = tuple(comm.broadcast_object(None if unique_id is None else list(unique_id), "the NCCL unique id"))
