@@ -216,7 +216,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
     rank trains on --batch-size rows of every step (the step's batch is --batch-size × ranks); rank 0 prints and
     writes the checkpoint; --resume reads it on every rank (a path every rank can read)."""
     # Under mpiexec: this rank's place (and GPU); alone: size 1, and everything below runs as it always did.
-    comm = gpubp.distributed.init()
+    transport = "auto" if backend == "auto" else gpubp.distributed.TRANSPORT_FOR_BACKEND[backend]
+    comm = gpubp.distributed.init(backend=transport)
     root = comm.rank == 0
     say = click.echo if root else _quiet
     save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default

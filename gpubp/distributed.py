@@ -51,7 +51,7 @@ TRANSPORT_FOR_BACKEND = {"numpy": "mpi", "cupy": "nccl", "numba": "nccl"}
 # Set by the launchers of MPICH (hydra) and Intel MPI, Open MPI, and PMIx-based ones (srun --mpi=pmix).
 _LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
-_world = None   # the communicator init() made; MPI is one per process
+_world = None   # the communicator init() made under mpiexec; MPI is one per process
 
 
 def launched_by_mpiexec():
@@ -70,13 +70,12 @@ def init(backend="auto", timeout=DEFAULT_TIMEOUT):
         raise ValueError(f"backend: expected 'auto', 'mpi' or 'nccl', got {backend!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-    if _world is not None:
+    if not launched_by_mpiexec():
+        return Communicator(timeout=timeout)
+    if _world is not None:   # MPI is initialised once per process: the same world, asked for the same transport
         if backend not in ("auto", _world.requested):
             raise ValueError(f"init: already initialised with backend={_world.requested!r}, asked for {backend!r}")
         _world.timeout = float(timeout)
-        return _world
-    if not launched_by_mpiexec():
-        _world = Communicator(requested=backend, timeout=timeout)
         return _world
     try:
         from mpi4py import MPI
