@@ -233,7 +233,6 @@ class DataParallel:
         self.comm, self.net = comm, net
         self._agree(dict(_describe(net, optimizer), **settings))
         self._broadcast_state(optimizer)
-        self._zeros = None
 
     def _agree(self, description):
         comm, transport = self.comm, self.comm.transport
