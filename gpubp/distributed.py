@@ -137,7 +137,8 @@ class Communicator:
 
     def __repr__(self):
         transport = self.transport.name if self.transport is not None else None
-        return f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, transport={transport!r})"
+        return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
+                f"transport={transport!r})")
 
     def abort(self, message, status=1):
         """Print `message` under this rank's name and end every process of the job (MPI_Abort)."""

@@ -32,10 +32,10 @@ LAUNCH_TIMEOUT = 60   # seconds for any one job; the fault tests ask for much le
 
 def mpi_available():
     try:
-        import mpi4py  # noqa: F401
+        import mpi4py
     except ImportError as exc:
         return f"mpi4py is not installed ({exc}): pip install 'gpubp[mpi]'"
-    return None if MPIEXEC else "no mpiexec on PATH: pip install mpich"
+    return None if MPIEXEC else f"mpi4py {mpi4py.__version__} is here but no mpiexec on PATH: pip install mpich"
 
 
 needs_mpi = pytest.mark.skipif(mpi_available() is not None, reason=str(mpi_available()))
@@ -180,9 +180,11 @@ def test_a_fault_on_one_rank_stops_every_rank_at_the_same_step(job):
 
 @needs_mpi
 @pytest.mark.parametrize("what, message", [
-    ("architecture", "has layers=['5->9 tanh', '9->2 identity'] where rank 0 has layers=['5->7 tanh', '7->2 identity']"),
+    ("architecture", "has layers=['5->9 tanh', '9->2 identity'] where rank 0 has "
+                     "layers=['5->7 tanh', '7->2 identity']"),
     ("dtype", "has dtype='float32' where rank 0 has dtype='float64'"),
-    ("precision", "has precision='bf16' where rank 0 has precision='fp32'")], ids=["architecture", "dtype", "precision"])
+    ("precision", "has precision='bf16' where rank 0 has precision='fp32'"),
+], ids=["architecture", "dtype", "precision"])
 def test_a_rank_that_differs_is_the_same_error_on_every_rank(job, what, message):
     results, size = job
     messages = list(results[f"mismatch.{what}"])
