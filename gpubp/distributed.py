@@ -38,6 +38,7 @@ and aborts the job, as `python -m mpi4py` does. A killed rank ends the job: mpie
 waits are on the device and have no deadline here.
 """
 import json
+import math
 import numbers
 import os
 import sys
@@ -210,10 +211,11 @@ class Communicator:
         ends = np.cumsum(lengths)
         return [json.loads(gathered[end - n:end].tobytes().decode()) for n, end in zip(lengths, ends)]
 
-    def data_parallel(self, net, optimizer, settings):
+    def data_parallel(self, net, optimizer, settings, log_every=None):
         """What fit(comm=self) trains through: the ranks agree on `settings` and the model (else ValueError on
-        every rank), rank 0's model state is broadcast, then a DataParallel shares out batches and sums steps."""
-        return DataParallel(self, net, optimizer, settings)
+        every rank), rank 0's model state is broadcast, then a DataParallel shares out batches and sums steps.
+        log_every: this rank's wish for reading the device every so many steps (its progress bar, callbacks)."""
+        return DataParallel(self, net, optimizer, settings, log_every)
 
 
 def _describe(net, optimizer):
@@ -228,14 +230,16 @@ def _describe(net, optimizer):
 class DataParallel:
     """One fit's link between the ranks (see the module docstring): share() gives this rank its rows of each
     global batch, all_reduce() the closure a step calls between backward and the guard, sum_epoch() the
-    epoch's global sums."""
+    epoch's global sums, any_rank() a stop asked for on any rank. read_every: the steps at which every rank
+    reads the device, so that all see a fault at the same step: the greatest common divisor of the ranks'
+    log_every (rank 0's when only it shows a progress bar), None when no rank asked."""
 
-    def __init__(self, comm, net, optimizer, settings):
+    def __init__(self, comm, net, optimizer, settings, log_every=None):
         self.comm, self.net = comm, net
-        self._agree(dict(_describe(net, optimizer), **settings))
+        self.read_every = self._agree(dict(_describe(net, optimizer), **settings), log_every)
         self._broadcast_state(optimizer)
 
-    def _agree(self, description):
+    def _agree(self, description, log_every):
         comm, transport = self.comm, self.comm.transport
         wanted = TRANSPORT_FOR_BACKEND.get(self.net.backend.name)
         problem = None
@@ -243,7 +247,7 @@ class DataParallel:
             problem = (f"its model is on the {self.net.backend.name} backend, whose arrays travel by {wanted}, but "
                        f"its communicator's transport is {getattr(transport, 'name', None)}; call "
                        f"gpubp.distributed.init(backend={wanted!r}) or build the model on a matching backend")
-        everyone = comm.allgather_object({"description": description, "problem": problem},
+        everyone = comm.allgather_object({"description": description, "problem": problem, "log_every": log_every},
                                          "the ranks comparing their models and fit settings")
         problems = [f"rank {r}: {d['problem']}" for r, d in enumerate(everyone) if d["problem"]]
         if problems:
@@ -255,6 +259,8 @@ class DataParallel:
                 raise ValueError("fit(comm=...): every rank must train the same model the same way, but "
                                  + "; ".join(f"rank {r} has {k}={d['description'].get(k)!r} where rank 0 has "
                                              f"{k}={reference[k]!r}" for k in differ))
+        wishes = [d["log_every"] for d in everyone if d["log_every"] is not None]
+        return math.gcd(*wishes) if wishes else None
 
     def _broadcast_state(self, optimizer):
         """Rank 0's parameters, optimizer state, step count, shuffling generator and loss scaler on every rank."""
@@ -299,6 +305,10 @@ class DataParallel:
             transport.sum(buffer, "the gradients of a step")
             return loss_slot
         return all_reduce
+
+    def any_rank(self, flag):
+        """True on every rank when `flag` is true on some rank (a callback asked to stop training)."""
+        return bool(self.comm.sum_in_rank_order(np.array([float(bool(flag))]), "the ranks' stop requests")[0])
 
     def sum_epoch(self, sums):
         """The epoch's (loss sum, correct, rows), float64 numpy, summed over the ranks."""

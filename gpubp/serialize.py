@@ -2,7 +2,8 @@
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
 Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, precision, seed, deterministic, steps, rng state,
-       optimizer type and config, extra)  params (flat, packed)  opt.<state name> (flat, packed)  opt.step (int64, (1,))
+       optimizer type, config and schedule, extra, the loss and class labels fit last used)  params (flat, packed)
+       opt.<state name> (flat, packed)  opt.step (int64, (1,))
        loss_scaler (float64, (6,); fp16 models only: gpubp/loss_scale.py's layout)
 A file without "precision" (written before it existed) loads with the default.
 
@@ -16,6 +17,7 @@ import zipfile
 
 import numpy as np
 
+from . import schedules
 from .backends import BACKENDS, Backend
 from . import loss_scale as LS
 from .layers import Dense
@@ -52,12 +54,16 @@ def save(net, path, extra=None):
         "rng": net.rng.bit_generator.state,
         "optimizer": None,
         "extra": extra or {},
+        "loss": net.loss,
+        "classes": None if net.classes is None else net.classes.tolist(),
     }
     arrays = {"format": np.array(FORMAT), "params": net.layout.pack(net.backend.to_numpy(net.params))}
     if net.scaler is not None:
         arrays["loss_scaler"] = net.backend.to_numpy(net.scaler)
     if net.optimizer is not None:
         meta["optimizer"] = {"type": type(net.optimizer).__name__, "config": net.optimizer.config()}
+        if net.optimizer.schedule is not None:
+            meta["optimizer"]["schedule"] = net.optimizer.schedule.to_dict()
         for name, value in net.optimizer.state_arrays().items():
             arrays["opt." + name] = value
     arrays["meta"] = np.array(json.dumps(meta))
@@ -197,7 +203,20 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
         net.rng.bit_generator.state = meta["rng"]
         optimizer = None
         if opt_meta is not None:
-            optimizer = OPTIMIZERS[opt_meta["type"]](net, **opt_meta.get("config", {}))
+            config, schedule = dict(opt_meta.get("config", {})), opt_meta.get("schedule")
+            if schedule is not None:
+                # made with its schedule, then given back the rate it had (which a schedule may have taken to 0)
+                saved_lr, config["lr"] = config.get("lr"), schedules.from_dict(schedule)
+            optimizer = OPTIMIZERS[opt_meta["type"]](net, **config)
+            if schedule is not None:
+                optimizer._set_lr(saved_lr)
+        if meta.get("loss") is not None:
+            net._check_loss(meta["loss"])             # a known name that suits the output layer
+            net.loss = meta["loss"]
+        if meta.get("classes") is not None:
+            if net.loss not in ("bce", "softmax_ce"):
+                raise ValueError(f"class labels saved for the loss {net.loss!r}")
+            net.classes = meta["classes"]             # checked: distinct strings or numbers, one per output
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.
