@@ -826,7 +826,10 @@ class Sequential:
                     if self.stop_training and data_parallel is None:   # asked in on_batch_end: the epoch ends here
                         break
                 if data_parallel is not None and data_parallel.any_rank(self.stop_training):
-                    self.stop_training = True   # asked on some rank: every rank ends the epoch at this step
+                    if not self.stop_training:   # asked on another rank: every rank ends the epoch at this step
+                        batch_stop = (f"a callback on another rank stopped training in epoch {epoch + 1}, "
+                                      f"batch {done}")
+                    self.stop_training = True
                     break
             loss_sum, correct, rows = guard[[G.LOSS_SUM, G.CORRECT, G.ROWS]]
             if data_parallel is not None:   # every rank's share of the epoch

@@ -3,8 +3,8 @@ rank 0 to an .npz (argv[2]) for the test to check against a single process.
 
     train OUT      the CASES below, each trained data-parallel: every rank's parameters and history; then a
                    checkpoint written by rank 0 after one epoch and resumed by every rank; a step whose loss is
-                   inf on rank 1 only; then ranks that differ in architecture, dtype or precision, and the errors
-                   every rank raised
+                   inf on rank 1 only; a callback on rank 0 alone that stops training mid-epoch; then ranks that
+                   differ in architecture, dtype or precision, and the errors every rank raised
     raise OUT      rank 1 raises before fit: the job must end at once (MPI_Abort), naming rank 1
     kill OUT       rank 1 is killed (SIGKILL) after its first epoch: mpiexec must end the job
     hang OUT       rank 1 sleeps instead of calling fit: rank 0 must give up after init's timeout
@@ -56,6 +56,23 @@ def optimizer(net, name):
     return gpubp.SGD(net, lr=0.1, momentum=0.9) if name == "sgd" else gpubp.Adam(net, lr=0.01)
 
 
+class StopAt(gpubp.callbacks.Callback):
+    """Sets model.stop_training at batch `batch` of epoch `epoch` (0-based)."""
+
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch, self.current = epoch, batch, None
+
+    def wants_batches(self):
+        return True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        if (self.current, batch) == (self.epoch, self.batch):
+            self.model.stop_training = True
+
+
 def gather(comm, array):
     """Every rank's copy of `array`, stacked, on rank 0 (None elsewhere)."""
     return comm.mpi.gather(np.asarray(array), root=0)
@@ -100,14 +117,33 @@ def train(comm, out):
     initial = net.backend.to_numpy(net.params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # fit's "fit stopped" warning
-        history = net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=1, batch_size=batch_for(comm.size, None),
-                          shuffle=False, comm=comm)
+        # rank 0 alone reads the device after every step (as a progress bar would): every rank must then read
+        # at the same steps, or rank 0 would stop at step 1 and the others run on
+        history = net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=2, batch_size=batch_for(comm.size, None),
+                          shuffle=False, comm=comm, log_every=1 if comm.rank == 0 else None)
     reasons = comm.mpi.gather(str(history.stop_reason), root=0)
     params = gather(comm, net.backend.to_numpy(net.params))
     if comm.rank == 0:
         results["fault.stop_reason"] = np.array(reasons)
         results["fault.params"] = np.stack(params)
         results["fault.initial"] = initial
+
+    # a callback on rank 0 alone stops training in the middle of the second epoch: every rank stops there
+    X, y = data("mse", 40)
+    net = model("float64", "mse")
+    callbacks = [StopAt(epoch=1, batch=1)] if comm.rank == 0 else []
+    history = net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=3, batch_size=4, comm=comm, callbacks=callbacks)
+    steps, params = gather(comm, net.steps), gather(comm, net.backend.to_numpy(net.params))
+    reasons = comm.mpi.gather(str(history.stop_reason), root=0)
+    if comm.rank == 0:
+        results["stop.steps"], results["stop.params"] = np.array(steps), np.stack(params)
+        results["stop.reason"], results["stop.epochs"] = np.array(reasons), np.array(len(history["loss"]))
+    # and at the end of an epoch (on_epoch_end returns "stop" on rank 0 alone)
+    history = net.fit(X, y, "mse", epochs=3, batch_size=4, comm=comm,
+                      on_epoch_end=(lambda epoch, logs: "stop") if comm.rank == 0 else None)
+    epochs, reasons = comm.mpi.gather(len(history["loss"]), root=0), comm.mpi.gather(str(history.stop_reason), root=0)
+    if comm.rank == 0:
+        results["stop_epoch.epochs"], results["stop_epoch.reason"] = np.array(epochs), np.array(reasons)
 
     # a rank that differs: every rank must raise (no rank may hang), and say what differs
     for what, kwargs in (("architecture", {"hidden": 9}), ("dtype", {"dtype": "float32"}),

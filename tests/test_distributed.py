@@ -179,6 +179,24 @@ def test_a_fault_on_one_rank_stops_every_rank_at_the_same_step(job):
 
 
 @needs_mpi
+def test_a_callback_on_rank_0_alone_stops_every_rank_at_the_same_step(job):
+    results, size = job
+    # 40 rows, 4 per rank: 40 / (4 × size) global batches an epoch; stopped after batch 2 of epoch 2
+    per_epoch = -(-40 // (4 * size))
+    assert list(results["stop.steps"]) == [per_epoch + 2] * size
+    for rank in range(1, size):
+        assert np.array_equal(results["stop.params"][rank], results["stop.params"][0])
+    assert int(results["stop.epochs"]) == 2   # the whole first epoch and what ran of the second
+    reasons = list(results["stop.reason"])
+    assert reasons[0] == "StopAt set model.stop_training in epoch 2, batch 2; the epoch ended there", reasons
+    assert reasons[1:] == ["a callback on another rank stopped training in epoch 2, batch 2"] * (size - 1)
+    # a stop asked at the end of an epoch, on rank 0 alone: every rank trains that one epoch only
+    assert list(results["stop_epoch.epochs"]) == [1] * size
+    others = list(results["stop_epoch.reason"])[1:]
+    assert others == ["a callback on another rank stopped training in epoch 1"] * (size - 1)
+
+
+@needs_mpi
 @pytest.mark.parametrize("what, message", [
     ("architecture", "has layers=['5->9 tanh', '9->2 identity'] where rank 0 has "
                      "layers=['5->7 tanh', '7->2 identity']"),
