@@ -771,7 +771,8 @@ class Sequential:
         history = History({name: [] for name in metrics})
         self.history, self.stop_training = history, False
         params = {"epochs": epochs, "initial_epoch": initial_epoch, "batches": n_batches, "rows": N,
-                  "batch_size": batch_size, "metrics": list(metrics)}
+                  "batch_size": batch_size * (1 if comm is None else comm.size),   # a step's rows, all ranks
+                  "metrics": list(metrics)}
         callback_list = cbm.CallbackList(callbacks, self, params)
         try:
             callback_list.on_train_begin()
