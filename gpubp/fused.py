@@ -89,14 +89,28 @@ def forward(X, Ws, bs, act_ids, alphas, precision, training=False):
     A = prec.round_operand(X, precision)
     hidden = []
     for l, (W, b) in enumerate(zip(Ws, bs)):
-        Z = prec.reference_gemm(A, W, precision)   # float32, from the rounded operands
-        if b is not None:
-            Z = Z + np.asarray(b, np.float32)
         if l == len(Ws) - 1:
-            out = Z if training else acts.forward(act_ids[l], Z, np.float32(alphas[l]))
-            return hidden, out.astype(np.float32)
-        A = prec.round_operand(acts.forward(act_ids[l], Z, np.float32(alphas[l])), precision)
+            return hidden, output_layer(A, W, b, act_ids[l], alphas[l], precision, training)
+        A = hidden_layer(A, W, b, act_ids[l], alphas[l], precision)
         hidden.append(A)
+
+
+def _z(A, W, b, precision):
+    """Z = A · Wᵀ + b: the product of the P-rounded operands accumulated exactly, rounded once to float32
+    (reference_gemm), then the float32 bias added in float32."""
+    Z = prec.reference_gemm(A, W, precision)
+    return Z + np.asarray(b, np.float32) if b is not None else Z
+
+
+def hidden_layer(A, W, b, act, alpha, precision):
+    """One hidden layer of the fused forward: round_P(g(A · Wᵀ + b)), as the kernel stores it."""
+    return prec.round_operand(acts.forward(act, _z(A, W, b, precision), np.float32(alpha)), precision)
+
+
+def output_layer(A, W, b, act, alpha, precision, training):
+    """The output layer: Z_L (training) or g_L(Z_L), float32, never rounded to P."""
+    Z = _z(A, W, b, precision)
+    return (Z if training else acts.forward(act, Z, np.float32(alpha))).astype(np.float32)
 
 
 def hidden_delta(delta_next, W_next, A, act, alpha, precision):
