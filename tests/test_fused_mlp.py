@@ -279,6 +279,42 @@ def test_same_bits_under_other_schedules(lib, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture
+def skewed(lib):
+    """The emulation's scheduler with skew (cuda_cpu.h's emu_skew_percent) for the rest of the test."""
+    lib.emu_set_skew.argtypes = [ctypes.c_int]
+    lib.emu_set_skew(50)
+    yield
+    lib.emu_set_skew(0)
+
+
+SKEW_CASES = {   # the input slices' stage refills (H = 64: long slices); the weight buffer's refills (3 hidden layers)
+    "input-stages": ("bf16", 64, 2, 129, 100, 32, [acts.TANH, acts.RELU, acts.SIGMOID], [True], "contiguous"),
+    "weight-buffer": ("bf16", 32, 3, 129, 20, 32, [acts.TANH, acts.RELU, acts.SIGMOID, acts.TANH], [True],
+                      "contiguous"),
+}
+
+
+@pytest.mark.parametrize("which", list(SKEW_CASES))
+def test_warps_drifting_apart_change_nothing(lib, skewed, which):
+    """Warps that drift apart by many barrier stretches (a GPU gives no lockstep between warps) must still agree
+    with the reference: every refill of a shared buffer (the input slices' stages, the weight buffer) waits
+    at a __syncthreads for every warp to be done with what was there. Without the skew, the emulation runs
+    warps of equal work in lockstep and a missing barrier there goes unseen. Fixed data and schedules: each
+    case fails, on at least one of its schedules, with the barrier it guards removed (see the issue 13 report)."""
+    precision, model, X, _ = make_case(SKEW_CASES[which], np.random.default_rng(0))
+    delta_out = np.random.default_rng(1).standard_normal((X.shape[0], model.out_width)).astype(np.float32)
+    try:
+        for seed in (1, 2, 3):
+            emulator_module.set_seed(lib, seed)
+            hidden, Z = run_forward(lib, precision, model, X, training=True)
+            assert forward_error(model, precision, X, hidden, Z) <= 1, f"schedule {seed}"
+            deltas = run_backward(lib, precision, model, delta_out, hidden)
+            assert backward_error(model, precision, delta_out, hidden, deltas) <= 1, f"schedule {seed}"
+    finally:
+        emulator_module.set_seed(lib, int(__import__("os").environ.get("GPUBP_EMULATION_SEED", "0")))
+
+
 # ---- planted bugs: each must make the comparison fail ----------------------------------------------------------------
 PLANTED = {   # tests/cuda_emulation/tensor_core_cpu.h's EmuPlantedBug
     1: "mma m16n8k16 A column + 1 (the register chaining of C into A fragments, and the input's ldmatrix)",

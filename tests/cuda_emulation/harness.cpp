@@ -174,4 +174,7 @@ const char* emu_last_error() { return emu_error.c_str(); }
 // The schedule of every launch from now on: the same seed and launches give the same thread and block orders.
 void emu_set_seed(unsigned long long seed) { emu_rng.seed(seed); }
 
+// Test-only: the schedule's skew (cuda_cpu.h's emu_skew_percent; 0, the default, turns it off).
+void emu_set_skew(int percent) { emu_skew_percent = percent; }
+
 }  // extern "C"
