@@ -16,7 +16,9 @@ Numerics (the contract between kernel and reference; names from gpubp/precision.
     next layer and by backward), the output-layer seed δ_L = round_P(∂L/∂Z_L), each hidden δ_l likewise;
   - products are accumulated in float32 (reference_gemm: the exact product of the rounded operands, rounded
     once), the bias (float32) is added to the float32 sum, g is evaluated in float32;
-  - the output layer's Z_L (training) and g_L(Z_L) (inference) are float32, never rounded to P.
+  - the output layer's Z_L (training) and g_L(Z_L) (inference) are float32, never rounded to P; with the loss
+    fused (output_loss), A = F(Z_L) and the loss are float32/float64 as gpubp/losses.py computes them, and
+    only δ_L = ∂L/∂Z_L is rounded to P (it is backward's first GEMM operand).
   - backward: δ_l = round_P((δ_{l+1} · W_{l+1}) ⊙ g_l'), with g_l' taken from the STORED (rounded) A_{l+1}:
     relu and leaky_relu use A > 0 (⇔ Z > 0, except where a positive Z below P's smallest subnormal rounded
     to 0, which then counts as Z = 0: gradient 0, the seed's rule at 0), sigmoid A(1 − A), tanh 1 − A².
@@ -111,6 +113,18 @@ def output_layer(A, W, b, act, alpha, precision, training):
     """The output layer: Z_L (training) or g_L(Z_L), float32, never rounded to P."""
     Z = _z(A, W, b, precision)
     return (Z if training else acts.forward(act, Z, np.float32(alpha))).astype(np.float32)
+
+
+def output_loss(Z, y, loss, act, alpha, precision):
+    """The loss fused into the forward's output layer (training): from Z_L (N, O) float32 and targets y (N, O),
+    (A, δ_L, L): A = F(Z_L) and the float32 gradient ∂L/∂Z_L by gpubp/losses.py's loss_grad, δ_L rounded to P
+    (what the kernel stores for backward), L the loss (float). The kernel writes each row's share of L; their
+    sum is L."""
+    from . import losses
+    Z = np.ascontiguousarray(Z, np.float32)
+    A, delta = np.empty_like(Z), np.empty_like(Z)
+    value = losses.loss_grad(loss, act, np.float32(alpha), Z, np.asarray(y, np.float32), A, delta)
+    return A, prec.round_operand(delta, precision), value
 
 
 def hidden_delta(delta_next, W_next, A, act, alpha, precision):

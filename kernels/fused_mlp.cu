@@ -9,6 +9,9 @@
 // fused_mlp_forward_kernel<P, H>   X (N, in) P -> every Z_l, A_{l+1} on chip; writes
 //     out (N, O) float32 = g_L(Z_L) (inference, training = 0) or Z_L (training = 1, for the loss), and in
 //     training hidden[l] (N, H) P = A_{l+1} for l < L (what backward and the weight gradients need).
+//     With the loss fused (training, loss = 0 mse, 1 bce, 2 softmax_ce: gpubp/losses.py's ids; -1: none),
+//     from targets y (N, O) float32: out = A = F(Z_L) (σ for bce, softmax for softmax_ce), delta_L (N, O) P
+//     = round_P(∂L/∂Z_L), and row_loss (N,) float64 = each row's share of L (fused_output_layer).
 // fused_mlp_backward_kernel<P, H>  δ_L (N, O) P (the loss gradient ∂L/∂Z_L, rounded) -> for l = L-1 .. 0
 //     δ_l = (δ_{l+1} · W_{l+1}) ⊙ g_l'  with g_l' from the stored A_{l+1} (relu/leaky_relu: A > 0 ⇔ Z > 0,
 //     sigmoid A(1 − A), tanh 1 − A²), writing deltas[l] (N, H) P. dW_l = δ_lᵀ · A_l and db_l = Σ δ_l are
@@ -232,16 +235,138 @@ __device__ __forceinline__ void fused_hidden_epilogue(unsigned (&a)[H / 16][4], 
     }
 }
 
+enum { FUSED_LOSS_NONE = -1, FUSED_LOSS_MSE = 0, FUSED_LOSS_BCE = 1, FUSED_LOSS_SOFTMAX_CE = 2 };   // losses.py
+
+// the sum of v over the 4 lanes that share a row (t = 0..3: lanes 4g..4g+3), in every one of them
+template <typename T>
+__device__ __forceinline__ T fused_row_sum(T v) {
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+    return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+}
+__device__ __forceinline__ float fused_row_max(float v) {
+    const float o = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+    v = o > v ? o : v;
+    const float p = __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+    return p > v ? p : v;
+}
+
+// The output layer, 16 columns at a time: Z_L = a · W_Lᵀ + b_L (W_L in the weight buffer, zero rows past O),
+// then, element (row, col) for row < N, col < O:
+//   loss < 0: out = Z_L (training) or g_L(Z_L) (inference)
+//   loss >= 0 (training with the loss fused, gpubp/losses.py's loss_grad and loss.cu's formulas): out = A
+//     (F(Z), σ(Z) for bce, softmax(Z) for softmax_ce), delta_L = round_P(∂L/∂Z_L), and row_loss[row] = the
+//     row's share of L (L = Σ row_loss, summed by the caller in a fixed order): mse ½‖A − y‖²/N, bce
+//     Σ (max(z, 0) − z·y + log(1 + e^−|z|))/(N·O), softmax_ce −Σ y log p / N, summed in double.
+// softmax_ce needs the row's max and Σ e^(z − max) first: Z_L goes to out, the 4 lanes of a row combine their
+// maxima and sums by shuffles, and each thread reads its own elements back (no barrier: its own stores).
+template <typename P, int H>
+__device__ __forceinline__ void fused_output_layer(const unsigned (&a)[H / 16][4], const unsigned char* smem,
+                                                   const float* __restrict__ bias, int act, float alpha,
+                                                   int out_width, int N, int row0, int training, int loss,
+                                                   const float* __restrict__ y, float* __restrict__ out,
+                                                   unsigned short* __restrict__ delta_L,
+                                                   double* __restrict__ row_loss) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const float n_rows = static_cast<float>(N), n_all = static_cast<float>(static_cast<long long>(N) * out_width);
+    double terms[2] = {0.0, 0.0};   // this lane's loss terms of rows g and g + 8
+    float row_max[2] = {float_from_bits(0xFF800000u), float_from_bits(0xFF800000u)};   // -inf
+    for (int n0 = 0; n0 < out_width; n0 += 16) {
+        float z[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) z[i][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < H / 16; ++ks) {
+            unsigned b0[2], b1[2];
+            fused_b_fragments<H, false>(b0, b1, smem, n0, ks, lane);
+            P::mma(z[0], a[ks], b0);
+            P::mma(z[1], a[ks], b1);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + warp * 16 + g + 8 * (e / 2), col = n0 + 8 * i + 2 * t + e % 2;
+                if (row >= N || col >= out_width) continue;
+                const long long at = static_cast<long long>(row) * out_width + col;
+                const float v = z[i][e] + (bias ? bias[col] : 0.0f);
+                if (loss == FUSED_LOSS_NONE) {
+                    out[at] = training ? v : activation_forward(act, v, alpha);
+                } else if (loss == FUSED_LOSS_SOFTMAX_CE) {
+                    out[at] = v;   // Z for now
+                    row_max[e / 2] = v > row_max[e / 2] ? v : row_max[e / 2];
+                } else {
+                    const float target = y[at];
+                    float A, d;
+                    if (loss == FUSED_LOSS_MSE) {
+                        A = activation_forward(act, v, alpha);
+                        const float diff = A - target;
+                        terms[e / 2] += static_cast<double>(diff) * static_cast<double>(diff);
+                        d = activation_mask(act, diff / n_rows, v, A, alpha);
+                    } else {   // bce: the output is σ whatever act says (losses.REQUIRED_ACTIVATION)
+                        A = activation_forward(static_cast<int>(ACT_SIGMOID), v, alpha);
+                        const double zd = v;
+                        terms[e / 2] += (zd > 0.0 ? zd : 0.0) - zd * static_cast<double>(target) + log1p(exp(-fabs(zd)));
+                        d = (A - target) / n_all;
+                    }
+                    out[at] = A;
+                    delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, d, 0.0f) & 0xFFFFu);
+                }
+            }
+    }
+    if (loss == FUSED_LOSS_NONE) return;
+    if (loss == FUSED_LOSS_SOFTMAX_CE) {
+        float log_sum[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) row_max[h] = fused_row_max(row_max[h]);
+        float exp_sum[2] = {0.0f, 0.0f};
+        for (int n0 = 0; n0 < out_width; n0 += 16)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {   // (i, e) of the pass above as e / 4, e % 4
+                const int row = row0 + warp * 16 + g + 8 * ((e % 4) / 2), col = n0 + 8 * (e / 4) + 2 * t + e % 2;
+                if (row < N && col < out_width)
+                    exp_sum[(e % 4) / 2] += exp_t(out[static_cast<long long>(row) * out_width + col] - row_max[(e % 4) / 2]);
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) log_sum[h] = log_t(fused_row_sum(exp_sum[h]));
+        for (int n0 = 0; n0 < out_width; n0 += 16)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int h = (e % 4) / 2;
+                const int row = row0 + warp * 16 + g + 8 * h, col = n0 + 8 * (e / 4) + 2 * t + e % 2;
+                if (row >= N || col >= out_width) continue;
+                const long long at = static_cast<long long>(row) * out_width + col;
+                const float target = y[at];
+                const float log_p = (out[at] - row_max[h]) - log_sum[h];
+                const float p = exp_t(log_p);
+                terms[h] -= static_cast<double>(target * log_p);
+                out[at] = p;
+                delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, (p - target) / n_rows, 0.0f) & 0xFFFFu);
+            }
+    }
+    const double scale = loss == FUSED_LOSS_MSE ? 0.5 / N : loss == FUSED_LOSS_BCE ? 1.0 / (static_cast<double>(N) * out_width)
+                                                                                 : 1.0 / N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const double sum = fused_row_sum(terms[h]);
+        const int row = row0 + warp * 16 + g + 8 * h;
+        if (t == 0 && row < N) row_loss[row] = sum * scale;
+    }
+}
+
 template <typename P, int H>
 __global__ void __launch_bounds__(256, FUSED_MIN_BLOCKS(H))
 fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_width,
                          const unsigned short* __restrict__ weights, const float* __restrict__ biases,
                          const float* __restrict__ alphas, long long acts, int bias_mask, int n_layers,
                          int out_width, int N, int training, float* __restrict__ out,
-                         unsigned short* __restrict__ hidden) {
+                         unsigned short* __restrict__ hidden, int loss, const float* __restrict__ y,
+                         unsigned short* __restrict__ delta_L, double* __restrict__ row_loss) {
     typedef FusedShape<H> S;
     __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int tid = threadIdx.x, lane = tid % 32;
     const int row0 = blockIdx.x * S::BM, L = n_layers - 1;
     const bool w_vec = reinterpret_cast<unsigned long long>(weights) % 16 == 0;
 
@@ -268,34 +393,8 @@ fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_w
             Wl += H * H;
             continue;
         }
-        // the output layer, 16 columns at a time: Z_L, then out = Z_L (training) or g_L(Z_L), float32
-        const bool out_bias = (bias_mask >> L) & 1;
-        const int act = fused_act(acts, L);
-        const float alpha = alphas[L];
-        const int g = lane / 4, t = lane % 4;
-        for (int n0 = 0; n0 < out_width; n0 += 16) {
-            float z[2][4];
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) z[i][e] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < S::KT; ++ks) {
-                unsigned b0[2], b1[2];
-                fused_b_fragments<H, false>(b0, b1, smem, n0, ks, lane);
-                P::mma(z[0], a[ks], b0);
-                P::mma(z[1], a[ks], b1);
-            }
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = row0 + warp * 16 + g + 8 * (e / 2), col = n0 + 8 * i + 2 * t + e % 2;
-                    if (row >= N || col >= out_width) continue;
-                    const float v = z[i][e] + (out_bias ? bias[col] : 0.0f);
-                    out[static_cast<long long>(row) * out_width + col] = training ? v : activation_forward(act, v, alpha);
-                }
-        }
+        fused_output_layer<P, H>(a, smem, (bias_mask >> L) & 1 ? bias : nullptr, fused_act(acts, L), alphas[L],
+                                 out_width, N, row0, training, loss, y, out, delta_L, row_loss);
     }
     cp_async_wait<0>();   // nothing is pending here; a block must not end with copies in flight
 }

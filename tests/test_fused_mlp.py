@@ -104,10 +104,17 @@ def stored_input(X, precision, memory):
     return arr, ld
 
 
-def run_forward(lib, precision, model, X, training, memory="contiguous"):
-    """(hidden [A_1..A_L] float32 or None, out (N, O) float32) from the emulated forward kernel; every output is
-    poisoned (NaN) first and must be written exactly where it belongs."""
+def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None):
+    """(hidden [A_1..A_L] float32 or None, out (N, O) float32) from the emulated forward kernel, and with a fused
+    loss (training) also (δ_L (N, O) float32, row_loss (N,) float64); every output is poisoned (NaN) first and
+    must be written exactly where it belongs."""
     N = X.shape[0]
+    if loss is None:
+        targets, delta_L, row_loss = np.zeros(1, np.float32), np.full(1, NAN16, np.uint16), np.full(1, np.nan)
+    else:
+        targets = np.ascontiguousarray(y, np.float32).ravel()
+        delta_L = np.full(N * model.out_width + 1, NAN16, np.uint16)
+        row_loss = np.full(N + 1, np.nan)
     x, ldx = stored_input(X, precision, memory)
     weights, biases, alphas = kernel_args_common(model, precision)
     out = np.full((N + 1, model.out_width), np.nan, np.float32)            # one extra row: must stay NaN
@@ -118,14 +125,17 @@ def run_forward(lib, precision, model, X, training, memory="contiguous"):
         [x.ravel() if memory != "misaligned" else x.reshape(-1), np.int32(ldx), np.int32(model.in_width),
          weights, biases, alphas, fused.pack_activations(model.act_ids), fused.pack_bias_mask(model.bs),
          np.int32(len(model.Ws)), np.int32(model.out_width), np.int32(N), np.int32(training), out.ravel(),
-         hidden])
+         hidden, np.int32(-1 if loss is None else loss), targets, delta_L, row_loss])
     assert np.isnan(out[N]).all(), "the forward kernel wrote past row N of out"
+    assert delta_L[-1] == NAN16 and np.isnan(row_loss[-1]), "the forward kernel wrote past δ_L or row_loss"
     if not training:
         assert hidden[0] == NAN16, "inference wrote hidden activations"
         return None, out[:N]
     assert hidden[-model.H:].tolist() == [NAN16] * model.H, "the forward kernel wrote past the hidden activations"
-    hidden = hidden[:-model.H].reshape(model.L, N, model.H)
-    return [decode(h, precision) for h in hidden], out[:N]
+    hidden = [decode(h, precision) for h in hidden[:-model.H].reshape(model.L, N, model.H)]
+    if loss is None:
+        return hidden, out[:N]
+    return hidden, out[:N], decode(delta_L[:-1], precision).reshape(N, model.out_width), row_loss[:-1]
 
 
 def run_backward(lib, precision, model, delta_out, hidden):
@@ -286,6 +296,65 @@ def skewed(lib):
     lib.emu_set_skew(50)
     yield
     lib.emu_set_skew(0)
+
+
+# ---- the loss fused into the training forward -------------------------------------------------------------------
+LOSS_CASES = [   # (precision, H, hidden layers, N, in, out, activations, bias, loss)
+    ("bf16", 32, 2, 129, 9, 3, [acts.RELU, acts.TANH, acts.TANH], [True], "mse"),
+    ("fp16", 16, 1, 127, 20, 5, [acts.LEAKY_RELU, acts.SIGMOID], [False, True], "mse"),
+    ("fp16", 48, 1, 129, 33, 4, [acts.TANH, acts.SIGMOID], [True], "bce"),
+    ("bf16", 64, 2, 130, 17, 10, [acts.RELU, acts.SIGMOID, acts.IDENTITY], [True, False], "softmax_ce"),
+    ("fp16", 16, 1, 1, 3, 128, [acts.TANH, acts.IDENTITY], [True], "softmax_ce"),
+]
+
+
+def targets(rng, loss, N, out_width):
+    if loss == "softmax_ce":
+        return np.eye(out_width, dtype=np.float32)[rng.integers(0, out_width, N)]
+    if loss == "bce":
+        return rng.integers(0, 2, (N, out_width)).astype(np.float32)
+    return rng.standard_normal((N, out_width)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: f"{c[0]}-H{c[1]}x{c[2]}-N{c[3]}-out{c[5]}-{c[8]}")
+def test_fused_loss_matches_the_reference(lib, case, rng):
+    """A, δ_L and the loss from the kernel's own last hidden layer (layer by layer, as above), then the whole
+    training step's weight gradients (forward with the loss, backward, dW by reference_gemm) end to end."""
+    precision, H, L, N, in_width, out_width, act_ids, bias, loss_name = case
+    loss = {"mse": 0, "bce": 1, "softmax_ce": 2}[loss_name]
+    model = Model(rng, in_width, H, L, out_width, act_ids, bias)
+    X = rng.standard_normal((N, in_width)).astype(np.float32)
+    y = targets(rng, loss_name, N, out_width)
+    hidden, A, delta_L, row_loss = run_forward(lib, precision, model, X, training=True, loss=loss, y=y)
+    # Z_L from the kernel's last stored layer, then the loss on it: differences come from Z_L's float32
+    # accumulation (bound b per element; softmax mixes a row: 2 · the row's largest b) and the device's
+    # expf/logf (a few float32 ulps), and for δ_L one 16-bit ulp of rounding
+    Z = fused.output_layer(hidden[-1], model.Ws[-1], model.bs[-1], act_ids[-1], model.alphas[-1], precision,
+                           training=True)
+    ref_A, ref_delta, ref_value = fused.output_loss(Z, y, loss, act_ids[-1], model.alphas[-1], precision)
+    b = 2 * gemm_bound(hidden[-1], model.Ws[-1], precision).max(axis=1, keepdims=True) + 2.0**-20
+    assert (np.abs(A - ref_A) <= b * (1 + np.abs(ref_A))).all()
+    per = {0: N, 1: N * out_width, 2: N}[loss]
+    ulp = 2.0**(1 - SIGNIFICAND[precision]) * np.maximum(np.abs(delta_L), np.abs(ref_delta))
+    assert (np.abs(delta_L - ref_delta) <= ulp + b * (2 + np.abs(y) + np.abs(ref_A)) / per + 2.0**-24).all()
+    assert abs(row_loss.sum() - ref_value) <= 1e-5 * (1 + abs(ref_value)) + float(b.max()) * (1 + np.abs(y).max())
+
+    # the whole step: dW from the kernels' δ (backward from the kernel's δ_L and hidden A) against the reference's
+    deltas = run_backward_bits(lib, precision, model, delta_L, hidden)
+    ref_hidden, ref_Z = fused.forward(X, model.Ws, model.bs, act_ids, model.alphas, precision, training=True)
+    _, ref_delta_L, _ = fused.output_loss(ref_Z, y, loss, act_ids[-1], model.alphas[-1], precision)
+    ref_deltas = fused.backward(ref_delta_L, model.Ws, ref_hidden, act_ids, model.alphas, precision)
+    grads = fused.weight_gradients(X, hidden, deltas, delta_L, precision)
+    ref_grads = fused.weight_gradients(X, ref_hidden, ref_deltas, ref_delta_L, precision)
+    for g, r in zip(grads, ref_grads):
+        for key in ("W", "b"):
+            assert np.linalg.norm(g[key] - r[key]) <= 2.0**(5 - SIGNIFICAND[precision]) * (np.linalg.norm(r[key]) + 1e-6)
+
+
+def run_backward_bits(lib, precision, model, delta_L, hidden):
+    """run_backward for a δ_L that already holds P values (the forward's): rounding it again changes nothing."""
+    assert np.array_equal(prec.round_operand(delta_L, precision), delta_L)
+    return run_backward(lib, precision, model, delta_L, hidden)
 
 
 SKEW_CASES = {   # the input slices' stage refills (H = 64: long slices); the weight buffer's refills (3 hidden layers)
@@ -481,7 +550,8 @@ def test_nvcc_compiles_to_cubin(tmp_path):
     ptxas too, not only NVRTC's (which the test above reads, every width, sm_80 and sm_90)."""
     import subprocess
     params = {"fused_mlp_forward_kernel": "const unsigned short*, int, int, const unsigned short*, const float*, "
-                                          "const float*, long long, int, int, int, int, int, float*, unsigned short*",
+                                          "const float*, long long, int, int, int, int, int, float*, unsigned short*, "
+                                          "int, const float*, unsigned short*, double*",
               "fused_mlp_backward_kernel": "const unsigned short*, int, const unsigned short*, int, const float*, "
                                            "long long, int, int, const unsigned short*, unsigned short*"}
     unit = tmp_path / "fused_instances.cu"
