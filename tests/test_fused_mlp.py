@@ -16,6 +16,7 @@ layer-by-layer check, fed the kernel's own inputs, would not).
 import ctypes
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -73,11 +74,14 @@ class Model:
         return len(self.Ws) - 1
 
 
+WEIGHTS_OFFSET = 0   # elements past a 16-byte boundary (test_unaligned_weights sets 1)
+
+
 def flat_weights(model, precision):
     """All weights back to back as 16-bit bits, 16-byte aligned (what the caller's conversion writes)."""
     flat = np.concatenate([prec.to_storage(W, precision).ravel() for W in model.Ws])
-    raw = np.empty(flat.size + 8, np.uint16)
-    skip = (-raw.ctypes.data % 16) // 2
+    raw = np.empty(flat.size + 16, np.uint16)
+    skip = (-raw.ctypes.data % 16) // 2 + WEIGHTS_OFFSET
     out = raw[skip:skip + flat.size]
     out[:] = flat
     return out
@@ -296,6 +300,22 @@ def skewed(lib):
     lib.emu_set_skew(50)
     yield
     lib.emu_set_skew(0)
+
+
+def test_unaligned_weights_take_the_element_path(lib, monkeypatch, rng):
+    """Weights one element off 16-byte alignment: no cp.async (it would fault), element loads instead, and the
+    very same results bit for bit (the same products in the same order)."""
+    precision, model, X, _ = make_case(("fp16", 48, 2, 70, 24, 9, [acts.TANH, acts.RELU, acts.SIGMOID], [True],
+                                        "contiguous"), rng)
+    delta_out = rng.standard_normal((70, 9)).astype(np.float32)
+    runs = []
+    for offset in (0, 1):
+        monkeypatch.setattr(sys.modules[__name__], "WEIGHTS_OFFSET", offset)
+        hidden, Z = run_forward(lib, precision, model, X, training=True)
+        runs.append([Z] + hidden + run_backward(lib, precision, model, delta_out, hidden))
+    for aligned, unaligned in zip(*runs):
+        np.testing.assert_array_equal(aligned, unaligned)
+    assert forward_error(model, precision, X, runs[0][1:3], runs[0][0]) <= 1
 
 
 # ---- the loss fused into the training forward -------------------------------------------------------------------
