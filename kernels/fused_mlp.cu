@@ -487,3 +487,17 @@ fused_mlp_backward_kernel(const unsigned short* __restrict__ delta_L, int out_wi
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// the caller's conversion: float32 -> P
+
+// dst[i] = round_P(src[i]) as raw bits, i < n (RNE, inf/NaN kept, fp16 overflow to inf: gpubp.precision's
+// round_operand / to_storage). For the weights after each update (one launch over the flat parameter buffer's
+// W views, or one per layer) and for X. Grid-stride, 256 threads a block: 4 + 2 bytes an element.
+template <typename P>
+__global__ void __launch_bounds__(256) fused_mlp_round_kernel(const float* __restrict__ src,
+                                                              unsigned short* __restrict__ dst, long long n) {
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x)
+        dst[i] = static_cast<unsigned short>(fused_pack2(P{}, src[i], 0.0f) & 0xFFFFu);
+}

@@ -46,6 +46,7 @@ _TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
 FUSED_PRECISIONS = ("bf16", "fp16")
 FUSED_WIDTHS = (16, 32, 48, 64, 128)
 _FUSED_KERNELS = {"fused_mlp.cu": ("fused_mlp_forward_kernel", "fused_mlp_backward_kernel")}
+_FUSED_PLAIN_KERNELS = {"fused_mlp.cu": ("fused_mlp_round_kernel",)}   # one instance per precision
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -71,6 +72,7 @@ def name_expressions(filename):
               for layout in TC_LAYOUTS]
     names += [fused_kernel_name(k, p, width) for k in _FUSED_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS
               for width in FUSED_WIDTHS]
+    names += [tc_kernel_name(k, p) for k in _FUSED_PLAIN_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS]
     return names
 
 

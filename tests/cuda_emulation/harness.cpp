@@ -98,6 +98,8 @@ static const std::map<std::string, Entry>& registry() {
         {"advance_cursor_kernel", entry(advance_cursor_kernel)},
         TC_GEMM_ENTRIES(TcBf16), TC_GEMM_ENTRIES(TcFp16), TC_GEMM_ENTRIES(TcTf32),
         FUSED_WIDTH_ENTRIES(TcBf16), FUSED_WIDTH_ENTRIES(TcFp16),
+        {"fused_mlp_round_kernel<TcBf16>", entry(fused_mlp_round_kernel<TcBf16>)},
+        {"fused_mlp_round_kernel<TcFp16>", entry(fused_mlp_round_kernel<TcFp16>)},
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
