@@ -557,8 +557,9 @@ def ptxas_report(arch):
     for block in log.split("Compiling entry function '")[1:]:
         name = by_symbol[block.split("'")[0]]
         spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        smem = re.search(r"(\d+) bytes smem", block)   # absent where a kernel has none
         report[name] = (int(re.search(r"Used (\d+) registers", block).group(1)),
-                        tuple(int(x) for x in spill.groups()), int(re.search(r"(\d+) bytes smem", block).group(1)))
+                        tuple(int(x) for x in spill.groups()), int(smem.group(1)) if smem else 0)
     return report
 
 
@@ -574,12 +575,12 @@ def test_nvrtc_compiles_without_spills(arch, capsys):
     with capsys.disabled():
         print(f"\nfused_mlp.cu sm_{arch}: registers / shared bytes")
     for name, (registers, spill, shared) in sorted(report.items()):
+        with capsys.disabled():
+            print(f"  {name:44s} {registers:4d} regs  {shared:6d} B smem  spill {spill}")
         if "round" in name:
             assert spill == (0, 0, 0) and shared == 0, (name, spill, shared)
             continue
         H = int(name.rstrip(">").split(",")[-1])
-        with capsys.disabled():
-            print(f"  {name:44s} {registers:4d} regs  {shared:6d} B smem  spill {spill}")
         assert spill == (0, 0, 0), (name, spill)
         assert shared == expected_smem[H], (name, shared)
         assert registers <= (128 if H <= 64 else 255), (name, registers)
