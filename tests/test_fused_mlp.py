@@ -108,6 +108,30 @@ def stored_input(X, precision, memory):
     return arr, ld
 
 
+def launch(lib, name, grid, args):
+    """Launches a kernel of fused_mlp.cu on the emulation (lib: the emulator's library), or through `lib` itself
+    where it is a GPU launcher (gpu_launcher): the numpy arrays among args are updated in place either way."""
+    if hasattr(lib, "emu_signature"):
+        emulator_module.EmulatedKernel(lib, name)(grid, (THREADS,), args)
+    else:
+        lib(name, grid, args)
+
+
+def gpu_launcher():
+    """A launcher (see launch) running fused_mlp.cu through CuPy on the GPU: arrays go to the device and back."""
+    import cupy as cp
+    source, options, names = cuda_sources.module_source("fused_mlp.cu")
+    module = cp.RawModule(code=source, options=options, name_expressions=names)
+
+    def run(name, grid, args):
+        device = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        module.get_function(name)(grid, (THREADS,), tuple(device))
+        for a, d in zip(args, device):
+            if isinstance(a, np.ndarray):
+                np.copyto(a, cp.asnumpy(d).reshape(a.shape))
+    return run
+
+
 def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None):
     """(hidden [A_1..A_L] float32 or None, out (N, O) float32) from the emulated forward kernel, and with a fused
     loss (training) also (δ_L (N, O) float32, row_loss (N,) float64); every output is poisoned (NaN) first and
@@ -124,8 +148,7 @@ def run_forward(lib, precision, model, X, training, memory="contiguous", loss=No
     out = np.full((N + 1, model.out_width), np.nan, np.float32)            # one extra row: must stay NaN
     hidden = np.full((model.L * N + 1) * model.H if training else 1, NAN16, np.uint16)
     name = cuda_sources.fused_kernel_name("fused_mlp_forward_kernel", precision, model.H)
-    emulator_module.EmulatedKernel(lib, name)(
-        (max(1, math.ceil(N / BM)),), (THREADS,),
+    launch(lib, name, (max(1, math.ceil(N / BM)),),
         [x.ravel() if memory != "misaligned" else x.reshape(-1), np.int32(ldx), np.int32(model.in_width),
          weights, biases, alphas, fused.pack_activations(model.act_ids), fused.pack_bias_mask(model.bs),
          np.int32(len(model.Ws)), np.int32(model.out_width), np.int32(N), np.int32(training), out.ravel(),
@@ -150,8 +173,7 @@ def run_backward(lib, precision, model, delta_out, hidden):
                                    [np.zeros(1, np.uint16)]) if N else np.zeros(1, np.uint16)
     deltas = np.full((model.L * N + 1) * model.H, NAN16, np.uint16)
     name = cuda_sources.fused_kernel_name("fused_mlp_backward_kernel", precision, model.H)
-    emulator_module.EmulatedKernel(lib, name)(
-        (max(1, math.ceil(N / BM)),), (THREADS,),
+    launch(lib, name, (max(1, math.ceil(N / BM)),),
         [np.concatenate([prec.to_storage(delta_out, precision).ravel(), np.zeros(1, np.uint16)]),
          np.int32(model.out_width), weights, np.int32(model.in_width), alphas,
          fused.pack_activations(model.act_ids), np.int32(len(model.Ws)), np.int32(N), stored_hidden, deltas])
@@ -448,6 +470,32 @@ def test_planted_bug_fails_the_comparison(lib, planted, bug, rng):
         hidden, Z = run_forward(lib, precision, model, X, training=True)
         error = forward_error(model, precision, X, hidden, Z)
     assert error > 100, f"planted bug {bug} ({PLANTED[bug]}) went unnoticed: error {error} x tolerance"
+
+
+# ---- on a GPU (marked gpu: skipped, with the probe's reason, where none is present) ------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fused_on_gpu(precision, rng):
+    """The same comparisons on the hardware, at realistic batches: every width, the forward with and without the
+    loss, the backward. The hardware's mma may round inside a step (test_tc_gemm.py's docstring): the bound
+    used here is twice the emulation's."""
+    run = gpu_launcher()
+    for H, L, N, in_width, out_width in [(16, 2, 65537, 3, 1), (32, 3, 4099, 784, 10), (48, 1, 1000, 48, 17),
+                                         (64, 4, 1 << 16, 64, 64), (128, 2, 20000, 100, 128)]:
+        model = Model(rng, in_width, H, L, out_width, ACT_CYCLE[:L] + [acts.IDENTITY], [True, False])
+        X = rng.standard_normal((N, in_width)).astype(np.float32)
+        hidden, Z = run_forward(run, precision, model, X, training=True)
+        assert forward_error(model, precision, X, hidden, Z) <= 2, (H, N)
+        _, out = run_forward(run, precision, model, X, training=False)
+        np.testing.assert_allclose(out, Z, rtol=2.0**-20, atol=2.0**-24)   # identity output
+        y = np.eye(out_width, dtype=np.float32)[rng.integers(0, out_width, N)]
+        hidden, A, delta_L, row_loss = run_forward(run, precision, model, X, training=True, loss=2, y=y)
+        Z = fused.output_layer(hidden[-1], model.Ws[-1], model.bs[-1], acts.IDENTITY, model.alphas[-1], precision,
+                               training=True)
+        _, _, value = fused.output_loss(Z, y, 2, acts.IDENTITY, model.alphas[-1], precision)
+        assert abs(row_loss.sum() - value) <= 1e-4 * (1 + abs(value)), (H, N)
+        deltas = run_backward(run, precision, model, delta_L, hidden)
+        assert backward_error(model, precision, delta_L, hidden, deltas) <= 2, (H, N)
 
 
 ASAN_SELECTION = "match_the_reference and (misaligned or padded or N1-)"
