@@ -18,7 +18,11 @@ Numerics (the contract between kernel and reference; names from gpubp/precision.
     once), the bias (float32) is added to the float32 sum, g is evaluated in float32;
   - the output layer's Z_L (training) and g_L(Z_L) (inference) are float32, never rounded to P; with the loss
     fused (output_loss), A = F(Z_L) and the loss are float32/float64 as gpubp/losses.py computes them, and
-    only δ_L = ∂L/∂Z_L is rounded to P (it is backward's first GEMM operand).
+    only δ_L = S · ∂L/∂Z_L is rounded to P (it is backward's first GEMM operand; S the fp16 loss scale);
+  - this is gpubp/backends/base.py's mixed-precision contract for the per-layer ops, with one difference that
+    the fused kernel cannot avoid (it keeps no Z): relu and leaky_relu take their mask from the stored A (below),
+    not from Z; the two differ only where 0 < Z rounds to A = 0 (fp16: Z < 2^-25; bf16: below float32's
+    subnormals' half), where the fused gradient is 0 and the per-layer one dA.
   - backward: δ_l = round_P((δ_{l+1} · W_{l+1}) ⊙ g_l'), with g_l' taken from the STORED (rounded) A_{l+1}:
     relu and leaky_relu use A > 0 (⇔ Z > 0, except where a positive Z below P's smallest subnormal rounded
     to 0, which then counts as Z = 0: gradient 0, the seed's rule at 0), sigmoid A(1 − A), tanh 1 − A².
@@ -115,15 +119,16 @@ def output_layer(A, W, b, act, alpha, precision, training):
     return (Z if training else acts.forward(act, Z, np.float32(alpha))).astype(np.float32)
 
 
-def output_loss(Z, y, loss, act, alpha, precision):
+def output_loss(Z, y, loss, act, alpha, precision, scale=1.0):
     """The loss fused into the forward's output layer (training): from Z_L (N, O) float32 and targets y (N, O),
-    (A, δ_L, L): A = F(Z_L) and the float32 gradient ∂L/∂Z_L by gpubp/losses.py's loss_grad, δ_L rounded to P
-    (what the kernel stores for backward), L the loss (float). The kernel writes each row's share of L; their
-    sum is L."""
+    (A, δ_L, L): A = F(Z_L) and the float32 gradient ∂L/∂Z_L by gpubp/losses.py's loss_grad, times the loss
+    scale in float32 (fp16's S, gpubp/loss_scale.py; the numpy backend's order), then rounded to P: δ_L, what
+    the kernel stores for backward; L the unscaled loss (float). The kernel writes each row's share of L."""
     from . import losses
     Z = np.ascontiguousarray(Z, np.float32)
     A, delta = np.empty_like(Z), np.empty_like(Z)
     value = losses.loss_grad(loss, act, np.float32(alpha), Z, np.asarray(y, np.float32), A, delta)
+    delta *= np.float32(scale)
     return A, prec.round_operand(delta, precision), value
 
 

@@ -11,7 +11,8 @@
 //     training hidden[l] (N, H) P = A_{l+1} for l < L (what backward and the weight gradients need).
 //     With the loss fused (training, loss = 0 mse, 1 bce, 2 softmax_ce: gpubp/losses.py's ids; -1: none),
 //     from targets y (N, O) float32: out = A = F(Z_L) (σ for bce, softmax for softmax_ce), delta_L (N, O) P
-//     = round_P(∂L/∂Z_L), and row_loss (N,) float64 = each row's share of L (fused_output_layer).
+//     = round_P(S · ∂L/∂Z_L) with S = loss_scale[0] (float64 on the device: the fp16 loss scale of
+//     gpubp/loss_scale.py; 1 for bf16), and row_loss (N,) float64 = each row's share of the unscaled L.
 // fused_mlp_backward_kernel<P, H>  δ_L (N, O) P (the loss gradient ∂L/∂Z_L, rounded) -> for l = L-1 .. 0
 //     δ_l = (δ_{l+1} · W_{l+1}) ⊙ g_l'  with g_l' from the stored A_{l+1} (relu/leaky_relu: A > 0 ⇔ Z > 0,
 //     sigmoid A(1 − A), tanh 1 − A²), writing deltas[l] (N, H) P. dW_l = δ_lᵀ · A_l and db_l = Σ δ_l are
@@ -259,7 +260,8 @@ __device__ __forceinline__ float fused_row_max(float v) {
 // then, element (row, col) for row < N, col < O:
 //   loss < 0: out = Z_L (training) or g_L(Z_L) (inference)
 //   loss >= 0 (training with the loss fused, gpubp/losses.py's loss_grad and loss.cu's formulas): out = A
-//     (F(Z), σ(Z) for bce, softmax(Z) for softmax_ce), delta_L = round_P(∂L/∂Z_L), and row_loss[row] = the
+//     (F(Z), σ(Z) for bce, softmax(Z) for softmax_ce), delta_L = round_P(S · ∂L/∂Z_L) (S: the fp16 loss
+//     scale, gpubp/loss_scale.py, 1 otherwise; the float32 product, as the numpy backend), row_loss[row] = the
 //     row's share of L (L = Σ row_loss, summed by the caller in a fixed order): mse ½‖A − y‖²/N, bce
 //     Σ (max(z, 0) − z·y + log(1 + e^−|z|))/(N·O), softmax_ce −Σ y log p / N, summed in double.
 // softmax_ce needs the row's max and Σ e^(z − max) first: Z_L goes to out, the 4 lanes of a row combine their
@@ -270,7 +272,7 @@ __device__ __forceinline__ void fused_output_layer(const unsigned (&a)[H / 16][4
                                                    int out_width, int N, int row0, int training, int loss,
                                                    const float* __restrict__ y, float* __restrict__ out,
                                                    unsigned short* __restrict__ delta_L,
-                                                   double* __restrict__ row_loss) {
+                                                   double* __restrict__ row_loss, float scale) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const float n_rows = static_cast<float>(N), n_all = static_cast<float>(static_cast<long long>(N) * out_width);
@@ -318,7 +320,7 @@ __device__ __forceinline__ void fused_output_layer(const unsigned (&a)[H / 16][4
                         d = (A - target) / n_all;
                     }
                     out[at] = A;
-                    delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, d, 0.0f) & 0xFFFFu);
+                    delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, d * scale, 0.0f) & 0xFFFFu);
                 }
             }
     }
@@ -349,16 +351,17 @@ __device__ __forceinline__ void fused_output_layer(const unsigned (&a)[H / 16][4
                 const float p = exp_t(log_p);
                 terms[h] -= static_cast<double>(target * log_p);
                 out[at] = p;
-                delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, (p - target) / n_rows, 0.0f) & 0xFFFFu);
+                const float d = (p - target) / n_rows;
+                delta_L[at] = static_cast<unsigned short>(fused_pack2(P{}, d * scale, 0.0f) & 0xFFFFu);
             }
     }
-    const double scale = loss == FUSED_LOSS_MSE ? 0.5 / N : loss == FUSED_LOSS_BCE ? 1.0 / (static_cast<double>(N) * out_width)
-                                                                                 : 1.0 / N;
+    const double per = loss == FUSED_LOSS_MSE ? 0.5 / N : loss == FUSED_LOSS_BCE ? 1.0 / (static_cast<double>(N) * out_width)
+                                                                               : 1.0 / N;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const double sum = fused_row_sum(terms[h]);
         const int row = row0 + warp * 16 + g + 8 * h;
-        if (t == 0 && row < N) row_loss[row] = sum * scale;
+        if (t == 0 && row < N) row_loss[row] = sum * per;
     }
 }
 
@@ -369,7 +372,8 @@ fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_w
                          const float* __restrict__ alphas, long long acts, int bias_mask, int n_layers,
                          int out_width, int N, int training, float* __restrict__ out,
                          unsigned short* __restrict__ hidden, int loss, const float* __restrict__ y,
-                         unsigned short* __restrict__ delta_L, double* __restrict__ row_loss) {
+                         unsigned short* __restrict__ delta_L, double* __restrict__ row_loss,
+                         const double* __restrict__ loss_scale) {
     typedef FusedShape<H> S;
     __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
     const int tid = threadIdx.x, lane = tid % 32;
@@ -400,7 +404,8 @@ fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_w
             continue;
         }
         fused_output_layer<P, H>(a, smem, (bias_mask >> L) & 1 ? bias : nullptr, fused_act(acts, L), alphas[L],
-                                 out_width, N, row0, training, loss, y, out, delta_L, row_loss);
+                                 out_width, N, row0, training, loss, y, out, delta_L, row_loss,
+                                 loss >= 0 ? static_cast<float>(loss_scale[0]) : 1.0f);
     }
     cp_async_wait<0>();   // nothing is pending here; a block must not end with copies in flight
 }

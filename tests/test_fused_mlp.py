@@ -132,7 +132,7 @@ def gpu_launcher():
     return run
 
 
-def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None):
+def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None, scale=1.0):
     """(hidden [A_1..A_L] float32 or None, out (N, O) float32) from the emulated forward kernel, and with a fused
     loss (training) also (δ_L (N, O) float32, row_loss (N,) float64); every output is poisoned (NaN) first and
     must be written exactly where it belongs."""
@@ -152,7 +152,7 @@ def run_forward(lib, precision, model, X, training, memory="contiguous", loss=No
         [x.ravel() if memory != "misaligned" else x.reshape(-1), np.int32(ldx), np.int32(model.in_width),
          weights, biases, alphas, fused.pack_activations(model.act_ids), fused.pack_bias_mask(model.bs),
          np.int32(len(model.Ws)), np.int32(model.out_width), np.int32(N), np.int32(training), out.ravel(),
-         hidden, np.int32(-1 if loss is None else loss), targets, delta_L, row_loss])
+         hidden, np.int32(-1 if loss is None else loss), targets, delta_L, row_loss, np.array([scale])])
     assert np.isnan(out[N]).all(), "the forward kernel wrote past row N of out"
     assert delta_L[-1] == NAN16 and np.isnan(row_loss[-1]), "the forward kernel wrote past δ_L or row_loss"
     if not training:
@@ -386,24 +386,26 @@ def test_fused_loss_matches_the_reference(lib, case, rng):
     model = Model(rng, in_width, H, L, out_width, act_ids, bias)
     X = rng.standard_normal((N, in_width)).astype(np.float32)
     y = targets(rng, loss_name, N, out_width)
-    hidden, A, delta_L, row_loss = run_forward(lib, precision, model, X, training=True, loss=loss, y=y)
+    scale = 2.0**13 if precision == "fp16" else 1.0   # the fp16 loss scale (gpubp/loss_scale.py)
+    hidden, A, delta_L, row_loss = run_forward(lib, precision, model, X, training=True, loss=loss, y=y,
+                                               scale=scale)
     # Z_L from the kernel's last stored layer, then the loss on it: differences come from Z_L's float32
     # accumulation (bound b per element; softmax mixes a row: 2 · the row's largest b) and the device's
     # expf/logf (a few float32 ulps), and for δ_L one 16-bit ulp of rounding
     Z = fused.output_layer(hidden[-1], model.Ws[-1], model.bs[-1], act_ids[-1], model.alphas[-1], precision,
                            training=True)
-    ref_A, ref_delta, ref_value = fused.output_loss(Z, y, loss, act_ids[-1], model.alphas[-1], precision)
+    ref_A, ref_delta, ref_value = fused.output_loss(Z, y, loss, act_ids[-1], model.alphas[-1], precision, scale)
     b = 2 * gemm_bound(hidden[-1], model.Ws[-1], precision).max(axis=1, keepdims=True) + 2.0**-20
     assert (np.abs(A - ref_A) <= b * (1 + np.abs(ref_A))).all()
     per = {0: N, 1: N * out_width, 2: N}[loss]
     ulp = 2.0**(1 - SIGNIFICAND[precision]) * np.maximum(np.abs(delta_L), np.abs(ref_delta))
-    assert (np.abs(delta_L - ref_delta) <= ulp + b * (2 + np.abs(y) + np.abs(ref_A)) / per + 2.0**-24).all()
+    assert (np.abs(delta_L - ref_delta) <= ulp + scale * b * (2 + np.abs(y) + np.abs(ref_A)) / per + 2.0**-24).all()
     assert abs(row_loss.sum() - ref_value) <= 1e-5 * (1 + abs(ref_value)) + float(b.max()) * (1 + np.abs(y).max())
 
     # the whole step: dW from the kernels' δ (backward from the kernel's δ_L and hidden A) against the reference's
     deltas = run_backward_bits(lib, precision, model, delta_L, hidden)
     ref_hidden, ref_Z = fused.forward(X, model.Ws, model.bs, act_ids, model.alphas, precision, training=True)
-    _, ref_delta_L, _ = fused.output_loss(ref_Z, y, loss, act_ids[-1], model.alphas[-1], precision)
+    _, ref_delta_L, _ = fused.output_loss(ref_Z, y, loss, act_ids[-1], model.alphas[-1], precision, scale)
     ref_deltas = fused.backward(ref_delta_L, model.Ws, ref_hidden, act_ids, model.alphas, precision)
     grads = fused.weight_gradients(X, hidden, deltas, delta_L, precision)
     ref_grads = fused.weight_gradients(X, ref_hidden, ref_deltas, ref_delta_L, precision)
@@ -642,7 +644,7 @@ def test_nvcc_compiles_to_cubin(tmp_path):
     import subprocess
     params = {"fused_mlp_forward_kernel": "const unsigned short*, int, int, const unsigned short*, const float*, "
                                           "const float*, long long, int, int, int, int, int, float*, unsigned short*, "
-                                          "int, const float*, unsigned short*, double*",
+                                          "int, const float*, unsigned short*, double*, const double*",
               "fused_mlp_backward_kernel": "const unsigned short*, int, const unsigned short*, int, const float*, "
                                            "long long, int, int, const unsigned short*, unsigned short*"}
     unit = tmp_path / "fused_instances.cu"
