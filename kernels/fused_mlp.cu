@@ -23,7 +23,9 @@
 // 16-byte aligned (hidden and output weights are copied with cp.async; W_0 falls back to element loads when
 // `in` is not a multiple of 8). biases: float32, the vectors of the layers whose bit is set in bias_mask, back
 // to back. acts: layer l's activation id (gpubp/activations.py) at bits 3l..3l+2; alphas[l]: leaky_relu's
-// slope. X has rows ldx >= in elements apart (any alignment: unaligned rows take the element path).
+// slope. X has rows ldx >= in elements apart (any alignment: unaligned rows take the element path); with
+// x_float = 1 the input is X32, float32 (the staged batch of gpubp's mixed-precision contract), rounded to P
+// (RNE) as each slice is staged, and X is not read.
 //
 // Launch: grid ceil(N / 128), block 256 threads = 8 warps; warp w owns rows 16w..16w+15 of the block's tile
 // for the whole network (any N: rows past N are computed on zeros and never stored, nor read).
@@ -171,22 +173,52 @@ __device__ __forceinline__ void fused_layer_mma(float (&acc)[H / 8][4], const un
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
+// A float32 input slice into TileX's layout: X32(d, k) for d in [d0, d0 + 128), k in [k0, k0 + 32), rounded
+// to P (RNE, as round_operand) on the way, zeros past N and in. Synchronous loads (16-byte vectors where the
+// rows are 16-byte aligned and the run is whole, else element by element), 16-byte shared stores.
+template <typename P, typename TileX>
+__device__ __forceinline__ void fused_load_x32(unsigned char* dst, const float* __restrict__ X32, int ldx, int d0,
+                                               int d_end, int k0, int K, bool vec_ok, int tid) {
+#pragma unroll
+    for (int p = 0; p < 128 * 4 / 256; ++p) {
+        const int c = tid + p * 256, row = c / 4, chunk = c % 4;
+        const int gd = d0 + row, gk = k0 + chunk * 8;
+        const int n_valid = gd < d_end && gk < K ? (K - gk < 8 ? K - gk : 8) : 0;
+        const float* from = X32 + static_cast<long long>(gd) * ldx + gk;
+        float v[8];
+        if (vec_ok && n_valid == 8) {
+            const float4 lo = reinterpret_cast<const float4*>(from)[0], hi = reinterpret_cast<const float4*>(from)[1];
+            v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = i < n_valid ? from[i] : 0.0f;
+        }
+        unsigned* words = reinterpret_cast<unsigned*>(dst + TileX::offset(row, chunk));
+#pragma unroll
+        for (int w = 0; w < 4; ++w) words[w] = fused_pack2(P{}, v[2 * w], v[2 * w + 1]);
+    }
+}
+
 // The input layer: acc (16 x H) = X rows of this warp · W_0ᵀ over K = in, 32 columns a slice (file header).
+// X is P bits, or float32 (X32, when x_float) rounded to P as it is staged.
 template <typename P, int H>
 __device__ __forceinline__ void fused_input_layer(float (&acc)[H / 8][4], unsigned char* smem,
-                                                  const unsigned short* __restrict__ X, int ldx, int in_width,
+                                                  const unsigned short* __restrict__ X,
+                                                  const float* __restrict__ X32, int x_float, int ldx, int in_width,
                                                   const unsigned short* __restrict__ W0, int N, int row0) {
     typedef FusedShape<H> S;
     typedef TcOperandTile<P, FusedSliceShape<S::THREADS>, S::BM, true> TileX;
     constexpr int W_THREADS = 4 * H < S::THREADS ? 4 * H : S::THREADS;   // whole chunks a thread
     typedef TcOperandTile<P, FusedSliceShape<W_THREADS>, H, true> TileW;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const bool x_vec = reinterpret_cast<unsigned long long>(X) % 16 == 0 && ldx % 8 == 0;
+    const bool x_vec = x_float ? reinterpret_cast<unsigned long long>(X32) % 16 == 0 && ldx % 4 == 0
+                               : reinterpret_cast<unsigned long long>(X) % 16 == 0 && ldx % 8 == 0;
     const bool w_vec = reinterpret_cast<unsigned long long>(W0) % 16 == 0 && in_width % 8 == 0;
     const int slices = (in_width + 31) / 32;
     auto load = [&](int slice) {
         unsigned char* stage = smem + (slice % 2) * S::STAGE_BYTES;
-        TileX::load(stage, X, ldx, row0, N, slice * 32, in_width, x_vec, tid);
+        if (x_float) fused_load_x32<P, TileX>(stage, X32, ldx, row0, N, slice * 32, in_width, x_vec, tid);
+        else TileX::load(stage, X, ldx, row0, N, slice * 32, in_width, x_vec, tid);
         if (tid < W_THREADS) TileW::load(stage + S::BM * 64, W0, in_width, 0, H, slice * 32, in_width, w_vec, tid);
     };
 #pragma unroll
@@ -373,7 +405,7 @@ fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_w
                          int out_width, int N, int training, float* __restrict__ out,
                          unsigned short* __restrict__ hidden, int loss, const float* __restrict__ y,
                          unsigned short* __restrict__ delta_L, double* __restrict__ row_loss,
-                         const double* __restrict__ loss_scale) {
+                         const double* __restrict__ loss_scale, const float* __restrict__ X32, int x_float) {
     typedef FusedShape<H> S;
     __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
     const int tid = threadIdx.x, lane = tid % 32;
@@ -382,7 +414,7 @@ fused_mlp_forward_kernel(const unsigned short* __restrict__ X, int ldx, int in_w
 
     float acc[S::NT][4];
     unsigned a[S::KT][4];
-    fused_input_layer<P, H>(acc, smem, X, ldx, in_width, weights, N, row0);
+    fused_input_layer<P, H>(acc, smem, X, X32, x_float, ldx, in_width, weights, N, row0);
 
     const unsigned short* Wl = weights + static_cast<long long>(H) * in_width;   // W_1
     const float* bias = biases;                                                 // b_0 (when it has one)

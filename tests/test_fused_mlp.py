@@ -132,7 +132,21 @@ def gpu_launcher():
     return run
 
 
-def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None, scale=1.0):
+def stored_input32(X, memory):
+    """X as float32 rows for the kernel's x_float path: contiguous, padded (ld a multiple of 4 plus 4, NaN pad),
+    or one element off 16-byte alignment."""
+    N, in_width = X.shape
+    ld = in_width if memory != "padded" else (in_width + 3) // 4 * 4 + 4
+    offset = 1 if memory == "misaligned" else 0
+    raw = np.full(max(N, 1) * ld + offset + 8, np.nan, np.float32)
+    skip = (-raw.ctypes.data % 16) // 4
+    arr = raw[skip + offset:skip + offset + max(N, 1) * ld].reshape(max(N, 1), ld)
+    arr[:N, :in_width] = X
+    return arr, ld
+
+
+def run_forward(lib, precision, model, X, training, memory="contiguous", loss=None, y=None, scale=1.0,
+                x_float=False):
     """(hidden [A_1..A_L] float32 or None, out (N, O) float32) from the emulated forward kernel, and with a fused
     loss (training) also (δ_L (N, O) float32, row_loss (N,) float64); every output is poisoned (NaN) first and
     must be written exactly where it belongs."""
@@ -143,7 +157,12 @@ def run_forward(lib, precision, model, X, training, memory="contiguous", loss=No
         targets = np.ascontiguousarray(y, np.float32).ravel()
         delta_L = np.full(N * model.out_width + 1, NAN16, np.uint16)
         row_loss = np.full(N + 1, np.nan)
-    x, ldx = stored_input(X, precision, memory)
+    if x_float:   # the float32 input path: X (16-bit) is a dummy the kernel must not read
+        x32, ldx = stored_input32(X, memory)
+        x = np.full(1, NAN16, np.uint16)
+    else:
+        x, ldx = stored_input(X, precision, memory)
+        x32 = np.full(1, np.nan, np.float32)
     weights, biases, alphas = kernel_args_common(model, precision)
     out = np.full((N + 1, model.out_width), np.nan, np.float32)            # one extra row: must stay NaN
     hidden = np.full((model.L * N + 1) * model.H if training else 1, NAN16, np.uint16)
@@ -152,7 +171,8 @@ def run_forward(lib, precision, model, X, training, memory="contiguous", loss=No
         [x.ravel() if memory != "misaligned" else x.reshape(-1), np.int32(ldx), np.int32(model.in_width),
          weights, biases, alphas, fused.pack_activations(model.act_ids), fused.pack_bias_mask(model.bs),
          np.int32(len(model.Ws)), np.int32(model.out_width), np.int32(N), np.int32(training), out.ravel(),
-         hidden, np.int32(-1 if loss is None else loss), targets, delta_L, row_loss, np.array([scale])])
+         hidden, np.int32(-1 if loss is None else loss), targets, delta_L, row_loss, np.array([scale]),
+         x32.reshape(-1), np.int32(x_float)])
     assert np.isnan(out[N]).all(), "the forward kernel wrote past row N of out"
     assert delta_L[-1] == NAN16 and np.isnan(row_loss[-1]), "the forward kernel wrote past δ_L or row_loss"
     if not training:
@@ -357,6 +377,19 @@ def test_round_kernel_is_round_operand_bit_for_bit(lib, precision, rng):
     finite = ~np.isnan(x)
     np.testing.assert_array_equal(dst[:-1][finite], expected[finite])
     assert np.isnan(decode(dst[:-1][~finite], precision)).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_float32_input_is_rounded_in_the_kernel(lib, precision, rng):
+    """X as float32 (x_float = 1), contiguous, padded or unaligned rows: the very same results, bit for bit, as X
+    rounded by the caller (round_operand's RNE, in the staging instead of a pass of its own)."""
+    _, model, X, _ = make_case((precision, 32, 1, 129, 37, 5, [acts.TANH, acts.IDENTITY], [True], "contiguous"), rng)
+    X[0, :4] = [1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11]   # ties of both formats
+    expected = run_forward(lib, precision, model, X, training=True)
+    for memory in ("contiguous", "padded", "misaligned"):
+        got = run_forward(lib, precision, model, X, training=True, memory=memory, x_float=True)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0][0], expected[0][0])
 
 
 # ---- the loss fused into the training forward -------------------------------------------------------------------
@@ -644,7 +677,8 @@ def test_nvcc_compiles_to_cubin(tmp_path):
     import subprocess
     params = {"fused_mlp_forward_kernel": "const unsigned short*, int, int, const unsigned short*, const float*, "
                                           "const float*, long long, int, int, int, int, int, float*, unsigned short*, "
-                                          "int, const float*, unsigned short*, double*, const double*",
+                                          "int, const float*, unsigned short*, double*, const double*, "
+                                          "const float*, int",
               "fused_mlp_backward_kernel": "const unsigned short*, int, const unsigned short*, int, const float*, "
                                            "long long, int, int, const unsigned short*, unsigned short*"}
     unit = tmp_path / "fused_instances.cu"
