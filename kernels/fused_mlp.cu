@@ -65,9 +65,9 @@
 // bytes) (output weights up to 128 rows share the buffer): H = 16: 18 KiB, 32: 20, 48: 22, 64: 24, 128: 34 KiB
 // (static, under the 48 KiB no-opt-in limit). Registers: H/2 fp32 accumulators plus H/4 fragment registers a
 // thread; __launch_bounds__(256, 2) (<= 128 registers: 16 warps an SM) up to H = 64, one block (8 warps) an SM
-// at H = 128. ptxas (sm_90, NVRTC), forward / backward: H = 16: 85 / 88, 32: 106 / 84, 48: 117 / 86,
-// 64: 124 / 104, 128: 172 / 204, no spills (tests/test_fused_mlp.py prints and checks them; the fused loss
-// costs the forward ~30). Why H <= 128: at H = 128 a thread holds 64 accumulators + 32 fragment registers;
+// at H = 128. ptxas (sm_90, NVRTC), forward / backward: H = 16: 84 / 88, 32: 108 / 84, 48: 115 / 86,
+// 64: 124 / 104, 128: 174 / 204 (sm_80 within 6 of these), no spills (tests/test_fused_mlp.py prints and
+// checks them; the fused loss costs the forward ~30). Why H <= 128: at H = 128 a thread holds 64 accumulators + 32 fragment registers;
 // H = 256 would need 192 before any address or operand and spill. Why 128 rows a block:
 // 8 warps x 16 rows share one copy of each layer's weights (H·H·2 bytes from L2 for 128·H·H·2 FLOP); more
 // rows a warp would amortise the ldmatrix of B over more mma but doubles the accumulators (a later step for

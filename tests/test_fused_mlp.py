@@ -519,7 +519,7 @@ def test_fused_on_gpu(precision, rng):
                                          (64, 4, 1 << 16, 64, 64), (128, 2, 20000, 100, 128)]:
         model = Model(rng, in_width, H, L, out_width, ACT_CYCLE[:L] + [acts.IDENTITY], [True, False])
         X = rng.standard_normal((N, in_width)).astype(np.float32)
-        hidden, Z = run_forward(run, precision, model, X, training=True)
+        hidden, Z = run_forward(run, precision, model, X, training=True, x_float=in_width == 784)
         assert forward_error(model, precision, X, hidden, Z) <= 2, (H, N)
         _, out = run_forward(run, precision, model, X, training=False)
         np.testing.assert_allclose(out, Z, rtol=2.0**-20, atol=2.0**-24)   # identity output
