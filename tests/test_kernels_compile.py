@@ -6,6 +6,7 @@ comes from CuPy (cupy_backends.cuda.libs.nvrtc) or, failing that, cuda-python (c
 neither, these tests skip and say so. Each .cu also goes through nvcc -ptx as a standalone file, where nvcc
 is installed (the project's pre-stop hook runs the same command).
 """
+import functools
 import re
 import shutil
 import subprocess
@@ -129,9 +130,11 @@ def test_every_kernel_has_name_expressions(filename):
         assert instances, f"{kernel} has no name expression"
         if instances != [kernel] and not all(n.startswith(kernel + "<Tc") for n in instances):
             assert any("<float" in n for n in instances) and any("<double" in n for n in instances)
-        elif instances != [kernel]:   # a tensor-core kernel: instances for every operand precision
+        elif instances != [kernel]:   # a tensor-core kernel: instances for every operand precision it takes
+            fused = kernel.startswith("fused_mlp_")   # 16-bit only (gpubp/fused.py)
+            precisions = cuda_sources.FUSED_PRECISIONS if fused else cuda_sources.TC_PRECISIONS
             assert {n[len(kernel) + 1:].split(",")[0].rstrip(">") for n in instances} == \
-                set(cuda_sources.TC_PRECISIONS.values())
+                {cuda_sources.TC_PRECISIONS[p] for p in precisions}
 
 
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
@@ -144,12 +147,21 @@ def test_headers_are_pasted_into_the_source(filename):
         assert "gemm_block_tile" in source and "activation_forward" in source
 
 
+@functools.cache
+def compiled(filename, arch):
+    """(lowered names, log) of one kernels/*.cu through NVRTC with the runtime's options for sm_<arch> and
+    ptxas's report (-v, which changes nothing in the code): one compile a file and arch per session, shared by
+    the tests here and those that read ptxas's numbers (test_fused_mlp.py)."""
+    source, _, names = cuda_sources.module_source(filename)
+    return NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"], names)
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
 def test_nvrtc_compiles_every_kernel(filename, arch):
-    source, _, names = cuda_sources.module_source(filename)
-    lowered, _ = NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch), names)
+    _, _, names = cuda_sources.module_source(filename)
+    lowered, _ = compiled(filename, arch)
     for name in names:
         assert lowered[name], f"{name} did not lower"
         assert lowered[name] == name or lowered[name].startswith("_Z"), lowered[name]
@@ -160,9 +172,8 @@ def test_nvrtc_compiles_every_kernel(filename, arch):
 def test_no_kernel_spills_registers_on_sm90(filename):
     """A spill puts the GEMM accumulators in local memory and costs most of the speed: the register budgets
     of gemm.cuh's GEMM_MIN_BLOCKS must hold for every instance (ptxas's report, through NVRTC)."""
-    source, _, names = cuda_sources.module_source(filename)
-    options = cuda_sources.runtime_nvrtc_options(90) + ["--ptxas-options=-v"]
-    _, log = NVRTC.compile(source, filename, options, names)
+    _, _, names = cuda_sources.module_source(filename)
+    _, log = compiled(filename, 90)
     reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(reports) >= len(names), log   # kernels, and device functions ptxas kept apart
     assert all(r == ("0", "0", "0") for r in reports), log

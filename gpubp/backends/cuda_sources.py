@@ -13,7 +13,8 @@ import pathlib
 import re
 from importlib import resources
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "loop.cu", "gemm_tc.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "loop.cu", "gemm_tc.cu",
+                "fused_mlp.cu")
 
 # Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
 # option and '--device-as-default-execution-space': see runtime_nvrtc_options.
@@ -41,6 +42,11 @@ _UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("adva
 TC_PRECISIONS = {"bf16": "TcBf16", "fp16": "TcFp16", "tf32": "TcTf32"}
 TC_LAYOUTS = {"forward": (True, True), "input_grad": (True, False), "weight_grad": (False, False)}
 _TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
+# The fully fused MLP (issue 13): 16-bit precisions only, one instance per hidden width (gpubp/fused.py).
+FUSED_PRECISIONS = ("bf16", "fp16")
+FUSED_WIDTHS = (16, 32, 48, 64, 128)
+_FUSED_KERNELS = {"fused_mlp.cu": ("fused_mlp_forward_kernel", "fused_mlp_backward_kernel")}
+_FUSED_PLAIN_KERNELS = {"fused_mlp.cu": ("fused_mlp_round_kernel",)}   # one instance per precision
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -64,7 +70,15 @@ def name_expressions(filename):
     names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
     names += [tc_kernel_name(k, p, layout) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS
               for layout in TC_LAYOUTS]
+    names += [fused_kernel_name(k, p, width) for k in _FUSED_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS
+              for width in FUSED_WIDTHS]
+    names += [tc_kernel_name(k, p) for k in _FUSED_PLAIN_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS]
     return names
+
+
+def fused_kernel_name(kernel, precision, width):
+    """The name expression of a fused-MLP kernel, e.g. 'fused_mlp_forward_kernel<TcBf16, 64>'."""
+    return f"{kernel}<{TC_PRECISIONS[precision]}, {int(width)}>"
 
 
 def tc_kernel_name(kernel, precision, layout=None):

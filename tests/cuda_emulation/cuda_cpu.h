@@ -68,6 +68,13 @@ constexpr size_t EMU_MAX_STATIC_SHARED = 48 * 1024;
 
 inline std::string emu_error;      // why the last launch failed; empty when it did not
 inline std::mt19937_64 emu_rng{0};  // the schedule: set by emu_set_seed, advanced by every launch
+// Skew (test-only, 0 = off, the default): each round the scheduler leaves each fiber out with this
+// probability (percent), so warps drift apart by many barrier stretches, as on a GPU where one warp may run
+// a whole loop ahead of another between two __syncthreads. Without it, warps that execute the same
+// sequence of warp-wide instructions advance in lockstep (one stretch a round), and a race between warps
+// over shared memory not ordered by __syncthreads (a buffer refilled while another warp still reads it)
+// cannot show. Set by emu_set_skew (harness.cpp).
+inline int emu_skew_percent = 0;
 
 // ---- shared memory --------------------------------------------------------------------------------------
 struct EmuSharedArray {
@@ -209,10 +216,12 @@ inline bool emu_run_block(std::vector<EmuFiber>& fibers, size_t stack_size, dim3
         running.push_back(&f);
     }
     blockIdx = block_index;
+    int idle_rounds = 0;   // consecutive rounds without progress
     while (!running.empty()) {
         const unsigned long long progress_before = emu_progress;
         std::shuffle(running.begin(), running.end(), emu_rng);   // a new order every round
         for (EmuFiber* f : running) {
+            if (emu_skew_percent > 0 && static_cast<int>(emu_rng() % 100) < emu_skew_percent) continue;
             threadIdx = dim3{f->thread, 0, 0};
             emu_current = f;
             void* fake_stack = nullptr;
@@ -222,7 +231,10 @@ inline bool emu_run_block(std::vector<EmuFiber>& fibers, size_t stack_size, dim3
         }
         running.erase(std::remove_if(running.begin(), running.end(), [](EmuFiber* f) { return f->done; }),
                       running.end());
-        if (!running.empty() && emu_progress == progress_before) {   // all wait at a barrier some never reach
+        // all wait at a barrier some never reach (under skew: for 64 rounds, which a fiber left out of each
+        // round by chance has a chance of 1 in 2^64 or less to cause)
+        idle_rounds = emu_progress == progress_before ? idle_rounds + 1 : 0;
+        if (!running.empty() && idle_rounds > (emu_skew_percent > 0 ? 64 : 0)) {
             emu_error = "block (" + std::to_string(block_index.x) + "," + std::to_string(block_index.y) + "," +
                         std::to_string(block_index.z) + ") deadlocked: " + std::to_string(running.size()) +
                         " of " + std::to_string(threads) +

@@ -21,6 +21,7 @@
 #include "optim.cu"
 #include "loop.cu"
 #include "gemm_tc.cu"
+#include "fused_mlp.cu"
 #include "planted_bugs.cu"
 #include "tc_probes.cu"   // test-only: the emulated tensor-core instructions one at a time
 
@@ -81,6 +82,12 @@ static Entry entry(void (*kernel)(P...)) {
     {"gemm_tc_kernel<" #P ", true, false>", entry(gemm_tc_kernel<P, true, false>)},        \
     {"gemm_tc_kernel<" #P ", false, false>", entry(gemm_tc_kernel<P, false, false>)}
 
+#define FUSED_ENTRIES(P, H)                                                                \
+    {"fused_mlp_forward_kernel<" #P ", " #H ">", entry(fused_mlp_forward_kernel<P, H>)},   \
+    {"fused_mlp_backward_kernel<" #P ", " #H ">", entry(fused_mlp_backward_kernel<P, H>)}
+#define FUSED_WIDTH_ENTRIES(P)                                                             \
+    FUSED_ENTRIES(P, 16), FUSED_ENTRIES(P, 32), FUSED_ENTRIES(P, 48), FUSED_ENTRIES(P, 64), FUSED_ENTRIES(P, 128)
+
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
         ALL_ENTRIES(float, "float"),
@@ -90,6 +97,9 @@ static const std::map<std::string, Entry>& registry() {
         {"update_finish_kernel", entry(update_finish_kernel)},
         {"advance_cursor_kernel", entry(advance_cursor_kernel)},
         TC_GEMM_ENTRIES(TcBf16), TC_GEMM_ENTRIES(TcFp16), TC_GEMM_ENTRIES(TcTf32),
+        FUSED_WIDTH_ENTRIES(TcBf16), FUSED_WIDTH_ENTRIES(TcFp16),
+        {"fused_mlp_round_kernel<TcBf16>", entry(fused_mlp_round_kernel<TcBf16>)},
+        {"fused_mlp_round_kernel<TcFp16>", entry(fused_mlp_round_kernel<TcFp16>)},
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
@@ -165,5 +175,8 @@ const char* emu_last_error() { return emu_error.c_str(); }
 
 // The schedule of every launch from now on: the same seed and launches give the same thread and block orders.
 void emu_set_seed(unsigned long long seed) { emu_rng.seed(seed); }
+
+// Test-only: the schedule's skew (cuda_cpu.h's emu_skew_percent; 0, the default, turns it off).
+void emu_set_skew(int percent) { emu_skew_percent = percent; }
 
 }  // extern "C"
