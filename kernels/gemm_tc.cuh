@@ -77,6 +77,7 @@
 
 struct TcBf16 {
     typedef unsigned short Storage;
+    typedef StoreBf16 Format;   // storage.cuh: how a stored operand decodes to float (and floats encode)
     static constexpr int MMA_K = 16;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_bf16_m16n8k16(acc, a, b);
@@ -87,6 +88,7 @@ struct TcBf16 {
 
 struct TcFp16 {
     typedef unsigned short Storage;
+    typedef StoreFp16 Format;
     static constexpr int MMA_K = 16;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_f16_m16n8k16(acc, a, b);
@@ -100,6 +102,7 @@ struct TcFp16 {
 // one cvt (sm_90) per register. A producer kernel that writes tf32-rounded data could skip it (later step).
 struct TcTf32 {
     typedef float Storage;
+    typedef StoreF32 Format;    // stored as float32, not rounded: the GEMM rounds its fragments
     static constexpr int MMA_K = 8;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_tf32_m16n8k8(acc, a, b);
@@ -130,6 +133,13 @@ struct TcGemmShape {
     static_assert((BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "whole chunks a thread");
     static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
 };
+
+// Blocks per SM asked of the register allocator (__launch_bounds__'s second argument) by every kernel on this
+// core: 2 (<= 128 registers a thread: 64 accumulators, fragments, addresses), except for tf32 with a
+// D-contiguous operand, whose fragments come from scalar shared loads (ldmatrix.trans moves 16-bit elements
+// only), each with its swizzled address: at 128 registers ptxas spills them (112-148 bytes, sm_90/sm_80), so
+// they get 1 block (8 warps) an SM for now.
+#define TC_GEMM_MIN_BLOCKS(P, A_KCONTIG, B_KCONTIG) (sizeof(typename P::Storage) == 4 && !((A_KCONTIG) && (B_KCONTIG)) ? 1 : 2)
 
 // One operand's slice in shared memory (D = BM or BN rows of the tile's m or n, by BK of k), its copy from
 // global memory and its fragments. A K-contiguous operand is stored as D rows of 64 bytes (its k run);
@@ -194,6 +204,12 @@ struct TcOperandTile {
         return *reinterpret_cast<const unsigned*>(tile + offset(k, d / 4) + (d % 4) * 4);
     }
 
+    // element (k, d) of a D-contiguous tile, any storage (weight_grad's db reads δ's tile through it)
+    __device__ __forceinline__ static Storage value(const unsigned char* tile, int k, int d) {
+        static_assert(!KCONTIG, "k-rows of a D-contiguous tile");
+        return *reinterpret_cast<const Storage*>(tile + offset(k, d / S::VEC) + (d % S::VEC) * sizeof(Storage));
+    }
+
     // The A fragment (4 registers) of the 16 x MMA_K block at tile row m, k-step ks (layouts at the top).
     //   K-contiguous: ldmatrix.x4, matrices (rows +0, chunk +0), (+8, +0), (+0, +1), (+8, +1) = a0..a3
     //   D-contiguous 16-bit: ldmatrix.x4.trans of k-rows, matrices (m +0, k +0), (+8, +0), (+0, +8), (+8, +8)
@@ -237,12 +253,20 @@ struct TcOperandTile {
 // ---------------------------------------------------------------------------------------------------------
 // One block's tile: acc[mi][ni] = the 16x8 mma tile (mi, ni) of this warp (C/D fragment layout) of
 // Σ_{k < K} A(m, k) B(n, k) over the block tile at (m0, n0). Every thread of the block must call it.
+// hook(As, tid) runs once per slice, by every thread, while slice s's A tile As (BM x BK, zero past M and K)
+// is in shared memory and published (after the slice's barrier, before the next one): weight_grad's db sums
+// δ from it (dense_tc.cu). The default does nothing.
 
-template <typename P, typename S, bool A_KCONTIG, bool B_KCONTIG>
+struct TcNoSliceHook {
+    __device__ __forceinline__ void operator()(const unsigned char*, int) {}
+};
+
+template <typename P, typename S, bool A_KCONTIG, bool B_KCONTIG, typename SliceHook = TcNoSliceHook>
 __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __restrict__ A, long long lda,
                                                    const typename P::Storage* __restrict__ B, long long ldb,
                                                    int M, int N, int K, int m0, int n0,
-                                                   float (&acc)[S::MI][S::NI][4]) {
+                                                   float (&acc)[S::MI][S::NI][4],
+                                                   SliceHook hook = SliceHook()) {
     __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -282,6 +306,7 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
 
         const unsigned char* As = smem + (s % S::STAGES) * S::STAGE_BYTES;
         const unsigned char* Bs = As + S::BM * S::ROW_BYTES;
+        hook(As, tid);
 #pragma unroll
         for (int ks = 0; ks < S::K_STEPS; ++ks) {
             // All of the k-step's B fragments (NI x 2 registers), then A one m16 tile at a time (4 registers

@@ -21,6 +21,8 @@
 #include "optim.cu"
 #include "loop.cu"
 #include "gemm_tc.cu"
+#include "dense_tc.cu"
+#include "loss_scale.cu"
 #include "planted_bugs.cu"
 #include "tc_probes.cu"   // test-only: the emulated tensor-core instructions one at a time
 
@@ -81,6 +83,11 @@ static Entry entry(void (*kernel)(P...)) {
     {"gemm_tc_kernel<" #P ", true, false>", entry(gemm_tc_kernel<P, true, false>)},        \
     {"gemm_tc_kernel<" #P ", false, false>", entry(gemm_tc_kernel<P, false, false>)}
 
+#define TC_DENSE_ENTRIES(P)                                                                \
+    {"dense_forward_tc_kernel<" #P ">", entry(dense_forward_tc_kernel<P>)},                \
+    {"input_grad_tc_kernel<" #P ">", entry(input_grad_tc_kernel<P>)},                      \
+    {"weight_grad_tc_kernel<" #P ">", entry(weight_grad_tc_kernel<P>)}
+
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
         ALL_ENTRIES(float, "float"),
@@ -90,6 +97,15 @@ static const std::map<std::string, Entry>& registry() {
         {"update_finish_kernel", entry(update_finish_kernel)},
         {"advance_cursor_kernel", entry(advance_cursor_kernel)},
         TC_GEMM_ENTRIES(TcBf16), TC_GEMM_ENTRIES(TcFp16), TC_GEMM_ENTRIES(TcTf32),
+        TC_DENSE_ENTRIES(TcBf16), TC_DENSE_ENTRIES(TcFp16), TC_DENSE_ENTRIES(TcTf32),
+        {"to_storage_kernel<StoreBf16>", entry(to_storage_kernel<StoreBf16>)},
+        {"to_storage_kernel<StoreFp16>", entry(to_storage_kernel<StoreFp16>)},
+        {"loss_grad_stored_kernel<StoreF32>", entry(loss_grad_stored_kernel<StoreF32>)},
+        {"loss_grad_stored_kernel<StoreBf16>", entry(loss_grad_stored_kernel<StoreBf16>)},
+        {"loss_grad_stored_kernel<StoreFp16>", entry(loss_grad_stored_kernel<StoreFp16>)},
+        {"unscale_scan_kernel", entry(unscale_scan_kernel)},
+        {"unscale_finish_kernel", entry(unscale_finish_kernel)},
+        {"update_scale_kernel", entry(update_scale_kernel)},
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
@@ -100,6 +116,8 @@ static const std::map<std::string, Entry>& registry() {
         {"tc_mma_probe_kernel<TcFp16>", entry(tc_mma_probe_kernel<TcFp16>)},
         {"tc_mma_probe_kernel<TcTf32>", entry(tc_mma_probe_kernel<TcTf32>)},
         {"tc_ldmatrix_probe_kernel", entry(tc_ldmatrix_probe_kernel)},
+        {"storage_decode_probe_kernel<StoreBf16>", entry(storage_decode_probe_kernel<StoreBf16>)},
+        {"storage_decode_probe_kernel<StoreFp16>", entry(storage_decode_probe_kernel<StoreFp16>)},
     };
     return kernels;
 }

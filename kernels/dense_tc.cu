@@ -1,0 +1,237 @@
+// dense_tc.cu: one Dense layer's forward and backward GEMMs on the tensor cores (issue 12, mixed precision),
+// with the epilogues of the FP32 path (dense_forward.cu, dense_backward.cu), and the operand conversion.
+//
+// P, the operand precision (gemm_tc.cuh's tag: TcBf16, TcFp16, TcTf32), round_p = gpubp.precision.round_operand
+// (RNE), "store" = encode to the output's format (storage.cuh: StoreF32, StoreBf16, StoreFp16; RNE). The CPU
+// reference is gpubp/backends/numpy_backend.py in the same precision (and gpubp.precision.reference_gemm).
+// Shapes (row-major, rows are samples): A_prev, Z_prev (N, in); W, dW (out, in); b, db (out,); Z, A, δ (N, out).
+//
+//   dense_forward_tc_kernel<P>         Z = round_p(A_prev) · round_p(W)ᵀ + b (float32),  A = store(g(Z))
+//   input_grad_tc_kernel<P>            δ_prev = store((round_p(δ) · round_p(W)) ⊙ g'(Z_prev))  (mask_act >= 0;
+//                                      g' from Z_prev for relu/leaky_relu, from the stored A_prev, decoded, for
+//                                      sigmoid/tanh, in float32), or dA_prev = store(round_p(δ) · round_p(W))
+//     "store" writes the output in P's format (P::Format: bf16/fp16 bits; float32 for tf32) when `narrow` is set
+//     (a hidden layer's A, a 16-bit δ), else float32 (the output layer's A, a float32 δ). NOTE: a runtime flag,
+//     not a template parameter: 9 GEMM instances instead of 13 (NVRTC takes ~5 s an instance).
+//   weight_grad_tc_kernel<P>           dW (=|+=) round_p(δ)ᵀ · round_p(A_prev) (float32),  db (=|+=) Σₙ δₙ (the
+//                                      stored δ, decoded), split-K over the batch as dense_backward.cu's
+//   to_storage_kernel<F>               dst = encode_F(src): float32 -> bf16/fp16 bits (RNE)
+//
+// Operands: A_prev, δ and W reach the GEMM in P's storage (16-bit raw bits for bf16/fp16, float32 for tf32,
+// rounded per fragment inside the GEMM). Hidden A and every δ are stored so already (the producer kernels write
+// them in their format: the forward epilogue here, input_grad's, loss.cu's); float32 operands of a 16-bit GEMM,
+// W (the float32 master weights) and X (layer 0's staged input), are converted first by to_storage_kernel into
+// a scratch buffer of the backend (one extra pass: 6 bytes an element). NOTE: next step: the optimizer's update
+// kernel writes a 16-bit shadow copy of W as it updates W, so that no GEMM converts W (saves the pass and its
+// launch per GEMM, 2 per layer per step).
+//
+// The GEMMs are gemm_tc.cuh's core (mma.sync m16n8k16 bf16/fp16, m16n8k8 tf32; ldmatrix; 3-stage cp.async;
+// 128x128 block tiles, 8 warps of 64x32; PTX ISA sections and fragment layouts: gemm_tc.cuh's header) in its
+// three layouts, the epilogues below plugged into tc_gemm_store_tile, which hands each thread its accumulator
+// pairs (row g, columns 2t, 2t+1 of each 16x8 mma tile: the C/D fragment layout):
+//   forward     A = A_prev (N, in) k-contiguous, B = W (out, in) k-contiguous;     M = N,   N = out, K = in
+//   input_grad  A = δ (N, out) k-contiguous,     B = W (out, in) n-contiguous;     M = N,   N = in,  K = out
+//   weight_grad A = δ (N, out) m-contiguous,     B = A_prev (N, in) n-contiguous;  M = out, N = in,  K = N
+// weight_grad's K is the batch: with gridDim.z = slices > 1, slice z takes rows [z·k_per_split, (z+1)·k_per_split)
+// (the operands' base pointers moved by k_begin rows) and writes partial sums to dW + z·out·in, db + z·out;
+// dense_backward.cu's weight_grad_reduce_kernel<float> adds them in slice order. db comes from the δ tiles in
+// shared memory (tc_gemm_block_tile's slice hook: threads tid < 128 each sum one column of the 128 x BK δ tile,
+// zero past the matrix, in k order): no second pass over δ. No atomics anywhere: bit-identical run to run.
+//
+// Launch: GEMMs grid (ceil(M/128), ceil(N/128), slices), block 256 (TcGemmShape's defaults); __launch_bounds__
+// (256, TC_GEMM_MIN_BLOCKS): 2 blocks an SM (<= 128 registers), 1 for tf32 with a D-contiguous operand;
+// 48 KiB static shared memory. to_storage_kernel: block 256, grid-stride.
+// Memory traffic (e = operand bytes: 2 for bf16/fp16, 4 for tf32): the GEMM core's (gemm_tc.cuh: A read
+// ceil(N/128) times, B ceil(M/128) times, mostly from L2), plus the epilogues: forward writes Z (4 bytes) and
+// A (2 or 4) per element of (N, out) and reads b; input_grad writes δ_prev (e' = 2 or 4) and, masked, reads
+// Z_prev (4) or A_prev (e'); weight_grad writes dW (4·out·in·slices; the reduce reads them again). FLOPs:
+// 2·N·in·out each. These are design numbers: nothing here has run on a GPU.
+#include "common.cuh"
+#include "gemm_tc.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// to_storage_kernel: dst[i] = F::encode(src[i]) (RNE), i < size; one element a thread, grid-stride.
+
+template <typename F>
+__global__ void __launch_bounds__(256)
+to_storage_kernel(const float* __restrict__ src, typename F::Bits* __restrict__ dst, long long size) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size;
+         i += (long long)gridDim.x * blockDim.x)
+        dst[i] = F::encode(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// pair access: a row pointer + n is 2-element aligned when the base is and the row length is even (n is even)
+
+template <typename F>
+__device__ __forceinline__ bool pairs_aligned(const typename F::Bits* p, long long ld) {
+    return reinterpret_cast<unsigned long long>(p) % (2 * sizeof(typename F::Bits)) == 0 && ld % 2 == 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dense_forward_tc_kernel: z = acc + b[n] -> Z (float32), a = g(z) -> A: A_narrow in P's format when narrow
+// (a hidden layer of a bf16/fp16 model), else A32 (float32: the output layer); the other pointer is not touched
+// (pass any valid one). A32 may be Z (identity): each element is written twice with the same value by the same
+// thread.
+
+template <typename P>
+struct TcForwardEpilogue {
+    typedef typename P::Format F;
+    const float* b;
+    float* Z;
+    float* A32;
+    typename F::Bits* A_narrow;
+    long long ld;   // = out
+    int has_bias, act, narrow;
+    float alpha;
+    bool z_aligned, a_aligned;
+
+    __device__ __forceinline__ void operator()(int m, int n, const float (&acc)[2], int n_valid) const {
+        float z[2] = {acc[0], acc[1]}, a[2];
+        if (has_bias) {
+            z[0] += b[n];
+            if (n_valid > 1) z[1] += b[n + 1];
+        }
+        a[0] = activation_forward(act, z[0], alpha);
+        a[1] = activation_forward(act, z[1], alpha);
+        store_pair<StoreF32>(Z + m * ld + n, z, n_valid, z_aligned);
+        if (narrow) store_pair<F>(A_narrow + m * ld + n, a, n_valid, a_aligned);
+        else store_pair<StoreF32>(A32 + m * ld + n, a, n_valid, a_aligned);
+    }
+};
+
+template <typename P>
+__global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, true, true))
+dense_forward_tc_kernel(const typename P::Storage* __restrict__ A_prev, const typename P::Storage* __restrict__ W,
+                        const float* __restrict__ b, float* Z, float* A32, typename P::Format::Bits* A_narrow,
+                        int narrow, int N, int n_in, int n_out, int has_bias, int act, double alpha) {
+    typedef TcGemmShape<P> S;
+    const int m0 = blockIdx.x * S::BM, n0 = blockIdx.y * S::BN;
+    float acc[S::MI][S::NI][4];
+    // C (N, out) = Σ_k A_prev[m, k] · W[n, k]: both k-contiguous, rows of `in`
+    tc_gemm_block_tile<P, S, true, true>(A_prev, n_in, W, n_in, N, n_out, n_in, m0, n0, acc);
+    const bool a_aligned = narrow ? pairs_aligned<typename P::Format>(A_narrow, n_out) : pairs_aligned<StoreF32>(A32, n_out);
+    const TcForwardEpilogue<P> epi{b, Z, A32, A_narrow, n_out, has_bias, act, narrow, static_cast<float>(alpha),
+                                   pairs_aligned<StoreF32>(Z, n_out), a_aligned};
+    tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, epi);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// input_grad_tc_kernel: v = acc; with mask_act >= 0, v = activation_mask(mask_act, v, Z_prev, A_prev) in float32
+// (Z_prev float32, A_prev decoded); out = store(v). With narrow, out and A_prev are in P's format (out_narrow,
+// A_prev_narrow), else float32 (out32, A_prev32); the other two pointers are not touched (pass any valid ones).
+// out may be the same array as A_prev (or, float32, Z_prev): each element is read and written by the same thread.
+
+template <typename P>
+struct TcInputGradEpilogue {
+    typedef typename P::Format F;
+    float* out32;
+    typename F::Bits* out_narrow;
+    const float* Z_prev;
+    const float* A_prev32;
+    const typename F::Bits* A_prev_narrow;
+    long long ld;   // = in
+    int act;        // < 0: no mask
+    int narrow;
+    float alpha;
+    bool out_aligned, z_aligned;
+
+    __device__ __forceinline__ void operator()(int m, int n, const float (&acc)[2], int n_valid) const {
+        float v[2] = {acc[0], acc[1]};
+        const long long at = m * ld + n;
+        if (act >= 0) {
+            float z[2] = {0.0f, 0.0f}, a[2] = {0.0f, 0.0f};
+            if (act == ACT_RELU || act == ACT_LEAKY_RELU) load_pair<StoreF32>(Z_prev + at, z, n_valid, z_aligned);
+            if (act == ACT_SIGMOID || act == ACT_TANH) {
+                if (narrow) load_pair<F>(A_prev_narrow + at, a, n_valid, out_aligned);
+                else load_pair<StoreF32>(A_prev32 + at, a, n_valid, out_aligned);
+            }
+            v[0] = activation_mask(act, v[0], z[0], a[0], alpha);
+            v[1] = activation_mask(act, v[1], z[1], a[1], alpha);
+        }
+        if (narrow) store_pair<F>(out_narrow + at, v, n_valid, out_aligned);
+        else store_pair<StoreF32>(out32 + at, v, n_valid, out_aligned);
+    }
+};
+
+template <typename P>
+__global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, true, false))
+input_grad_tc_kernel(const typename P::Storage* __restrict__ delta, const typename P::Storage* __restrict__ W,
+                     float* out32, typename P::Format::Bits* out_narrow, const float* Z_prev, const float* A_prev32,
+                     const typename P::Format::Bits* A_prev_narrow, int narrow, int N, int n_in, int n_out,
+                     int mask_act, double alpha) {
+    typedef TcGemmShape<P> S;
+    const int m0 = blockIdx.x * S::BM, n0 = blockIdx.y * S::BN;
+    float acc[S::MI][S::NI][4];
+    // C (N, in) = Σ_k δ[m, k] · W[k, n]: A = δ k-contiguous (ld out), B = W n-contiguous (ld in)
+    tc_gemm_block_tile<P, S, true, false>(delta, n_out, W, n_in, N, n_in, n_out, m0, n0, acc);
+    typedef typename P::Format F;
+    const bool out_aligned = narrow ? pairs_aligned<F>(out_narrow, n_in) && (mask_act < 0 || pairs_aligned<F>(A_prev_narrow, n_in))
+                                    : pairs_aligned<StoreF32>(out32, n_in) && (mask_act < 0 || pairs_aligned<StoreF32>(A_prev32, n_in));
+    const TcInputGradEpilogue<P> epi{out32, out_narrow, Z_prev, A_prev32, A_prev_narrow, n_in, mask_act, narrow,
+                                     static_cast<float>(alpha), out_aligned,
+                                     mask_act >= 0 && pairs_aligned<StoreF32>(Z_prev, n_in)};
+    tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, epi);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// weight_grad_tc_kernel: slice z = blockIdx.z of K = [z·k_per_split, (z+1)·k_per_split) ∩ [0, N); dW, db point
+// at slice 0 of the output (dense_backward.cu's weight_grad_kernel: the same contract). db is summed by the
+// blocks of the first column tile (blockIdx.y == 0), thread tid < 128 for row m0 + tid of dW.
+
+template <typename P, typename S>
+struct TcDbHook {   // tc_gemm_block_tile's slice hook: sum += Σ_k δ(k, tid) over the slice's tile
+    float& sum;
+    bool active;
+    __device__ __forceinline__ void operator()(const unsigned char* As, int tid) {
+        typedef TcOperandTile<P, S, S::BM, false> TileA;
+        if (active && tid < S::BM) {
+#pragma unroll 8
+            for (int k = 0; k < S::BK; ++k) sum += P::Format::decode(TileA::value(As, k, tid));
+        }
+    }
+};
+
+struct TcWeightGradEpilogue {
+    float* dW;
+    long long ld;   // = in
+    int accumulate;
+    bool aligned;
+
+    __device__ __forceinline__ void operator()(int m, int n, const float (&acc)[2], int n_valid) const {
+        float v[2] = {acc[0], acc[1]};
+        float* p = dW + m * ld + n;
+        if (accumulate) {
+            float old[2];
+            load_pair<StoreF32>(p, old, n_valid, aligned);
+            v[0] += old[0], v[1] += old[1];
+        }
+        store_pair<StoreF32>(p, v, n_valid, aligned);
+    }
+};
+
+template <typename P>
+__global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, false, false))
+weight_grad_tc_kernel(const typename P::Storage* __restrict__ delta, const typename P::Storage* __restrict__ A_prev,
+                      float* dW, float* db, int N, int n_in, int n_out, int k_per_split, int has_bias,
+                      int accumulate) {
+    typedef TcGemmShape<P> S;
+    const int m0 = blockIdx.x * S::BM, n0 = blockIdx.y * S::BN;
+    const int k_begin = blockIdx.z * k_per_split;
+    const int k_end = N - k_begin < k_per_split ? N : k_begin + k_per_split;
+    float* dW_slice = dW + (long long)blockIdx.z * n_out * n_in;
+    const bool sum_delta = has_bias && blockIdx.y == 0;
+    float acc[S::MI][S::NI][4];
+    float db_sum = 0.0f;
+    // C (out, in) = Σ_k δ[k, m] · A_prev[k, n] over this slice's rows k: A = δ m-contiguous (ld out),
+    // B = A_prev n-contiguous (ld in), both from row k_begin on
+    tc_gemm_block_tile<P, S, false, false>(delta + (long long)k_begin * n_out, n_out,
+                                           A_prev + (long long)k_begin * n_in, n_in, n_out, n_in, k_end - k_begin,
+                                           m0, n0, acc, TcDbHook<P, S>{db_sum, sum_delta});
+    const TcWeightGradEpilogue epi{dW_slice, n_in, accumulate, pairs_aligned<StoreF32>(dW_slice, n_in)};
+    tc_gemm_store_tile<S>(acc, n_out, n_in, m0, n0, epi);
+    if (sum_delta && threadIdx.x < S::BM && m0 + (int)threadIdx.x < n_out) {
+        float* p = db + (long long)blockIdx.z * n_out + m0 + threadIdx.x;
+        *p = accumulate ? *p + db_sum : db_sum;
+    }
+}
