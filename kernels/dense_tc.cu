@@ -12,7 +12,9 @@
 //                                      sigmoid/tanh, in float32), or dA_prev = store(round_p(δ) · round_p(W))
 //     "store" writes the output in P's format (P::Format: bf16/fp16 bits; float32 for tf32) when `narrow` is set
 //     (a hidden layer's A, a 16-bit δ), else float32 (the output layer's A, a float32 δ). NOTE: a runtime flag,
-//     not a template parameter: 9 GEMM instances instead of 13 (NVRTC takes ~5 s an instance).
+//     not a template parameter: 9 GEMM instances instead of 13 (NVRTC takes ~5 s an instance); the flag picks
+//     one of two epilogue loops, each with its format fixed at compile time (one loop with the branch inside
+//     made ptxas keep the 64 accumulators in a 256-byte local-memory frame).
 //   weight_grad_tc_kernel<P>           dW (=|+=) round_p(δ)ᵀ · round_p(A_prev) (float32),  db (=|+=) Σₙ δₙ (the
 //                                      stored δ, decoded), split-K over the batch as dense_backward.cu's
 //   to_storage_kernel<F>               dst = encode_F(src): float32 -> bf16/fp16 bits (RNE)
@@ -74,15 +76,13 @@ __device__ __forceinline__ bool pairs_aligned(const typename F::Bits* p, long lo
 // (pass any valid one). A32 may be Z (identity): each element is written twice with the same value by the same
 // thread.
 
-template <typename P>
+template <typename F>
 struct TcForwardEpilogue {
-    typedef typename P::Format F;
     const float* b;
     float* Z;
-    float* A32;
-    typename F::Bits* A_narrow;
+    typename F::Bits* A;
     long long ld;   // = out
-    int has_bias, act, narrow;
+    int has_bias, act;
     float alpha;
     bool z_aligned, a_aligned;
 
@@ -95,8 +95,7 @@ struct TcForwardEpilogue {
         a[0] = activation_forward(act, z[0], alpha);
         a[1] = activation_forward(act, z[1], alpha);
         store_pair<StoreF32>(Z + m * ld + n, z, n_valid, z_aligned);
-        if (narrow) store_pair<F>(A_narrow + m * ld + n, a, n_valid, a_aligned);
-        else store_pair<StoreF32>(A32 + m * ld + n, a, n_valid, a_aligned);
+        store_pair<F>(A + m * ld + n, a, n_valid, a_aligned);
     }
 };
 
@@ -110,10 +109,14 @@ dense_forward_tc_kernel(const typename P::Storage* __restrict__ A_prev, const ty
     float acc[S::MI][S::NI][4];
     // C (N, out) = Σ_k A_prev[m, k] · W[n, k]: both k-contiguous, rows of `in`
     tc_gemm_block_tile<P, S, true, true>(A_prev, n_in, W, n_in, N, n_out, n_in, m0, n0, acc);
-    const bool a_aligned = narrow ? pairs_aligned<typename P::Format>(A_narrow, n_out) : pairs_aligned<StoreF32>(A32, n_out);
-    const TcForwardEpilogue<P> epi{b, Z, A32, A_narrow, n_out, has_bias, act, narrow, static_cast<float>(alpha),
-                                   pairs_aligned<StoreF32>(Z, n_out), a_aligned};
-    tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, epi);
+    typedef typename P::Format F;
+    const bool z_aligned = pairs_aligned<StoreF32>(Z, n_out);
+    if (sizeof(typename F::Bits) == 2 && narrow)
+        tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, TcForwardEpilogue<F>{b, Z, A_narrow, n_out, has_bias, act,
+                              static_cast<float>(alpha), z_aligned, pairs_aligned<F>(A_narrow, n_out)});
+    else
+        tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, TcForwardEpilogue<StoreF32>{b, Z, A32, n_out, has_bias, act,
+                              static_cast<float>(alpha), z_aligned, pairs_aligned<StoreF32>(A32, n_out)});
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -122,17 +125,13 @@ dense_forward_tc_kernel(const typename P::Storage* __restrict__ A_prev, const ty
 // A_prev_narrow), else float32 (out32, A_prev32); the other two pointers are not touched (pass any valid ones).
 // out may be the same array as A_prev (or, float32, Z_prev): each element is read and written by the same thread.
 
-template <typename P>
+template <typename F>
 struct TcInputGradEpilogue {
-    typedef typename P::Format F;
-    float* out32;
-    typename F::Bits* out_narrow;
+    typename F::Bits* out;
     const float* Z_prev;
-    const float* A_prev32;
-    const typename F::Bits* A_prev_narrow;
+    const typename F::Bits* A_prev;
     long long ld;   // = in
     int act;        // < 0: no mask
-    int narrow;
     float alpha;
     bool out_aligned, z_aligned;
 
@@ -142,15 +141,11 @@ struct TcInputGradEpilogue {
         if (act >= 0) {
             float z[2] = {0.0f, 0.0f}, a[2] = {0.0f, 0.0f};
             if (act == ACT_RELU || act == ACT_LEAKY_RELU) load_pair<StoreF32>(Z_prev + at, z, n_valid, z_aligned);
-            if (act == ACT_SIGMOID || act == ACT_TANH) {
-                if (narrow) load_pair<F>(A_prev_narrow + at, a, n_valid, out_aligned);
-                else load_pair<StoreF32>(A_prev32 + at, a, n_valid, out_aligned);
-            }
+            if (act == ACT_SIGMOID || act == ACT_TANH) load_pair<F>(A_prev + at, a, n_valid, out_aligned);
             v[0] = activation_mask(act, v[0], z[0], a[0], alpha);
             v[1] = activation_mask(act, v[1], z[1], a[1], alpha);
         }
-        if (narrow) store_pair<F>(out_narrow + at, v, n_valid, out_aligned);
-        else store_pair<StoreF32>(out32 + at, v, n_valid, out_aligned);
+        store_pair<F>(out + at, v, n_valid, out_aligned);
     }
 };
 
@@ -166,12 +161,15 @@ input_grad_tc_kernel(const typename P::Storage* __restrict__ delta, const typena
     // C (N, in) = Σ_k δ[m, k] · W[k, n]: A = δ k-contiguous (ld out), B = W n-contiguous (ld in)
     tc_gemm_block_tile<P, S, true, false>(delta, n_out, W, n_in, N, n_in, n_out, m0, n0, acc);
     typedef typename P::Format F;
-    const bool out_aligned = narrow ? pairs_aligned<F>(out_narrow, n_in) && (mask_act < 0 || pairs_aligned<F>(A_prev_narrow, n_in))
-                                    : pairs_aligned<StoreF32>(out32, n_in) && (mask_act < 0 || pairs_aligned<StoreF32>(A_prev32, n_in));
-    const TcInputGradEpilogue<P> epi{out32, out_narrow, Z_prev, A_prev32, A_prev_narrow, n_in, mask_act, narrow,
-                                     static_cast<float>(alpha), out_aligned,
-                                     mask_act >= 0 && pairs_aligned<StoreF32>(Z_prev, n_in)};
-    tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, epi);
+    const bool z_aligned = mask_act >= 0 && pairs_aligned<StoreF32>(Z_prev, n_in);
+    if (sizeof(typename F::Bits) == 2 && narrow)
+        tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, TcInputGradEpilogue<F>{out_narrow, Z_prev, A_prev_narrow, n_in,
+                              mask_act, static_cast<float>(alpha), pairs_aligned<F>(out_narrow, n_in) &&
+                              (mask_act < 0 || pairs_aligned<F>(A_prev_narrow, n_in)), z_aligned});
+    else
+        tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, TcInputGradEpilogue<StoreF32>{out32, Z_prev, A_prev32, n_in,
+                              mask_act, static_cast<float>(alpha), pairs_aligned<StoreF32>(out32, n_in) &&
+                              (mask_act < 0 || pairs_aligned<StoreF32>(A_prev32, n_in)), z_aligned});
 }
 
 // ---------------------------------------------------------------------------------------------------------

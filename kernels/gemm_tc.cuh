@@ -56,17 +56,32 @@
 // scalar fragment loads) and runs 1 block an SM (gemm_tc.cu's TC_GEMM_MIN_BLOCKS). These are design
 // numbers: nothing here has been run on a GPU or timed yet.
 //
-// Later steps (not in this file yet): the dense-layer epilogues (they plug into tc_gemm_store_tile as
-// gemm.cuh's do: bias + activation for forward, the derivative mask for input_grad, db from the δ tiles in
-// shared memory for weight_grad, split-K for weight_grad's long K = batch); producer-side rounding (epilogues
-// that write bf16/fp16/tf32 activations, so tf32 fragments need no cvt); tf32 D-contiguous operands through
-// registers into a K-contiguous shared layout (ldmatrix again, 2 blocks an SM). wgmma (sm_90a) would replace
-// mma.sync + ldmatrix: warpgroup (128-thread) MMAs reading B (and optionally A) straight from shared memory
-// through matrix descriptors, which need the canonical 32/64/128-byte swizzled layouts, fed by TMA
-// (cp.async.bulk.tensor with a CUtensorMap built on the host: driver API, cuTensorMapEncodeTiled) and
-// mbarrier-based stage handshakes instead of cp.async groups; compiled for sm_90a (arch-specific: a separate
-// NVRTC target, with the mma.sync path kept for sm_80), with dynamic shared memory above 48 KiB
-// (cudaFuncSetAttribute) for 4+ stages of 128x256 tiles.
+// The dense-layer epilogues (issue 12, step 2) are in kernels/dense_tc.cu: they plug into tc_gemm_store_tile
+// as gemm.cuh's do (bias + activation for forward, the derivative mask for input_grad, 16-bit or float32
+// stores), and weight_grad's db is summed from the δ tiles in shared memory through tc_gemm_block_tile's slice
+// hook (split-K by moving the operands' base pointers, no change here).
+// Later steps: W's 16-bit copy written by the optimizer's update (no conversion pass per GEMM); tf32
+// producer-side rounding (epilogues that write tf32-rounded activations, so tf32 fragments need no cvt); tf32
+// D-contiguous operands through registers into a K-contiguous shared layout (ldmatrix again, 2 blocks an SM).
+//
+// wgmma and TMA (sm_90a; what it would take, not done): wgmma.mma_async replaces mma.sync + ldmatrix: a
+// warpgroup (4 warps, 128 threads) issues m64nNk16 MMAs (N up to 256) that read B, and A too if wanted,
+// straight from shared memory through 64-bit matrix descriptors (start address, leading and stride byte
+// offsets, swizzle mode), so the shared layout must be one of the canonical 32/64/128-byte swizzles the
+// descriptor names (ours is a 16-byte-chunk XOR of our own: it would be replaced), and accumulators stay in
+// registers (64x256 fp32 over 128 threads: 128 a thread, hence 2 consumer warpgroups of 64 rows for a 128-row
+// tile); wgmma.fence / commit_group / wait_group order the asynchronous MMAs. Tiles come in by TMA,
+// cp.async.bulk.tensor.2d with a CUtensorMap per operand built on the host (driver API cuTensorMapEncodeTiled:
+// CuPy exposes no wrapper, so a small ctypes call into libcuda, and a map per (array, shape) to cache, which
+// a CUDA graph must keep alive), one thread issuing a whole tile, completion counted on an mbarrier per stage
+// (mbarrier.try_wait.parity in place of cp.async.wait_group + __syncthreads); a producer warp and consumer
+// warpgroups (setmaxnreg to move registers to the consumers) instead of every warp doing both. Shared memory:
+// 4-5 stages of 128x64 A + 256x64 B bf16 tiles are ~200 KiB, dynamic (cudaFuncSetAttribute
+// MaxDynamicSharedMemorySize, above the 48 KiB static limit the emulation enforces). It compiles only for
+// sm_90a (arch-specific: NVRTC -arch=sm_90a, a separate module), with this mma.sync path kept for sm_80 and as
+// the fallback; the emulation would need wgmma's and TMA's semantics written out as tensor_core_cpu.h does for
+// mma.sync. Why bother: on sm_90 mma.sync cannot keep the tensor cores at their peak rate, wgmma can (it is
+// what cuBLAS runs there); bench/'s gemm row (ours against cupy.matmul in the same precision) measures the gap.
 #ifndef GPUBP_GEMM_TC_CUH
 #define GPUBP_GEMM_TC_CUH
 

@@ -4,15 +4,17 @@
 //   scaler double[6]: [SCALE, GOOD, OVERFLOWS, GROWTH_INTERVAL, GROWTH, BACKOFF]     guard: guard.cuh
 //
 //   unscale_gradients  (in place of guard_gradients, after backward; loss_out (1,), grads (P,) float32)
-//     unscale_scan_kernel: unless guard[FAULT] is set or the loss is not finite: grads[i] = float(grads[i] · (1/S))
-//                          (the product in double, rounded once: what numpy's float32 array *= float64 scalar
-//                          gives; exact for the power-of-two scales GradScaler's rule makes), and the smallest
-//                          index of a non-finite result -> bad_index[0] (guard.cuh's warp minimum + atomicMin)
+//     unscale_scan_kernel: unless guard[FAULT] is set or the loss is not finite: grads[i] *= float(1/S) in
+//                          float32, as the numpy reference does (exact for the power-of-two scales GradScaler's
+//                          rule makes), and the smallest index of a non-finite result -> bad_index[0]
+//                          (guard.cuh's warp minimum + atomicMin)
 //     unscale_finish_kernel (one thread): FAULT set: SKIPPED += 1; else a non-finite loss: FAULT = LOSS,
 //                          FAULT_INDEX = -1 (a real fault); else a flagged gradient: FAULT = OVERFLOW and its
 //                          index, FAULT_STEP = STEP; bad_index[0] is reset.
-//   update_scale       (after the update and record_step) update_scale_kernel (one thread):
-//                          FAULT == OVERFLOW: FAULT = NONE, FAULT_INDEX = -1, S *= BACKOFF, GOOD = 0, OVERFLOWS += 1
+//   update_scale       (after the update, before record_step) update_scale_kernel (one thread):
+//                          FAULT == OVERFLOW: FAULT = NONE, FAULT_STEP = 0, FAULT_INDEX = -1, STEP += 1 (the step
+//                          counts as taken, its update skipped: record_step then records its loss),
+//                          S *= BACKOFF, GOOD = 0, OVERFLOWS += 1
 //                          FAULT == NONE:     GOOD += 1; GOOD >= GROWTH_INTERVAL: S = min(S·GROWTH, MAX_SCALE), GOOD = 0
 //                          any other fault:   nothing (the host reports it)
 // Everything lives in device memory: no host synchronisation, and a captured CUDA graph replays it unchanged.
@@ -30,11 +32,11 @@ __global__ void __launch_bounds__(256)
 unscale_scan_kernel(const float* __restrict__ loss_out, float* grads, long long size, const double* __restrict__ scaler,
                     const double* __restrict__ guard, long long* bad_index) {
     if (guard_faulted(guard) || !isfinite(loss_out[0])) return;   // the finish kernel reports either
-    const double inverse = 1.0 / scaler[SCALER_SCALE];
+    const float inverse = static_cast<float>(1.0 / scaler[SCALER_SCALE]);
     long long first_bad = GUARD_NO_INDEX;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size;
          i += (long long)gridDim.x * blockDim.x) {
-        const float g = static_cast<float>(static_cast<double>(grads[i]) * inverse);
+        const float g = grads[i] * inverse;
         grads[i] = g;   // every gradient is unscaled (no early exit): the walk's first bad one is its smallest
         if (!isfinite(g) && first_bad == GUARD_NO_INDEX) first_bad = i;
     }
@@ -57,7 +59,9 @@ __global__ void update_scale_kernel(double* scaler, double* guard) {
     const double fault = guard[GUARD_FAULT];
     if (fault == FAULT_OVERFLOW) {
         guard[GUARD_FAULT] = FAULT_NONE;
+        guard[GUARD_FAULT_STEP] = 0.0;
         guard[GUARD_FAULT_INDEX] = -1.0;
+        guard[GUARD_STEP] += 1.0;
         scaler[SCALER_SCALE] *= scaler[SCALER_BACKOFF];
         scaler[SCALER_GOOD] = 0.0;
         scaler[SCALER_OVERFLOWS] += 1.0;

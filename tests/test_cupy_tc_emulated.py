@@ -369,7 +369,7 @@ def reference_unscale(loss_value, grads, scaler, guard):
     elif not np.isfinite(loss_value):
         guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = G.LOSS, guard[G.STEP], -1
     else:
-        grads *= 1.0 / scaler[LS.SCALE]
+        grads *= np.float32(1.0 / scaler[LS.SCALE])
         bad = np.flatnonzero(~np.isfinite(grads))
         if bad.size:
             guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = G.OVERFLOW, guard[G.STEP], bad[0]
@@ -382,11 +382,14 @@ def fresh_guard(steps, fault=G.NONE):
     return guard
 
 
-@pytest.mark.parametrize("size, bad", [(1, []), (33, [32, 17]), (20011, [20010, 8197, 301, 300]), (1031, [])],
-                         ids=str)
-def test_unscale_gradients(backend, size, bad, rng):
-    """grads /= S in place and the smallest non-finite index as OVERFLOW; a non-finite loss (LOSS) or a fault set
-    before (SKIPPED += 1) leave the gradients alone; guard for guard with the reference."""
+# with one SM the scan's grid is 32 blocks of 256 threads: index 8197 is thread 5's second element (after 5: a
+# thread keeps its first), 301 and 300 two lanes of one warp (the warp keeps the smaller)
+@pytest.mark.parametrize("size, bad", [(1, []), (33, [32, 17]), (20011, [20010, 8197, 301, 300]),
+                                       (20011, [20010, 8197, 5]), (1031, [])], ids=str)
+def test_unscale_gradients(backend, monkeypatch, size, bad, rng):
+    """grads *= 1/S in place and the smallest non-finite index as OVERFLOW; a non-finite loss (LOSS) or a fault
+    set before (SKIPPED += 1) leave the gradients alone; guard for guard with the reference."""
+    monkeypatch.setattr(cb, "_sm_count", lambda: 1)
     grads = (rng.standard_normal(size) * 2.0**16).astype(np.float32)
     grads[bad] = np.resize([np.inf, np.nan, -np.inf], len(bad))
     scaler = LS.fresh()
@@ -409,11 +412,12 @@ def test_update_scale_follows_loss_scale_update(backend):
     pattern = [False, False, False, True, False, False, False, False, False, False, False, True, True] + [False] * 9
     for overflow in pattern:
         guard = fresh_guard(5, G.OVERFLOW if overflow else G.NONE)
-        guard[G.FAULT_INDEX] = 12 if overflow else -1
+        guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = (5, 12) if overflow else (0, -1)
         backend.update_scale(scaler, guard)
         LS.update(reference, overflow)
         np.testing.assert_array_equal(scaler, reference)
         assert guard[G.FAULT] == G.NONE and guard[G.FAULT_INDEX] == -1
+        assert guard[G.STEP] == 5 + overflow and guard[G.FAULT_STEP] == 0   # an overflow step counts as taken
     assert scaler[LS.SCALE] == LS.MAX_SCALE and scaler[LS.OVERFLOWS] == 3
     guard = fresh_guard(5, G.PARAMS)
     before_guard, before_scaler = guard.copy(), scaler.copy()
