@@ -260,7 +260,7 @@ fi
 # COLUMNS: pytest cuts its short summary lines at the terminal's width, and the first error comes from there
 planted tests && TESTS_ARGS+=(bench/planted_failure.py)
 b=$(stage_budget tests 150)
-run_stage tests "$b" env COLUMNS=400 "PYTHONPATH=$ROOT/tests:$PYTHONPATH" "${PYRUN[@]}" pytest "${TESTS_ARGS[@]}" -q -ra -p no:cacheprovider --durations=15 \
+run_stage tests "$b" env COLUMNS=400 "PYTHONPATH=$ROOT/tests:$PYTHONPATH" "${PYRUN[@]}" pytest "${TESTS_ARGS[@]}" -q -rfE -p no:cacheprovider --durations=15 \
           --junitxml="$RUN/tests/junit.xml"
 
 # ---- 5. benchmarks: one process per implementation family, rows streamed to bench/rows.jsonl -------------------------

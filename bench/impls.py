@@ -19,7 +19,11 @@ Each implementation belongs to a family (ours-cupy, ours-numba, ours-numpy, cubl
 gpu_check runs one process per family (`python -m bench --family ...`), so a sticky CUDA error in one family
 cannot fail the rows of the others.
 
-Peers compute the same math in the same precision: float32 everywhere, TF32 off (torch's matmul precision
+A train `spec` carries a GEMM precision (spec.precision, gpubp/precision.py): "fp32" everywhere but the mixed
+workload, whose "bf16" rows run gpubp with precision="bf16" and torch under torch.autocast(bfloat16); an
+implementation lists the precisions it can train in (Impl.precisions), the others are not asked.
+
+Peers compute the same math in the same precision: float32 everywhere (but the mixed rows), TF32 off (torch's matmul precision
 "highest", JAX's default matmul precision "highest", CuPy without CUPY_TF32). The MLP is Dense+ReLU hidden
 layers and an identity output layer, with gpubp's losses: softmax_ce (one-hot float targets) and mse, which
 gpubp defines as (1/N) Σₙ ½‖ŷₙ − yₙ‖² (torch's MSELoss is the mean over N·out and has no ½).
@@ -43,8 +47,9 @@ class Runner:
 
 class Impl:
     def __init__(self, name, device, probe, gemm=None, dense=None, train=None, fit=None, ours=False, note="",
-                 family=None):
+                 family=None, precisions=("fp32",)):
         self.name, self.device, self.probe = name, device, probe
+        self.precisions = precisions
         self.gemm, self.dense, self.train, self.fit = gemm, dense, train, fit
         self.ours = ours
         self.note = note
@@ -169,11 +174,13 @@ def _gpubp_dense(backend_name):
 
 
 def gpubp_net(spec, params0, lr, backend, dtype="float32"):
-    """A gpubp Sequential for `spec` with params0 and SGD(lr, momentum 0.9), on `backend` (a name or instance)."""
+    """A gpubp Sequential for `spec` with params0 and SGD(lr, momentum 0.9), on `backend` (a name or instance);
+    in spec.precision for float32 (a float64 model, the reference, multiplies in float64)."""
     import gpubp
     layers = [gpubp.Dense(n_in, n_out, activation="relu" if k < len(spec.dims) - 2 else "identity")
               for k, (n_in, n_out) in enumerate(zip(spec.dims[:-1], spec.dims[1:]))]
-    net = gpubp.Sequential(*layers, backend=backend, dtype=dtype, seed=0)
+    precision = getattr(spec, "precision", "fp32") if np.dtype(dtype) == np.float32 else None
+    net = gpubp.Sequential(*layers, backend=backend, dtype=dtype, seed=0, precision=precision)
     net.set_params(params0)
     opt = gpubp.SGD(net, lr=lr, momentum=MOMENTUM)
     return net, opt
@@ -358,10 +365,12 @@ def _torch_train(device, graph=False):
             peak = None
         model = torch_model(torch, spec, params0, dev)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+        autocast = _torch_autocast(torch, spec, device)
 
         def step(X, Y):
             opt.zero_grad(set_to_none=True)
-            loss = torch_loss(torch, spec, model(X), Y)
+            with autocast():
+                loss = torch_loss(torch, spec, model(X), Y)
             loss.backward()
             opt.step()
 
@@ -395,6 +404,19 @@ def _torch_train(device, graph=False):
         return Runner(lambda i: graphs[i].replay(), torch.cuda.synchronize, lambda: _torch_params(model),
                       peak_bytes=peak, keep=(data, graphs))
     return make
+
+
+def _torch_autocast(torch, spec, device):
+    """A context for the step's forward and loss: nothing for fp32; torch.autocast(bfloat16) for bf16 (fp32 master
+    weights, bf16 GEMMs, as PyTorch users train in mixed precision; its weight cache off, which graph capture
+    needs and eager steps do not miss, the weights changing every step)."""
+    import contextlib
+    precision = getattr(spec, "precision", "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision != "bf16":
+        raise NotImplementedError(f"torch rows train in fp32 or bf16, not {precision}")
+    return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _torch_fit(device, graph=False):
@@ -547,34 +569,35 @@ HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the mo
 
 
 # ---- the registry ------------------------------------------------------------------------------------------------
+MIXED = ("fp32", "bf16")   # what the train rows of gpubp and torch run in (the mixed workload: bf16)
 def registry():
     """name -> Impl, in the order the table lists them (ours first)."""
     impls = [
         Impl("gpubp-numpy", "cpu", _gpubp_probe("numpy"), gemm=_gpubp_gemm("numpy"), dense=_gpubp_dense("numpy"),
-             train=_gpubp_train("numpy"), fit=_gpubp_fit("numpy"), ours=True, family="ours-numpy"),
+             train=_gpubp_train("numpy"), fit=_gpubp_fit("numpy"), ours=True, family="ours-numpy", precisions=MIXED),
         Impl("gpubp-numpy-unchecked", "cpu", _gpubp_probe("numpy"), train=_gpubp_train("numpy", checked=False),
              ours=True, note=UNCHECKED_NOTE, family="ours-numpy"),
         Impl("gpubp-cupy", "cuda", _gpubp_probe("cupy"), gemm=_gpubp_gemm("cupy"), dense=_gpubp_dense("cupy"),
              train=_gpubp_train("cupy"), fit=_gpubp_fit("cupy"), ours=True, family="ours-cupy",
-             note=DEVICE_INPUT_NOTE),
+             note=DEVICE_INPUT_NOTE, precisions=MIXED),
         Impl("gpubp-cupy-numpy-batches", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", host_batches=True),
-             ours=True, family="ours-cupy", note=HOST_BATCHES_NOTE),
+             ours=True, family="ours-cupy", note=HOST_BATCHES_NOTE, precisions=MIXED),
         Impl("gpubp-cupy-unchecked", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", checked=False),
              ours=True, note=UNCHECKED_NOTE, family="ours-cupy"),
         Impl("gpubp-numba", "cuda", _gpubp_probe("numba"), gemm=_gpubp_gemm("numba"), dense=_gpubp_dense("numba"),
              train=_gpubp_train("numba"), fit=_gpubp_fit("numba"), ours=True, family="ours-numba",
-             note=DEVICE_INPUT_NOTE),
+             note=DEVICE_INPUT_NOTE, precisions=MIXED),
         Impl("gpubp-numba-numpy-batches", "cuda", _gpubp_probe("numba"),
-             train=_gpubp_train("numba", host_batches=True), ours=True, family="ours-numba", note=HOST_BATCHES_NOTE),
+             train=_gpubp_train("numba", host_batches=True), ours=True, family="ours-numba", note=HOST_BATCHES_NOTE, precisions=MIXED),
         Impl("torch-cpu", "cpu", _torch_cpu_probe, gemm=_torch_gemm("cpu"), dense=_torch_dense("cpu"),
-             train=_torch_train("cpu"), fit=_torch_fit("cpu"), family="torch-cpu"),
+             train=_torch_train("cpu"), fit=_torch_fit("cpu"), family="torch-cpu", precisions=MIXED),
         Impl("cublas", "cuda", _cupy_probe, gemm=_cublas_gemm, note="cupy.matmul, TF32 off", family="cublas"),
         Impl("torch-eager", "cuda", _torch_cuda_probe, gemm=_torch_gemm("cuda"), dense=_torch_dense("cuda"),
-             train=_torch_train("cuda"), fit=_torch_fit("cuda"), family="torch"),
+             train=_torch_train("cuda"), fit=_torch_fit("cuda"), family="torch", precisions=MIXED),
         Impl("torch-graph", "cuda", _torch_cuda_probe, train=_torch_train("cuda", graph=True),
              fit=_torch_fit("cuda", graph=True),
              note="the step captured as a CUDA graph (per input set for train, per batch size for fit), replayed",
-             family="torch"),
+             family="torch", precisions=MIXED),
         Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train, family="jax"),
     ]
     return {impl.name: impl for impl in impls}

@@ -133,7 +133,9 @@ def table(run):
             continue
         bar = ""
         if r["spec_bar"] is not None:
-            bar = f"{'MEETS' if r['meets_bar'] else 'misses'} ≤ {r['spec_bar']:.2f}x {r['peer']}"
+            # without the peer's time there is no ratio: the bar is neither met nor missed
+            verdict = "no peer measured:" if r["meets_bar"] is None else "MEETS" if r["meets_bar"] else "misses"
+            bar = f"{verdict} ≤ {r['spec_bar']:.2f}x {r['peer']}"
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
         lines.append(f"{r['workload']:<7} {r['device']:<4} {r['case']:<26.26} {r['impl']:<22} "
                      f"{r['median_s'] * 1e3:8.4f} ms {r['spread_s'] * 1e3:6.4f} ms {_rate(r):>18} "

@@ -25,10 +25,10 @@ from . import impls as impls_mod
 from . import timing
 from . import workloads as wl
 
-WORKLOADS = ("limits", "gemm", "train", "fit", "sweep", "dense")   # the order they run in: SPEC's bars first
-KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train", "fit": "fit"}
+WORKLOADS = ("limits", "gemm", "train", "fit", "mixed", "sweep", "dense")   # the order they run in: SPEC's bars first
+KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train", "fit": "fit", "mixed": "train"}
 CASES = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases, "sweep": wl.sweep_cases,
-         "fit": wl.fit_cases}
+         "fit": wl.fit_cases, "mixed": wl.mixed_cases}
 ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error", "median_s", "spread_s", "min_s",
               "max_s", "repeats", "inner", "rel_err", "flops", "min_bytes", "tflops", "gb_per_s",
               "samples_per_s", "limit", "frac_of_limit", "peer", "ratio_to_peer", "peak_bytes", "peer_peak_bytes",
@@ -37,6 +37,7 @@ ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error",
 SPEC_BARS = {("cuda", "gemm", "n4096"): 1 / 0.7,                        # ≥ 0.7× cuBLAS's FLOP/s
              ("cuda", "train", "784-1024-1024-10 b1024"): 1.0,
              ("cuda", "train", "64-64-64-64-64-1 b65536"): 0.33,
+             ("cuda", "mixed", "784-1024-1024-10 b1024 bf16"): 1.0,        # issue 12: faster than autocast eager
              ("cpu", "train", "784-256-256-10 b256"): 1.25,
              ("cpu", "train", "64-64-64-64-64-1 b4096"): 1.25,
              ("cpu", "train", "1024-1024-1024-10 b512"): 1.25}
@@ -387,8 +388,10 @@ def run_workload(run, workload, device):
     c = run.config
     kind = KINDS[workload]
     impls = run.impls_for(kind, device)
-    if workload == "sweep":     # the unchecked and NumPy-batch steps are shown once, in train; the sweep compares
-        impls = [i for i in impls if not i.name.endswith(("-unchecked", "-numpy-batches"))]     # libraries
+    if workload in ("sweep", "mixed"):   # the unchecked and NumPy-batch steps are shown once, in train; these
+        impls = [i for i in impls if not i.name.endswith(("-unchecked", "-numpy-batches"))]   # compare libraries
+    if workload == "mixed":
+        impls = [i for i in impls if "bf16" in i.precisions]
     if not impls:
         if c.impls is None:     # a chosen family that does no such work is no news
             run.skip(f"{workload} on {device}", "no implementation can run here")

@@ -5,6 +5,7 @@
     train   one SGD step (momentum 0.9) of an MLP, ReLU hidden layers, identity output; SPEC section 5 shapes
     sweep   the 64-wide × 4-hidden train step (64-64-64-64-64-1, mse) over batch sizes, as samples/s
     fit     one epoch of the public Sequential.fit on NumPy data at the train shapes, as samples/s
+    mixed   the train step in bf16 (gpubp precision="bf16" against torch.autocast(bfloat16)), SPEC section 5 shapes
 
 A case is (name, params); `make_sets` draws its input sets (float32, standard normal: never zeros) and
 `reference` returns a function that checks a runner's result against numpy in float64 (timing.check).
@@ -17,20 +18,25 @@ from . import timing
 
 GEMM_TOL = 1e-4     # fp32 lands near 1e-6 here; TF32 near 3e-4: refused
 TRAIN_TOL = 1e-3    # the first step's update against float64, norm-wise
+# ... in a reduced precision: each implementation's own rounding (ours: gpubp/backends/base.py's contract; torch:
+# autocast's) against the same float64 reference; a few units of the format's 2^-8 (bf16) relative error
+TRAIN_TOL_PRECISION = {"fp32": TRAIN_TOL, "tf32": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
 VALIDATE_LR = 0.1   # a large first step, so the float32 update is far above the parameters' rounding
 TIMING_LR = 0.01    # what the timed runs train with (many steps on random data must stay finite)
 CHECK_ROWS = 256    # rows of a big product compared with the float64 reference (every row when fewer)
 
 
 class MLP:
-    """An MLP shape: dims [in, hidden..., out], batch N, loss. ReLU hidden layers, identity output."""
+    """An MLP shape: dims [in, hidden..., out], batch N, loss, GEMM precision (gpubp/precision.py). ReLU hidden
+    layers, identity output."""
 
-    def __init__(self, dims, batch, loss):
-        self.dims, self.batch, self.loss = list(dims), int(batch), loss
+    def __init__(self, dims, batch, loss, precision="fp32"):
+        self.dims, self.batch, self.loss, self.precision = list(dims), int(batch), loss, precision
 
     @property
     def name(self):
-        return "-".join(map(str, self.dims)) + f" b{self.batch}"
+        return "-".join(map(str, self.dims)) + f" b{self.batch}" + ("" if self.precision == "fp32" else
+                                                                      f" {self.precision}")
 
     def pairs(self):
         return list(zip(self.dims[:-1], self.dims[1:]))
@@ -46,11 +52,13 @@ class MLP:
         read once by backward, parameters, gradients and momentum each read and written once."""
         P = sum(i * o + o for i, o in self.pairs())
         hidden = sum(self.dims[1:-1])
-        return 4 * (self.batch * (self.dims[0] + self.dims[-1]) + 2 * self.batch * hidden + 6 * P)
+        act_bytes = 2 if self.precision in ("bf16", "fp16") else 4     # hidden activations stored 16-bit
+        return (4 * (self.batch * (self.dims[0] + self.dims[-1]) + 6 * P)
+                + act_bytes * 2 * self.batch * hidden)
 
     def params(self):
         return {"dims": self.dims, "batch": self.batch, "loss": self.loss, "optimizer": "SGD momentum 0.9",
-                "dtype": "float32"}
+                "dtype": "float32", "precision": self.precision}
 
 
 class FitSpec(MLP):
@@ -112,6 +120,17 @@ def train_cases(device, quick, smoke=False):
     else:    # issue 2's CPU shapes
         mlps = [MLP([784, 256, 256, 10], 256, "softmax_ce"), MLP([64] * 5 + [1], 4096, "mse"),
                 MLP([1024, 1024, 1024, 10], 512, "softmax_ce")]
+    return [(m.name, m) for m in mlps]
+
+
+def mixed_cases(device, quick, smoke=False):
+    """The train shapes in bf16 (issue 12's bar: faster than PyTorch autocast eager at 784-1024-1024-10 b1024)."""
+    if smoke:
+        mlps = [MLP([12, 16, 16, 3], 32, "softmax_ce", "bf16")]
+    elif device == "cuda":
+        mlps = [MLP([784, 1024, 1024, 10], 1024, "softmax_ce", "bf16"), MLP([64] * 5 + [1], 65536, "mse", "bf16")]
+    else:
+        mlps = [MLP([784, 256, 256, 10], 256, "softmax_ce", "bf16")]
     return [(m.name, m) for m in mlps]
 
 
@@ -269,5 +288,5 @@ def train_reference(mlp, params0, sets):
     ref_change = _flat(net.get_params()) - p0
 
     def check(result, what):
-        return timing.check(_flat(result) - p0, ref_change, TRAIN_TOL, what)
+        return timing.check(_flat(result) - p0, ref_change, TRAIN_TOL_PRECISION[mlp.precision], what)
     return check

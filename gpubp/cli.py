@@ -3,6 +3,7 @@
     gpubp train --data breast_cancer --epochs 30 --save model.npz --plot curves.png
     gpubp train --data breast_cancer --epochs 60 --resume model.npz      # continues to epoch 60
     gpubp predict model.npz --data new.csv --out preds.csv
+    gpubp export model.npz --onnx model.onnx [--probabilities]              # for ONNX Runtime and friends
     gpubp info
     gpubp bench [ARGS...]                                                 # the suite in bench/ (source checkout)
 
@@ -10,6 +11,7 @@ Bad input ends with one line on stderr, `gpubp: error: ...`, and exit status 2; 
 traceback instead. A checkpoint keeps the preprocessing (feature mean/std, class labels, target scaling) in its
 `extra` metadata, so predict applies exactly what train fitted.
 """
+import contextlib
 import csv
 import importlib.metadata
 import os
@@ -27,6 +29,9 @@ import gpubp
 from gpubp import data as gdata
 from gpubp.activations import NAMES as ACTIVATIONS
 from gpubp.backends import BACKENDS, BackendUnavailable
+from gpubp.callbacks import Callback, EarlyStopping, progress_log_every
+from gpubp.precision import NOTES as PRECISION_NOTES
+from gpubp.precision import PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1      # training stopped on a non-finite step (the last good parameters are saved)
@@ -72,18 +77,20 @@ def _describe(arch):
     return " -> ".join([str(arch[0][0])] + [f"{n_out} {act}" for _, n_out, act in arch])
 
 
-class EpochReporter:
-    """On a terminal, a tqdm bar (on stderr) while an epoch runs: rows done, samples/s, the batch loss. Then, on a
-    terminal or not, one plain line per epoch on stdout with every metric and samples/s, so a log or CI output
-    reads the same as the screen and stays in order with the summary."""
+class EpochReporter(Callback):
+    """On a terminal, a tqdm bar (on stderr) while an epoch runs: rows done, samples/s, the epoch's loss so far. Then,
+    on a terminal or not, one plain line per epoch on stdout with every metric and samples/s, so a log or CI output
+    reads the same as the screen and stays in order with the summary. Epochs are counted from 1."""
 
     def __init__(self, n_train, batch_size, epochs):
         self.n_train, self.batch_size, self.epochs = n_train, batch_size, epochs
         self.tty = sys.stderr.isatty()
         self.bar = None
 
-    def start(self, epoch):
-        self.epoch = epoch
+    def wants_batches(self):
+        return self.tty
+
+    def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
         self.seen = 0
         if self.tty:
@@ -95,25 +102,42 @@ class EpochReporter:
 
     @property
     def log_every(self):
-        """Batches between progress-bar updates: about 20 a epoch. Each update reads the device once (fit's loop
-        otherwise reads it once per epoch)."""
-        return max(1, -(-self.n_train // self.batch_size) // 20)
+        """Batches between progress-bar updates (on a terminal): about 20 an epoch, never every batch. Each update
+        reads the device once (fit's loop otherwise reads it once per epoch)."""
+        return progress_log_every(-(-self.n_train // self.batch_size))
 
-    def on_batch_end(self, batch, n_batches, loss):
+    def on_batch_end(self, batch, logs=None):
         done = min((batch + 1) * self.batch_size, self.n_train)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.set_postfix(loss=f"{logs['epoch_loss']:.4f}", refresh=False)
             self.bar.update(done - self.seen)
         self.seen = done
 
-    def on_epoch_end(self, _epoch_in_fit, logs):
-        # fit runs one epoch per call here, so its own epoch counter is always 0: ours is self.epoch.
+    def on_epoch_end(self, epoch, logs=None):
+        self.close()
+        rate = self.n_train / max(time.perf_counter() - self.started, 1e-9)
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        click.echo(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        rate = self.n_train / max(time.perf_counter() - self.started, 1e-9)
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        click.echo(f"epoch {self.epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
+
+
+class RunRecorder(Callback):
+    """The command's own bookkeeping after each epoch: the history kept in the checkpoint, the epochs done, and a
+    checkpoint every `every` epochs."""
+
+    def __init__(self, history, epochs_done, every, write):
+        self.history, self.epochs_done, self.every, self.write = history, epochs_done, every, write
+
+    def on_epoch_end(self, epoch, logs=None):
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+        self.epochs_done = epoch + 1
+        if self.every is not None and self.epochs_done % self.every == 0 and self.epochs_done < self.params["epochs"]:
+            self.write(self.epochs_done)
 
 
 def save_curves(history, path, title):
@@ -149,7 +173,7 @@ def _prepare(dataset, loss, val_split, seed, saved=None):
     y = dataset.y
     if y is None:
         raise CliError(f"{dataset.source}: has no targets to train on")
-    train, held = gdata.split_indices(y, val_split, seed, stratify=y.ndim == 1 and y.dtype.kind in "iu")
+    train, held = gdata.split_indices(y, val_split, seed, stratify=y.ndim == 1 and y.dtype.kind in "iuU")
     if saved is not None:
         scaler = gdata.Standardizer.from_dict(saved["features"])
         targets = gdata.Targets.from_dict(saved["targets"])
@@ -160,7 +184,9 @@ def _prepare(dataset, loss, val_split, seed, saved=None):
         # from the training rows only, like the features.
         targets = gdata.Targets.fit(y[train] if loss == "mse" else y, loss)
     X = scaler.transform(dataset.X)
-    y = targets.encode(y)
+    # Class labels go to fit as they are (the model keeps them as its classes and encodes them); probabilities
+    # and regression targets are encoded here.
+    y = targets.encode(y) if targets.classes is None else y
     return X[train], y[train], X[held], y[held], scaler, targets
 
 
@@ -189,6 +215,9 @@ def cli():
 @click.option("--momentum", type=click.FloatRange(min=0), default=None, help="SGD momentum [default: 0.9].")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[default: float32]")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+              help="GEMM operand precision (float32 models): tf32, or bf16/fp16 with 16-bit activations; fp16 "
+                   "scales the loss dynamically [default: fp32].")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
 @click.option("--val-split", type=float, default=None,
@@ -203,22 +232,43 @@ def cli():
               help="Also write the checkpoint every N epochs, so an interruption loses at most N epochs.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Save loss/accuracy curves (train and validation) as a PNG.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="L2 weight decay of the optimizer (torch's rule for SGD and Adam) [default: 0].")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "plateau"]), default=None,
+              help="Learning-rate schedule, per epoch: cosine (to 0 at --epochs, after --warmup), step (x0.1 every "
+                   "third of --epochs), plateau (x0.5 when val_loss has not improved for 5 epochs) [default: none].")
+@click.option("--warmup", type=click.IntRange(min=1), default=None, metavar="EPOCHS",
+              help="With --schedule cosine: epochs of linear warm-up to --lr first.")
+@click.option("--early-stopping", type=click.IntRange(min=1), default=None, metavar="PATIENCE",
+              help="Stop when val_loss has not improved for PATIENCE epochs, and keep the best epoch's parameters.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for the numpy backend's BLAS (threadpoolctl) [default: all cores]; on a machine "
+                   "shared with other jobs, 1 or 2 gives steadier times.")
 def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
-          seed, val_split, save_path, resume_path, checkpoint_every, plot_path):
+          precision, seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule,
+          warmup, early_stopping, threads):
     """Train an MLP on DATA; print per-epoch progress and a held-out score."""
     save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default
     if checkpoint_every is not None and save_path is None:
         raise CliError("--checkpoint-every: needs --save PATH (or --resume PATH) to write to")
+    if warmup is not None and schedule != "cosine":
+        raise CliError("--warmup: applies to --schedule cosine")
+    if warmup is not None and warmup >= epochs:
+        raise CliError(f"--warmup {warmup}: must be fewer than --epochs ({epochs})")
     for path, what in ((save_path, "--save"), (plot_path, "--plot")):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise CliError(f"{what}: the folder of {path} does not exist")
     hidden = parse_layers(layers) if layers is not None else None
+    thread_limit = _thread_limit(threads)
 
     saved = None
     if resume_path is not None:
         net = gpubp.load(resume_path, backend=backend)
         saved = _cli_meta(net, resume_path)
-        _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype)
+        _check_resume_options(net, resume_path, optimizer, lr, momentum, dtype, weight_decay, schedule)
+        if precision is not None and precision != (net.precision or "fp32"):
+            raise CliError(f"--resume: {resume_path} was trained with precision {net.precision}, not --precision "
+                           f"{precision}")
         target = target if target is not None else saved["target"]      # the same column as the first run
         for option, value, key in (("--seed", seed, "seed"), ("--val-split", val_split, "val_split")):
             if value is not None and value != saved[key]:
@@ -243,12 +293,21 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         raise CliError(f"--loss {loss}: the checkpoint {resume_path} was trained with {targets.loss}")
     wanted = plan_architecture(X_train.shape[1], hidden, activation, targets.n_out, targets.loss)
     if saved is None:
-        net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
-                               dtype=dtype or "float32", seed=seed)
+        if precision not in (None, "fp32") and dtype == "float64":
+            raise CliError(f"--precision {precision}: needs --dtype float32 (operands are rounded from float32), "
+                           "not --dtype float64")
+        try:
+            net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
+                                   dtype=dtype or "float32", seed=seed, precision=precision)
+        except ValueError as exc:   # a precision the backend does not implement
+            raise CliError(f"--precision {precision}: {exc}") from None
         if optimizer == "adam" and momentum is not None:
             raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
-        opt = (gpubp.Adam(net, lr=lr or 1e-3) if optimizer == "adam"
-               else gpubp.SGD(net, lr=lr or 0.05, momentum=0.9 if momentum is None else momentum))
+        rate = lr or (1e-3 if optimizer == "adam" else 0.05)
+        rate = _schedule(schedule, rate, epochs, warmup) or rate
+        opt = (gpubp.Adam(net, lr=rate, weight_decay=weight_decay or 0.0) if optimizer == "adam"
+               else gpubp.SGD(net, lr=rate, momentum=0.9 if momentum is None else momentum,
+                              weight_decay=weight_decay or 0.0))
         epochs_done, history = 0, {}
     else:
         if _architecture(net) != wanted:
@@ -259,37 +318,38 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         if epochs_done >= epochs:
             click.echo(f"{resume_path}: already trained for {epochs_done} epochs (--epochs {epochs}); nothing to do")
             return
+    if targets.classes is not None and net.classes is None:
+        net.classes = targets.classes          # every class of the data, though a training split might miss one
+    first_epoch = epochs_done
 
     def checkpoint(done):
-        meta = {"data": data_spec, "target": target, "seed": seed, "val_split": val_split,
+        meta = {"data": data_spec, "target": target, "target_name": dataset.target_name, "seed": seed,
+                "val_split": val_split,
                 "feature_names": dataset.feature_names, "features": scaler.to_dict(), "targets": targets.to_dict(),
                 "epochs_done": done, "history": history}
         net.save(save_path, extra={"gpubp_cli": meta})
 
     click.echo(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
                f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
-               f"{net.backend.name}, {net.dtype.name}" + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
+               f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
+               + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
     reporter = EpochReporter(len(X_train), batch_size, epochs)
+    recorder = RunRecorder(history, epochs_done, checkpoint_every, checkpoint)
+    callbacks = [reporter, recorder]
+    if early_stopping is not None:
+        callbacks.append(EarlyStopping("val_loss", patience=early_stopping, restore_best_weights=True))
     started = time.perf_counter()
-    stop_reason = None
-    for epoch in range(epochs_done, epochs):
-        reporter.start(epoch)
-        with warnings.catch_warnings():
+    try:
+        with warnings.catch_warnings(), thread_limit:
             # fit warns when a non-finite step stops it; here that becomes the run's stop reason, said once.
             warnings.simplefilter("ignore", RuntimeWarning)
-            result = net.fit(X_train, y_train, loss=targets.loss, optimizer=opt, epochs=1, batch_size=batch_size,
-                             validation_data=(X_held, y_held), on_epoch_end=reporter.on_epoch_end,
-                             on_batch_end=reporter.on_batch_end if reporter.tty else None,
-                             log_every=reporter.log_every if reporter.tty else None)
-        if result.stop_reason is not None:
-            stop_reason = result.stop_reason
-            break
-        for k, v in result.items():
-            history.setdefault(k, []).append(v[0])
-        epochs_done = epoch + 1
-        if checkpoint_every is not None and epochs_done % checkpoint_every == 0 and epochs_done < epochs:
-            checkpoint(epochs_done)
+            result = net.fit(X_train, y_train, loss=targets.loss, optimizer=opt, epochs=epochs,
+                             initial_epoch=epochs_done, batch_size=batch_size, validation_data=(X_held, y_held),
+                             callbacks=callbacks, log_every=reporter.log_every if reporter.tty else None)
+    finally:
+        reporter.close()
     elapsed = time.perf_counter() - started
+    epochs_done = recorder.epochs_done
 
     if save_path is not None:
         checkpoint(epochs_done)
@@ -301,12 +361,39 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         held_loss, held_accuracy = net.evaluate(X_held, y_held, targets.loss)
         score = (f"held-out accuracy {held_accuracy:.4f}" if held_accuracy is not None
                  else f"held-out R² {_r2(targets.decode(net.predict(X_held)), targets.decode(y_held)):.4f}")
-    click.echo(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} epochs, "
-               f"{elapsed:.2f} s training" + (f"; saved {save_path}" if save_path else "")
+    ran = epochs_done - first_epoch
+    span = (f"epochs {first_epoch + 1}-{epochs_done}" if ran > 1 else f"epoch {epochs_done}" if ran else "no epoch")
+    click.echo(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} of {epochs} epochs done; "
+               f"this run: {span}, {elapsed:.2f} s" + (f"; saved {save_path}" if save_path else "")
                + (f"; curves {plot_path}" if plot_path and history else ""))
-    if stop_reason is not None:
-        click.echo(f"gpubp: training stopped early: {stop_reason}", err=True)
+    if result.fault is not None:
+        click.echo(f"gpubp: training stopped early: {result.stop_reason}", err=True)
         sys.exit(EXIT_STOPPED)
+    if result.stop_reason is not None:           # --early-stopping: the best epoch's parameters were put back
+        click.echo(f"stopped after epoch {epochs_done}: {result.stop_reason}; the parameters of that best epoch are "
+                   "kept")
+
+
+def _schedule(name, lr, epochs, warmup):
+    """The schedule --schedule names, per epoch, starting from the learning rate lr; None for none."""
+    if name == "cosine":
+        return gpubp.schedules.Cosine(lr, total=epochs, warmup=warmup or 0)
+    if name == "step":
+        return gpubp.schedules.StepDecay(lr, step_size=max(1, epochs // 3), gamma=0.1)
+    if name == "plateau":
+        return gpubp.schedules.ReduceOnPlateau(lr, monitor="val_loss", factor=0.5, patience=5)
+    return None
+
+
+def _thread_limit(threads):
+    """A context that limits the BLAS threads to `threads` (threadpoolctl), or does nothing when None."""
+    if threads is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise CliError("--threads: needs threadpoolctl: pip install 'gpubp[cli]'") from None
+    return threadpool_limits(limits=threads)
 
 
 _META_KEYS = ("data", "target", "seed", "val_split", "feature_names", "features", "targets", "epochs_done", "history")
@@ -323,17 +410,17 @@ def _cli_meta(net, path):
     return meta
 
 
-def _check_resume_options(net, path, optimizer, lr, momentum, dtype):
-    """A resumed run continues with the checkpoint's optimizer and its state: asking for other settings is an
-    error, not something to ignore quietly."""
+def _check_resume_options(net, path, optimizer, lr, momentum, dtype, weight_decay=None, schedule=None):
+    """A resumed run continues with the checkpoint's optimizer, its state and its schedule: asking for other
+    settings is an error, not something to ignore quietly."""
     opt = net.optimizer
     if opt is None:
         raise CliError(f"--resume: {path} holds no optimizer state to continue from")
     if optimizer is not None and type(opt).__name__.lower() != optimizer:
         raise CliError(f"--resume: {path} was trained with {type(opt).__name__}, not --optimizer {optimizer}")
-    if lr is not None or momentum is not None:
-        raise CliError(f"--resume: continues with the checkpoint's optimizer settings ({opt!r}); drop --lr and "
-                       "--momentum, or start a new run without --resume")
+    if lr is not None or momentum is not None or weight_decay is not None or schedule is not None:
+        raise CliError(f"--resume: continues with the checkpoint's optimizer settings ({opt!r}); drop --lr, "
+                       "--momentum, --weight-decay and --schedule, or start a new run without --resume")
     if dtype is not None and dtype != net.dtype.name:
         raise CliError(f"--resume: {path} holds {net.dtype.name} parameters, not --dtype {dtype}")
 
@@ -349,58 +436,127 @@ def _r2(predicted, actual):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "data_spec", required=True, metavar="FILE",
-              help="A .csv (the training columns by name; a target column is ignored), an .npz (array X), or a "
-                   "bundled set's name.")
+              help="A .csv (the training columns by name; a target column, if present, is used for the score only), "
+                   "an .npz (array X, and y for a score), or a bundled set's name.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write the predictions CSV here [default: standard output].")
+@click.option("--proba", is_flag=True, default=False,
+              help="Write each class's probability (one column per class) instead of the predicted label.")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
-def predict(model, data_spec, out_path, backend):
+def predict(model, data_spec, out_path, proba, backend):
     """Predict with a checkpoint written by `gpubp train`: one CSV row per input row (class labels for
-    classifiers, values for regression), with the training run's preprocessing applied."""
+    classifiers, or with --proba their probabilities; values for regression), with the training run's
+    preprocessing applied. When the data has targets, the accuracy (R² for regression) goes to stderr."""
     net = gpubp.load(model, backend=backend)
     saved = _cli_meta(net, model)
     targets = gdata.Targets.from_dict(saved["targets"])
-    X = _features_for(data_spec, saved, net.n_in)
-    answers = targets.decode(net.predict(gdata.Standardizer.from_dict(saved["features"]).transform(X)))
-    columns = ["prediction"] if answers.ndim == 1 or answers.shape[1] == 1 else \
-        [f"prediction_{j}" for j in range(answers.shape[1])]
-    answers = answers.reshape(len(answers), -1)
+    if proba and targets.loss == "mse":
+        raise CliError(f"--proba: {model} is a regression (loss mse); it has no probabilities")
+    X, y = _features_for(data_spec, saved, net.n_in)
+    outputs = net.predict(gdata.Standardizer.from_dict(saved["features"]).transform(X))
+    answers = targets.decode(outputs)
+    if proba:
+        table, columns = _probabilities(outputs, targets)
+    else:
+        table = answers.reshape(len(answers), -1)
+        columns = ["prediction"] if table.shape[1] == 1 else [f"prediction_{j}" for j in range(table.shape[1])]
     out = open(out_path, "w", newline="") if out_path else sys.stdout
     try:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
-        for row in answers:
+        for row in table:
             writer.writerow([_cell(v) for v in row])
     finally:
         if out_path:
             out.close()
     if out_path:
-        click.echo(f"{out_path}: {len(answers)} predictions", err=True)
+        click.echo(f"{out_path}: {len(table)} {'probabilities' if proba else 'predictions'}", err=True)
+    if y is not None:
+        click.echo(_score_line(answers, y, targets, data_spec), err=True)
+
+
+def _probabilities(outputs, targets):
+    """(rows, column names) of class probabilities: softmax_ce, the softmax of the outputs, one column per class;
+    bce with two class labels, P(first) and P(second); bce on probabilities, the output as it is."""
+    if targets.loss == "softmax_ce":
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True), [f"proba_{c}" for c in targets.classes]
+    if targets.classes is not None:
+        return np.column_stack([1 - outputs[:, 0], outputs[:, 0]]), [f"proba_{c}" for c in targets.classes]
+    return outputs, ["proba"] if outputs.shape[1] == 1 else [f"proba_{j}" for j in range(outputs.shape[1])]
+
+
+def _score_line(answers, y, targets, source):
+    """The accuracy (classes) or R² (values) of the answers against the data's own targets."""
+    if targets.loss == "mse":
+        return f"{source}: R² {_r2(answers, y.reshape(answers.shape).astype(np.float64)):.4f} on {len(y)} rows"
+    if targets.classes is None:                     # bce on probabilities: thresholded at 0.5 both sides
+        return f"{source}: accuracy {np.mean((answers > 0.5) == (y.reshape(answers.shape) > 0.5)):.4f} on {len(y)} rows"
+    y = y.reshape(answers.shape)
+    if (answers.dtype.kind == "U") != (y.dtype.kind == "U"):      # labels read back as text, or the other way
+        answers, y = answers.astype(str), y.astype(str)
+    return f"{source}: accuracy {np.mean(answers == y):.4f} on {len(y)} labelled rows"
 
 
 def _cell(value):
     value = value.item() if hasattr(value, "item") else value
-    return str(value) if isinstance(value, int) else f"{value:.9g}"
+    return str(value) if isinstance(value, (int, str)) else f"{value:.9g}"
 
 
 def _features_for(data_spec, saved, n_in):
-    """The feature matrix of `data_spec`, columns in the training order: a CSV's by name where it has them all
-    (its target column, if present, left out), else by position when the count matches."""
+    """(X, y): the feature matrix of `data_spec`, columns in the training order (a CSV's by name where it has them
+    all, else by position when the count matches), and its targets where it has them (else None)."""
     names = saved["feature_names"]
     if str(data_spec).lower().endswith(".csv"):
-        dataset = gdata.read_csv(data_spec, target=saved.get("target"), require_target=False)
+        # the training run's target column, named or (its default) the last one: used for the score only
+        target = saved.get("target") or saved.get("target_name")
+        dataset = gdata.read_csv(data_spec, target=target, require_target=False)
         if all(name in dataset.feature_names for name in names):
-            return dataset.X[:, [dataset.feature_names.index(name) for name in names]]
+            return dataset.X[:, [dataset.feature_names.index(name) for name in names]], dataset.y
         if dataset.X.shape[1] != n_in:
             missing = [name for name in names if name not in dataset.feature_names]
             raise CliError(f"{data_spec}: the model needs the columns {', '.join(missing[:5])}"
                            f"{'...' if len(missing) > 5 else ''} (or {n_in} columns in training order), "
                            f"got {', '.join(dataset.feature_names)}")
-        return dataset.X
+        return dataset.X, dataset.y
     dataset = gdata.load_dataset(data_spec, require_target=False)
     if dataset.X.shape[1] != n_in:
         raise CliError(f"{data_spec}: the model needs {n_in} feature columns, got {dataset.X.shape[1]}")
-    return dataset.X
+    return dataset.X, dataset.y
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True,
+              help="Write the network as an ONNX model here.")
+@click.option("--opset", type=int, default=gpubp.export.ONNX_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--probabilities", is_flag=True,
+              help="End the graph in a softmax (or sigmoid) so that it outputs class probabilities.")
+def export(model, onnx_path, opset, probabilities):
+    """Export a checkpoint as an ONNX model (input X: (N, features), output Y or probabilities: (N, outputs)).
+    A checkpoint written by `gpubp train` has its preprocessing built into the graph: the graph takes the raw
+    feature columns in training order and gives regression values in the target's units."""
+    net = gpubp.load(model, backend="numpy")
+    input_scaling = output_scaling = None
+    about = "raw network outputs"
+    if "gpubp_cli" in net.extra:
+        saved = _cli_meta(net, model)
+        features = gdata.Standardizer.from_dict(saved["features"])
+        targets = gdata.Targets.from_dict(saved["targets"])
+        input_scaling = (features.mean, features.std)
+        if targets.loss == "mse" and not probabilities:
+            output_scaling = (targets.mean, targets.std)
+        if targets.loss == "softmax_ce":
+            output = f"columns are classes {targets.classes}" + ("" if probabilities else " (logits)")
+        elif targets.loss == "bce":
+            output = f"probability of class {targets.classes[1]!r}" if targets.classes else "probabilities"
+        else:
+            output = "values in the target's units"
+        about = f"features {', '.join(map(str, saved['feature_names']))} standardised inside; {output}"
+    gpubp.export.to_onnx(net, onnx_path, opset=opset, probabilities=probabilities, input_scaling=input_scaling,
+                         output_scaling=output_scaling)
+    click.echo(f"{onnx_path}: ONNX model of {_describe(_architecture(net))}, {net.dtype.name}; {about}")
 
 
 # ---- info ---------------------------------------------------------------------------------------------------------
@@ -419,6 +575,12 @@ def info():
     for name, (usable, reason) in gpubp.availability().items():
         click.echo(f"  {name:6} {'yes' if usable else 'no '}  {reason}")
     click.echo(f"  auto -> {gpubp.get_backend('auto').name}")
+    click.echo("precisions (Sequential(precision=...), --precision):")
+    for name, how in PRECISION_NOTES.items():
+        click.echo(f"  {name:6} {how}")
+    for name, (usable, _) in gpubp.availability().items():
+        if usable:
+            click.echo(f"  on {name}: {' '.join(gpubp.get_backend(name).PRECISIONS)}")
     click.echo("gpu: " + _gpu_line())
 
 
@@ -482,7 +644,7 @@ def main(argv=None):
     except click.ClickException as exc:       # usage errors: a bad option value, a missing argument
         click.echo(_fail_line(exc.format_message()), err=True)
         return EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code
-    except (CliError, ValueError, TypeError, OSError, BackendUnavailable) as exc:
+    except (CliError, ValueError, TypeError, OSError, ImportError, BackendUnavailable) as exc:
         if os.environ.get("GPUBP_TRACEBACK") == "1":
             raise
         click.echo(_fail_line(exc), err=True)

@@ -97,19 +97,23 @@ def _check_file(path):
 
 
 def read_csv(path, target=None, require_target=True):
-    """A CSV file with a header row and numeric columns. The target is the column named `target` (default: the
-    last column); with require_target=False a file without that column gives y None. A target column of whole
-    numbers (no decimal point) is read as integer class labels, anything else as floats."""
+    """A CSV file with a header row and numeric feature columns. The target is the column named `target` (default:
+    the last column); with require_target=False a file without that column gives y None. A target column of whole
+    numbers (no decimal point) is read as integer class labels, of other numbers as floats, and of anything else
+    (yes/no, cat/dog) as string class labels. An empty cell is an error naming its column and line."""
     _check_file(path)
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    rows = [row for row in rows if any(cell.strip() for cell in row)]       # blank lines carry nothing
+        reader = csv.reader(f)
+        numbered = [(reader.line_num, row) for row in reader]
+    numbered = [(n, row) for n, row in numbered if any(cell.strip() for cell in row)]   # blank lines carry nothing
+    line_numbers = [n for n, _ in numbered[1:]]
+    rows = [row for _, row in numbered]
     if len(rows) < 2:
         raise ValueError(f"{path}: expected a header row and at least one data row, got {len(rows)} row(s)")
     header = [name.strip() for name in rows[0]]
     if len(set(header)) != len(header):
         raise ValueError(f"{path}: the header names a column twice: {header}")
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in zip(line_numbers, rows[1:]):
         if len(row) != len(header):
             raise ValueError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
     if target is None:
@@ -122,14 +126,19 @@ def read_csv(path, target=None, require_target=True):
         target_col = None
     if require_target and len(header) < 2:
         raise ValueError(f"{path}: expected feature columns and a target column, got the one column {header[0]!r}")
-    columns = [_numeric_column(path, header[j], [row[j] for row in rows[1:]]) for j in range(len(header))]
     feature_cols = [j for j in range(len(header)) if j != target_col]
+    columns = {j: _numeric_column(path, header[j], [row[j] for row in rows[1:]], line_numbers) for j in feature_cols}
     X = np.column_stack([columns[j] for j in feature_cols]) if feature_cols else np.empty((len(rows) - 1, 0))
     y = None
     if target_col is not None:
-        y = columns[target_col]
-        if all(_is_whole_number(row[target_col]) for row in rows[1:]):
-            y = y.astype(np.int64)
+        cells = [row[target_col].strip() for row in rows[1:]]
+        if all(_is_number(cell) or not cell for cell in cells):
+            y = _numeric_column(path, header[target_col], cells, line_numbers)
+            if all(_is_whole_number(cell) for cell in cells):
+                y = y.astype(np.int64)
+        else:
+            _check_no_empty_cell(path, header[target_col], cells, line_numbers)
+            y = np.asarray(cells)                 # string class labels
     return Dataset(X, y, [header[j] for j in feature_cols], None if target_col is None else header[target_col], path)
 
 
@@ -141,14 +150,29 @@ def _is_whole_number(text):
         return False
 
 
-def _numeric_column(path, name, cells):
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_no_empty_cell(path, name, cells, line_numbers):
+    for cell, line in zip(cells, line_numbers):
+        if not cell.strip():
+            raise ValueError(f"{path}: missing value in column {name}, line {line}")
+
+
+def _numeric_column(path, name, cells, line_numbers):
+    _check_no_empty_cell(path, name, cells, line_numbers)
     values = np.empty(len(cells))
-    for i, cell in enumerate(cells):
+    for i, (cell, line) in enumerate(zip(cells, line_numbers)):
         try:
             values[i] = float(cell)
         except ValueError:
-            raise ValueError(f"{path}: column {name!r} is not numeric (line {i + 2}: {cell!r}); gpubp reads numeric "
-                             "columns only") from None
+            raise ValueError(f"{path}: column {name!r} is not numeric (line {line}: {cell!r}); gpubp reads numeric "
+                             "feature columns only") from None
     if not np.isfinite(values).all():
         raise ValueError(f"{path}: column {name!r} holds NaN or inf")
     return values
@@ -192,11 +216,11 @@ def read_npz(path, require_target=True):
 def infer_loss(y):
     """The loss a target implies: integer labels with more than two classes -> softmax_ce; two classes -> bce;
     floats (or several columns) -> mse."""
-    if y.ndim == 1 and y.dtype.kind in "iu":
+    if y.ndim == 1 and y.dtype.kind in "iuU":
         n_classes = len(np.unique(y))
         if n_classes < 2:
             raise ValueError(f"target: only one class ({y[0]}) in the data; nothing to learn")
-        if n_classes > MAX_INFERRED_CLASSES:
+        if n_classes > MAX_INFERRED_CLASSES and y.dtype.kind != "U":
             # Whole numbers with this many values are more likely a quantity (a price, a count) than classes.
             raise ValueError(f"target: {n_classes} distinct whole-number values; say what they are: --loss mse "
                              "for a quantity, --loss softmax_ce for class labels")
@@ -230,11 +254,14 @@ class Targets:
             classes = np.unique(y)
             if y.ndim == 1 and len(classes) == 2 and _whole(y):
                 return cls(loss, classes=[_plain(c) for c in classes])
-            if y.min() >= 0 and y.max() <= 1:
+            if y.dtype.kind != "U" and y.min() >= 0 and y.max() <= 1:
                 return cls(loss)
             raise ValueError(f"--loss bce: needs two classes or probabilities in [0, 1], got {len(classes)} "
-                             f"distinct values from {y.min()} to {y.max()}")
+                             f"distinct values from {classes[0]} to {classes[-1]}")
         if loss == "mse":
+            if y.dtype.kind not in "biuf":
+                raise ValueError("--loss mse: needs numeric targets; this target holds text labels (classes: use "
+                                 "bce or softmax_ce, or leave --loss out)")
             y2 = y.reshape(len(y), -1).astype(np.float64)
             std = y2.std(axis=0)
             return cls(loss, mean=y2.mean(axis=0).tolist(), std=np.where(std > 0, std, 1.0).tolist())
@@ -282,12 +309,15 @@ class Targets:
 
 
 def _whole(y):
-    return y.dtype.kind in "iu" or bool(np.all(np.mod(y, 1) == 0))
+    """Class labels: whole numbers or strings."""
+    return y.dtype.kind in "iuU" or bool(np.all(np.mod(y, 1) == 0))
 
 
 def _plain(value):
-    """A numpy scalar as a plain int or float, for JSON."""
+    """A numpy scalar as a plain str, int or float, for JSON."""
     value = value.item()
+    if isinstance(value, str):
+        return value
     return int(value) if float(value).is_integer() else value
 
 

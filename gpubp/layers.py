@@ -6,7 +6,8 @@
               it, whose dA_prev GEMM applies the mask in its epilogue: Backend.input_grad_masked)
 
 W (out, in) and b (out,) are views into the model's flat parameter buffer, dW and db views into its flat
-gradient buffer; the network binds them (Sequential._bind) once the backend is known.
+gradient buffer; the network binds them (Sequential._bind) once the backend is known, with `precision`, the
+model's GEMM precision (gpubp/precision.py; the backend ops round their operands to it).
 """
 import math
 import numbers
@@ -40,6 +41,7 @@ class Dense:
             raise ValueError(f"Dense alpha: expected a finite number, got {alpha!r}")
         self.alpha = float(alpha)
         self.W = self.b = self.dW = self.db = None
+        self.precision = "fp32"
 
     def param_shapes(self):
         """[(name, shape)] in the order they sit in the flat buffers."""
@@ -55,7 +57,7 @@ class Dense:
 
     def forward(self, be, A_prev, Z, A):
         """Z = A_prev · Wᵀ + b,  A = g(Z)."""
-        be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A)
+        be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A, self.precision)
 
     def backward(self, be, A_prev, delta, prev=None):
         """From this layer's δ (already ⊙ g'(Z): the loss or the next layer applied it):
@@ -63,10 +65,11 @@ class Dense:
         δ_prev = (δ · W) ⊙ g_prev'(Z_prev), the mask fused into the GEMM that makes dA_prev.
         prev = (previous layer, its Z, its A, its δ buffer), or None for the first layer (nobody needs the
         gradient of the input)."""
-        be.weight_grad(delta, A_prev, self.dW, self.db)
+        be.weight_grad(delta, A_prev, self.dW, self.db, precision=self.precision)
         if prev is not None:
             prev_layer, Z_prev, A_prev_out, delta_prev = prev
-            be.input_grad_masked(delta, self.W, Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha, delta_prev)
+            be.input_grad_masked(delta, self.W, Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha, delta_prev,
+                                 self.precision)
 
     def config(self):
         return {"n_in": self.n_in, "n_out": self.n_out, "activation": self.activation, "bias": self.bias,

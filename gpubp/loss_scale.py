@@ -17,9 +17,11 @@ Layout (float64):
 A step, in stream order (Sequential._step_ops; gpubp/guard.py has the rest):
     loss_grad           δ_out = S · ∂L/∂Z_out, stored in fp16
     unscale_gradients   (in place of guard_gradients) grads /= S; a non-finite one sets guard[FAULT] = OVERFLOW
-    <optimizer>         skips the step, as for any fault
-    record_step         skips it too: the step is not counted as a good one
-    update_scale        OVERFLOW: cleared, S backs off; no fault: GOOD += 1 and S grows every GROWTH_INTERVAL
+    <optimizer>         skips the update, as for any fault (its own step count, Adam's t, does not move)
+    update_scale        OVERFLOW: cleared, guard[STEP] += 1, S backs off; no fault: GOOD += 1 and S grows every
+                        GROWTH_INTERVAL good steps
+    record_step         records the step's loss, as for any step: an overflow step is a train step taken (it
+                        counts in net.steps, its loss is known and kept) whose update was skipped
 A real fault (a non-finite loss, or parameters) is not an overflow: it stays set and the host reports it.
 """
 import numpy as np

@@ -21,7 +21,10 @@ import numpy as np
 
 from . import activations as acts
 from . import guard as G
+from . import labels as L
+from . import loss_scale as LS
 from . import losses
+from . import precision as P
 from .backends import get_backend
 from .layers import Dense
 from .params import FlatLayout
@@ -42,14 +45,17 @@ def _dtype_name(dtype):
 
 class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
-    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z)."""
+    Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
+    every δ are in `storage`, the GEMM precision's storage type (16-bit for bf16/fp16, base.py); Z, the output
+    layer's A (the prediction), X and Y in the model's dtype."""
 
-    def __init__(self, be, layers, N, dtype):
+    def __init__(self, be, layers, N, dtype, storage):
+        last = len(layers) - 1
         self.X = be.empty((N, layers[0].n_in), dtype)
         self.Y = be.empty((N, layers[-1].n_out), dtype)
         self.Z = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.A = [be.empty((N, layer.n_out), dtype) for layer in layers]
-        self.G = [be.empty((N, layer.n_out), dtype) for layer in layers]
+        self.A = [be.empty((N, layer.n_out), dtype if i == last else storage) for i, layer in enumerate(layers)]
+        self.G = [be.empty((N, layer.n_out), storage) for layer in layers]
         self.loss = be.zeros((1,), dtype)
 
 
@@ -162,10 +168,18 @@ class LazyLoss:
 
 
 class History(dict):
-    """Per-epoch metrics, Keras-style: history["loss"], history["val_loss"], history["accuracy"], ...
-    `stop_reason` is None unless fit stopped early (a non-finite step)."""
+    """Per-epoch metrics, Keras-style: history["loss"], history["val_loss"], history["accuracy"], ... (fit makes
+    every key it will fill, so they exist, as empty lists, even when no epoch finished). `epoch`: the 0-based
+    indices of the epochs recorded. `stop_reason` is None unless fit stopped early: a non-finite step (then
+    `fault` is the FloatingPointError), a callback (EarlyStopping, model.stop_training) or an exception."""
 
     stop_reason = None
+    fault = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = []
+    overflow_steps = 0   # fp16: steps the loss scaler skipped for overflow (gpubp/loss_scale.py)
 
     @property
     def history(self):
@@ -173,7 +187,7 @@ class History(dict):
 
 
 class Sequential:
-    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False):
+    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False, precision=None):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -193,11 +207,16 @@ class Sequential:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
+        # None for float64 models (they multiply in float64); the GEMM ops take "fp32" for those
+        self.precision = P.check_precision(precision, _dtype_name(dtype))
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.deterministic = deterministic
         self.backend = get_backend(backend, deterministic=deterministic)
+        if self.precision is not None and self.precision not in self.backend.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not implemented on backend "
+                             f"{self.backend.name!r}; it has {list(self.backend.PRECISIONS)}")
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
@@ -212,11 +231,33 @@ class Sequential:
         self.guard = self.backend.zeros((G.SIZE,), np.float64)
         self._guard_head = self.backend.view(self.guard, 0, (G.RING,))
         self.steps = 0
+        # fp16 only: the device loss scaler (gpubp/loss_scale.py); _scale is its SCALE entry, read by loss_grad
+        self.scaler = self._scale = None
+        if self.precision == "fp16":
+            self.scaler = self.backend.empty((LS.SIZE,), np.float64)
+            self.backend.copy_into(self.scaler, LS.fresh())
+            self._scale = self.backend.view(self.scaler, LS.SCALE, (1,))
 
     def _bind(self):
         for layer, p, g in zip(self.layers, self.layout.views(self.backend, self.params),
                                self.layout.views(self.backend, self.grads)):
             layer.W, layer.b, layer.dW, layer.db = p["W"], p.get("b"), g["W"], g.get("b")
+            layer.precision = self._gemm_precision
+
+    @property
+    def _gemm_precision(self):
+        """What the GEMM ops take: the model's precision, or "fp32" (the model dtype's own arithmetic) for a
+        float64 model."""
+        return self.precision or "fp32"
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scaler's current scale and the steps it skipped for overflow, (scale, overflows), read
+        from the device (one read); None for other precisions."""
+        if self.scaler is None:
+            return None
+        scaler = self.backend.to_numpy(self.scaler)
+        return float(scaler[LS.SCALE]), int(scaler[LS.OVERFLOWS])
 
     @property
     def n_in(self):
@@ -228,7 +269,9 @@ class Sequential:
 
     def __repr__(self):
         inner = ", ".join(map(repr, self.layers))
-        return f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})"
+        precision = "" if self.precision in (None, P.DEFAULT_PRECISION) else f", precision={self.precision!r}"
+        return (f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}{precision}, "
+                f"seed={self.seed})")
 
     # ---- validation: everything is checked before anything is touched -------------------------------------
     def _check_array(self, x, what, trailing, on_device=False):
@@ -236,6 +279,7 @@ class Sequential:
         on_device=True (a sync=False step): the values of a device array are not read back (that would wait for
         the device); a non-finite one reaches the step's guard instead, which reports it at the next read."""
         be = self.backend
+        x = be.adopt(x, what)   # another library's device array (torch.cuda, jax): a view of it, no copy
         if not be.is_device_array(x):
             if isinstance(x, (str, bytes)) or x is None:
                 raise TypeError(f"{what}: expected a numeric array, got {type(x).__name__}")
@@ -281,6 +325,7 @@ class Sequential:
         becomes a row of NaN (Backend.one_hot) that the guard reports, and bce's [0, 1] range goes unchecked."""
         out = self.n_out
         be = self.backend
+        y = be.adopt(y, "y")
         read = lambda a: a if isinstance(a, np.ndarray) else None if on_device else be.to_numpy(a)   # noqa: E731
         if loss_id == losses.SOFTMAX_CE and y is not None and getattr(y, "ndim", np.ndim(y)) == 1:
             y = self._check_array(y, "y", (), on_device)
@@ -316,7 +361,8 @@ class Sequential:
     def _workspace(self, N):
         ws = self._workspaces.pop(N, None)
         if ws is None:
-            ws = Workspace(self.backend, self.layers, N, self.dtype)
+            ws = Workspace(self.backend, self.layers, N, self.dtype,
+                           self.backend.storage_dtype(self._gemm_precision) if self.precision else self.dtype)
             while len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.popitem(last=False)
         self._workspaces[N] = ws          # most recently used last
@@ -343,10 +389,13 @@ class Sequential:
             a = A
         return a
 
-    def _forward_loss_backward(self, X, Y, loss_id, ws):
+    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None):
+        """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
+        (`scale`, a device float64 (1,); default the scaler's)."""
         be, last = self.backend, self.layers[-1]
         self._forward(X, ws)
-        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
+        be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
+                     self._scale if scale is None else scale)
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
@@ -356,9 +405,15 @@ class Sequential:
         """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
         be = self.backend
         self._forward_loss_backward(X, Y, loss_id, ws)
-        be.guard_gradients(ws.loss, self.grads, self.guard)
-        optimizer.step(self.guard)
-        be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        if self.scaler is None:
+            be.guard_gradients(ws.loss, self.grads, self.guard)
+            optimizer.step(self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
+            be.unscale_gradients(ws.loss, self.grads, self.scaler, self.guard)
+            optimizer.step(self.guard)
+            be.update_scale(self.scaler, self.guard)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
 
     # ---- the guard: read rarely, by the host --------------------------------------------------------------
     @property
@@ -411,7 +466,9 @@ class Sequential:
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         X = self._check_X(X, on_device=not sync)
+        y = L.encode(y, loss_id, self.n_out, self.classes, fitting=False)[0]
         y = self._check_y(y, loss_id, X.shape[0], on_device=not sync)
+        self.loss = loss
         return self._train_step(X, y, loss_id, optimizer, sync)
 
     def _train_step(self, X, y, loss_id, optimizer, sync=True):
@@ -421,6 +478,7 @@ class Sequential:
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
         key = ("train", N, loss_id, optimizer.key()) if staged else None
         step = self._steps + self._pending
+        optimizer._follow_schedule(step, "step")
         # Non-finite values are caught by the guard; numpy's overflow warnings would only repeat them, or, where
         # warnings are errors, stop an update half-way through its buffers.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -430,34 +488,121 @@ class Sequential:
         return float(lazy) if sync else lazy
 
     def gradients(self, X, y, loss):
-        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update."""
+        """[{"W": dW, "b": db}] per layer as numpy arrays, for the batch (X, y); no update.
+        fp16: computed loss-scaled as a train step is, from the scaler's current scale, halved (here, not in
+        the scaler) until no gradient overflows; then divided by it."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         ws = self._workspace(X.shape[0])
         Xd, Yd, staged = self._stage(X, y, loss_id, ws)
-        key = ("gradients", X.shape[0], loss_id) if staged else None
-        with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
-            self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
-        return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        if self.scaler is None:
+            key = ("gradients", X.shape[0], loss_id) if staged else None
+            with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the values returned
+                self.backend.run_step(key, lambda: self._forward_loss_backward(Xd, Yd, loss_id, ws))
+            return self.layout.unflatten(self.backend.to_numpy(self.grads))
+        scale, scale_device = self.loss_scale[0], self.backend.empty((1,), np.float64)
+        for _ in range(200):   # 2^-200 · MAX_SCALE is below any gradient that could overflow
+            self.backend.copy_into(scale_device, np.array([scale]))
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._forward_loss_backward(Xd, Yd, loss_id, ws, scale_device)
+            grads = self.backend.to_numpy(self.grads)
+            if np.isfinite(grads).all():
+                break
+            scale /= 2
+        return self.layout.unflatten(grads / grads.dtype.type(scale))
 
-    def predict(self, X, batch_size=None):
-        """The network's output A = F(Z) for every row of X, as a numpy array (N, out)."""
+    def predict(self, X, batch_size=None, device=False):
+        """The network's output A = F(Z) for every row of X, as a numpy array (N, out): the last layer's activation
+        applied, nothing more. So for a model trained with bce (sigmoid output) it is the probability of the
+        positive class (of each output); with softmax_ce (identity output; the softmax is part of the loss) it is
+        the logits, not probabilities; with mse it is the prediction itself. predict_proba and predict_classes
+        give probabilities and labels whatever the loss. device=True: as the backend's own device array (cupy,
+        numba; numpy on the numpy backend), with no copy to the host."""
         X = self._check_X(X)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if not isinstance(device, bool):
+            raise TypeError(f"device: expected True or False, got {device!r}")
         N = X.shape[0]
         step = N if batch_size is None else int(batch_size)
         chunks = []
+        out = self.backend.empty((N, self.n_out), self.dtype) if device else None
         for start in range(0, N, step):
             part = X[start:start + step]
             ws = self._workspace(part.shape[0])
             staged, _, _ = self._stage(part, None, None, ws)
-            chunks.append(self.backend.to_numpy(self._forward(staged, ws)))
+            A = self._forward(staged, ws)
+            if device:   # a device-to-device copy: the workspace is reused by the next call
+                self.backend.copy_into(out[start:start + part.shape[0]], A)
+            else:
+                chunks.append(self.backend.to_numpy(A))
+        if device:
+            return out
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
+    # What fit last trained with: the loss name and the original class labels (gpubp/labels.py); both saved.
+    loss = None
+    _classes = None
+    # Set by fit: its History (from before the first epoch), and the flag a callback sets to stop it.
+    history = None
+    stop_training = False
+
+    @property
+    def classes(self):
+        """The original class labels as a numpy array, in output order (softmax_ce) or [negative, positive] (one
+        bce output); None when the labels were indices already. fit sets them from the labels it sees; set them
+        before fit to fix them (say, every class of a data set whose training rows miss one)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, value):
+        self._classes = None if value is None else L.check_classes(value, self.n_out)
+
+    def predict_proba(self, X, batch_size=None):
+        """Probabilities (N, out) for the loss the model was trained with (self.loss): bce, the sigmoid output as
+        it is (each output's probability of its positive class); softmax_ce, the softmax of the logits (rows sum
+        to 1). A regression (mse) model has none: ValueError."""
+        proba_of = self._loss_for("predict_proba")
+        out = self.predict(X, batch_size)
+        return proba_of(out)
+
+    def predict_classes(self, X, batch_size=None):
+        """The predicted class of each row (N,), as the original labels where fit saw labels (self.classes), else
+        as indices: softmax_ce, the arg-max output; one bce output, classes[1] where its probability is above 0.5.
+        Several bce outputs (multi-label): (N, out) of 0 and 1. A regression (mse) model: ValueError."""
+        self._loss_for("predict_classes")
+        out = self.predict(X, batch_size)
+        if self.loss == "softmax_ce":
+            index = out.argmax(axis=1)
+        elif self.n_out == 1:
+            index = (out[:, 0] > 0.5).astype(np.int64)
+        else:
+            return (out > 0.5).astype(np.int64)
+        return index if self.classes is None else self.classes[index]
+
+    def _loss_for(self, what):
+        """The function from outputs to probabilities for self.loss; ValueError where there is none."""
+        if self.loss is None:
+            raise ValueError(f"{what}: the model does not know its loss yet; fit it (or train_step) first, or set "
+                             "net.loss to 'bce' or 'softmax_ce'")
+        if self.loss == "mse":
+            raise ValueError(f"{what}: this model was trained with mse (a regression): it has no probabilities or "
+                             "classes; use predict")
+        if self.loss == "bce":
+            return lambda out: out
+        if self.loss == "softmax_ce":
+            return _softmax
+        raise ValueError(f"{what}: net.loss is {self.loss!r}; expected 'bce', 'softmax_ce' or 'mse'")
+
     def evaluate(self, X, y, loss):
-        """(loss, accuracy) on (X, y) without updating anything; accuracy is None for mse."""
+        """(loss, accuracy) on (X, y) without updating anything; accuracy is None for mse. y may hold the model's
+        original class labels (self.classes)."""
+        y = L.encode(y, self._check_loss(loss), self.n_out, self.classes, fitting=False)[0]
+        return self._evaluate(X, y, loss)
+
+    def _evaluate(self, X, y, loss):
+        """evaluate on targets already encoded (fit's validation data)."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
@@ -503,54 +648,123 @@ class Sequential:
         self.backend.copy_into(self.params, self.layout.flatten(checked, self.dtype))
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
-            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None):
+            on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None, callbacks=None, verbose=0,
+            initial_epoch=0):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
         batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
-        "val_loss"/"val_accuracy" with validation_data.
+        "val_loss"/"val_accuracy" with validation_data. Those keys are always there (lists, empty when no epoch
+        finished), and history.stop_reason says why fit stopped early (None when it ran every epoch).
+
+        Epochs run from `initial_epoch` to `epochs` - 1 (Keras: `epochs` is the index to stop at, so a resumed run
+        passes the epochs it has done as initial_epoch). verbose: 0 silent, 1 a progress bar per epoch (tqdm on
+        stderr, updated every `log_every` batches, by default about 20 times an epoch and never every batch),
+        2 one line per epoch on stderr.
+
+        callbacks: gpubp.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, your own), told of each epoch
+        and asked whether to stop (gpubp/callbacks.py). The older arguments still work: on_epoch_end(epoch, logs)
+        after each epoch (it may return "stop", as Callback.on_epoch_end), and on_batch_end(batch, n_batches, loss)
+        every `log_every` batches (default 1 when it is given) with that batch's loss; epoch and batch are
+        0-based. A callback that raises stops fit at once: the exception carries the History as `exc.history`
+        (also `net.history`, which fit sets before its first epoch), with stop_reason naming the exception.
 
         The loop does not wait for the host per step: X and y go to the device once, each epoch's order is
         drawn from the model's seeded generator (so a run is reproducible and resumable from a checkpoint) and
         uploaded once, batches are gathered on the device, and the loss and accuracy are summed there. The host
         reads the guard (gpubp/guard.py) once per epoch, and also every `check_every` steps and every
-        `log_every` steps when given. on_epoch_end(epoch, logs) and on_batch_end(batch, n_batches, loss) are
-        optional callbacks; on_batch_end is called every `log_every` batches (default 1 when it is given) with
-        that batch's loss, and each call costs one read.
+        `log_every` steps when given; each read costs one device-to-host copy.
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
-        so (a RuntimeWarning and history.stop_reason naming the epoch, batch and layer); the steps between the
-        fault and that read are skipped."""
+        so (a RuntimeWarning, history.stop_reason naming the epoch, batch and layer, and history.fault holding
+        the FloatingPointError); the steps between the fault and that read are skipped.
+
+        Threads (numpy backend): the time goes into NumPy's BLAS, which starts a thread per core. On a machine
+        shared with other work, or to compare timings, fix the count with threadpoolctl:
+        `with threadpoolctl.threadpool_limits(2): net.fit(...)` (the command line's --threads, the bench's
+        --threads)."""
+        from . import callbacks as cbm
         loss_id = self._check_loss(loss)
         optimizer = self._check_optimizer(optimizer)
         for value, what in ((epochs, "epochs"), (batch_size, "batch_size")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, numbers.Integral) \
+                or not 0 <= initial_epoch <= epochs:
+            raise ValueError(f"initial_epoch: expected an integer from 0 to epochs ({epochs}), got {initial_epoch!r}")
         for value, what in ((check_every, "check_every"), (log_every, "log_every")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{what}: expected a positive integer or None, got {value!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
+        if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+            raise ValueError(f"verbose: expected 0 (silent), 1 (a progress bar) or 2 (a line per epoch), "
+                             f"got {verbose!r}")
         for value, what in ((on_epoch_end, "on_epoch_end"), (on_batch_end, "on_batch_end")):
             if value is not None and not callable(value):
                 raise TypeError(f"{what}: expected a callable or None, got {type(value).__name__}")
+        user_callbacks = cbm.check_callbacks(callbacks)
         X = self._check_X(X)
+        y, classes = L.encode(y, loss_id, self.n_out, self.classes, fitting=True)   # labels -> indices, once
         y = self._check_y(y, loss_id, X.shape[0])
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a pair (X_val, y_val)")
             Xv = self._check_X(validation_data[0])
-            yv = self._check_y(validation_data[1], loss_id, Xv.shape[0])
-        if log_every is None and on_batch_end is not None:
-            log_every = 1
+            yv = L.encode(validation_data[1], loss_id, self.n_out, classes, fitting=False)[0]
+            yv = self._check_y(yv, loss_id, Xv.shape[0])
+        trained = ["loss"] + (["accuracy"] if losses.accuracy_applies(loss_id) else [])
+        metrics = trained + (["loss_scale"] if self.scaler is not None else [])
+        if validation_data is not None:
+            metrics += ["val_" + name for name in trained]
+        for cb in user_callbacks:
+            cb.check_metrics(list(metrics))
+        if optimizer.schedule is not None:
+            optimizer.schedule.check_metrics(list(metrics))
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
+        self.loss, self._classes = loss, classes
 
         data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
         N = data.rows
         n_batches = -(-N // batch_size)
-        history = History()
-        for epoch in range(epochs):
+        callbacks = ([cbm.ProgressBar(bar=verbose == 1)] if verbose else []) + user_callbacks
+        if on_epoch_end is not None or on_batch_end is not None:
+            callbacks.append(cbm.FitArguments(on_epoch_end, on_batch_end))
+        if log_every is None and verbose == 1:
+            log_every = cbm.progress_log_every(n_batches)
+        elif log_every is None and any(cb.wants_batches() for cb in callbacks):
+            log_every = 1
+        history = History({name: [] for name in metrics})
+        self.history, self.stop_training = history, False
+        params = {"epochs": epochs, "initial_epoch": initial_epoch, "batches": n_batches, "rows": N,
+                  "batch_size": batch_size, "metrics": list(metrics)}
+        callback_list = cbm.CallbackList(callbacks, self, params)
+        try:
+            callback_list.on_train_begin()
+            self._fit_epochs(data, loss_id, loss, history, callback_list, range(initial_epoch, epochs), shuffle,
+                             check_every, log_every, (Xv, yv) if validation_data is not None else None)
+            callback_list.on_train_end({name: values[-1] for name, values in history.items() if values})
+        except BaseException as exc:
+            callback_list.close()
+            if history.stop_reason is None:
+                history.stop_reason = f"{type(exc).__name__} raised during fit: {exc}"
+            try:
+                exc.history = history
+            except Exception:    # an exception type that takes no attributes: net.history still has it
+                pass
+            raise
+        return history
+
+    def _fit_epochs(self, data, loss_id, loss, history, callback_list, epochs, shuffle, check_every, log_every,
+                    validation):
+        """fit's loop over validated inputs; fills `history`, stops on a fault or when a callback asks."""
+        N, optimizer = data.rows, data.optimizer
+        n_batches = -(-N // data.batch_size)
+        for epoch in epochs:
+            optimizer._follow_schedule(epoch, "epoch")
+            callback_list.on_epoch_begin(epoch)
             permutation = self.rng.permutation(N) if shuffle else np.arange(N)
             self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
-            epoch_start = self._steps
+            epoch_start, batch_stop = self._steps, None
             for b, (_, key, step) in enumerate(data.batches(permutation)):
+                optimizer._follow_schedule(self._steps + self._pending, "step")
                 with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
                     self.backend.run_step(key, step)
                 self._pending += 1
@@ -562,27 +776,47 @@ class Sequential:
                 try:
                     guard = self.sync()
                 except G.StepFault as err:
-                    history.stop_reason = f"epoch {epoch}, batch {err.step - epoch_start}: {err}"
-                    warnings.warn(f"fit stopped: {history.stop_reason}", RuntimeWarning, stacklevel=2)
-                    return history
-                if on_batch_end is not None and done % log_every == 0:
-                    on_batch_end(b, n_batches, float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]))
-            logs = {"loss": guard[G.LOSS_SUM] / N}
+                    history.stop_reason = (f"epoch {epoch + 1}, batch {err.step - epoch_start + 1} of {n_batches}: "
+                                           f"{err}")
+                    history.fault = err
+                    warnings.warn(f"fit stopped: {history.stop_reason}", RuntimeWarning, stacklevel=3)
+                    return
+                if log_every is not None and done % log_every == 0:
+                    batch_stop = callback_list.on_batch_end(epoch, b, {
+                        "loss": float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]),
+                        "epoch_loss": float(guard[G.LOSS_SUM] / guard[G.ROWS])})
+                    if self.stop_training:      # asked in on_batch_end: this epoch ends here
+                        break
+            # the rows of the good steps: N, unless a callback ended the epoch early or fp16 skipped an overflow
+            rows = max(guard[G.ROWS], 1)
+            logs = {"loss": guard[G.LOSS_SUM] / rows}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = guard[G.CORRECT] / N
+                logs["accuracy"] = guard[G.CORRECT] / rows
+            if self.scaler is not None:   # fp16: the scale now and the overflow skips so far (one more read)
+                logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
-            if validation_data is not None:
-                logs["val_loss"], val_accuracy = self.evaluate(Xv, yv, loss)
+            if validation is not None:
+                logs["val_loss"], val_accuracy = self._evaluate(*validation, loss)
                 if val_accuracy is not None:
                     logs["val_accuracy"] = val_accuracy
             for k, v in logs.items():
-                history.setdefault(k, []).append(v)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
-        return history
+                history[k].append(v)
+            history.epoch.append(epoch)
+            if optimizer.schedule is not None:
+                optimizer.schedule.observe(logs)
+            reason = callback_list.on_epoch_end(epoch, logs)
+            if reason is not None or self.stop_training:
+                history.stop_reason = reason or batch_stop or f"model.stop_training was set in epoch {epoch + 1}"
+                return
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, path, extra=None):
         """Checkpoint to `path` (atomic); `extra`: a JSON-able dict returned by gpubp.load as net.extra."""
         from .serialize import save
         save(self, path, extra=extra)
+
+
+def _softmax(logits):
+    """Row-wise softmax of numpy logits (N, out), shifted by each row's maximum so exp cannot overflow."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -65,8 +65,26 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _number(value, f"{type(self).__name__} lr", 0.0, low_open=True)
+        """A number, or a gpubp.schedules.Schedule (fit then sets the rate from it, see gpubp/schedules.py);
+        setting a number drops the schedule."""
+        from .schedules import Schedule
+        schedule = value if isinstance(value, Schedule) else None
+        self._set_lr(schedule.lr_at(0) if schedule is not None else value, scheduled=schedule is not None)
+        self.schedule = schedule
+
+    def _set_lr(self, value, scheduled=True):
+        """Validate the rate and write it to the device, keeping the schedule. A schedule may reach 0 (a cosine's
+        floor, as torch's); a rate set by hand must be positive."""
+        self._lr = _number(value, f"{type(self).__name__} lr", 0.0, low_open=not scheduled)
         self._write_hyper()
+
+    def _follow_schedule(self, t, per):
+        """The scheduled rate for position t (an epoch, or a step: `per`), written only when it changes (one small
+        host-to-device copy, no wait, no recapture)."""
+        if self.schedule is not None and self.schedule.per == per:
+            lr = self.schedule.lr_at(t)
+            if lr != self._lr:
+                self._set_lr(lr)
 
     def _write_hyper(self):
         self.net.backend.copy_into(self.hyper, np.array(self._hyper_values(), np.float64))
@@ -107,7 +125,8 @@ class Optimizer:
         be.copy_into(self.step_count, arrays["step"])
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+        config = dict(self.config(), **({"lr": self.schedule} if self.schedule is not None else {}))
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in config.items())})"
 
 
 class SGD(Optimizer):

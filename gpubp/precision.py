@@ -34,6 +34,14 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"
 REDUCED = ("tf32", "bf16", "fp16")   # the tensor-core precisions
 
+# What each precision means, for `gpubp info` and the README
+NOTES = {
+    "fp32": "float32 operands (the default; float64 models multiply in float64)",
+    "tf32": "operands rounded to 10 mantissa bits inside the GEMM, float32 storage and accumulation",
+    "bf16": "bfloat16 operands, hidden activations and deltas stored in 16 bits, float32 accumulation",
+    "fp16": "float16 as bf16, with a dynamic loss scale on the device (overflow steps skipped)",
+}
+
 # Significand bits (implicit bit included) of each precision: unit roundoff u = 2^-SIGNIFICAND_BITS
 SIGNIFICAND_BITS = {"fp32": 24, "tf32": 11, "bf16": 8, "fp16": 11}
 

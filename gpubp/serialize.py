@@ -1,8 +1,11 @@
 """Checkpoints: one .npz holding the architecture, dtype, parameters, optimizer state and the shuffling RNG, so a
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
-Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, seed, deterministic, steps, rng state,
-       optimizer type and config, extra)  params (flat, packed)  opt.<state name> (flat, packed)  opt.step (int64, (1,))
+Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, precision, seed, deterministic, steps, rng state,
+       optimizer type, config and schedule, extra, the loss and class labels fit last used)  params (flat, packed)
+       opt.<state name> (flat, packed)  opt.step (int64, (1,))
+       loss_scaler (float64, (6,); fp16 models only: gpubp/loss_scale.py's layout)
+A file without "precision" (written before it existed) loads with the default.
 
 `extra` is the caller's own JSON-able metadata (the command line keeps its preprocessing there); load returns
 it as net.extra ({} when none was saved), and saving a loaded model again keeps it.
@@ -14,7 +17,9 @@ import zipfile
 
 import numpy as np
 
+from . import schedules
 from .backends import BACKENDS, Backend
+from . import loss_scale as LS
 from .layers import Dense
 
 FORMAT = "gpubp-checkpoint-1"
@@ -42,16 +47,23 @@ def save(net, path, extra=None):
     meta = {
         "layers": [layer.config() for layer in net.layers],
         "dtype": net.dtype.name,
+        "precision": net.precision,
         "seed": net.seed,
         "deterministic": net.deterministic,
         "steps": net.steps,
         "rng": net.rng.bit_generator.state,
         "optimizer": None,
         "extra": extra or {},
+        "loss": net.loss,
+        "classes": None if net.classes is None else net.classes.tolist(),
     }
     arrays = {"format": np.array(FORMAT), "params": net.layout.pack(net.backend.to_numpy(net.params))}
+    if net.scaler is not None:
+        arrays["loss_scaler"] = net.backend.to_numpy(net.scaler)
     if net.optimizer is not None:
         meta["optimizer"] = {"type": type(net.optimizer).__name__, "config": net.optimizer.config()}
+        if net.optimizer.schedule is not None:
+            meta["optimizer"]["schedule"] = net.optimizer.schedule.to_dict()
         for name, value in net.optimizer.state_arrays().items():
             arrays["opt." + name] = value
     arrays["meta"] = np.array(json.dumps(meta))
@@ -177,13 +189,34 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
                 for name in OPTIMIZERS[opt_meta["type"]].state_names:
                     opt_arrays[name] = _read(archive, path, "opt." + name, (meta["n_params"],), "f")
                 opt_arrays["step"] = _read(archive, path, "opt.step", (1,), "iu")
+            scaler = None
+            if meta.get("precision") == "fp16":
+                scaler = _read(archive, path, "loss_scaler", (LS.SIZE,), "f")
+                if not (np.isfinite(scaler).all() and 0 < scaler[LS.SCALE] <= LS.MAX_SCALE and scaler[LS.GOOD] >= 0
+                        and scaler[LS.OVERFLOWS] >= 0 and scaler[LS.GROWTH_INTERVAL] >= 1
+                        and scaler[LS.GROWTH] >= 1 and 0 < scaler[LS.BACKOFF] <= 1):
+                    raise _bad(path, f"its loss scaler {scaler.tolist()} is out of range (scale in (0, 2^100], "
+                                     "growth >= 1, backoff in (0, 1], counts >= 0)")
     try:
         net = Sequential(*meta["layers"], backend=backend, dtype=meta["dtype"], seed=meta["seed"],
-                         deterministic=meta.get("deterministic", False))
+                         deterministic=meta.get("deterministic", False), precision=meta.get("precision"))
         net.rng.bit_generator.state = meta["rng"]
         optimizer = None
         if opt_meta is not None:
-            optimizer = OPTIMIZERS[opt_meta["type"]](net, **opt_meta.get("config", {}))
+            config, schedule = dict(opt_meta.get("config", {})), opt_meta.get("schedule")
+            if schedule is not None:
+                # made with its schedule, then given back the rate it had (which a schedule may have taken to 0)
+                saved_lr, config["lr"] = config.get("lr"), schedules.from_dict(schedule)
+            optimizer = OPTIMIZERS[opt_meta["type"]](net, **config)
+            if schedule is not None:
+                optimizer._set_lr(saved_lr)
+        if meta.get("loss") is not None:
+            net._check_loss(meta["loss"])             # a known name that suits the output layer
+            net.loss = meta["loss"]
+        if meta.get("classes") is not None:
+            if net.loss not in ("bce", "softmax_ce"):
+                raise ValueError(f"class labels saved for the loss {net.loss!r}")
+            net.classes = meta["classes"]             # checked: distinct strings or numbers, one per output
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.
@@ -198,6 +231,8 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
         raise _bad(path, f"its optimizer step is {opt_arrays['step'][0]}, expected a non-negative int64")
     net.backend.copy_into(net.params, net.layout.unpack(params))
     net.steps = meta["steps"]
+    if scaler is not None:
+        net.backend.copy_into(net.scaler, scaler)
     net.extra = meta["extra"]
     if optimizer is not None:
         optimizer.load_state_arrays(opt_arrays)

@@ -59,6 +59,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=_gpu_reason()))
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Skips summarised as one line per reason with its count, most frequent first (pyproject's addopts asks
+    pytest for failures, errors and xfails only, -rfExX, not its line per test file and reason)."""
+    counts = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+        counts[reason] = counts.get(reason, 0) + 1
+    if counts:
+        terminalreporter.section(f"{sum(counts.values())} skipped, by reason", sep="-")
+        for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            terminalreporter.line(f"{count:5d} × {reason}")
+
+
 def pick_sizes(full, simulated):
     """Problem sizes: `full` on real hardware and numpy, `simulated` under the (slow) CUDA simulator."""
     return simulated if SIMULATOR else full

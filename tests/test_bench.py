@@ -81,8 +81,8 @@ def test_no_gpu_skips_every_gpu_workload(monkeypatch):
 class WrongWeightGrad(NumpyBackend):
     """The numpy backend with a 1% error in dW: a kernel bug the harness must catch."""
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
-        super().weight_grad(delta, A_prev, dW, db, accumulate)
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        super().weight_grad(delta, A_prev, dW, db, accumulate, precision)
         dW *= 1.01
 
 
@@ -254,3 +254,27 @@ def test_fit_rows_time_one_epoch_of_the_public_fit(tmp_path):
     assert rows and all(r["status"] == "ok" and r["samples_per_s"] > 0 and r["rel_err"] < 1e-3 for r in rows)
     assert rows[0]["params"]["samples"] == 128 and rows[0]["params"]["epochs"] == 1
     assert "per step over the last epoch:" in rows[0]["note"], rows[0]["note"]     # the numpy backend counts
+
+
+def test_a_bar_without_its_peer_says_no_peer_measured_not_misses():
+    from types import SimpleNamespace
+    row = dict.fromkeys(suite.ROW_FIELDS)
+    row.update(workload="train", device="cpu", case="784-256-256-10 b256", impl="gpubp-numpy", status="ok",
+               median_s=0.01, spread_s=0.001, peer="torch-cpu", spec_bar=1.25)
+    without = dict(row, ratio_to_peer=None, meets_bar=None)
+    slower = dict(row, ratio_to_peer=2.0, meets_bar=False)
+    run = SimpleNamespace(rows=[without, slower], skipped=[], other_cpu_load=lambda: None, dry_run=False)
+    first, second = [line for line in report.table(run).splitlines() if line.startswith("train ")]
+    assert first.endswith("no peer measured: ≤ 1.25x torch-cpu") and "misses" not in first
+    assert second.endswith("misses ≤ 1.25x torch-cpu")
+
+
+def test_mixed_rows_train_in_bf16_and_skip_fp32_only_impls():
+    """The mixed workload trains gpubp in precision="bf16" (the row's update differs from float64 by bf16's
+    rounding, far above fp32's: it really ran in bf16) and asks no implementation that trains in fp32 only."""
+    reg = cpu_registry("gpubp-numpy", "gpubp-numpy-unchecked")
+    run = suite.run_suite(smoke_config([], workloads=("mixed",)), reg)
+    rows = [r for r in run.rows if r["workload"] == "mixed"]
+    assert [r["impl"] for r in rows] == ["gpubp-numpy"] and rows[0]["status"] == "ok", rows
+    assert rows[0]["params"]["precision"] == "bf16" and rows[0]["case"].endswith(" bf16")
+    assert 10 * suite.wl.TRAIN_TOL < rows[0]["rel_err"] < suite.wl.TRAIN_TOL_PRECISION["bf16"]

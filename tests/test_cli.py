@@ -242,3 +242,26 @@ def test_checkpoint_is_unchanged_by_a_failed_resume(tmp_path, iris_checkpoint):
     before = iris_checkpoint.read_bytes()
     gpubp_cmd("train", "--data", "iris", "--layers", "32", "--resume", iris_checkpoint, "--backend", "numpy")
     assert iris_checkpoint.read_bytes() == before
+
+
+# ---- precision ----------------------------------------------------------------------------------------------------
+def test_train_in_bf16_and_resume_keeps_it(tmp_path):
+    result = ok("train", "--data", "breast_cancer", "--epochs", 2, "--backend", "numpy", "--precision", "bf16",
+                "--save", tmp_path / "m.npz")
+    assert "float32, precision bf16" in result.stdout.splitlines()[0]
+    assert float(result.stdout.splitlines()[-1].split()[2].rstrip(",")) > 0.9
+    assert gpubp.load(tmp_path / "m.npz", backend="numpy").precision == "bf16"
+    resumed = ok("train", "--data", "breast_cancer", "--epochs", 3, "--backend", "numpy", "--resume", tmp_path / "m.npz")
+    assert "precision bf16" in resumed.stdout.splitlines()[0]
+    wrong = gpubp_cmd("train", "--data", "breast_cancer", "--epochs", 4, "--backend", "numpy", "--resume",
+                      tmp_path / "m.npz", "--precision", "fp16")
+    assert wrong.returncode == 2 and "precision bf16, not --precision fp16" in wrong.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--precision", "fp8"), "'fp8' is not one of"),
+    (("--precision", "bf16", "--dtype", "float64"), "--precision bf16: needs --dtype float32"),
+])
+def test_bad_precision_is_one_line_exit_2(args, message):
+    result = gpubp_cmd("train", "--data", "breast_cancer", "--epochs", 1, "--backend", "numpy", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

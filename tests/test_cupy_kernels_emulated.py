@@ -677,4 +677,30 @@ def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng
     assert graph_be.counters["d2h"] == eager_be.counters["d2h"] == numpy_be.counters["d2h"]
     assert graph_be.counters["sync"] == graph_be.counters["d2h"]
     if case.endswith("fault"):
-        assert "epoch 0, batch 2" in graph_history.stop_reason and graph_state["steps"] == 2
+        assert "epoch 1, batch 3 of " in graph_history.stop_reason and graph_state["steps"] == 2
+
+
+@pytest.mark.parametrize("backend", ["large-tile"], indirect=True)     # one tiling is enough here
+def test_a_per_step_schedule_replays_one_graph_with_each_new_rate(backend, rng):
+    """The learning rate lives in the optimizer's `hyper` array on the device (gpubp/schedules.py): a schedule
+    that changes it before every step still replays the one graph captured for the full batch (no recapture),
+    and gives the eager run's parameters bit for bit (a graph that had kept the captured rate would not)."""
+    import gpubp
+    X, y = rng.standard_normal((48, 5)), rng.integers(0, 3, 48)
+    key = ("fit", 16, 0, losses.SOFTMAX_CE, "SGD")
+    params, graphs = [], []
+
+    class GraphSeen(gpubp.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            graphs.append(self.model.backend._steps[key][0])
+
+    for use_graphs in (False, True):
+        be = cb.CupyBackend()
+        be.use_graphs = use_graphs
+        net = gpubp.Sequential(gpubp.Dense(5, 8, "tanh"), gpubp.Dense(8, 3, "identity"), backend=be,
+                               dtype="float32", seed=1)
+        opt = gpubp.SGD(net, lr=gpubp.schedules.Cosine(0.1, total=9, warmup=2, per="step"), momentum=0.9)
+        net.fit(X, y, "softmax_ce", opt, epochs=3, batch_size=16, callbacks=[GraphSeen()] if use_graphs else None)
+        params.append(be.to_numpy(net.params))
+    assert not be.graph_errors and len(graphs) == 3 and graphs[0] is graphs[1] is graphs[2]
+    np.testing.assert_array_equal(params[1], params[0])

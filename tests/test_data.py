@@ -63,7 +63,10 @@ def test_read_csv_default_target_is_the_last_column_and_decimals_are_floats(tmp_
 
 
 @pytest.mark.parametrize("text, target, message", [
-    ("a,b\n1,x\n", None, r"column 'b' is not numeric \(line 2: 'x'\)"),
+    ("a,b\nx,1\n", None, r"column 'a' is not numeric \(line 2: 'x'\)"),
+    ("a,b\n1,2\n\n3,4\n5,\n", None, "missing value in column b, line 5"),     # the file's own line numbers
+    ("a,b\n1,yes\n2,\n", None, "missing value in column b, line 3"),
+    ("a,b\n1,2\n ,3\n", None, "missing value in column a, line 3"),
     ("a,b\n1,2\n3\n", None, "line 3 has 1 fields"),
     ("a,b\n1,2\n", "c", "no column 'c'"),
     ("a,b\n", None, "at least one data row"),
@@ -154,3 +157,12 @@ def test_targets_encode_and_decode_each_loss():
     assert abs(t.encode(y).mean()) < 1e-12
     with pytest.raises(ValueError, match="--loss bce"):
         data.Targets.fit(np.array([0.5, 2.0]), "bce")
+
+
+def test_text_labels_are_classes_and_not_a_regression(tmp_path):
+    ds = data.read_csv(write(tmp_path / "d.csv", "x,kind\n1,cat\n2,dog\n3,emu\n4,cat\n"))
+    assert ds.y.tolist() == ["cat", "dog", "emu", "cat"] and data.infer_loss(ds.y) == "softmax_ce"
+    targets = data.Targets.fit(ds.y, "softmax_ce")
+    assert targets.classes == ["cat", "dog", "emu"] and targets.decode(np.eye(3)[[2, 0]]).tolist() == ["emu", "cat"]
+    with pytest.raises(ValueError, match="--loss mse: needs numeric targets"):
+        data.Targets.fit(ds.y, "mse")

@@ -111,7 +111,7 @@ def test_fit_stops_keeps_the_last_good_parameters_and_says_so(backend_name):
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((12, 3)) * 10, rng.standard_normal((12, 2)) * 10
     after_each_batch = []
-    with pytest.warns(RuntimeWarning, match="fit stopped: epoch \\d+, batch \\d+: train step \\d+"):
+    with pytest.warns(RuntimeWarning, match="fit stopped: epoch \\d+, batch \\d+ of \\d+: train step \\d+"):
         history = net.fit(X, y, "mse", opt, epochs=500, batch_size=4,
                           on_batch_end=lambda b, n, loss: after_each_batch.append(state_of(net, opt)))
     assert history.stop_reason is not None and "not finite" in history.stop_reason

@@ -57,7 +57,11 @@ def test_bad_train_step_input_is_refused_and_changes_nothing(trained, case):
     assert_unchanged(before, net)
 
 
-@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+# fit reads a 1-D y as class labels (gpubp/labels.py): three distinct floats are three classes there.
+BAD_FIT_CALLS = [c for c in BAD_CALLS if c[0] != "y float labels"]
+
+
+@pytest.mark.parametrize("case", BAD_FIT_CALLS, ids=[c[0] for c in BAD_FIT_CALLS])
 def test_bad_fit_input_is_refused_and_changes_nothing(trained, case):
     net, opt = trained
     _, X, y, loss, exc, _ = case

@@ -42,13 +42,41 @@ arrive as a device float64 array `hyper` (read by the kernels, so a changed lear
 
 Every backend counts what crosses between host and device in `counters` (tests read them): "sync" (the host
 waited for the device), "d2h" (device-to-host copies) and "h2d" (host-to-device copies).
+
+Other libraries' device arrays (torch.cuda, jax, cupy under numba) come in through `adopt`: a view through
+__cuda_array_interface__ or DLPack, never a copy through the host.
 """
+
+# DLPack device types (dlpack.h's DLDeviceType) whose memory a CUDA kernel can read: kDLCUDA, kDLCUDAManaged.
+# kDLCUDAHost (3) is pinned host memory: treated as a host array.
+DLPACK_CUDA = (2, 13)
+
+
+def dlpack_device(x):
+    """(device type, device id) from x.__dlpack_device__(), or None where x has no DLPack device."""
+    method = getattr(type(x), "__dlpack_device__", None)
+    if method is None:
+        return None
+    device_type, device_id = method(x)
+    return int(device_type), int(device_id)
+
+
+def cuda_array_interface(x, what):
+    """x.__cuda_array_interface__, or None where x has none. Some objects define it but refuse to give it (a
+    torch tensor that requires grad): TypeError naming `what` and the library's reason."""
+    try:
+        return getattr(x, "__cuda_array_interface__", None)
+    except Exception as exc:
+        raise TypeError(f"{what}: a {type(x).__name__} that cannot be shared ({type(exc).__name__}: {exc}); for a "
+                        "torch tensor pass tensor.detach()") from None
 
 
 class Backend:
     """Base class; a backend sets `name` and implements every method below."""
 
     name = "base"
+    # The GEMM precisions this backend implements (gpubp/precision.py); Sequential refuses the others.
+    PRECISIONS = ("fp32",)
 
     def __init__(self, deterministic=False):
         # deterministic=True: every op must give bit-identical results run to run (no atomics in reductions).
@@ -71,6 +99,14 @@ class Backend:
         """`x` (numpy or a device array of this backend) as a C-contiguous device array of `dtype`; no copy when
         it already is one."""
         raise NotImplementedError
+
+    def adopt(self, x, what="array"):
+        """`x` as this backend's own device array when it is another library's array in this backend's device
+        memory (a torch.cuda tensor, a jax array, a cupy array under numba): a view of the same memory, no copy.
+        Anything else comes back unchanged (numpy arrays, lists, CPU tensors), to be checked and copied as
+        usual. ValueError naming `what` for an array on another device of this kind. The default, the numpy
+        backend's, changes nothing: numpy reads CPU tensors through __array__ without a copy."""
+        return x
 
     def copy_into(self, dst, src):
         """dst[...] = src, where src is a numpy array or a device array of the same shape; cast to dst's dtype."""
@@ -216,10 +252,11 @@ class Backend:
         raise NotImplementedError
 
     def update_scale(self, scaler, guard):
-        """After the update and record_step: guard[FAULT] == OVERFLOW: the fault is cleared (FAULT = NONE,
-        FAULT_INDEX = -1), SCALE *= BACKOFF, GOOD = 0, OVERFLOWS += 1. guard[FAULT] == NONE: GOOD += 1, and when
-        GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (kept finite: not above loss_scale.MAX_SCALE) and GOOD = 0.
-        Any other fault: nothing (the host reports it)."""
+        """After the update, before record_step: guard[FAULT] == OVERFLOW: the fault is cleared (FAULT = NONE,
+        FAULT_STEP = 0, FAULT_INDEX = -1) and guard[STEP] += 1 (the step counts as taken, its update skipped, so
+        record_step then records its loss as for any step), SCALE *= BACKOFF, GOOD = 0, OVERFLOWS += 1.
+        guard[FAULT] == NONE: GOOD += 1, and when GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (not above
+        loss_scale.MAX_SCALE) and GOOD = 0. Any other fault: nothing (the host reports it)."""
         raise NotImplementedError
 
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------

@@ -44,7 +44,7 @@ from .. import loss_scale as LS
 from .. import losses
 from .. import precision as P
 from . import cuda_sources
-from .base import Backend
+from .base import DLPACK_CUDA, Backend, cuda_array_interface, dlpack_device
 
 _THREADS = 256           # block size of every launch (the GEMM tiles are 256 threads too)
 _LOSS_MAX_BLOCKS = 1024  # loss_grad_kernel's grid is at most this: the size of its partial-sum scratch
@@ -189,6 +189,7 @@ class CaptureUnsafe(RuntimeError):
 # ---- the backend -----------------------------------------------------------------------------------------------
 class CupyBackend(Backend):
     name = "cupy"
+    PRECISIONS = P.PRECISIONS   # fp32: the SIMT kernels; tf32, bf16, fp16: kernels/dense_tc.cu (tensor cores)
     real_gpu = True
 
     def __init__(self, deterministic=False):
@@ -241,6 +242,20 @@ class CupyBackend(Backend):
 
     def is_device_array(self, x):
         return isinstance(x, cp.ndarray)
+
+    def adopt(self, x, what="array"):
+        if x is None or isinstance(x, (cp.ndarray, np.ndarray)):
+            return x
+        device = dlpack_device(x)
+        if device is not None and device[0] in DLPACK_CUDA and device[1] != cp.cuda.runtime.getDevice():
+            raise ValueError(f"{what}: on CUDA device {device[1]}, but this model's arrays are on device "
+                             f"{cp.cuda.runtime.getDevice()}; move it there first (e.g. tensor.to('cuda:"
+                             f"{cp.cuda.runtime.getDevice()}'))")
+        if cuda_array_interface(x, what) is not None:
+            return cp.asarray(x)              # a view of the same device memory (CuPy keeps x alive)
+        if device is not None and device[0] in DLPACK_CUDA:
+            return cp.from_dlpack(x)          # likewise, through DLPack
+        return x
 
     def asarray(self, x, dtype):
         if isinstance(x, cp.ndarray) or hasattr(x, "__cuda_array_interface__"):

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from .base import Backend
+from .base import DLPACK_CUDA, Backend, cuda_array_interface, dlpack_device
 
 try:
     from numba import cuda
@@ -126,6 +126,7 @@ class NumbaBackend(Backend):
         self._scratch = {}
         self._tile_sets = {}
         self._update_kernels = {}
+        self._interop = None      # numba_interop_kernels, loaded when another library's array first needs it
 
     def _scratch_buffer(self, key, shape, dtype):
         buf = self._scratch.get(key)
@@ -153,6 +154,20 @@ class NumbaBackend(Backend):
     def is_device_array(self, x):
         return cuda.devicearray.is_cuda_ndarray(x) or hasattr(x, "__cuda_array_interface__")
 
+    def adopt(self, x, what="array"):
+        if x is None or isinstance(x, np.ndarray) or cuda.devicearray.is_cuda_ndarray(x):
+            return x
+        device = dlpack_device(x)
+        if device is not None and device[0] in DLPACK_CUDA and device[1] != cuda.get_current_device().id:
+            raise ValueError(f"{what}: on CUDA device {device[1]}, but this model's arrays are on device "
+                             f"{cuda.get_current_device().id}; move it there first")
+        if cuda_array_interface(x, what) is not None:
+            return cuda.as_cuda_array(x)      # a view of the same device memory, no copy
+        if device is not None and device[0] in DLPACK_CUDA:
+            raise TypeError(f"{what}: a {type(x).__name__} on the GPU that offers DLPack but not "
+                            "__cuda_array_interface__, which the numba backend reads; use the cupy backend")
+        return x
+
     def _device(self, x):
         """A numba view of a device array (CuPy's included, through __cuda_array_interface__, no copy)."""
         if cuda.devicearray.is_cuda_ndarray(x):
@@ -164,7 +179,11 @@ class NumbaBackend(Backend):
             x = self._device(x)
             if x.dtype == np.dtype(dtype) and x.is_c_contiguous():
                 return x
-            x = self._to_host(x)   # a dtype change on the device is rare: take the simple path
+            if x.ndim in (1, 2):
+                out = cuda.device_array(x.shape, dtype)
+                self._copy_cast(out, x)
+                return out
+            x = self._to_host(x)   # arrays of 3 or more dimensions never reach the model: the simple path
         self.counters["h2d"] += 1
         return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
 
@@ -174,9 +193,20 @@ class NumbaBackend(Backend):
             if src.dtype == dst.dtype and src.is_c_contiguous():
                 dst.copy_to_device(src)   # device to device: the host does not wait
                 return
+            if tuple(src.shape) == tuple(dst.shape) and src.ndim in (1, 2):
+                self._copy_cast(dst, src)
+                return
             src = self._to_host(src)
         self.counters["h2d"] += 1
         dst.copy_to_device(np.ascontiguousarray(np.broadcast_to(np.asarray(src), dst.shape), dtype=dst.dtype))
+
+    def _copy_cast(self, dst, src):
+        """dst[...] = src on the device, src of another dtype or layout (numba_interop_kernels): one launch."""
+        if self._interop is None:
+            from . import numba_interop_kernels
+            self._interop = _launchable(numba_interop_kernels)
+        kernel = self._interop.copy_cast_1d_kernel if dst.ndim == 1 else self._interop.copy_cast_2d_kernel
+        kernel[grid_stride_blocks(dst.size), THREADS](src, dst)
 
     def to_numpy(self, x):
         return self._to_host(self._device(x))
@@ -200,7 +230,7 @@ class NumbaBackend(Backend):
         for x in arrays:
             x = self._device(x)
             if x.size and np.dtype(x.dtype).kind == "f":   # integers (the step count) are always finite
-                flat = x.reshape(x.size) if x.is_c_contiguous() else self.asarray(self._to_host(x).ravel(), x.dtype)
+                flat = (x if x.is_c_contiguous() else self.asarray(x, x.dtype)).reshape(x.size)
                 self.k.nonfinite_flag_kernel[grid_stride_blocks(flat.size), THREADS](flat, flag)
         return int(self._to_host(flag)[0]) == 0
 
@@ -221,7 +251,7 @@ class NumbaBackend(Backend):
         return None if SIMULATOR else cuda.current_context().get_memory_info().free
 
     # ---- the kernel set ----------------------------------------------------------------------------------
-    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
         A_prev, W = self._device(A_prev), self._device(W)
         has_bias = b is not None
         bias = self._device(b) if has_bias else self._scratch_buffer(("no_bias", Z.dtype.name), (1,), Z.dtype)
@@ -232,24 +262,24 @@ class NumbaBackend(Backend):
         self.k.activation_mask_kernel[grid_stride_blocks(delta.size), THREADS](
             self._device(dA), self._device(Z), self._device(A), act, float(alpha), delta)
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         delta, A_prev = self._device(delta), self._device(A_prev)
         self._tiles(dW).weight_grad[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](
             delta, A_prev, bool(accumulate), dW)
         if db is not None:
             self.k.bias_grad_kernel[grid_stride_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
 
-    def input_grad(self, delta, W, dA_prev):
+    def input_grad(self, delta, W, dA_prev, precision="fp32"):
         # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do
         self._tiles(dA_prev).input_grad[_gemm_grid(dA_prev.shape[0], dA_prev.shape[1]), self.k.GEMM_THREADS](
             self._device(delta), self._device(W), False, dA_prev, dA_prev, 0, 0.0, dA_prev)
 
-    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev):
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
         self._tiles(delta_prev).input_grad[_gemm_grid(delta_prev.shape[0], delta_prev.shape[1]), self.k.GEMM_THREADS](
             self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev), act,
             float(alpha), delta_prev)
 
-    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
         Z, y = self._device(Z), self._device(y)
         N = Z.shape[0]
         rows = self._scratch_buffer(("row_loss", Z.dtype.name), (N,), Z.dtype)

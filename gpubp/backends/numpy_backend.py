@@ -7,12 +7,15 @@ import numpy as np
 
 from .. import activations as acts
 from .. import guard as G
+from .. import loss_scale as LS
 from .. import losses
+from .. import precision as P
 from .base import Backend
 
 
 class NumpyBackend(Backend):
     name = "numpy"
+    PRECISIONS = P.PRECISIONS
 
     def __init__(self, deterministic=False):
         super().__init__(deterministic)
@@ -53,17 +56,44 @@ class NumpyBackend(Backend):
         out[bad] = np.nan
 
     # ---- the kernel set ----------------------------------------------------------------------------------
-    def dense_forward(self, A_prev, W, b, act, alpha, Z, A):
-        np.matmul(A_prev, W.T, out=Z)      # Z = A_prev · Wᵀ
+    # precision "fp32" is the model dtype's own arithmetic, straight into the output buffers. A reduced precision
+    # follows base.py's contract literally: operands rounded to it (_operand), float32 products, results computed
+    # in float32 and stored into the output's dtype (_store: RNE to bf16/fp16, as the kernels store).
+    def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
+        if precision == "fp32":
+            np.matmul(A_prev, W.T, out=Z)      # Z = A_prev · Wᵀ
+        else:
+            np.matmul(self._operand(A_prev, precision), self._operand(W, precision).T, out=Z)
         if b is not None:
-            Z += b                         #   + b  (broadcast over rows)
-        if A is not Z:
+            Z += b                             #   + b  (broadcast over rows)
+        if A is Z:
+            return
+        if A.dtype == Z.dtype:
             acts.forward(act, Z, alpha, out=A)
+        else:
+            self._store(A, acts.forward(act, Z, alpha, out=self._scratch(Z, "act")))   # A = store(g(Z))
 
     def activation_mask(self, dA, Z, A, act, alpha, delta):
-        acts.derivative_mask(act, dA, Z, A, alpha, out=delta)
+        if dA.dtype == Z.dtype == A.dtype == delta.dtype:
+            acts.derivative_mask(act, dA, Z, A, alpha, out=delta)
+        else:   # 16-bit dA, A or δ: the mask in float32 from their values, then stored
+            self._store(delta, acts.derivative_mask(act, self._decoded(dA), Z, self._decoded(A, 1), alpha,
+                                                    out=self._scratch(Z, "mask")))
 
-    def weight_grad(self, delta, A_prev, dW, db, accumulate=False):
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        if precision != "fp32":
+            dW_new = self._operand(delta, precision).T @ self._operand(A_prev, precision)
+            if accumulate:
+                dW += dW_new
+            else:
+                dW[...] = dW_new
+            if db is not None:
+                d = self._decoded(delta)                       # Σₙ δₙ of the stored δ
+                if accumulate:
+                    db += self._ones(d) @ d
+                else:
+                    np.matmul(self._ones(d), d, out=db)
+            return
         if accumulate:
             dW += delta.T @ A_prev
             if db is not None:
@@ -72,6 +102,41 @@ class NumpyBackend(Backend):
             np.matmul(delta.T, A_prev, out=dW)     # Σₙ δₙ aₙᵀ: the seed's outer products, summed
             if db is not None:
                 np.matmul(self._ones(delta), delta, out=db)   # Σₙ δₙ = 1ᵀ·δ
+
+    def input_grad(self, delta, W, dA_prev, precision="fp32"):
+        if precision == "fp32":
+            np.matmul(delta, W, out=dA_prev)
+        else:
+            self._store(dA_prev, self._operand(delta, precision) @ self._operand(W, precision))
+
+    def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
+        if precision == "fp32":
+            np.matmul(delta, W, out=delta_prev)
+            acts.derivative_mask(act, delta_prev, Z_prev, A_prev, alpha, out=delta_prev)
+        else:   # the GEMM and the mask in float32, one rounding when δ_prev is stored (as the fused epilogue)
+            dA = self._operand(delta, precision) @ self._operand(W, precision)
+            self._store(delta_prev, acts.derivative_mask(act, dA, Z_prev, self._decoded(A_prev), alpha, out=dA))
+
+    @staticmethod
+    def _operand(x, precision):
+        """x as a reduced-precision GEMM multiplies it: float32 holding round_p(x) (exact for 16-bit storage)."""
+        return x.astype(np.float32) if x.dtype.itemsize == 2 else P.round_operand(x, precision)
+
+    def _decoded(self, x, which=0):
+        """x's values in float32: x itself unless it is stored in 16 bits (then a scratch copy)."""
+        if x.dtype.itemsize != 2:
+            return x
+        key = ("decoded", which, x.shape)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty(x.shape, np.float32)
+        np.copyto(self._buffers[key], x, casting="unsafe")
+        return self._buffers[key]
+
+    @staticmethod
+    def _store(out, values):
+        """out[...] = values rounded to out's dtype (RNE; overflow to inf is the format's, not an error)."""
+        with np.errstate(over="ignore"):
+            np.copyto(out, values, casting="unsafe")
 
     def _ones(self, delta):
         """A ones vector (N,) kept per (N, dtype). NOTE: db = 1ᵀ·δ through BLAS is about 5x faster than
@@ -90,11 +155,15 @@ class NumpyBackend(Backend):
             self._buffers[key] = np.empty_like(like)
         return self._buffers[key]
 
-    def input_grad(self, delta, W, dA_prev):
-        np.matmul(delta, W, out=dA_prev)
-
-    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out):
-        loss_out[0] = losses.loss_grad(loss, act, alpha, Z, y, A, delta)
+    def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
+        if scale is None and delta.dtype == Z.dtype:
+            loss_out[0] = losses.loss_grad(loss, act, alpha, Z, y, A, delta)
+            return
+        d = self._scratch(Z, "loss")   # δ in float32, scaled, then stored (one rounding)
+        loss_out[0] = losses.loss_grad(loss, act, alpha, Z, y, A, d)
+        if scale is not None:
+            d *= d.dtype.type(scale[0])
+        self._store(delta, d)
 
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
         if guard[G.FAULT]:
@@ -191,6 +260,24 @@ class NumpyBackend(Backend):
             self._set_fault(guard, G.LOSS, -1)
         elif not np.isfinite(grads).all():   # the fast test first: the index is wanted only after a fault
             self._set_fault(guard, G.GRADIENT, int(np.flatnonzero(~np.isfinite(grads))[0]))
+
+    def unscale_gradients(self, loss_out, grads, scaler, guard):
+        if guard[G.FAULT]:
+            guard[G.SKIPPED] += 1
+        elif not np.isfinite(loss_out[0]):
+            self._set_fault(guard, G.LOSS, -1)
+        else:
+            grads *= grads.dtype.type(1.0 / scaler[LS.SCALE])
+            if not np.isfinite(grads).all():
+                self._set_fault(guard, G.OVERFLOW, int(np.flatnonzero(~np.isfinite(grads))[0]))
+
+    def update_scale(self, scaler, guard):
+        if guard[G.FAULT] == G.OVERFLOW:
+            guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = G.NONE, 0, -1
+            guard[G.STEP] += 1
+            LS.update(scaler, overflow=True)
+        elif guard[G.FAULT] == G.NONE:
+            LS.update(scaler, overflow=False)
 
     def record_step(self, loss, loss_out, A, Y, guard):
         if guard[G.FAULT]:
