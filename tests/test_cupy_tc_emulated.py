@@ -435,3 +435,61 @@ def test_loss_scale_layout_matches_the_kernels():
     assert int(values["SIZE"]) == LS.SIZE
     assert float(re.search(r"#define LOSS_SCALE_MAX ([\d.e]+)", text).group(1)) == LS.MAX_SCALE
     assert re.search(r"FAULT_OVERFLOW = (-\d+)", cuda_sources.read_kernel_file("guard.cuh")).group(1) == str(G.OVERFLOW)
+
+
+# ---- whole networks against the numpy backend in the same precision --------------------------------------------
+def _net(backend_obj, precision, sizes=(7, 33, 17, 3), hidden="tanh"):
+    import gpubp
+    layers = [gpubp.Dense(a, b, hidden if i < len(sizes) - 2 else "identity")
+              for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    return gpubp.Sequential(*layers, backend=backend_obj, dtype="float32", seed=3, precision=precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_network_gradients_and_steps_match_the_numpy_backend(backend, precision, rng):
+    """gradients() of a 3-layer net (16-bit hidden A and δ for bf16/fp16: every op of the contract, X converted,
+    the loss scaler for fp16) against NumpyBackend in the same precision, as tight as the reference's own test
+    against the contract (2e-3 of the largest gradient: the odd 16-bit rounding that goes the other way); then
+    four Adam steps, loss by loss, with fp16's scaler state the same."""
+    import gpubp
+    from gpubp.backends.numpy_backend import NumpyBackend
+    X = rng.standard_normal((37, 7))
+    y = rng.integers(0, 3, 37)
+    nets = {"cupy": _net(backend, precision), "numpy": _net(NumpyBackend(), precision)}
+    grads = {k: net.gradients(X, y, loss="softmax_ce") for k, net in nets.items()}
+    for got, want in zip(grads["cupy"], grads["numpy"]):
+        for key in want:
+            assert np.abs(got[key] - want[key]).max() <= 2e-3 * np.abs(want[key]).max(), key
+    curves = {}
+    for k, net in nets.items():
+        opt = gpubp.Adam(net, lr=1e-2)
+        curves[k] = [net.train_step(X, y, "softmax_ce", opt) for _ in range(4)]
+    np.testing.assert_allclose(curves["cupy"], curves["numpy"], rtol=2e-3)
+    for got, want in zip(nets["cupy"].get_params(), nets["numpy"].get_params()):
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-2, atol=2e-3 * np.abs(want[key]).max())
+    if precision == "fp16":
+        assert nets["cupy"].loss_scale == nets["numpy"].loss_scale
+
+
+def test_fp16_overflow_backs_off_as_the_numpy_backend(backend, rng):
+    """A scale of 2^24 overflows the stored fp16 δ: on both backends the same steps are skipped (counted, no
+    update), the scale halves each time, then training goes on; parameters agree at the end."""
+    import gpubp
+    from gpubp import loss_scale
+    from gpubp.backends.numpy_backend import NumpyBackend
+    X = rng.standard_normal((9, 7))
+    y = rng.integers(0, 3, 9)
+    seen = {}
+    for name, be in (("cupy", backend), ("numpy", NumpyBackend())):
+        net = _net(be, "fp16", sizes=(7, 16, 3))
+        opt = gpubp.SGD(net, lr=1e-2)
+        net.backend.copy_into(net.scaler, loss_scale.fresh(scale=2.0**24))
+        losses_seen = [net.train_step(X, y, "softmax_ce", opt) for _ in range(12)]
+        seen[name] = (net.loss_scale, net.steps, losses_seen, net.get_params())
+    assert seen["cupy"][0] == seen["numpy"][0] and 2 <= seen["cupy"][0][1] < 12   # (scale, overflows)
+    assert seen["cupy"][1] == seen["numpy"][1] == 12
+    np.testing.assert_allclose(seen["cupy"][2], seen["numpy"][2], rtol=2e-3)
+    for got, want in zip(seen["cupy"][3], seen["numpy"][3]):
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-2, atol=1e-3)
