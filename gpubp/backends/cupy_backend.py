@@ -559,6 +559,9 @@ class CupyBackend(Backend):
         return self._scratch_buffer("placeholder", 1, np.float32), self._scratch_buffer("placeholder", 1, narrow)
 
     def _weight_grad_tc(self, delta, A_prev, dW, db, accumulate, precision):
+        # NOTE: db is summed from the GEMM's δ tiles, i.e. of δ as the GEMM reads it: the stored δ whenever δ is
+        # stored in the precision (as the network stores it). A float32 δ given to a bf16/fp16 weight_grad is
+        # converted first, so its db would be Σ round_p(δ), not the reference's Σ δ.
         N, n_out = delta.shape
         n_in = A_prev.shape[1]
         self._float32("dW", dW)
