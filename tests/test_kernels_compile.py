@@ -202,7 +202,7 @@ def test_nvcc_compiles_the_mixed_precision_kernels_to_cubin(tmp_path):
     instances = MIXED_PRECISION_UNIT.count("(void*)&")
     result = subprocess.run(["nvcc", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-gencode",
                              "arch=compute_80,code=sm_80", "-c", "-I", str(cuda_sources.kernels_dir()), "-Xptxas",
-                             "-v", str(unit), "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
+                             "-v", str(unit), "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Compiling entry function") >= 2 * instances, result.stderr   # both archs
     assert "for 'sm_90'" in result.stderr and "for 'sm_80'" in result.stderr, result.stderr
