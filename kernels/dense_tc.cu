@@ -71,33 +71,56 @@ __device__ __forceinline__ bool pairs_aligned(const typename F::Bits* p, long lo
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// dense_forward_tc_kernel: z = acc + b[n] -> Z (float32), a = g(z) -> A: A_narrow in P's format when narrow
-// (a hidden layer of a bf16/fp16 model), else A32 (float32: the output layer); the other pointer is not touched
-// (pass any valid one). A32 may be Z (identity): each element is written twice with the same value by the same
-// thread.
+// dense_forward_tc_kernel, in two passes over this thread's accumulator pairs:
+//   1. z = acc + b[n] -> Z (float32), unrolled (the accumulators must stay in registers: constant indices);
+//   2. a = g(z) -> A, with z read back from Z (this thread's own stores: program order makes them visible to it),
+//      in a loop that is not unrolled. NOTE: why two passes: g inlined into the unrolled loop (32 copies of
+//      tanhf, expf and the switch over g) made NVRTC take ~20 s a kernel; the rolled loop has one copy, for
+//      4·(N·out) bytes more read, from L1/L2, next to the GEMM's 2·N·in·out FLOPs.
+// A is A_narrow in P's format when narrow (a hidden layer of a bf16/fp16 model), else A32 (float32: the output
+// layer); the other pointer is not touched (pass any valid one). A32 may be Z (identity): pass 2 is skipped then.
 
-template <typename F>
-struct TcForwardEpilogue {
+struct TcBiasEpilogue {
     const float* b;
     float* Z;
-    typename F::Bits* A;
     long long ld;   // = out
-    int has_bias, act;
-    float alpha;
-    bool z_aligned, a_aligned;
+    int has_bias;
+    bool aligned;
 
     __device__ __forceinline__ void operator()(int m, int n, const float (&acc)[2], int n_valid) const {
-        float z[2] = {acc[0], acc[1]}, a[2];
+        float z[2] = {acc[0], acc[1]};
         if (has_bias) {
             z[0] += b[n];
             if (n_valid > 1) z[1] += b[n + 1];
         }
-        a[0] = activation_forward(act, z[0], alpha);
-        a[1] = activation_forward(act, z[1], alpha);
-        store_pair<StoreF32>(Z + m * ld + n, z, n_valid, z_aligned);
-        store_pair<F>(A + m * ld + n, a, n_valid, a_aligned);
+        store_pair<StoreF32>(Z + m * ld + n, z, n_valid, aligned);
     }
 };
+
+// fn(m, n, n_valid) for each accumulator pair of this thread inside (M, N), as tc_gemm_store_tile walks them,
+// in a loop that is not unrolled (no accumulators: the pairs' places only)
+template <typename S, typename Fn>
+__device__ __forceinline__ void tc_for_each_pair_rolled(int M, int N, int m0, int n0, const Fn& fn) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int row0 = m0 + (warp / S::WARPS_N) * S::WM + lane / 4;
+    const int col0 = n0 + (warp % S::WARPS_N) * S::WN + 2 * (lane % 4);
+#pragma unroll 1
+    for (int i = 0; i < S::MI * 2 * S::NI; ++i) {
+        const int mi = i / (2 * S::NI), half = (i / S::NI) % 2, ni = i % S::NI;
+        const int m = row0 + mi * 16 + half * 8, n = col0 + ni * 8;
+        if (m < M && n < N) fn(m, n, N - n < 2 ? N - n : 2);
+    }
+}
+
+template <typename F>
+__device__ __forceinline__ void tc_activation_pass(const float* Z, typename F::Bits* A, long long ld, int act,
+                                                   float alpha, bool aligned, int m, int n, int n_valid) {
+    float v[2];
+    load_pair<StoreF32>(Z + m * ld + n, v, n_valid, aligned);
+    v[0] = activation_forward(act, v[0], alpha);
+    v[1] = activation_forward(act, v[1], alpha);
+    store_pair<F>(A + m * ld + n, v, n_valid, aligned);
+}
 
 template <typename P>
 __global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, true, true))
@@ -105,18 +128,25 @@ dense_forward_tc_kernel(const typename P::Storage* __restrict__ A_prev, const ty
                         const float* __restrict__ b, float* Z, float* A32, typename P::Format::Bits* A_narrow,
                         int narrow, int N, int n_in, int n_out, int has_bias, int act, double alpha) {
     typedef TcGemmShape<P> S;
+    typedef typename P::Format F;
     const int m0 = blockIdx.x * S::BM, n0 = blockIdx.y * S::BN;
     float acc[S::MI][S::NI][4];
     // C (N, out) = Σ_k A_prev[m, k] · W[n, k]: both k-contiguous, rows of `in`
     tc_gemm_block_tile<P, S, true, true>(A_prev, n_in, W, n_in, N, n_out, n_in, m0, n0, acc);
-    typedef typename P::Format F;
     const bool z_aligned = pairs_aligned<StoreF32>(Z, n_out);
-    if (sizeof(typename F::Bits) == 2 && narrow)
-        tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, TcForwardEpilogue<F>{b, Z, A_narrow, n_out, has_bias, act,
-                              static_cast<float>(alpha), z_aligned, pairs_aligned<F>(A_narrow, n_out)});
-    else
-        tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, TcForwardEpilogue<StoreF32>{b, Z, A32, n_out, has_bias, act,
-                              static_cast<float>(alpha), z_aligned, pairs_aligned<StoreF32>(A32, n_out)});
+    tc_gemm_store_tile<S>(acc, N, n_out, m0, n0, TcBiasEpilogue{b, Z, n_out, has_bias, z_aligned});
+    const float g_alpha = static_cast<float>(alpha);
+    if (sizeof(typename F::Bits) == 2 && narrow) {
+        const bool aligned = z_aligned && pairs_aligned<F>(A_narrow, n_out);
+        tc_for_each_pair_rolled<S>(N, n_out, m0, n0, [&](int m, int n, int n_valid) {
+            tc_activation_pass<F>(Z, A_narrow, n_out, act, g_alpha, aligned, m, n, n_valid);
+        });
+    } else if (A32 != Z) {
+        const bool aligned = z_aligned && pairs_aligned<StoreF32>(A32, n_out);
+        tc_for_each_pair_rolled<S>(N, n_out, m0, n0, [&](int m, int n, int n_valid) {
+            tc_activation_pass<StoreF32>(Z, A32, n_out, act, g_alpha, aligned, m, n, n_valid);
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -125,29 +155,45 @@ dense_forward_tc_kernel(const typename P::Storage* __restrict__ A_prev, const ty
 // A_prev_narrow), else float32 (out32, A_prev32); the other two pointers are not touched (pass any valid ones).
 // out may be the same array as A_prev (or, float32, Z_prev): each element is read and written by the same thread.
 
-template <typename F>
+// The mask as it is applied per pair: the same arithmetic as common.cuh's activation_mask (dA times g'), with
+// the activation reduced once per kernel to what the pair needs, and the pairs' alignment fixed per loop
+// (ALIGNED: every pair moves as one 4- or 8-byte access; else element by element). NOTE: activation_mask's
+// switch and the per-pair alignment branches, inlined into the unrolled store loop (32 pairs), made NVRTC take
+// ~10 s a kernel; four branch-light loops (format x alignment) take well under a second.
+enum { TC_MASK_NONE = 0, TC_MASK_FROM_Z = 1, TC_MASK_SIGMOID = 2, TC_MASK_TANH = 3 };
+
+template <typename F, bool ALIGNED>
 struct TcInputGradEpilogue {
     typename F::Bits* out;
     const float* Z_prev;
     const typename F::Bits* A_prev;
     long long ld;   // = in
-    int act;        // < 0: no mask
-    float alpha;
-    bool out_aligned, z_aligned;
+    int mask;       // TC_MASK_*
+    float z_negative;   // g'(z) for z <= 0 with TC_MASK_FROM_Z: 0 (relu) or alpha (leaky_relu)
 
     __device__ __forceinline__ void operator()(int m, int n, const float (&acc)[2], int n_valid) const {
         float v[2] = {acc[0], acc[1]};
         const long long at = m * ld + n;
-        if (act >= 0) {
-            float z[2] = {0.0f, 0.0f}, a[2] = {0.0f, 0.0f};
-            if (act == ACT_RELU || act == ACT_LEAKY_RELU) load_pair<StoreF32>(Z_prev + at, z, n_valid, z_aligned);
-            if (act == ACT_SIGMOID || act == ACT_TANH) load_pair<F>(A_prev + at, a, n_valid, out_aligned);
-            v[0] = activation_mask(act, v[0], z[0], a[0], alpha);
-            v[1] = activation_mask(act, v[1], z[1], a[1], alpha);
+        if (mask == TC_MASK_FROM_Z) {
+            float z[2];
+            load_pair<StoreF32>(Z_prev + at, z, n_valid, ALIGNED);
+            v[0] *= z[0] > 0.0f ? 1.0f : z_negative;
+            v[1] *= z[1] > 0.0f ? 1.0f : z_negative;
+        } else if (mask != TC_MASK_NONE) {
+            float a[2];
+            load_pair<F>(A_prev + at, a, n_valid, ALIGNED);
+            const bool sigmoid = mask == TC_MASK_SIGMOID;
+            v[0] *= sigmoid ? a[0] * (1.0f - a[0]) : 1.0f - a[0] * a[0];
+            v[1] *= sigmoid ? a[1] * (1.0f - a[1]) : 1.0f - a[1] * a[1];
         }
-        store_pair<F>(out + at, v, n_valid, out_aligned);
+        store_pair<F>(out + at, v, n_valid, ALIGNED);
     }
 };
+
+__device__ __forceinline__ int tc_mask_kind(int act) {
+    return act == ACT_RELU || act == ACT_LEAKY_RELU ? TC_MASK_FROM_Z
+         : act == ACT_SIGMOID ? TC_MASK_SIGMOID : act == ACT_TANH ? TC_MASK_TANH : TC_MASK_NONE;
+}
 
 template <typename P>
 __global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, true, false))
@@ -161,15 +207,29 @@ input_grad_tc_kernel(const typename P::Storage* __restrict__ delta, const typena
     // C (N, in) = Σ_k δ[m, k] · W[k, n]: A = δ k-contiguous (ld out), B = W n-contiguous (ld in)
     tc_gemm_block_tile<P, S, true, false>(delta, n_out, W, n_in, N, n_in, n_out, m0, n0, acc);
     typedef typename P::Format F;
-    const bool z_aligned = mask_act >= 0 && pairs_aligned<StoreF32>(Z_prev, n_in);
-    if (sizeof(typename F::Bits) == 2 && narrow)
-        tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, TcInputGradEpilogue<F>{out_narrow, Z_prev, A_prev_narrow, n_in,
-                              mask_act, static_cast<float>(alpha), pairs_aligned<F>(out_narrow, n_in) &&
-                              (mask_act < 0 || pairs_aligned<F>(A_prev_narrow, n_in)), z_aligned});
-    else
-        tc_gemm_store_tile<S>(acc, N, n_in, m0, n0, TcInputGradEpilogue<StoreF32>{out32, Z_prev, A_prev32, n_in,
-                              mask_act, static_cast<float>(alpha), pairs_aligned<StoreF32>(out32, n_in) &&
-                              (mask_act < 0 || pairs_aligned<StoreF32>(A_prev32, n_in)), z_aligned});
+    const int mask = mask_act < 0 ? TC_MASK_NONE : tc_mask_kind(mask_act);
+    const float z_negative = mask_act == ACT_LEAKY_RELU ? static_cast<float>(alpha) : 0.0f;
+    // every array the epilogue touches pair-aligned: out, and Z_prev / A_prev when the mask reads them
+    const bool z_ok = mask != TC_MASK_FROM_Z || pairs_aligned<StoreF32>(Z_prev, n_in);
+    if (sizeof(typename F::Bits) == 2 && narrow) {
+        const bool aligned = z_ok && pairs_aligned<F>(out_narrow, n_in) &&
+                             (mask < TC_MASK_SIGMOID || pairs_aligned<F>(A_prev_narrow, n_in));
+        if (aligned)
+            tc_gemm_store_tile<S>(acc, N, n_in, m0, n0,
+                                  TcInputGradEpilogue<F, true>{out_narrow, Z_prev, A_prev_narrow, n_in, mask, z_negative});
+        else
+            tc_gemm_store_tile<S>(acc, N, n_in, m0, n0,
+                                  TcInputGradEpilogue<F, false>{out_narrow, Z_prev, A_prev_narrow, n_in, mask, z_negative});
+    } else {
+        const bool aligned = z_ok && pairs_aligned<StoreF32>(out32, n_in) &&
+                             (mask < TC_MASK_SIGMOID || pairs_aligned<StoreF32>(A_prev32, n_in));
+        if (aligned)
+            tc_gemm_store_tile<S>(acc, N, n_in, m0, n0,
+                                  TcInputGradEpilogue<StoreF32, true>{out32, Z_prev, A_prev32, n_in, mask, z_negative});
+        else
+            tc_gemm_store_tile<S>(acc, N, n_in, m0, n0,
+                                  TcInputGradEpilogue<StoreF32, false>{out32, Z_prev, A_prev32, n_in, mask, z_negative});
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
