@@ -280,24 +280,27 @@ def deterministic_case(backend_name, dtype, sizes, rng):
 PRECISION_TOL = {"tf32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
 
 
-def precision_cases(backend_name, rng):
+def precision_cases(backend_name, rng, tiny=False):
     """Every reduced precision the backend implements, through the public API on a small awkward MLP: the
     gradients (loss-scaled and unscaled for fp16) and three train steps, against the numpy backend in the same
-    precision. [(name, error or None)]; a precision the backend lacks is reported as missing, not as a failure."""
+    precision. [(name, error or None)]; a precision the backend lacks is reported as missing, not as a failure.
+    tiny: a 5-9-7-3 net on 16 rows (the simulators: the 7-48-33-5 one on 33 rows takes ~80 s under numba's)."""
     import gpubp
     from gpubp import precision as P
     from gpubp.backends import get_backend
     have = get_backend(backend_name).PRECISIONS
-    X = rng.standard_normal((33, 7))
-    y = rng.integers(0, 5, 33)
+    dims, rows = ([5, 9, 7, 3], 16) if tiny else ([7, 48, 33, 5], 33)
+    X = rng.standard_normal((rows, dims[0]))
+    y = rng.integers(0, dims[-1], rows)
     results = []
     for precision in P.REDUCED:
-        name = f"precision {precision} (gradients, 3 adam steps; 7-48-33-5 tanh/relu, 33 rows)"
+        name = f"precision {precision} (gradients, 3 adam steps; {'-'.join(map(str, dims))} tanh/relu, {rows} rows)"
         if precision not in have:
             results.append((name, "missing"))
             continue
-        nets = [gpubp.Sequential(gpubp.Dense(7, 48, "tanh"), gpubp.Dense(48, 33, "relu"), gpubp.Dense(33, 5),
-                                 backend=b, precision=precision, seed=3) for b in (backend_name, "numpy")]
+        nets = [gpubp.Sequential(gpubp.Dense(dims[0], dims[1], "tanh"), gpubp.Dense(dims[1], dims[2], "relu"),
+                                 gpubp.Dense(dims[2], dims[3]), backend=b, precision=precision, seed=3)
+                for b in (backend_name, "numpy")]
         grads = [net.gradients(X, y, "softmax_ce") for net in nets]
         error = None
         for layer, (got, want) in enumerate(zip(*grads)):
@@ -425,7 +428,7 @@ def main(argv=None):
                 failures.append(f"{label} {dtype}: {error}")
                 print(f"FAIL: {failures[-1]}", flush=True)
         if "float32" in dtypes:
-            for name, error in precision_cases(args.backend, rng):
+            for name, error in precision_cases(args.backend, rng, tiny=args.sizes == "tiny"):
                 n += 1
                 status = "missing" if error == "missing" else "failed" if error else "ok"
                 if sink:

@@ -4,7 +4,7 @@
     opt = gpubp.SGD(net, lr=0.05, momentum=0.9)
     loss = net.train_step(X, y, loss="bce", optimizer=opt)
 """
-from . import callbacks, export, schedules   # gpubp.callbacks.EarlyStopping, gpubp.schedules.Cosine, ...
+from . import callbacks, distributed, export, schedules   # gpubp.callbacks.EarlyStopping, gpubp.schedules.Cosine, ...
 from .backends import BackendUnavailable, availability, get_backend
 from .layers import Dense
 from .network import History, Sequential
@@ -13,4 +13,4 @@ from .serialize import load
 
 __version__ = "0.1.0"
 __all__ = ["Sequential", "Dense", "SGD", "Adam", "load", "History", "get_backend", "availability",
-           "BackendUnavailable", "callbacks", "export", "schedules", "__version__"]
+           "BackendUnavailable", "callbacks", "distributed", "export", "schedules", "__version__"]

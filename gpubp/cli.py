@@ -6,6 +6,7 @@
     gpubp export model.npz --onnx model.onnx [--probabilities]              # for ONNX Runtime and friends
     gpubp info
     gpubp bench [ARGS...]                                                 # the suite in bench/ (source checkout)
+    mpiexec -n 2 gpubp train --data digits --save model.npz              # data-parallel: --batch-size per rank
 
 Bad input ends with one line on stderr, `gpubp: error: ...`, and exit status 2; set GPUBP_TRACEBACK=1 to see the
 traceback instead. A checkpoint keeps the preprocessing (feature mean/std, class labels, target scaling) in its
@@ -80,11 +81,12 @@ def _describe(arch):
 class EpochReporter(Callback):
     """On a terminal, a tqdm bar (on stderr) while an epoch runs: rows done, samples/s, the epoch's loss so far. Then,
     on a terminal or not, one plain line per epoch on stdout with every metric and samples/s, so a log or CI output
-    reads the same as the screen and stays in order with the summary. Epochs are counted from 1."""
+    reads the same as the screen and stays in order with the summary. Epochs are counted from 1. Under mpiexec:
+    rank 0's lines only (echo), and no bar."""
 
-    def __init__(self, n_train, batch_size, epochs):
-        self.n_train, self.batch_size, self.epochs = n_train, batch_size, epochs
-        self.tty = sys.stderr.isatty()
+    def __init__(self, n_train, batch_size, epochs, echo=click.echo, bar=True):
+        self.n_train, self.batch_size, self.epochs, self.echo = n_train, batch_size, epochs, echo
+        self.tty = bar and sys.stderr.isatty()
         self.bar = None
 
     def wants_batches(self):
@@ -117,7 +119,7 @@ class EpochReporter(Callback):
         self.close()
         rate = self.n_train / max(time.perf_counter() - self.started, 1e-9)
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        click.echo(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
+        self.echo(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {rate:,.0f} samples/s")
 
     def close(self):
         if self.bar is not None:
@@ -247,7 +249,14 @@ def cli():
 def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
           precision, seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule,
           warmup, early_stopping, threads):
-    """Train an MLP on DATA; print per-epoch progress and a held-out score."""
+    """Train an MLP on DATA; print per-epoch progress and a held-out score. Under mpiexec, data-parallel: each
+    rank trains on --batch-size rows of every step (the step's batch is --batch-size × ranks); rank 0 prints and
+    writes the checkpoint; --resume reads it on every rank (a path every rank can read)."""
+    # Under mpiexec: this rank's place (and GPU); alone: size 1, and everything below runs as it always did.
+    transport = "auto" if backend == "auto" else gpubp.distributed.TRANSPORT_FOR_BACKEND[backend]
+    comm = gpubp.distributed.init(backend=transport)
+    root = comm.rank == 0
+    say = click.echo if root else _quiet
     save_path = save_path or resume_path            # a resumed run keeps writing to its checkpoint by default
     if checkpoint_every is not None and save_path is None:
         raise CliError("--checkpoint-every: needs --save PATH (or --resume PATH) to write to")
@@ -316,7 +325,7 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         opt = net.optimizer
         epochs_done, history = saved["epochs_done"], {k: list(v) for k, v in saved["history"].items()}
         if epochs_done >= epochs:
-            click.echo(f"{resume_path}: already trained for {epochs_done} epochs (--epochs {epochs}); nothing to do")
+            say(f"{resume_path}: already trained for {epochs_done} epochs (--epochs {epochs}); nothing to do")
             return
     if targets.classes is not None and net.classes is None:
         net.classes = targets.classes          # every class of the data, though a training split might miss one
@@ -327,13 +336,15 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
                 "val_split": val_split,
                 "feature_names": dataset.feature_names, "features": scaler.to_dict(), "targets": targets.to_dict(),
                 "epochs_done": done, "history": history}
-        net.save(save_path, extra={"gpubp_cli": meta})
+        if root:   # one writer; the others hold the same model
+            net.save(save_path, extra={"gpubp_cli": meta})
 
-    click.echo(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
-               f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
-               f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
-               + (f"; resuming at epoch {epochs_done + 1}" if saved else ""))
-    reporter = EpochReporter(len(X_train), batch_size, epochs)
+    say(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
+        f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
+        f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
+        + (f"; resuming at epoch {epochs_done + 1}" if saved else "")
+        + (f"; {comm.size} ranks, global batch {batch_size * comm.size}" if comm.size > 1 else ""))
+    reporter = EpochReporter(len(X_train), batch_size, epochs, echo=say, bar=comm.size == 1)
     recorder = RunRecorder(history, epochs_done, checkpoint_every, checkpoint)
     callbacks = [reporter, recorder]
     if early_stopping is not None:
@@ -345,7 +356,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
             warnings.simplefilter("ignore", RuntimeWarning)
             result = net.fit(X_train, y_train, loss=targets.loss, optimizer=opt, epochs=epochs,
                              initial_epoch=epochs_done, batch_size=batch_size, validation_data=(X_held, y_held),
-                             callbacks=callbacks, log_every=reporter.log_every if reporter.tty else None)
+                             callbacks=callbacks, log_every=reporter.log_every if reporter.tty else None,
+                             comm=comm)
     finally:
         reporter.close()
     elapsed = time.perf_counter() - started
@@ -353,7 +365,7 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
 
     if save_path is not None:
         checkpoint(epochs_done)
-    if plot_path is not None and history:
+    if plot_path is not None and history and root:
         save_curves(history, plot_path, f"gpubp on {dataset.source}: {_describe(_architecture(net))}")
     with warnings.catch_warnings():
         # After a stopped run the outputs may overflow: the summary shows inf, and the stop reason says why.
@@ -363,14 +375,14 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
                  else f"held-out R² {_r2(targets.decode(net.predict(X_held)), targets.decode(y_held)):.4f}")
     ran = epochs_done - first_epoch
     span = (f"epochs {first_epoch + 1}-{epochs_done}" if ran > 1 else f"epoch {epochs_done}" if ran else "no epoch")
-    click.echo(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} of {epochs} epochs done; "
-               f"this run: {span}, {elapsed:.2f} s" + (f"; saved {save_path}" if save_path else "")
-               + (f"; curves {plot_path}" if plot_path and history else ""))
+    say(f"{score}, loss {held_loss:.4f} ({len(X_held)} rows); {epochs_done} of {epochs} epochs done; "
+        f"this run: {span}, {elapsed:.2f} s" + (f"; saved {save_path}" if save_path else "")
+        + (f"; curves {plot_path}" if plot_path and history else ""))
     if result.fault is not None:
-        click.echo(f"gpubp: training stopped early: {result.stop_reason}", err=True)
+        say(f"gpubp: training stopped early: {result.stop_reason}", err=True)
         sys.exit(EXIT_STOPPED)
     if result.stop_reason is not None:           # --early-stopping: the best epoch's parameters were put back
-        click.echo(f"stopped after epoch {epochs_done}: {result.stop_reason}; the parameters of that best epoch are "
+        say(f"stopped after epoch {epochs_done}: {result.stop_reason}; the parameters of that best epoch are "
                    "kept")
 
 
@@ -394,6 +406,10 @@ def _thread_limit(threads):
     except ImportError:
         raise CliError("--threads: needs threadpoolctl: pip install 'gpubp[cli]'") from None
     return threadpool_limits(limits=threads)
+
+
+def _quiet(*args, **kwargs):
+    """click.echo on ranks other than 0: they train the same model, rank 0 speaks for all."""
 
 
 _META_KEYS = ("data", "target", "seed", "val_split", "feature_names", "features", "targets", "epochs_done", "history")
@@ -648,6 +664,8 @@ def main(argv=None):
         if os.environ.get("GPUBP_TRACEBACK") == "1":
             raise
         click.echo(_fail_line(exc), err=True)
+        # under mpiexec the other ranks may be waiting for this one: end the job
+        gpubp.distributed.abort_job(_fail_line(exc), EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
 
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import activations as acts
+from . import distributed
 from . import guard as G
 from . import labels as L
 from . import loss_scale as LS
@@ -80,9 +81,12 @@ class DeviceData:
         def __init__(self, X, Y, order):
             self.X, self.Y, self.order = X, Y, order
 
-    def __init__(self, net, X, y, loss_id, batch_size, optimizer):
+    def __init__(self, net, X, y, loss_id, batch_size, optimizer, data_parallel=None):
         be = net.backend
         self.net, self.loss_id, self.batch_size, self.optimizer = net, loss_id, batch_size, optimizer
+        # fit(comm=...): this rank's share of each global batch of batch_size × ranks rows (gpubp/distributed.py)
+        self.data_parallel = data_parallel
+        self.n_batches = -(-X.shape[0] // (batch_size * (1 if data_parallel is None else data_parallel.comm.size)))
         self.rows = N = X.shape[0]
         labels = loss_id == losses.SOFTMAX_CE and y.ndim == 1
         row_bytes = (net.n_in + net.n_out) * net.dtype.itemsize
@@ -115,9 +119,13 @@ class DeviceData:
 
     def batches(self, permutation):
         """(rows, step key, step closure) for every batch of an epoch in `permutation`'s order; uploads the order
-        (or, streamed, each chunk) as it goes."""
+        (or, streamed, each chunk) as it goes. With data_parallel: this rank's rows of each global batch, and a
+        last step of 0 rows when the last global batch has none for this rank (gpubp/distributed.py)."""
         be = self.net.backend
-        for c, start in enumerate(range(0, self.rows, self.chunk_rows)):
+        global_rows, s = None, 0
+        if self.data_parallel is not None:
+            permutation, global_rows = self.data_parallel.share(permutation, self.batch_size)
+        for c, start in enumerate(range(0, len(permutation), self.chunk_rows)):
             rows = permutation[start:start + self.chunk_rows]
             k = c % len(self.buffers)
             buffers = self.buffers[k]
@@ -131,14 +139,24 @@ class DeviceData:
             be.copy_into(buffers.order, order)
             for b in range(0, len(rows), self.batch_size):
                 n = min(self.batch_size, len(rows) - b)
-                yield n, ("fit", n, k, self.loss_id, self.optimizer.key()), self._closure(k, n)
+                g = None if global_rows is None else global_rows[s]
+                s += 1
+                yield n, ("fit", n, g, k, self.loss_id, self.optimizer.key()), self._closure(k, n, g)
+        if global_rows is not None and s < len(global_rows):
+            g = global_rows[s]
+            yield 0, ("fit", 0, g, None, self.loss_id, self.optimizer.key()), self._closure(None, 0, g)
 
-    def _closure(self, k, n):
+    def _closure(self, k, n, n_global=None):
         """The launches of one step on the next n rows of buffers k: gather X and Y, move the cursor, then the
-        step. Made once per (buffers, batch size): it holds the same objects at every call, so a backend may
-        replay it as a captured graph."""
-        if (k, n) not in self._closures:
+        step. Made once per (buffers, batch size, global batch size): it holds the same objects at every call,
+        so a backend may replay it as a captured graph."""
+        if (k, n, n_global) not in self._closures:
             net, be, optimizer, loss_id = self.net, self.net.backend, self.optimizer, self.loss_id
+            all_reduce = None if n_global is None else self.data_parallel.all_reduce(n, n_global)
+            if n == 0:
+                self._closures[(k, n, n_global)] = lambda: net._step_ops(None, None, loss_id, optimizer, None,
+                                                                         all_reduce)
+                return self._closures[(k, n, n_global)]
             ws = net._workspace(n)
             b = self.buffers[k]
             X, Y, order = b.X, b.Y, b.order
@@ -148,9 +166,9 @@ class DeviceData:
                 be.gather_rows(X, order, cursor, ws.X)
                 be.gather_rows(Y, order, cursor, ws.Y)
                 be.advance_cursor(cursor, n)
-                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws)
-            self._closures[(k, n)] = step
-        return self._closures[(k, n)]
+                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws, all_reduce)
+            self._closures[(k, n, n_global)] = step
+        return self._closures[(k, n, n_global)]
 
 
 class LazyLoss:
@@ -220,7 +238,10 @@ class Sequential:
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
-        self.grads = self.backend.zeros((self.layout.size,), self.dtype)
+        # The gradients, then one slot for the loss: what a data-parallel step sums across the ranks in one call
+        # (gpubp/distributed.py).
+        self.reduce_buffer = self.backend.zeros((self.layout.size + 1,), self.dtype)
+        self.grads = self.backend.view(self.reduce_buffer, 0, (self.layout.size,))
         self._bind()
         self.backend.copy_into(self.params, self.layout.flatten(
             [layer.init_params(self.rng) for layer in self.layers], self.dtype))
@@ -401,19 +422,26 @@ class Sequential:
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
             self.layers[i].backward(be, A_prev, ws.G[i], prev)
 
-    def _step_ops(self, X, Y, loss_id, optimizer, ws):
-        """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host."""
+    def _step_ops(self, X, Y, loss_id, optimizer, ws, all_reduce=None):
+        """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host.
+        all_reduce (fit with comm): between backward and the guard, this rank's gradients and loss become the
+        global batch's (gpubp/distributed.py); X None: this rank has no rows in the step and only takes part."""
         be = self.backend
-        self._forward_loss_backward(X, Y, loss_id, ws)
+        loss_out = None
+        if X is not None:
+            self._forward_loss_backward(X, Y, loss_id, ws)
+            loss_out = ws.loss
+        if all_reduce is not None:
+            loss_out = all_reduce(loss_out)
         if self.scaler is None:
-            be.guard_gradients(ws.loss, self.grads, self.guard)
+            be.guard_gradients(loss_out, self.grads, self.guard)
             optimizer.step(self.guard)
-            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
         else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
-            be.unscale_gradients(ws.loss, self.grads, self.scaler, self.guard)
+            be.unscale_gradients(loss_out, self.grads, self.scaler, self.guard)
             optimizer.step(self.guard)
             be.update_scale(self.scaler, self.guard)
-            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self.guard)
+        if X is not None:
+            be.record_step(loss_id, loss_out, ws.A[-1], Y, self.guard)
 
     # ---- the guard: read rarely, by the host --------------------------------------------------------------
     @property
@@ -649,7 +677,7 @@ class Sequential:
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
             on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None, callbacks=None, verbose=0,
-            initial_epoch=0):
+            initial_epoch=0, comm=None):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
         batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
         "val_loss"/"val_accuracy" with validation_data. Those keys are always there (lists, empty when no epoch
@@ -675,6 +703,11 @@ class Sequential:
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
         so (a RuntimeWarning, history.stop_reason naming the epoch, batch and layer, and history.fault holding
         the FloatingPointError); the steps between the fault and that read are skipped.
+
+        comm (gpubp.distributed.init()): data-parallel over its ranks; batch_size is per rank, so each step
+        trains on batch_size × comm.size rows, and every rank ends with the same model, the one a single process
+        trains with that global batch (to rounding); the history holds global metrics, every rank reads the device
+        at the same steps, and a callback that stops training on one rank stops every rank (gpubp/distributed.py).
 
         Threads (numpy backend): the time goes into NumPy's BLAS, which starts a thread per core. On a machine
         shared with other work, or to compare timings, fix the count with threadpoolctl:
@@ -718,12 +751,10 @@ class Sequential:
             cb.check_metrics(list(metrics))
         if optimizer.schedule is not None:
             optimizer.schedule.check_metrics(list(metrics))
+        comm = distributed.check_comm(comm)
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
-        self.loss, self._classes = loss, classes
 
-        data = DeviceData(self, X, y, loss_id, batch_size, optimizer)
-        N = data.rows
-        n_batches = -(-N // batch_size)
+        n_batches = -(-X.shape[0] // (batch_size * (1 if comm is None else comm.size)))   # global batches
         callbacks = ([cbm.ProgressBar(bar=verbose == 1)] if verbose else []) + user_callbacks
         if on_epoch_end is not None or on_batch_end is not None:
             callbacks.append(cbm.FitArguments(on_epoch_end, on_batch_end))
@@ -731,10 +762,17 @@ class Sequential:
             log_every = cbm.progress_log_every(n_batches)
         elif log_every is None and any(cb.wants_batches() for cb in callbacks):
             log_every = 1
+        data_parallel = None if comm is None else comm.data_parallel(self, optimizer, {
+            "loss": loss, "epochs": epochs, "initial_epoch": initial_epoch, "batch_size": batch_size,
+            "shuffle": shuffle, "rows": X.shape[0], "check_every": check_every}, log_every)
+        self.loss, self._classes = loss, classes
+        data = DeviceData(self, X, y, loss_id, batch_size, optimizer, data_parallel)
+        N = data.rows
         history = History({name: [] for name in metrics})
         self.history, self.stop_training = history, False
         params = {"epochs": epochs, "initial_epoch": initial_epoch, "batches": n_batches, "rows": N,
-                  "batch_size": batch_size, "metrics": list(metrics)}
+                  "batch_size": batch_size * (1 if comm is None else comm.size),   # a step's rows, all ranks
+                  "metrics": list(metrics)}
         callback_list = cbm.CallbackList(callbacks, self, params)
         try:
             callback_list.on_train_begin()
@@ -755,8 +793,9 @@ class Sequential:
     def _fit_epochs(self, data, loss_id, loss, history, callback_list, epochs, shuffle, check_every, log_every,
                     validation):
         """fit's loop over validated inputs; fills `history`, stops on a fault or when a callback asks."""
-        N, optimizer = data.rows, data.optimizer
-        n_batches = -(-N // data.batch_size)
+        N, optimizer, n_batches, data_parallel = data.rows, data.optimizer, data.n_batches, data.data_parallel
+        # data-parallel: every rank reads the device at the same steps, so all see a fault at the same step
+        read_every = log_every if data_parallel is None else data_parallel.read_every
         for epoch in epochs:
             optimizer._follow_schedule(epoch, "epoch")
             callback_list.on_epoch_begin(epoch)
@@ -770,7 +809,7 @@ class Sequential:
                 self._pending += 1
                 done = b + 1
                 read_now = (done == n_batches or (check_every is not None and done % check_every == 0)
-                            or (log_every is not None and done % log_every == 0))
+                            or (read_every is not None and done % read_every == 0))
                 if not read_now:
                     continue
                 try:
@@ -785,13 +824,22 @@ class Sequential:
                     batch_stop = callback_list.on_batch_end(epoch, b, {
                         "loss": float(guard[G.RING + (self._steps - 1) % G.RING_SIZE]),
                         "epoch_loss": float(guard[G.LOSS_SUM] / guard[G.ROWS])})
-                    if self.stop_training:      # asked in on_batch_end: this epoch ends here
+                    if self.stop_training and data_parallel is None:   # asked in on_batch_end: the epoch ends here
                         break
+                if data_parallel is not None and data_parallel.any_rank(self.stop_training):
+                    if not self.stop_training:   # asked on another rank: every rank ends the epoch at this step
+                        batch_stop = (f"a callback on another rank stopped training in epoch {epoch + 1}, "
+                                      f"batch {done}")
+                    self.stop_training = True
+                    break
+            loss_sum, correct, rows = guard[[G.LOSS_SUM, G.CORRECT, G.ROWS]]
+            if data_parallel is not None:   # every rank's share of the epoch
+                loss_sum, correct, rows = data_parallel.sum_epoch((loss_sum, correct, rows))
             # the rows of the good steps: N, unless a callback ended the epoch early or fp16 skipped an overflow
-            rows = max(guard[G.ROWS], 1)
-            logs = {"loss": guard[G.LOSS_SUM] / rows}
+            rows = max(rows, 1)
+            logs = {"loss": loss_sum / rows}
             if losses.accuracy_applies(loss_id):
-                logs["accuracy"] = guard[G.CORRECT] / rows
+                logs["accuracy"] = correct / rows
             if self.scaler is not None:   # fp16: the scale now and the overflow skips so far (one more read)
                 logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
@@ -805,6 +853,9 @@ class Sequential:
             if optimizer.schedule is not None:
                 optimizer.schedule.observe(logs)
             reason = callback_list.on_epoch_end(epoch, logs)
+            stop_here = reason is not None or self.stop_training
+            if data_parallel is not None and data_parallel.any_rank(stop_here) and not stop_here:
+                reason = f"a callback on another rank stopped training in epoch {epoch + 1}"
             if reason is not None or self.stop_training:
                 history.stop_reason = reason or batch_stop or f"model.stop_training was set in epoch {epoch + 1}"
                 return

@@ -540,8 +540,9 @@ def test_harness_knows_every_name_expression(emulator):
 EMULATED_RUNS = {
     # the backend contract (every op, awkward sizes, poisoned outputs), the seed's worked example, and the
     # guard end to end (faults named and rolled back, fit's device-side loop): ~1 min
+    # the README's Keras script and the precisions the backend has (seed example in each): ~1 min in all
     "contract": (["test_backend_ops.py", "test_seed_example.py", "test_faults.py", "test_fit.py",
-                  "test_sync_free.py"], None),
+                  "test_sync_free.py", "test_readme.py", "test_mixed_precision.py"], None),
     # every cupy-parametrised network test (training against numpy, deterministic mode, fuzzing): ~2 min,
     # so only with GPUBP_EMULATE_NETWORK_TESTS=1
     "network": (["."], "GPUBP_EMULATE_NETWORK_TESTS"),

@@ -96,10 +96,14 @@ _PTX, _PTXAS = {}, {}
 
 def ptx_for(entry, cc):
     """The PTX of one table entry for one cc, compiled once per session (the tests below share it)."""
-    key = (entry.name, entry.dtype, cc)
+    key = (entry.name, entry.dtype, entry.variant, cc)
     if key not in _PTX:
         _PTX[key] = numba_kernels.compile_ptx(entry.kernel, entry.argtypes, cc)
     return _PTX[key]
+
+
+def _label(entry):
+    return f"{entry.name}-{entry.dtype}" + (f"-{entry.variant}" if entry.variant else "")
 
 
 PTXAS_REPORT = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -107,9 +111,10 @@ PTXAS_REPORT = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 
 def ptxas_report(toolkit, entry, cc, tmp_path_factory):
     """ptxas -v on the entry's PTX for sm_<cc>: {'registers', 'stack', 'spill_stores', 'spill_loads', 'log'}."""
-    key = (entry.name, entry.dtype, cc)
+    key = (entry.name, entry.dtype, entry.variant, cc)
     if key not in _PTXAS:
-        path = tmp_path_factory.mktemp("ptx") / f"{entry.name}_{entry.dtype}_sm{cc[0]}{cc[1]}.ptx"
+        name = _label(entry).replace(",", "_")
+        path = tmp_path_factory.mktemp("ptx") / f"{name}_sm{cc[0]}{cc[1]}.ptx"
         path.write_text(ptx_for(entry, cc))
         run = subprocess.run([toolkit.ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", str(path), "-o", os.devnull],
                              capture_output=True, text=True, timeout=300)
@@ -124,34 +129,40 @@ def ptxas_report(toolkit, entry, cc, tmp_path_factory):
 
 
 def _cases():
-    return [pytest.param(e, cc, id=f"{e.name}-{e.dtype}-sm{cc[0]}{cc[1]}") for e in TABLE for cc in CCS]
+    return [pytest.param(e, cc, id=f"{_label(e)}-sm{cc[0]}{cc[1]}") for e in TABLE for cc in CCS]
 
 
 # ---- the table covers every kernel ----------------------------------------------------------------------------
 def test_every_kernel_is_in_the_launch_table():
-    """A kernel added to numba_kernels.py (at module level or in kernels_for) without a table entry fails here."""
+    """A kernel added to numba_kernels.py (at module level, in a *_kernel_for factory, or a reduced-precision
+    variant the factories built) without a table entry fails here."""
     found = numba_kernels.all_kernels()
     assert found, "no kernels found"
-    for (name, dtype), kernel in found.items():
+    assert any(variant for _, _, variant in found), "no reduced-precision variant found"
+    for (name, dtype, variant), kernel in found.items():
         dtypes = numba_kernels.KERNEL_DTYPES if dtype is None else (dtype,)
-        entries = [e for e in TABLE if e.name == name and (e.dtype in dtypes or e.dtype == "int64")]
-        assert entries, f"{name} ({dtype or 'every dtype'}) is not in numba_kernels.launch_table()"
-        assert all(e.kernel is kernel for e in entries), f"{name}: the table holds another dispatcher"
+        entries = [e for e in TABLE if e.name == name and e.variant == variant
+                   and (e.dtype in dtypes or e.dtype == "int64")]
+        assert entries, f"{name} ({dtype or 'every dtype'}, {variant or 'fp32'}) is not in numba_kernels.launch_table()"
+        assert all(e.kernel is kernel for e in entries), f"{name} {variant}: the table holds another dispatcher"
         if dtype is None and not any(e.dtype == "int64" for e in entries):
             assert {e.dtype for e in entries} == set(numba_kernels.KERNEL_DTYPES), name
-    assert {e.name for e in TABLE} == {name for name, _ in found}
+    assert {(e.name, e.variant) for e in TABLE} == {(name, variant) for name, _, variant in found}
 
 
-@pytest.mark.parametrize("entry", TABLE, ids=[f"{e.name}-{e.dtype}" for e in TABLE])
+@pytest.mark.parametrize("entry", TABLE, ids=[_label(e) for e in TABLE])
 def test_table_signatures_fit_the_kernels(entry):
-    """One type per parameter; arrays C-contiguous, of the entry's dtype where they hold floating-point data."""
+    """One type per parameter; arrays C-contiguous, of the entry's dtype where they hold floating-point data
+    (a reduced-precision variant's also float16 or uint16: fp16 and bf16 storage; the loss scale float64)."""
     params = entry.kernel.py_func.__code__.co_varnames[:entry.kernel.py_func.__code__.co_argcount]
     assert len(entry.argtypes) == len(params), (params, entry.argtypes)
     for param, t in zip(params, entry.argtypes):
         if isinstance(t, numba.types.Array):
             assert t.layout == "C", param
-            if isinstance(t.dtype, numba.types.Float):
+            if not entry.variant and isinstance(t.dtype, numba.types.Float):
                 assert str(t.dtype) == entry.dtype, param
+            elif entry.variant and param != "scale":
+                assert str(t.dtype) in ("float32", "float16", "uint16"), param
 
 
 # ---- the table holds the types the backend passes -------------------------------------------------------------
@@ -171,29 +182,31 @@ class _HostArray(np.ndarray):
 class _RecordingKernel:
     """Stands in for a dispatcher: `kernel[grid, block](*args)` records the numba type of each argument."""
 
-    def __init__(self, name, dtype, calls):
-        self.name, self.dtype, self.calls = name, dtype, calls
+    def __init__(self, name, dtype, variant, calls):
+        self.name, self.dtype, self.variant, self.calls = name, dtype, variant, calls
 
     def __getitem__(self, config):
         from numba.cuda.dispatcher import typeof
         from numba.cuda.typing.typeof import Purpose
 
         def launch(*args):
-            self.calls.append((self.name, self.dtype, tuple(
+            self.calls.append((self.name, self.dtype, self.variant, tuple(
                 typeof(np.asarray(a) if isinstance(a, np.ndarray) else a, Purpose.argument) for a in args)))
         return launch
 
 
 def _recording_backend(calls):
-    """A NumbaBackend whose arrays are host arrays and whose kernels record their launches (no GPU needed)."""
+    """A NumbaBackend whose arrays are host arrays and whose kernels record their launches (no GPU needed): each
+    records (kernel name, dtype or None, variant, argument types); a *_kernel_for factory builds the real kernel
+    (so numba_kernels.all_kernels() sees the variant) and hands back its recorder."""
     from gpubp.backends import numba_backend
 
-    k = types.SimpleNamespace(**{name: _RecordingKernel(name, None, calls)
-                                 for name in vars(numba_kernels) if name.endswith("_kernel")})
-    k.GEMM_THREADS, k.REDUCE_THREADS = numba_kernels.GEMM_THREADS, numba_kernels.REDUCE_THREADS
-    k.kernels_for = lambda dtype: types.SimpleNamespace(**{
-        attr: _RecordingKernel(kernel.py_func.__name__, dtype, calls)
-        for attr, kernel in vars(numba_kernels.kernels_for(dtype)).items()})
+    k = types.SimpleNamespace(**vars(numba_kernels))
+    for name, value in vars(numba_kernels).items():
+        if name.endswith("_kernel"):
+            setattr(k, name, _RecordingKernel(name, None, "", calls))
+        elif name.endswith("_kernel_for"):
+            setattr(k, name, _recording_factory(value, calls))
 
     class HostNumbaBackend(numba_backend.NumbaBackend):
         def __init__(self):
@@ -218,6 +231,28 @@ def _recording_backend(calls):
     return HostNumbaBackend()
 
 
+def _recording_factory(factory, calls):
+    def build(*key):
+        kernel = factory(*key)
+        dtype, kinds = (key[0], key[1:]) if isinstance(key[0], str) else (None, key)
+        variant = numba_kernels.variant_name(kinds) if any(kinds) else ""
+        return _RecordingKernel(kernel.py_func.__name__, dtype if not variant else "float32", variant, calls)
+    return build
+
+
+def _check_launches(calls, dtype):
+    """Every recorded launch's argument types are its table entry's; returns the entries launched."""
+    table = {(e.name, e.dtype, e.variant): e.argtypes for e in TABLE}
+    launched = set()
+    for name, kernel_dtype, variant, argtypes in calls:
+        key = (name, kernel_dtype or dtype, variant)
+        key = key if key in table else (name, "int64", variant)
+        assert key in table, f"{name} ({variant or 'fp32'}): launched, but not in the table"
+        assert argtypes == table[key], f"{name} {variant}: launched with {argtypes}, the table says {table[key]}"
+        launched.add(key)
+    return launched
+
+
 @pytest.mark.parametrize("dtype", numba_kernels.KERNEL_DTYPES)
 def test_the_backend_launches_with_the_table_types(dtype):
     """Every op of numba_backend.py, run with recording kernels: each launch's argument types (a Python int is
@@ -239,13 +274,39 @@ def test_the_backend_launches_with_the_table_types(dtype):
     step = be.zeros((1,), np.int64)
     # the updates and the other training-loop ops launch numba_loop_kernels: tests/test_numba_loop_compile.py
     be.all_finite_many([mat(P), step])
-    table = {(e.name, e.dtype): e.argtypes for e in TABLE}
-    launched = set()
-    for name, kernel_dtype, argtypes in calls:
-        key = (name, kernel_dtype or dtype) if (name, kernel_dtype or dtype) in table else (name, "int64")
-        assert argtypes == table[key], f"{name}: launched with {argtypes}, the table says {table[key]}"
-        launched.add(name)
-    assert launched == {e.name for e in TABLE}, "an op was not exercised"
+    launched = _check_launches(calls, dtype)
+    assert {name for name, _, _ in launched} == {e.name for e in TABLE if not e.variant}, "an op was not exercised"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_a_reduced_precision_network_launches_with_the_table_types(precision):
+    """The ops of a float32 network of `precision`, as the layers launch them (X float32 -> hidden A in
+    storage_dtype -> output A float32; every δ in storage_dtype; the fp16 loss gradient scaled), plus the
+    unfused input_grad and activation_mask: each launch is a table entry, with its argument types; and every
+    reduced-precision entry of the precision is launched (the table lists no kernel a network never runs)."""
+    calls = []
+    be = _recording_backend(calls)
+    sd = be.storage_dtype(precision)
+    N, n_in, n_hid, n_out = 5, 3, 4, 2
+    f32 = lambda *shape: be.zeros(shape, np.float32)   # noqa: E731
+    st = lambda *shape: be.zeros(shape, sd)            # noqa: E731
+    X, W1, b1, W2, b2 = f32(N, n_in), f32(n_hid, n_in), f32(n_hid), f32(n_out, n_hid), f32(n_out)
+    Z1, A1, Z2, A2, G1, G2 = f32(N, n_hid), st(N, n_hid), f32(N, n_out), f32(N, n_out), st(N, n_hid), st(N, n_out)
+    scale = be.zeros((1,), np.float64) if precision == "fp16" else None
+    for W, b, Z, A, A_prev in ((W1, b1, Z1, A1, X), (W2, b2, Z2, A2, A1), (W2, b2, Z2, st(N, n_out), A1),
+                               (W1, b1, Z1, f32(N, n_hid), X)):
+        be.dense_forward(A_prev, W, b, 1, 0.0, Z, A, precision=precision)
+    be.loss_grad(2, 3, 0.0, Z2, f32(N, n_out), A2, G2, f32(1), scale=scale)
+    be.weight_grad(G2, A1, f32(n_out, n_hid), f32(n_out), precision=precision)
+    be.input_grad_masked(G2, W2, Z1, A1, 3, 0.0, G1, precision=precision)
+    be.weight_grad(G1, X, f32(n_hid, n_in), f32(n_hid), precision=precision)
+    be.input_grad(G2, W2, st(N, n_hid), precision=precision)
+    be.activation_mask(G1, Z1, A1, 1, 0.0, G1)
+    launched = _check_launches(calls, "float32")
+    wanted = {(e.name, e.dtype, e.variant) for e in TABLE if e.variant} & {
+        (k.py_func.__name__, "float32", numba_kernels.variant_name(key[1:] if isinstance(key[0], str) else key))
+        for factory, key, _ in numba_kernels.precision_launches(precision) for k in [factory(*key)]}
+    assert wanted <= launched, f"in the table, never launched: {sorted(wanted - launched)}"
 
 
 # ---- compile for sm_90 and sm_80 and read ptxas's report ------------------------------------------------------
@@ -267,14 +328,34 @@ def test_kernel_does_not_spill(toolkit, entry, cc, tmp_path_factory, record_prop
         assert report["stack"] == 0, report["log"]
 
 
+def _writes_or_rounds_fp16(entry):
+    """The variant stores float16 (an f16 output kind) or rounds a float32 operand to fp16."""
+    kinds = entry.variant.split(",")
+    outputs = {"dense_forward_kernel": kinds[-1:], "input_grad_kernel": kinds[-1:],
+               "activation_mask_kernel": kinds[-1:], "loss_rows_kernel": kinds[:1]}.get(entry.name, [])
+    return "f16" in outputs or "fp16" in kinds
+
+
+@pytest.mark.parametrize("entry,cc", [c for c in _cases() if c.values[0].variant])
+def test_fp16_is_rounded_once_to_nearest_even(toolkit, entry, cc):
+    """Every float16 conversion in a reduced-precision kernel is cvt.rn.f16.f32: round to nearest even, once,
+    from float32 (never .rz/.rm/.rp, never cvt.rn.f16.f64: a float64 intermediate stored straight into float16
+    is rounded once from float64, not as the reference, float32 then float16); a kernel that stores float16 or
+    rounds an operand to fp16 has one, and the tf32/bf16 kernels have none (their rounding is integer RNE)."""
+    ptx = ptx_for(entry, cc)
+    conversions = re.findall(r"\bcvt(?:\.\w+)*?\.f16\.f(?:32|64)\b", ptx)
+    assert set(conversions) <= {"cvt.rn.f16.f32"}, sorted(set(conversions))
+    assert bool(conversions) == _writes_or_rounds_fp16(entry), (entry.variant, conversions)
+
+
 def test_register_report(toolkit, tmp_path_factory, capsys):
     """The table of registers and spills, printed into the test log (also with output captured)."""
-    lines = [f"{'kernel':<24}{'dtype':<9}{'cc':<6}{'registers':>10}{'stack':>7}{'spills (st/ld)':>16}"]
+    lines = [f"{'kernel':<24}{'dtype':<9}{'variant':<28}{'cc':<6}{'registers':>10}{'stack':>7}{'spills (st/ld)':>16}"]
     for entry in TABLE:
         for cc in CCS:
             r = ptxas_report(toolkit, entry, cc, tmp_path_factory)
-            lines.append(f"{entry.name:<24}{entry.dtype:<9}{cc[0]}.{cc[1]:<4}{r['registers']:>10}{r['stack']:>7}"
-                         f"{r['spill_stores']:>9}/{r['spill_loads']}")
+            lines.append(f"{entry.name:<24}{entry.dtype:<9}{entry.variant or 'fp32':<28}{cc[0]}.{cc[1]:<4}"
+                         f"{r['registers']:>10}{r['stack']:>7}{r['spill_stores']:>9}/{r['spill_loads']}")
     with capsys.disabled():
         print("\nnumba kernels, ptxas -v (toolkit %s, from %s):\n%s" % (toolkit.home, toolkit.how, "\n".join(lines)))
     assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in _PTXAS.values())
@@ -307,7 +388,8 @@ def test_kernels_as_launched_on_this_gpu_use_no_local_memory(capsys):
     lines = []
     for entry in TABLE:
         launched = entry.kernel.compile(entry.argtypes)
-        lines.append(f"{entry.name:<24}{entry.dtype:<9}{launched.regs_per_thread:>10} registers"
+        lines.append(f"{entry.name:<24}{entry.dtype:<9}{entry.variant or 'fp32':<28}"
+                     f"{launched.regs_per_thread:>10} registers"
                      f"{launched.local_mem_per_thread:>8} bytes local")
         assert launched.local_mem_per_thread == 0, lines[-1]
     with capsys.disabled():

@@ -144,15 +144,23 @@ def test_the_backend_launches_with_the_table_types(dtype, monkeypatch):
     cursor = order[M:].reshape(1)
     be.gather_rows(np.zeros((M, F), dtype), order, cursor, np.zeros((N, F), dtype))
     be.advance_cursor(cursor, N)
+    labels = {dtype, "int64"}
+    if dtype == "float32":   # a float32 model of a reduced precision: 16-bit zeros(), the fp16 loss scaler
+        for storage in ("bf16", "fp16"):
+            be.zeros((P,), be.storage_dtype(storage))
+            labels.add(str(be.storage_dtype(storage)))
+        scaler = np.zeros(6)
+        be.unscale_gradients(vec(1), vec(P), scaler, guard)
+        be.update_scale(scaler, guard)
     table = {(e.name, e.dtype): e.argtypes for e in TABLE}
     launched = set()
     for name, kernel_dtype, argtypes in calls:
-        candidates = [kernel_dtype or dtype, "int64"]
+        candidates = [kernel_dtype or dtype, "int64", "float16", "uint16"]
         key = next(((name, d) for d in candidates if table.get((name, d)) == argtypes), None)
         assert key is not None, f"{name}: launched with {argtypes}, not in the table: " + repr(
             [(k, v) for k, v in table.items() if k[0] == name])
         launched.add(key)
-    expected = {(e.name, e.dtype) for e in TABLE if e.dtype in (dtype, "int64")}
+    expected = {(e.name, e.dtype) for e in TABLE if e.dtype in labels}
     assert launched == expected, f"not exercised: {sorted(expected - launched)}"
 
 

@@ -7,6 +7,14 @@ numba_loop_kernels.py: a step launches them in stream order and never waits for 
 graphs, so run_step launches every step eagerly (the base class's default); `counters` counts every host<->device
 copy and wait.
 
+Mixed precision (issue 12, the contract in base.py): every precision, with no tensor cores (numba.cuda has no
+mma: products are float32 FMAs). storage_dtype is float16 for fp16 and uint16 bfloat16 bits for bf16 (numba-cuda
+has no bfloat16 array type, and none under the simulator); each GEMM kernel is built for the kinds of its arrays
+(numba_kernels: a float32 operand rounded to the precision as it is loaded, a 16-bit one read exactly, an output
+stored in its dtype), picked here from the arrays' dtypes and `precision`. fp32 launches the fp32 kernels as
+before. fp16's loss scale: loss_grad's `scale`, unscale_gradients and update_scale (numba_loop_kernels), on the
+device.
+
 Device arrays are numba DeviceNDArrays; any array with __cuda_array_interface__ (CuPy's) is used in place.
 Ops write into the buffers they are given; the few scratch buffers (a loss row vector, a flag, a dummy bias)
 are made once per shape and kept, so a train step at a fixed batch size allocates nothing after its first.
@@ -116,6 +124,9 @@ def _gemm_grid(M, N):
 
 class NumbaBackend(Backend):
     name = "numba"
+    # every precision, on any GPU numba compiles for: fp16/bf16 stored 16-bit, products in float32 FMAs (no
+    # tensor cores: numba.cuda has no mma), tf32 as operands rounded to tf32 and multiplied in float32
+    PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
     real_gpu = not SIMULATOR   # "auto" never picks the simulator
 
     def __init__(self, deterministic=False):
@@ -124,7 +135,7 @@ class NumbaBackend(Backend):
         self.k = _launchable(numba_kernels)
         self.loop = _launchable(numba_loop_kernels)
         self._scratch = {}
-        self._tile_sets = {}
+        self._kernels = {}
         self._update_kernels = {}
         self._interop = None      # numba_interop_kernels, loaded when another library's array first needs it
 
@@ -134,12 +145,43 @@ class NumbaBackend(Backend):
             buf = self._scratch[key] = cuda.device_array(shape, dtype)
         return buf
 
-    def _tiles(self, x):
-        """The shared/local-memory kernels compiled for x's dtype."""
-        name = np.dtype(x.dtype).name
-        if name not in self._tile_sets:
-            self._tile_sets[name] = _launchable(self.k.kernels_for(name))
-        return self._tile_sets[name]
+    def _kernel(self, factory, *key):
+        """The kernel numba_kernels.<factory>(*key) builds (per dtype and kinds), launchable, made once."""
+        kernel = self._kernels.get((factory, key))
+        if kernel is None:
+            built = getattr(self.k, factory)(*key)
+            kernel = self._kernels[(factory, key)] = _launchable(types.SimpleNamespace(kernel=built)).kernel
+        return kernel
+
+    # ---- reduced precision (issue 12): which kind each array of a launch is ---------------------------------
+    def storage_dtype(self, precision):
+        """float32 for fp32/tf32; float16 for fp16 (numba reads and writes it, converting with cvt.rn.f16.f32);
+        uint16 bfloat16 bits for bf16 (numba-cuda has no bfloat16 array type that its simulator knows:
+        numba.cuda.bf16.bfloat16 is None there; the kernels round by integer RNE, as ml_dtypes does)."""
+        from .. import precision as P
+        return self.k.STORAGE_DTYPES[P.check_precision(precision)]
+
+    def _operand_kind(self, x, precision):
+        """How a GEMM reads operand x at `precision`: a 16-bit stored array exactly (it must be the precision's
+        storage), a float32 one rounded to the precision (fp32: as it is, in the model's dtype)."""
+        dtype = np.dtype(x.dtype)
+        stored = self.k.STORED.get(precision)
+        if stored is None:
+            raise ValueError(f"precision: expected one of {list(self.k.ROUNDING)}, got {precision!r}")
+        if dtype.itemsize == 2:
+            if stored == self.k.PLAIN or dtype != self.k.STORAGE_DTYPES[precision]:
+                raise ValueError(f"a {dtype} operand is not precision {precision!r}'s storage "
+                                 f"(storage_dtype: {self.storage_dtype(precision)})")
+            return stored
+        if precision != "fp32" and dtype != np.float32:
+            raise ValueError(f"precision={precision!r} needs float32 operands (or its storage_dtype), got {dtype}")
+        return self.k.ROUNDING[precision]
+
+    def _stored_kind(self, x):
+        """How a kernel reads or writes array x outside a GEMM's operand loads: float16 and uint16 (bfloat16
+        bits: the only uint16 arrays this backend computes with) as their formats, every other dtype as it is."""
+        dtype = np.dtype(x.dtype)
+        return self.k.F16 if dtype == np.float16 else self.k.BF16_BITS if dtype == np.uint16 else self.k.PLAIN
 
     # ---- arrays ------------------------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -252,39 +294,70 @@ class NumbaBackend(Backend):
 
     # ---- the kernel set ----------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
+        # A_prev (N, in) float32 or storage, W (out, in), b (out,), Z (N, out) model dtype, A (N, out) any
         A_prev, W = self._device(A_prev), self._device(W)
         has_bias = b is not None
         bias = self._device(b) if has_bias else self._scratch_buffer(("no_bias", Z.dtype.name), (1,), Z.dtype)
-        self._tiles(Z).dense_forward[_gemm_grid(Z.shape[0], Z.shape[1]), self.k.GEMM_THREADS](
+        kernel = self._kernel("dense_forward_kernel_for", Z.dtype.name, self._operand_kind(A_prev, precision),
+                              self._operand_kind(W, precision), self._stored_kind(A))
+        kernel[_gemm_grid(Z.shape[0], Z.shape[1]), self.k.GEMM_THREADS](
             A_prev, W, bias, has_bias, act, float(alpha), Z, A)
 
     def activation_mask(self, dA, Z, A, act, alpha, delta):
-        self.k.activation_mask_kernel[grid_stride_blocks(delta.size), THREADS](
-            self._device(dA), self._device(Z), self._device(A), act, float(alpha), delta)
+        dA, Z, A = self._device(dA), self._device(Z), self._device(A)
+        kinds = (self._stored_kind(dA), self._stored_kind(A), self._stored_kind(delta))
+        kernel = self.k.activation_mask_kernel if not any(kinds) else self._kernel(
+            "activation_mask_kernel_for", *kinds)
+        kernel[grid_stride_blocks(delta.size), THREADS](dA, Z, A, act, float(alpha), delta)
 
     def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        # delta (N, out) and A_prev (N, in): float32 or storage; dW (out, in), db (out,) model dtype
         delta, A_prev = self._device(delta), self._device(A_prev)
-        self._tiles(dW).weight_grad[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](
-            delta, A_prev, bool(accumulate), dW)
+        kernel = self._kernel("weight_grad_kernel_for", dW.dtype.name, self._operand_kind(delta, precision),
+                              self._operand_kind(A_prev, precision))
+        kernel[_gemm_grid(dW.shape[0], dW.shape[1]), self.k.GEMM_THREADS](delta, A_prev, bool(accumulate), dW)
         if db is not None:
-            self.k.bias_grad_kernel[grid_stride_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
+            d_kind = self._stored_kind(delta)
+            bias_grad = self.k.bias_grad_kernel if d_kind == self.k.PLAIN else self._kernel(
+                "bias_grad_kernel_for", d_kind)
+            bias_grad[grid_stride_blocks(db.shape[0]), THREADS](delta, bool(accumulate), db)
 
     def input_grad(self, delta, W, dA_prev, precision="fp32"):
-        # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do
-        self._tiles(dA_prev).input_grad[_gemm_grid(dA_prev.shape[0], dA_prev.shape[1]), self.k.GEMM_THREADS](
-            self._device(delta), self._device(W), False, dA_prev, dA_prev, 0, 0.0, dA_prev)
+        # the unmasked form: Z_prev/A_prev are never read, any array of the right type will do (dA_prev itself;
+        # a float32 stand-in for Z_prev where dA_prev is 16-bit, so that the kernel is the masked one's)
+        delta, W = self._device(delta), self._device(W)
+        out_kind = self._stored_kind(dA_prev)
+        z_dummy = dA_prev if out_kind == self.k.PLAIN else self._scratch_buffer("z_dummy", (1, 1), np.float32)
+        self._input_grad(delta, W, False, z_dummy, dA_prev, 0, 0.0, dA_prev, precision)
 
     def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
-        self._tiles(delta_prev).input_grad[_gemm_grid(delta_prev.shape[0], delta_prev.shape[1]), self.k.GEMM_THREADS](
-            self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev), act,
-            float(alpha), delta_prev)
+        # delta (N, out) storage, W (out, in), Z_prev (N, in) model dtype, A_prev and delta_prev (N, in) storage
+        self._input_grad(self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev),
+                         act, alpha, delta_prev, precision)
+
+    def _input_grad(self, delta, W, masked, Z_prev, A_prev, act, alpha, out, precision):
+        kernel = self._kernel("input_grad_kernel_for", W.dtype.name, self._operand_kind(delta, precision),
+                              self._operand_kind(W, precision), self._stored_kind(A_prev), self._stored_kind(out))
+        kernel[_gemm_grid(out.shape[0], out.shape[1]), self.k.GEMM_THREADS](
+            delta, W, masked, Z_prev, A_prev, act, float(alpha), out)
 
     def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
+        # Z, y, A (N, out) and loss_out (1,) model dtype; delta (N, out) model dtype or storage; scale (1,) float64
         Z, y = self._device(Z), self._device(y)
         N = Z.shape[0]
         rows = self._scratch_buffer(("row_loss", Z.dtype.name), (N,), Z.dtype)
-        self.k.loss_rows_kernel[grid_stride_blocks(N), THREADS](loss, act, float(alpha), Z, y, A, delta, rows)
-        self._tiles(Z).sum[1, self.k.REDUCE_THREADS](rows, 1.0 / N, loss_out)
+        d_kind = self._stored_kind(delta)
+        launch = (grid_stride_blocks(N), THREADS)
+        if d_kind == self.k.PLAIN and scale is None:
+            self.k.loss_rows_kernel[launch](loss, act, float(alpha), Z, y, A, delta, rows)
+        else:
+            if np.dtype(Z.dtype) != np.float32:
+                raise ValueError(f"a 16-bit delta or a loss scale needs a float32 model, got Z of {Z.dtype}")
+            scaled = scale is not None
+            scale = self._device(scale) if scaled else self._scratch_buffer("no_scale", (1,), np.float64)
+            self._kernel("loss_rows_scaled_kernel_for", d_kind, scaled)[launch](
+                loss, act, float(alpha), Z, y, A, delta, rows, scale)
+        self._kernel("sum_kernel_for", Z.dtype.name)[1, self.k.REDUCE_THREADS](rows, 1.0 / N, loss_out)
 
     # ---- the training loop's ops (numba_loop_kernels.py): nothing here waits for the host ---------------------
     # Every scalar that changes from step to step (the step count, the settings, the cursor, the guard) is read
@@ -334,3 +407,14 @@ class NumbaBackend(Backend):
         work = A.size if loss == self.loop.BCE else A.shape[0] if loss == self.loop.SOFTMAX_CE else 0
         self.loop.record_step_kernel[self.loop.loop_blocks(work), self.loop.LOOP_THREADS](
             int(loss), self._device(loss_out), A, self._device(Y), guard, self._loop_flags())
+
+    # ---- fp16 dynamic loss scaling (gpubp/loss_scale.py): nothing here waits for the host either ---------------
+    def unscale_gradients(self, loss_out, grads, scaler, guard):
+        grads = self._device(grads)
+        if np.dtype(grads.dtype) != np.float32:   # loss scaling is fp16's, and fp16 models are float32
+            raise ValueError(f"unscale_gradients: expected float32 gradients, got {grads.dtype}")
+        self.loop.unscale_gradients_kernel[self.loop.loop_blocks(grads.size), self.loop.LOOP_THREADS](
+            self._device(loss_out), grads, self._device(scaler), guard, self._loop_flags())
+
+    def update_scale(self, scaler, guard):
+        self.loop.update_scale_kernel[1, 1](self._device(scaler), guard)

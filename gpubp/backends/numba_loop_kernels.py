@@ -33,6 +33,7 @@ import numpy as np
 from numba import cuda
 
 from .. import guard as G
+from .. import loss_scale as S
 from .. import losses
 
 SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
@@ -40,6 +41,10 @@ SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
 FAULT, FAULT_STEP, FAULT_INDEX, SKIPPED, STEP = G.FAULT, G.FAULT_STEP, G.FAULT_INDEX, G.SKIPPED, G.STEP
 LOSS_SUM, CORRECT, ROWS, RING, RING_SIZE = G.LOSS_SUM, G.CORRECT, G.ROWS, G.RING, G.RING_SIZE
 LOSS_FAULT, GRADIENT_FAULT, PARAMS_FAULT, STATE_FAULT = G.LOSS, G.GRADIENT, G.PARAMS, G.STATE
+OVERFLOW_FAULT, NO_FAULT = G.OVERFLOW, G.NONE
+SCALE, GOOD, OVERFLOWS, GROWTH_INTERVAL, GROWTH, BACKOFF = (S.SCALE, S.GOOD, S.OVERFLOWS, S.GROWTH_INTERVAL,
+                                                            S.GROWTH, S.BACKOFF)
+MAX_SCALE = S.MAX_SCALE
 BCE, SOFTMAX_CE = losses.BCE, losses.SOFTMAX_CE
 
 # ---- the scratch `flags` (int64, FLAGS_SIZE) ---------------------------------------------------------------
@@ -157,6 +162,78 @@ def guard_gradients_kernel(loss_out, grads, guard, flags):
             guard[FAULT] = GRADIENT_FAULT
             guard[FAULT_STEP] = guard[STEP]
             guard[FAULT_INDEX] = bad
+
+
+# ---- fp16 dynamic loss scaling (gpubp/loss_scale.py) ----------------------------------------------------------
+@cuda.jit
+def unscale_gradients_kernel(loss_out, grads, scaler, guard, flags):
+    """guard_gradients for a loss-scaled step. If guard[FAULT] is set: guard[SKIPPED] += 1 and nothing else. Else
+    a non-finite loss_out[0] sets FAULT = LOSS, FAULT_INDEX = -1 (a real fault; the gradients are left alone);
+    else every gradient is unscaled in place, grads[i] = grads[i] · float32(1/S), a float32 product (the
+    numpy backend's `grads *= float32(1 / S)`; exact for a power-of-two S short of float32's subnormals), and a
+    non-finite result (the scaled δ overflowed) sets FAULT = OVERFLOW, FAULT_INDEX = its smallest flat index;
+    FAULT_STEP = guard[STEP] with either. The update then skips the step; update_scale clears OVERFLOW.
+    loss_out (1,) and grads (P,) flat float32 (fp16 models are float32), scaler (loss_scale.SIZE,) float64.
+    Launch: 1-D grid-stride over P
+    (loop_blocks); each thread unscales all its elements, keeps its first non-finite one and atomic-mins it
+    into flags[BAD_GRADIENT]; the last block to finish commits. Traffic: grads read and written once (not
+    touched after a fault or with a non-finite loss), S read once per thread."""
+    if guard[FAULT] != 0:
+        if cuda.grid(1) == 0:
+            guard[SKIPPED] += 1
+        return
+    loss_finite = math.isfinite(loss_out[0])
+    if loss_finite:
+        inverse = np.float32(1.0 / scaler[SCALE])
+        bad = NO_INDEX
+        start, stride = cuda.grid(1), cuda.gridsize(1)
+        for i in range(start, grads.size, stride):
+            grads[i] = grads[i] * inverse
+            if bad == NO_INDEX and not math.isfinite(grads[i]):   # the stored value: overflow to inf counts
+                bad = i
+        if bad != NO_INDEX:
+            cuda.atomic.min(flags, BAD_GRADIENT, bad)
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.atomic.add(flags, TICKETS, 1) == cuda.gridDim.x - 1:
+        bad = cuda.atomic.exch(flags, BAD_GRADIENT, NO_INDEX)
+        flags[TICKETS] = 0
+        if not loss_finite:
+            guard[FAULT] = LOSS_FAULT
+            guard[FAULT_STEP] = guard[STEP]
+            guard[FAULT_INDEX] = -1
+        elif bad != NO_INDEX:
+            guard[FAULT] = OVERFLOW_FAULT
+            guard[FAULT_STEP] = guard[STEP]
+            guard[FAULT_INDEX] = bad
+
+
+@cuda.jit
+def update_scale_kernel(scaler, guard):
+    """The loss scaler's rule (gpubp/loss_scale.update), after the update, before record_step:
+        guard[FAULT] == OVERFLOW: FAULT = NONE, FAULT_STEP = 0, FAULT_INDEX = -1 and guard[STEP] += 1 (the step
+                                  is taken, its update skipped: record_step then records its loss);
+                                  S = S·BACKOFF, GOOD = 0, OVERFLOWS += 1
+        guard[FAULT] == NONE:     GOOD += 1; when GOOD reaches GROWTH_INTERVAL: S = min(S·GROWTH, MAX_SCALE),
+                                  GOOD = 0
+        any other fault:          nothing (the host reports it)
+    scaler (loss_scale.SIZE,) and guard float64. Launch: grid 1, block 1. Traffic: a few scalars."""
+    if cuda.grid(1) != 0:
+        return
+    fault = guard[FAULT]
+    if fault == OVERFLOW_FAULT:
+        guard[FAULT] = NO_FAULT
+        guard[FAULT_STEP] = 0
+        guard[FAULT_INDEX] = -1
+        guard[STEP] += 1
+        scaler[SCALE] = scaler[SCALE] * scaler[BACKOFF]
+        scaler[GOOD] = 0
+        scaler[OVERFLOWS] += 1
+    elif fault == NO_FAULT:
+        scaler[GOOD] += 1
+        if scaler[GOOD] >= scaler[GROWTH_INTERVAL]:
+            scaler[SCALE] = min(scaler[SCALE] * scaler[GROWTH], MAX_SCALE)
+            scaler[GOOD] = 0
 
 
 # ---- the guarded updates -----------------------------------------------------------------------------------------
@@ -374,6 +451,13 @@ def launch_table():
                 # loss, loss_out, A, Y, guard, flags
                 (record_step_kernel, (i64, vec, mat, mat, gvec, ivec))):
             table.append(KernelLaunch(kernel.py_func.__name__, dtype_name, kernel, argtypes))
+    # the fp16 loss scaler's (float32 models only): loss_out, grads, scaler, guard, flags; scaler, guard
+    table.append(KernelLaunch("unscale_gradients_kernel", "float32", unscale_gradients_kernel,
+                              (numba.float32[::1], numba.float32[::1], gvec, gvec, ivec)))
+    table.append(KernelLaunch("update_scale_kernel", "float32", update_scale_kernel, (gvec, gvec)))
+    # zeros() of a 16-bit storage buffer (hidden A and δ of bf16/fp16: backends.base.Backend.storage_dtype)
+    for dt in (numba.types.float16, numba.uint16):
+        table.append(KernelLaunch("fill_kernel", str(dt), fill_kernel, (dt[::1], i64)))
     # dtype-free kernels, and zeros() of an int64 buffer (the optimizer's step count)
     table.append(KernelLaunch("fill_kernel", "int64", fill_kernel, (ivec, i64)))
     table.append(KernelLaunch("flags_init_kernel", "int64", flags_init_kernel, (ivec,)))
