@@ -455,6 +455,7 @@ def test_network_gradients_and_steps_match_the_numpy_backend(backend, precision,
     from gpubp.backends.numpy_backend import NumpyBackend
     X = rng.standard_normal((37, 7))
     y = rng.integers(0, 3, 37)
+    backend.use_graphs = True   # whatever GPUBP_CUDA_GRAPHS says: the capture is part of what is checked
     nets = {"cupy": _net(backend, precision), "numpy": _net(NumpyBackend(), precision)}
     grads = {k: net.gradients(X, y, loss="softmax_ce") for k, net in nets.items()}
     for got, want in zip(grads["cupy"], grads["numpy"]):
@@ -465,6 +466,10 @@ def test_network_gradients_and_steps_match_the_numpy_backend(backend, precision,
         opt = gpubp.Adam(net, lr=1e-2)
         curves[k] = [net.train_step(X, y, "softmax_ce", opt) for _ in range(4)]
     np.testing.assert_allclose(curves["cupy"], curves["numpy"], rtol=2e-3)
+    # the steps after the first replayed a captured CUDA graph (the emulator records the launches, then replays
+    # them): conversions into scratch, the scaler's kernels and all
+    assert not backend.graph_errors
+    assert any(isinstance(state, tuple) for state in backend._steps.values())
     for got, want in zip(nets["cupy"].get_params(), nets["numpy"].get_params()):
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=2e-2, atol=2e-3 * np.abs(want[key]).max())
