@@ -26,12 +26,7 @@ struct TcStoreEpilogue {
     }
 };
 
-// Blocks per SM asked of the register allocator: 2 (<= 128 registers a thread: 64 accumulators, fragments,
-// addresses), except for tf32 with a D-contiguous operand, whose fragments come from scalar shared loads
-// (ldmatrix.trans moves 16-bit elements only), each with its swizzled address: at 128 registers ptxas spills
-// them (112-148 bytes, sm_90/sm_80), so they get 1 block (8 warps) an SM for now.
-#define TC_GEMM_MIN_BLOCKS(P, A_KCONTIG, B_KCONTIG) (sizeof(typename P::Storage) == 4 && !((A_KCONTIG) && (B_KCONTIG)) ? 1 : 2)
-
+// TC_GEMM_MIN_BLOCKS (gemm_tc.cuh): 2 blocks an SM, 1 for tf32 with a D-contiguous operand
 template <typename P, bool A_KCONTIG, bool B_KCONTIG>
 __global__ void __launch_bounds__(TcGemmShape<P>::THREADS, TC_GEMM_MIN_BLOCKS(P, A_KCONTIG, B_KCONTIG))
 gemm_tc_kernel(const typename P::Storage* __restrict__ A, int lda, const typename P::Storage* __restrict__ B,

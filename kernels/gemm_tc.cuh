@@ -56,17 +56,32 @@
 // scalar fragment loads) and runs 1 block an SM (gemm_tc.cu's TC_GEMM_MIN_BLOCKS). These are design
 // numbers: nothing here has been run on a GPU or timed yet.
 //
-// Later steps (not in this file yet): the dense-layer epilogues (they plug into tc_gemm_store_tile as
-// gemm.cuh's do: bias + activation for forward, the derivative mask for input_grad, db from the δ tiles in
-// shared memory for weight_grad, split-K for weight_grad's long K = batch); producer-side rounding (epilogues
-// that write bf16/fp16/tf32 activations, so tf32 fragments need no cvt); tf32 D-contiguous operands through
-// registers into a K-contiguous shared layout (ldmatrix again, 2 blocks an SM). wgmma (sm_90a) would replace
-// mma.sync + ldmatrix: warpgroup (128-thread) MMAs reading B (and optionally A) straight from shared memory
-// through matrix descriptors, which need the canonical 32/64/128-byte swizzled layouts, fed by TMA
-// (cp.async.bulk.tensor with a CUtensorMap built on the host: driver API, cuTensorMapEncodeTiled) and
-// mbarrier-based stage handshakes instead of cp.async groups; compiled for sm_90a (arch-specific: a separate
-// NVRTC target, with the mma.sync path kept for sm_80), with dynamic shared memory above 48 KiB
-// (cudaFuncSetAttribute) for 4+ stages of 128x256 tiles.
+// The dense-layer epilogues (issue 12, step 2) are in kernels/dense_tc.cu: they plug into tc_gemm_store_tile
+// as gemm.cuh's do (bias + activation for forward, the derivative mask for input_grad, 16-bit or float32
+// stores), and weight_grad's db is summed from the δ tiles in shared memory through tc_gemm_block_tile's slice
+// hook (split-K by moving the operands' base pointers, no change here).
+// Later steps: W's 16-bit copy written by the optimizer's update (no conversion pass per GEMM); tf32
+// producer-side rounding (epilogues that write tf32-rounded activations, so tf32 fragments need no cvt); tf32
+// D-contiguous operands through registers into a K-contiguous shared layout (ldmatrix again, 2 blocks an SM).
+//
+// wgmma and TMA (sm_90a; what it would take, not done): wgmma.mma_async replaces mma.sync + ldmatrix: a
+// warpgroup (4 warps, 128 threads) issues m64nNk16 MMAs (N up to 256) that read B, and A too if wanted,
+// straight from shared memory through 64-bit matrix descriptors (start address, leading and stride byte
+// offsets, swizzle mode), so the shared layout must be one of the canonical 32/64/128-byte swizzles the
+// descriptor names (ours is a 16-byte-chunk XOR of our own: it would be replaced), and accumulators stay in
+// registers (64x256 fp32 over 128 threads: 128 a thread, hence 2 consumer warpgroups of 64 rows for a 128-row
+// tile); wgmma.fence / commit_group / wait_group order the asynchronous MMAs. Tiles come in by TMA,
+// cp.async.bulk.tensor.2d with a CUtensorMap per operand built on the host (driver API cuTensorMapEncodeTiled:
+// CuPy exposes no wrapper, so a small ctypes call into libcuda, and a map per (array, shape) to cache, which
+// a CUDA graph must keep alive), one thread issuing a whole tile, completion counted on an mbarrier per stage
+// (mbarrier.try_wait.parity in place of cp.async.wait_group + __syncthreads); a producer warp and consumer
+// warpgroups (setmaxnreg to move registers to the consumers) instead of every warp doing both. Shared memory:
+// 4-5 stages of 128x64 A + 256x64 B bf16 tiles are ~200 KiB, dynamic (cudaFuncSetAttribute
+// MaxDynamicSharedMemorySize, above the 48 KiB static limit the emulation enforces). It compiles only for
+// sm_90a (arch-specific: NVRTC -arch=sm_90a, a separate module), with this mma.sync path kept for sm_80 and as
+// the fallback; the emulation would need wgmma's and TMA's semantics written out as tensor_core_cpu.h does for
+// mma.sync. Why bother: on sm_90 mma.sync cannot keep the tensor cores at their peak rate, wgmma can (it is
+// what cuBLAS runs there); bench/'s gemm row (ours against cupy.matmul in the same precision) measures the gap.
 #ifndef GPUBP_GEMM_TC_CUH
 #define GPUBP_GEMM_TC_CUH
 
@@ -77,6 +92,7 @@
 
 struct TcBf16 {
     typedef unsigned short Storage;
+    typedef StoreBf16 Format;   // storage.cuh: how a stored operand decodes to float (and floats encode)
     static constexpr int MMA_K = 16;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_bf16_m16n8k16(acc, a, b);
@@ -87,6 +103,7 @@ struct TcBf16 {
 
 struct TcFp16 {
     typedef unsigned short Storage;
+    typedef StoreFp16 Format;
     static constexpr int MMA_K = 16;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_f16_m16n8k16(acc, a, b);
@@ -100,6 +117,7 @@ struct TcFp16 {
 // one cvt (sm_90) per register. A producer kernel that writes tf32-rounded data could skip it (later step).
 struct TcTf32 {
     typedef float Storage;
+    typedef StoreF32 Format;    // stored as float32, not rounded: the GEMM rounds its fragments
     static constexpr int MMA_K = 8;
     __device__ __forceinline__ static void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
         mma_tf32_m16n8k8(acc, a, b);
@@ -130,6 +148,13 @@ struct TcGemmShape {
     static_assert((BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "whole chunks a thread");
     static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
 };
+
+// Blocks per SM asked of the register allocator (__launch_bounds__'s second argument) by every kernel on this
+// core: 2 (<= 128 registers a thread: 64 accumulators, fragments, addresses), except for tf32 with a
+// D-contiguous operand, whose fragments come from scalar shared loads (ldmatrix.trans moves 16-bit elements
+// only), each with its swizzled address: at 128 registers ptxas spills them (112-148 bytes, sm_90/sm_80), so
+// they get 1 block (8 warps) an SM for now.
+#define TC_GEMM_MIN_BLOCKS(P, A_KCONTIG, B_KCONTIG) (sizeof(typename P::Storage) == 4 && !((A_KCONTIG) && (B_KCONTIG)) ? 1 : 2)
 
 // One operand's slice in shared memory (D = BM or BN rows of the tile's m or n, by BK of k), its copy from
 // global memory and its fragments. A K-contiguous operand is stored as D rows of 64 bytes (its k run);
@@ -194,6 +219,12 @@ struct TcOperandTile {
         return *reinterpret_cast<const unsigned*>(tile + offset(k, d / 4) + (d % 4) * 4);
     }
 
+    // element (k, d) of a D-contiguous tile, any storage (weight_grad's db reads δ's tile through it)
+    __device__ __forceinline__ static Storage value(const unsigned char* tile, int k, int d) {
+        static_assert(!KCONTIG, "k-rows of a D-contiguous tile");
+        return *reinterpret_cast<const Storage*>(tile + offset(k, d / S::VEC) + (d % S::VEC) * sizeof(Storage));
+    }
+
     // The A fragment (4 registers) of the 16 x MMA_K block at tile row m, k-step ks (layouts at the top).
     //   K-contiguous: ldmatrix.x4, matrices (rows +0, chunk +0), (+8, +0), (+0, +1), (+8, +1) = a0..a3
     //   D-contiguous 16-bit: ldmatrix.x4.trans of k-rows, matrices (m +0, k +0), (+8, +0), (+0, +8), (+8, +8)
@@ -237,12 +268,20 @@ struct TcOperandTile {
 // ---------------------------------------------------------------------------------------------------------
 // One block's tile: acc[mi][ni] = the 16x8 mma tile (mi, ni) of this warp (C/D fragment layout) of
 // Σ_{k < K} A(m, k) B(n, k) over the block tile at (m0, n0). Every thread of the block must call it.
+// hook(As, tid) runs once per slice, by every thread, while slice s's A tile As (BM x BK, zero past M and K)
+// is in shared memory and published (after the slice's barrier, before the next one): weight_grad's db sums
+// δ from it (dense_tc.cu). The default does nothing.
 
-template <typename P, typename S, bool A_KCONTIG, bool B_KCONTIG>
+struct TcNoSliceHook {
+    __device__ __forceinline__ void operator()(const unsigned char*, int) {}
+};
+
+template <typename P, typename S, bool A_KCONTIG, bool B_KCONTIG, typename SliceHook = TcNoSliceHook>
 __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __restrict__ A, long long lda,
                                                    const typename P::Storage* __restrict__ B, long long ldb,
                                                    int M, int N, int K, int m0, int n0,
-                                                   float (&acc)[S::MI][S::NI][4]) {
+                                                   float (&acc)[S::MI][S::NI][4],
+                                                   SliceHook hook = SliceHook()) {
     __shared__ __align__(128) unsigned char smem[S::SMEM_BYTES];
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -282,6 +321,7 @@ __device__ __forceinline__ void tc_gemm_block_tile(const typename P::Storage* __
 
         const unsigned char* As = smem + (s % S::STAGES) * S::STAGE_BYTES;
         const unsigned char* Bs = As + S::BM * S::ROW_BYTES;
+        hook(As, tid);
 #pragma unroll
         for (int ks = 0; ks < S::K_STEPS; ++ks) {
             // All of the k-step's B fragments (NI x 2 registers), then A one m16 tile at a time (4 registers

@@ -16,8 +16,9 @@ enum {
     GUARD_LOSS_SUM = 5, GUARD_CORRECT = 6, GUARD_ROWS = 7, GUARD_RING = 8, GUARD_RING_SIZE = 1024
 };
 
-// fault codes: FAULT_STATE + k names optimizer state buffer k
-enum { FAULT_NONE = 0, FAULT_LOSS = 1, FAULT_GRADIENT = 2, FAULT_PARAMS = 3, FAULT_STATE = 4 };
+// fault codes: FAULT_STATE + k names optimizer state buffer k; FAULT_OVERFLOW is the fp16 loss scaler's
+// (loss_scale.cu: set by unscale_gradients, cleared by update_scale in the same step)
+enum { FAULT_NONE = 0, FAULT_LOSS = 1, FAULT_GRADIENT = 2, FAULT_PARAMS = 3, FAULT_STATE = 4, FAULT_OVERFLOW = -1 };
 
 // "no bad element": above every index, and exact as a double (2^62), so it survives any path that carries
 // an int64 through a double (the CPU emulation's warp shuffles do)

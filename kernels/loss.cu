@@ -9,6 +9,12 @@
 // The stable forms: BCE never takes log(σ), softmax shifts by the row max, so logits of ±1e4 stay finite.
 // Loss terms are summed in double whatever T is (as the reference does).
 //
+// Mixed precision (issue 12): loss_grad_stored_kernel<F> is the same for float32 Z, y, A with δ written in
+// storage format F (storage.cuh: StoreF32, StoreBf16, StoreFp16 raw bits) and, with has_scale, multiplied by
+// the fp16 loss scale S = scale[0] (a device float64, gpubp/loss_scale.py) before it is stored:
+//   δ = encode_F(S · ∂L/∂Z), S · (the float32 δ above) in float32 (exact: S is a power of two, unless it
+//   overflows, which is what the scaler looks for). The loss itself is never scaled.
+//
 // loss_grad_kernel: one warp per row (lanes stride over the C columns; the softmax row max and row sum are
 // warp butterflies), 8 rows per 256-thread block, grid-stride over rows; each block writes its partial sum
 // of loss terms to block_sums[blockIdx.x] (warps added in a fixed order). loss_reduce_kernel, one block,
@@ -16,25 +22,35 @@
 // run for a given grid (the backend fixes the grid from the shape).
 // Memory traffic: reads Z and y, writes A and δ: 4·N·C elements (softmax reads Z three times, from L1/L2).
 #include "common.cuh"
+#include "storage.cuh"
 
 enum { LOSS_MSE = 0, LOSS_BCE = 1, LOSS_SOFTMAX_CE = 2 };
 
 // ---------------------------------------------------------------------------------------------------------
 
+// δ stored as T itself (the float32 and float64 models' path)
 template <typename T>
-__global__ void __launch_bounds__(256)
-loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, const T* __restrict__ y, T* A,
-                 T* delta, double* block_sums, int N, int C) {
+struct StoreSame {
+    typedef T Bits;
+    __device__ __forceinline__ static T encode(T x) { return x; }
+};
+
+// The body of both kernels: F is δ's format, s the loss scale (has_scale false: δ is not multiplied at all).
+template <typename T, typename F>
+__device__ __forceinline__ void loss_grad_rows(int loss, int act, double alpha_d, const T* __restrict__ Z,
+                                               const T* __restrict__ y, T* A, typename F::Bits* delta,
+                                               double* block_sums, int N, int C, bool has_scale, T s) {
     __shared__ double warp_sums[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const T alpha = T(alpha_d);
     double sum = 0.0;  // this lane's loss terms
+    auto store = [&](typename F::Bits* p, T d) { *p = F::encode(has_scale ? d * s : d); };
 
     for (long long row = (long long)blockIdx.x * warps + warp; row < N; row += (long long)gridDim.x * warps) {
         const T* z = Z + row * C;
         const T* t = y + row * C;
         T* a = A + row * C;
-        T* d = delta + row * C;
+        typename F::Bits* d = delta + row * C;
         if (loss == LOSS_MSE) {
             for (int c = lane; c < C; c += 32) {
                 const T zc = z[c];
@@ -42,7 +58,7 @@ loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, con
                 const T diff = ac - t[c];
                 sum += (double)diff * (double)diff;
                 a[c] = ac;
-                d[c] = activation_mask(act, diff / T(N), zc, ac, alpha);
+                store(d + c, activation_mask(act, diff / T(N), zc, ac, alpha));
             }
         } else if (loss == LOSS_BCE) {
             for (int c = lane; c < C; c += 32) {
@@ -51,7 +67,7 @@ loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, con
                 const double zd = zc;
                 sum += (zd > 0.0 ? zd : 0.0) - zd * (double)t[c] + log1p(exp(-fabs(zd)));
                 a[c] = ac;
-                d[c] = (ac - t[c]) / T((long long)N * C);
+                store(d + c, (ac - t[c]) / T((long long)N * C));
             }
         } else {  // LOSS_SOFTMAX_CE
             T row_max = z[0];
@@ -65,7 +81,7 @@ loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, con
                 const T p = exp_t(log_p);
                 sum -= (double)(t[c] * log_p);
                 a[c] = p;
-                d[c] = (p - t[c]) / T(N);
+                store(d + c, (p - t[c]) / T(N));
             }
         }
     }
@@ -79,6 +95,23 @@ loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, con
         for (int w = 0; w < warps; ++w) block_sum += warp_sums[w];
         block_sums[blockIdx.x] = block_sum;
     }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, const T* __restrict__ y, T* A,
+                 T* delta, double* block_sums, int N, int C) {
+    loss_grad_rows<T, StoreSame<T>>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, false, T(1));
+}
+
+// scale is read only when has_scale != 0 (pass any valid pointer otherwise)
+template <typename F>
+__global__ void __launch_bounds__(256)
+loss_grad_stored_kernel(int loss, int act, double alpha_d, const float* __restrict__ Z, const float* __restrict__ y,
+                        float* A, typename F::Bits* delta, double* block_sums, int N, int C,
+                        const double* __restrict__ scale, int has_scale) {
+    loss_grad_rows<float, F>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, has_scale != 0,
+                             has_scale ? static_cast<float>(scale[0]) : 1.0f);
 }
 
 // One block of 256 threads: loss_out[0] = scale · Σ block_sums[0 .. count), in a fixed order.

@@ -4,7 +4,7 @@
 //   ldmatrix_x4 / ldmatrix_x4_trans                          four 8x8 b16 matrices: shared -> fragments
 //   cp_async_16 (zero fill past src_bytes), cp_async_commit, cp_async_wait<N>
 //   tf32_round                                               float32 -> tf32, round to nearest EVEN
-//   float_bits / float_from_bits                             a float's bit pattern and back
+//   (float_bits / float_from_bits, a float's bit pattern and back: storage.cuh)
 //
 // PTX ISA (9.0) sections relied on: "Warp-level matrix multiply-accumulate instructions" (mma.sync with
 // .m16n8k16 .bf16/.f16 and .m16n8k8 .tf32, fp32 C/D; the fragment layouts are in its subsections "Matrix
@@ -22,10 +22,10 @@
 #ifndef GPUBP_TENSOR_CORE_CUH
 #define GPUBP_TENSOR_CORE_CUH
 
-#ifndef GPUBP_TENSOR_CORE_EMULATED
+// storage.cuh: float_bits / float_from_bits, and the bf16/fp16 storage formats
+#include "storage.cuh"
 
-__device__ __forceinline__ unsigned float_bits(float x) { return __float_as_uint(x); }
-__device__ __forceinline__ float float_from_bits(unsigned u) { return __uint_as_float(u); }
+#ifndef GPUBP_TENSOR_CORE_EMULATED
 
 // The 32-bit shared-state-space address of a generic pointer to shared memory (what ldmatrix and cp.async's
 // destination take: 32-bit registers, cheaper than 64-bit generic addresses).

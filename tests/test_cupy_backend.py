@@ -417,3 +417,79 @@ def test_fit_moves_data_once_per_epoch_not_per_step(rng):
 
     one, three = counters_after(1), counters_after(3)
     assert (three["h2d"] - one["h2d"], three["d2h"] - one["d2h"], three["sync"] - one["sync"]) == (4, 2, 2)
+
+
+# ---- mixed precision (issue 12): kernels/dense_tc.cu and storage.cuh's cvt paths, on the GPU --------------------
+def _stored_on_device(x, precision):
+    """x in the cupy backend's storage for precision (uint16 bf16 bits, float16, float32), on the device."""
+    from gpubp import precision as prec
+    values = prec.to_storage(x, precision)
+    return cb.cp.asarray(values.view(np.float16) if precision == "fp16" else values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(4096, 1024, 1024), (1000, 777, 333), (65536, 64, 64), (3, 2049, 1001)], ids=str)
+def test_tensor_core_ops_at_gpu_sizes(be, precision, shape, rng):
+    """Forward (16-bit hidden A), the masked input_grad (tanh, from the stored A_prev) and weight_grad (split K
+    for the long batch) against gpubp.precision's reference, with test_cupy_tc_emulated.py's bounds."""
+    import test_cupy_tc_emulated as T
+    from gpubp import precision as prec
+    N, n_in, n_out = shape
+    X = rng.standard_normal((N, n_in)).astype(np.float32)
+    W = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    fmt = T.stored_format(precision)
+    sdtype = be.storage_dtype(precision)
+    Z, A = poisoned((N, n_out), np.float32), cb.cp.full((N, n_out), 0x7FFF, np.uint16).view(sdtype) \
+        if sdtype != np.float32 else poisoned((N, n_out), np.float32)
+    be.dense_forward(put(X, np.float32), put(W, np.float32), put(b, np.float32), acts.TANH, 0.0, Z, A, precision)
+    Z_host = be.to_numpy(Z)
+    Z_ref = prec.reference_gemm(X, W, precision).astype(np.float64) + b
+    T.assert_within(Z_host, Z_ref, T.tc_tol(X, W, precision) + 2 * T.U32 * np.abs(Z_ref), "Z")
+    A_ref = np.tanh(Z_host)
+    A_host = T.decode(be.to_numpy(A), fmt)
+    T.assert_within(A_host, prec.round_operand(A_ref, fmt), T.format_ulp(A_ref, fmt) + 4 * T.U32 * np.abs(A_ref), "A")
+    delta = (rng.standard_normal((N, n_in)) * 1e-2).astype(np.float32)   # the δ of a layer (in -> n_in) after
+    W2 = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_out)).astype(np.float32)   # ... this one: (n_in, n_out)
+    d_dev = _stored_on_device(delta, precision)
+    out = cb.cp.empty((N, n_out), sdtype)
+    be.input_grad_masked(d_dev, put(W2, np.float32), Z, A, acts.TANH, 0.0, out, precision)
+    d_host = T.decode(be.to_numpy(d_dev), fmt)
+    product = prec.reference_gemm(d_host, W2.T, precision).astype(np.float64)
+    mask = 1 - A_host.astype(np.float64) ** 2
+    expected = (product * mask).astype(np.float32)
+    T.assert_within(T.decode(be.to_numpy(out), fmt), prec.round_operand(expected, fmt),
+                    mask * T.tc_tol(d_host, W2.T, precision) + T.format_ulp(expected, fmt) + 2 * T.U32 * np.abs(expected),
+                    "δ_prev")
+    dW, db = poisoned((n_in, n_out), np.float32), poisoned(n_in, np.float32)
+    be.weight_grad(d_dev, A, dW, db, precision=precision)
+    dW_ref = prec.reference_gemm(d_host.T, A_host.T, precision).astype(np.float64)
+    T.assert_within(be.to_numpy(dW), dW_ref, T.tc_tol(d_host.T, A_host.T, precision) + T.U32 * np.abs(dW_ref), "dW")
+    T.assert_within(be.to_numpy(db), d_host.astype(np.float64).sum(axis=0),
+                    (N + 1) * T.U32 * np.abs(d_host).astype(np.float64).sum(axis=0), "db")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_storage_conversions_on_gpu(be, precision, rng):
+    """The cvt instructions storage.cuh uses on a GPU (the emulation runs its integer versions): float32 ->
+    bf16/fp16 bit for bit as numpy rounds, and every 16-bit pattern decoded as numpy decodes it."""
+    import test_cupy_tc_emulated as T
+    from test_tc_gemm import probe_source
+    from gpubp import precision as prec
+    x = T.special_floats(rng)
+    got = be.to_numpy(be._operand(put(x, np.float32), precision, "X"))[:x.size]
+    with np.errstate(over="ignore"):
+        expected = prec.to_storage(x, precision)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], expected[finite])
+    assert np.isnan(T.decode(got[~finite], precision)).all()
+    name = f"storage_decode_probe_kernel<{cuda_sources.STORE_FORMATS[precision]}>"
+    module = cb.cp.RawModule(code=probe_source(), options=cuda_sources.OPTIONS, name_expressions=[name])
+    bits = np.arange(2**16, dtype=np.uint16)
+    out = poisoned(bits.shape, np.float32)
+    module.get_function(name)((256,), (256,), (cb.cp.asarray(bits), out, np.int64(bits.size)))
+    decoded, want = be.to_numpy(out), T.decode(bits, precision)
+    np.testing.assert_array_equal(np.isnan(decoded), np.isnan(want))
+    np.testing.assert_array_equal(decoded[~np.isnan(want)], want[~np.isnan(want)])

@@ -634,7 +634,7 @@ def ptxas_report(arch):
     import test_kernels_compile as compile_tests
     if compile_tests.NVRTC is None:
         pytest.skip(str(compile_tests.NVRTC_MISSING))
-    lowered, log = compile_tests.compiled("fused_mlp.cu", arch)
+    lowered, log = compile_tests.nvrtc_compile("fused_mlp.cu", arch)
     by_symbol = {symbol: name for name, symbol in lowered.items()}
     report = {}
     for block in log.split("Compiling entry function '")[1:]:

@@ -128,13 +128,18 @@ def test_every_kernel_has_name_expressions(filename):
     for kernel in kernels:
         instances = [n for n in names if n == kernel or n.startswith(kernel + "<")]
         assert instances, f"{kernel} has no name expression"
-        if instances != [kernel] and not all(n.startswith(kernel + "<Tc") for n in instances):
-            assert any("<float" in n for n in instances) and any("<double" in n for n in instances)
-        elif instances != [kernel]:   # a tensor-core kernel: instances for every operand precision it takes
+        first_args = {n[len(kernel) + 1:].split(",")[0].rstrip(">") for n in instances if n != kernel}
+        if instances == [kernel]:
+            continue
+        if all(n.startswith(kernel + "<Tc") for n in instances):   # tensor-core: every operand precision
             fused = kernel.startswith("fused_mlp_")   # 16-bit only (gpubp/fused.py)
             precisions = cuda_sources.FUSED_PRECISIONS if fused else cuda_sources.TC_PRECISIONS
-            assert {n[len(kernel) + 1:].split(",")[0].rstrip(">") for n in instances} == \
-                {cuda_sources.TC_PRECISIONS[p] for p in precisions}
+            assert first_args == {cuda_sources.TC_PRECISIONS[p] for p in precisions}
+        elif all(n.startswith(kernel + "<Store") for n in instances):   # a storage format's (storage.cuh)
+            assert first_args <= set(cuda_sources.STORE_FORMATS.values()) and \
+                {"StoreBf16", "StoreFp16"} <= first_args
+        else:
+            assert any("<float" in n for n in instances) and any("<double" in n for n in instances)
 
 
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
@@ -148,10 +153,10 @@ def test_headers_are_pasted_into_the_source(filename):
 
 
 @functools.cache
-def compiled(filename, arch):
-    """(lowered names, log) of one kernels/*.cu through NVRTC with the runtime's options for sm_<arch> and
-    ptxas's report (-v, which changes nothing in the code): one compile a file and arch per session, shared by
-    the tests here and those that read ptxas's numbers (test_fused_mlp.py)."""
+def nvrtc_compile(filename, arch):
+    """({name expression: lowered name}, NVRTC's log with ptxas's report) of one file for sm_<arch>, with the
+    runtime's options plus --ptxas-options=-v: compiled once per process (the tensor-core files take ~1 min an
+    arch on 2 cores), shared by the tests here and test_tc_gemm.py's register checks."""
     source, _, names = cuda_sources.module_source(filename)
     return NVRTC.compile(source, filename, cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"], names)
 
@@ -160,23 +165,50 @@ def compiled(filename, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
 def test_nvrtc_compiles_every_kernel(filename, arch):
-    _, _, names = cuda_sources.module_source(filename)
-    lowered, _ = compiled(filename, arch)
+    names = cuda_sources.name_expressions(filename)
+    lowered, _ = nvrtc_compile(filename, arch)
     for name in names:
         assert lowered[name], f"{name} did not lower"
         assert lowered[name] == name or lowered[name].startswith("_Z"), lowered[name]
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", cuda_sources.KERNEL_FILES)
-def test_no_kernel_spills_registers_on_sm90(filename):
+def test_no_kernel_spills_registers(filename, arch):
     """A spill puts the GEMM accumulators in local memory and costs most of the speed: the register budgets
-    of gemm.cuh's GEMM_MIN_BLOCKS must hold for every instance (ptxas's report, through NVRTC)."""
-    _, _, names = cuda_sources.module_source(filename)
-    _, log = compiled(filename, 90)
+    of gemm.cuh's GEMM_MIN_BLOCKS and gemm_tc.cuh's TC_GEMM_MIN_BLOCKS must hold for every instance, on sm_90
+    and sm_80 (ptxas's report, through NVRTC: the compile of the test above, not a second one)."""
+    names = cuda_sources.name_expressions(filename)
+    _, log = nvrtc_compile(filename, arch)
     reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(reports) >= len(names), log   # kernels, and device functions ptxas kept apart
     assert all(r == ("0", "0", "0") for r in reports), log
+
+
+# The mixed-precision kernels (issue 12) outside gemm_tc.cu (test_tc_gemm.py compiles that one): every instance,
+# by taking its address in host code (which instantiates a __global__ template for the device too)
+MIXED_PRECISION_UNIT = "\n".join(
+    ['#include "dense_tc.cu"', '#include "loss.cu"', '#include "loss_scale.cu"', "void* const gpubp_instances[] = {"]
+    + [f"    (void*)&{name}," for f in ("dense_tc.cu", "loss.cu", "loss_scale.cu")
+       for name in cuda_sources.name_expressions(f) if "Tc" in name or "Store" in name or f == "loss_scale.cu"]
+    + ["};", ""])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+def test_nvcc_compiles_the_mixed_precision_kernels_to_cubin(tmp_path):
+    """nvcc down to SASS for sm_90 and sm_80 in one run (each arch's ptxas report): every instance assembled,
+    the inline PTX of storage.cuh and tensor_core.cuh included, no spills."""
+    unit = tmp_path / "mixed_precision_instances.cu"
+    unit.write_text(MIXED_PRECISION_UNIT)
+    instances = MIXED_PRECISION_UNIT.count("(void*)&")
+    result = subprocess.run(["nvcc", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-gencode",
+                             "arch=compute_80,code=sm_80", "-c", "-I", str(cuda_sources.kernels_dir()), "-Xptxas",
+                             "-v", str(unit), "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Compiling entry function") >= 2 * instances, result.stderr   # both archs
+    assert "for 'sm_90'" in result.stderr and "for 'sm_80'" in result.stderr, result.stderr
+    assert "spill stores" in result.stderr and not re.search(r"[1-9]\d* bytes spill", result.stderr), result.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")

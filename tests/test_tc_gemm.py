@@ -344,12 +344,11 @@ def test_probe_sees_planted_ldmatrix_bugs(lib, planted, bug, trans):
 def ptxas_report(arch):
     """{name expression: (registers, (stack frame, spill store, spill load bytes), shared bytes)} of gemm_tc.cu
     compiled by NVRTC with the runtime's options for sm_<arch>."""
-    from test_kernels_compile import NVRTC, NVRTC_MISSING
+    from test_kernels_compile import NVRTC, NVRTC_MISSING, nvrtc_compile
     if NVRTC is None:
         pytest.skip(str(NVRTC_MISSING))
-    source, _, names = cuda_sources.module_source("gemm_tc.cu")
-    lowered, log = NVRTC.compile(source, "gemm_tc.cu",
-                                 cuda_sources.runtime_nvrtc_options(arch) + ["--ptxas-options=-v"], names)
+    names = cuda_sources.name_expressions("gemm_tc.cu")
+    lowered, log = nvrtc_compile("gemm_tc.cu", arch)   # test_kernels_compile.py's compile, once a process
     by_symbol = {symbol: name for name, symbol in lowered.items()}
     report = {}
     for block in log.split("Compiling entry function '")[1:]:

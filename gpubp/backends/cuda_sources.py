@@ -14,7 +14,7 @@ import re
 from importlib import resources
 
 KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu", "loop.cu", "gemm_tc.cu",
-                "fused_mlp.cu")
+                "dense_tc.cu", "loss_scale.cu", "fused_mlp.cu")
 
 # Our options. CuPy 14 adds '-ftz=true' itself (flush float32 denormals; tests allow for it), plus an arch
 # option and '--device-as-default-execution-space': see runtime_nvrtc_options.
@@ -36,12 +36,22 @@ _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "optim.cu": ("sgd_update_kernel", "adam_update_kernel"),
                   "loop.cu": ("gather_rows_kernel", "nonfinite_scan_kernel", "guard_gradients_finish_kernel",
                               "count_correct_kernel", "record_step_kernel")}
-_UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("advance_cursor_kernel",)}
+_UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("advance_cursor_kernel",),
+                        "loss_scale.cu": ("unscale_scan_kernel", "unscale_finish_kernel", "update_scale_kernel")}
 # Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double,
 # and (the GEMMs) on the operand layouts (A_KCONTIG, B_KCONTIG) of the three products of a dense layer.
 TC_PRECISIONS = {"bf16": "TcBf16", "fp16": "TcFp16", "tf32": "TcTf32"}
 TC_LAYOUTS = {"forward": (True, True), "input_grad": (True, False), "weight_grad": (False, False)}
 _TC_KERNELS = {"gemm_tc.cu": ("gemm_tc_kernel",)}
+# Storage formats (kernels/storage.cuh) of stored arrays: hidden A and δ of a precision; float32 otherwise.
+STORE_FORMATS = {"fp32": "StoreF32", "tf32": "StoreF32", "bf16": "StoreBf16", "fp16": "StoreFp16"}
+NARROW_FORMATS = ("bf16", "fp16")   # the precisions whose stored arrays are 16-bit
+# The dense-layer tensor-core kernels (dense_tc.cu): each GEMM once per precision (the output format of forward
+# and input_grad is a runtime flag).
+_TC_DENSE_KERNELS = ("dense_forward_tc_kernel", "input_grad_tc_kernel", "weight_grad_tc_kernel")
+# Kernels templated on a storage format alone: (kernel, formats)
+_FORMAT_KERNELS = {"dense_tc.cu": (("to_storage_kernel", NARROW_FORMATS),),
+                   "loss.cu": (("loss_grad_stored_kernel", ("tf32", "bf16", "fp16")),)}
 # The fully fused MLP (issue 13): 16-bit precisions only, one instance per hidden width (gpubp/fused.py).
 FUSED_PRECISIONS = ("bf16", "fp16")
 FUSED_WIDTHS = (16, 32, 48, 64, 128)
@@ -70,10 +80,18 @@ def name_expressions(filename):
     names += list(_UNTEMPLATED_KERNELS.get(filename, ()))
     names += [tc_kernel_name(k, p, layout) for k in _TC_KERNELS.get(filename, ()) for p in TC_PRECISIONS
               for layout in TC_LAYOUTS]
+    if filename == "dense_tc.cu":
+        names += [tc_kernel_name(k, p) for k in _TC_DENSE_KERNELS for p in TC_PRECISIONS]
+    names += [format_kernel_name(k, p) for k, formats in _FORMAT_KERNELS.get(filename, ()) for p in formats]
     names += [fused_kernel_name(k, p, width) for k in _FUSED_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS
               for width in FUSED_WIDTHS]
     names += [tc_kernel_name(k, p) for k in _FUSED_PLAIN_KERNELS.get(filename, ()) for p in FUSED_PRECISIONS]
     return names
+
+
+def format_kernel_name(kernel, precision):
+    """'to_storage_kernel<StoreBf16>': a kernel templated on the storage format of `precision`."""
+    return f"{kernel}<{STORE_FORMATS[precision]}>"
 
 
 def fused_kernel_name(kernel, precision, width):

@@ -17,6 +17,14 @@ Design, in short (the kernels' header comments have the details):
   is capturable as a CUDA graph. `counters` count host transfers and waits (base.py).
 - run_step captures a whole train step as a CUDA graph (after one eager warm-up call) and replays it.
   Switch it off with GPUBP_CUDA_GRAPHS=0 in the environment or `backend.use_graphs = False`.
+- Mixed precision (issue 12, base.py's contract): the GEMM ops take precision="fp32" (today's SIMT kernels,
+  float32 or float64) or "tf32" / "bf16" / "fp16" (kernels/dense_tc.cu on the tensor-core core gemm_tc.cuh).
+  Stored arrays (storage_dtype): float32 for fp32/tf32; bf16 as raw bits in uint16 (CuPy has no bfloat16);
+  fp16 as float16 (CuPy's own, the same bits): so every array's dtype names its format, and loss_grad, which
+  takes no precision, knows what to write into δ. A float32 operand of a 16-bit GEMM (W, the master weights;
+  X, layer 0's input) is converted first (to_storage_kernel, RNE) into scratch kept per role and size.
+  The fp16 loss scaler (loss_grad's scale, unscale_gradients, update_scale: kernels/loss_scale.cu) lives in
+  device memory like the guard: no host synchronisation, capturable.
 """
 import functools
 import math
@@ -32,7 +40,9 @@ except ImportError as exc:  # the module still imports, so available() can say w
     _IMPORT_ERROR = exc
 
 from .. import guard as G
+from .. import loss_scale as LS
 from .. import losses
+from .. import precision as P
 from . import cuda_sources
 from .base import DLPACK_CUDA, Backend, cuda_array_interface, dlpack_device
 
@@ -43,6 +53,10 @@ _MIN_SLICE_ROWS = 256    # ... each of at least this many rows
 _UPDATE_CHECK, _UPDATE_APPLY = 0, 1   # the phases of a guarded update (kernels/optim.cu)
 _NO_INDEX = 2**62        # kernels/guard.cuh GUARD_NO_INDEX: "no bad element" in the bad-index scratch
 _BAD_INDEX_SLOTS = 3     # θ, state 0, state 1 (the gradient scan uses slot 0)
+_TC_TILE = (128, 128, 32)   # gemm_tc.cuh's block tile (BM, BN) and a K step that suits every precision (BK 32/16)
+# 16-bit stored arrays: bf16 as raw bits (CuPy has no bfloat16), fp16 as float16 (the same bits); see storage_dtype
+_NARROW_DTYPES = {"bf16": np.dtype(np.uint16), "fp16": np.dtype(np.float16)}
+_FORMAT_OF_DTYPE = {np.dtype(np.float32): "fp32", np.dtype(np.uint16): "bf16", np.dtype(np.float16): "fp16"}
 
 
 @functools.cache
@@ -175,6 +189,7 @@ class CaptureUnsafe(RuntimeError):
 # ---- the backend -----------------------------------------------------------------------------------------------
 class CupyBackend(Backend):
     name = "cupy"
+    PRECISIONS = P.PRECISIONS   # fp32: the SIMT kernels; tf32, bf16, fp16: kernels/dense_tc.cu (tensor cores)
     real_gpu = True
 
     def __init__(self, deterministic=False):
@@ -294,6 +309,14 @@ class CupyBackend(Backend):
             elementwise_grid(out.size, _sm_count()), (_THREADS,),
             (device_labels, out, np.int64(N), _i32(classes)))
 
+    def storage_dtype(self, precision):
+        """float32 for fp32/tf32; bf16: uint16 (raw bits: CuPy has no bfloat16 dtype); fp16: float16 (CuPy's own
+        type, the same bits). Each 16-bit format has its own dtype, so an op that takes no precision (loss_grad)
+        knows which one its output holds; gpubp.precision.decode reads host copies of both."""
+        if precision not in P.PRECISIONS:
+            raise ValueError(f"precision: expected one of {list(P.PRECISIONS)}, got {precision!r}")
+        return _NARROW_DTYPES.get(precision, np.dtype(np.float32))
+
     def synchronize(self):
         self.counters["sync"] += 1
         cp.cuda.Device().synchronize()
@@ -305,6 +328,8 @@ class CupyBackend(Backend):
     # ---- the kernel set ------------------------------------------------------------------------------------
     def dense_forward(self, A_prev, W, b, act, alpha, Z, A, precision="fp32"):
         # A_prev (N, in), W (out, in), b (out,) or None, Z and A (N, out)
+        if self._tensor_cores(precision):
+            return self._dense_forward_tc(A_prev, W, b, act, alpha, Z, A, precision)
         N, n_in = A_prev.shape
         n_out = W.shape[0]
         dtype = self._dtype_name(A_prev, W, Z, A, *(() if b is None else (b,)))
@@ -327,6 +352,8 @@ class CupyBackend(Backend):
 
     def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         # delta (N, out), A_prev (N, in), dW (out, in), db (out,) or None
+        if self._tensor_cores(precision):
+            return self._weight_grad_tc(delta, A_prev, dW, db, accumulate, precision)
         N, n_out = delta.shape
         n_in = A_prev.shape[1]
         dtype = self._dtype_name(delta, A_prev, dW, *(() if db is None else (db,)))
@@ -340,19 +367,26 @@ class CupyBackend(Backend):
             return
         sm_count = _sm_count()
         tile = gemm_tile(n_out, n_in, sm_count)
-        slices, rows = split_k(n_out, n_in, N, tile, sm_count)
         gemm = _kernel("dense_backward.cu", cuda_sources.kernel_name("weight_grad_kernel", dtype, tile))
+        self._split_k_weight_grad(gemm, tile, (delta, A_prev), dW, db, accumulate, N, dtype)
+
+    def _split_k_weight_grad(self, gemm, tile, operands, dW, db, accumulate, N, dtype):
+        """weight_grad's launches, SIMT or tensor-core `gemm` alike (the same parameters after its two operands):
+        one launch over the whole batch, or split K: slices write partial sums, a second launch adds them in
+        slice order (no atomics)."""
+        n_out, n_in = dW.shape
+        sm_count = _sm_count()
+        slices, rows = split_k(n_out, n_in, N, tile, sm_count)
         has_bias = np.int32(db is not None)
         if slices == 1:
             gemm(gemm_grid(tile, n_out, n_in), (_THREADS,),
-                 (delta, A_prev, dW, dW if db is None else db, _i32(N), _i32(n_in), _i32(n_out), _i32(N),
+                 (*operands, dW, dW if db is None else db, _i32(N), _i32(n_in), _i32(n_out), _i32(N),
                   has_bias, np.int32(accumulate)))
             return
-        # split K: slices write partial sums, a second launch adds them in order (no atomics)
         dW_parts = self._scratch_buffer("weight_grad dW parts", slices * dW.size, dtype)
         db_parts = self._scratch_buffer("weight_grad db parts", slices * n_out, dtype)
         gemm(gemm_grid(tile, n_out, n_in, slices), (_THREADS,),
-             (delta, A_prev, dW_parts, db_parts, _i32(N), _i32(n_in), _i32(n_out), _i32(rows), has_bias,
+             (*operands, dW_parts, db_parts, _i32(N), _i32(n_in), _i32(n_out), _i32(rows), has_bias,
               np.int32(0)))
         _kernel("dense_backward.cu", cuda_sources.kernel_name("weight_grad_reduce_kernel", dtype))(
             elementwise_grid(dW.size + n_out, sm_count), (_THREADS,),
@@ -361,12 +395,18 @@ class CupyBackend(Backend):
 
     def input_grad(self, delta, W, dA_prev, precision="fp32"):
         # delta (N, out), W (out, in), dA_prev (N, in)
+        if self._tensor_cores(precision):
+            return self._input_grad_tc(delta, W, dA_prev, None, None, -1, 0.0, precision)
         self._input_grad(delta, W, dA_prev, None, None, -1, 0.0)
 
     def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):
         """δ_prev = (δ · W) ⊙ g'(Z_prev): input_grad and the previous layer's activation_mask in one launch
         (dA_prev is never stored). delta (N, out), W (out, in), Z_prev, A_prev, delta_prev (N, in);
-        delta_prev may be the same array as Z_prev or A_prev."""
+        delta_prev may be the same array as Z_prev or A_prev. With a reduced precision A_prev and delta_prev
+        are stored alike (float32, or both 16-bit), Z_prev is float32; the mask is applied in float32 to the
+        GEMM's float32 result and δ_prev rounded once."""
+        if self._tensor_cores(precision):
+            return self._input_grad_tc(delta, W, delta_prev, Z_prev, A_prev, int(act), alpha, precision)
         self._input_grad(delta, W, delta_prev, Z_prev, A_prev, int(act), alpha)
 
     def _input_grad(self, delta, W, out, Z_prev, A_prev, mask_act, alpha):
@@ -386,22 +426,177 @@ class CupyBackend(Backend):
              _i32(n_out), np.int32(mask_act), np.float64(alpha)))
 
     def loss_grad(self, loss, act, alpha, Z, y, A, delta, loss_out, scale=None):
-        # Z, y, A, delta (N, out); loss_out (1,)
+        # Z, y, A, delta (N, out); loss_out (1,); scale None or a device float64 (1,) (the fp16 loss scale)
         N, C = Z.shape
         if y.shape != Z.shape:   # (N,) targets of a one-output model: a view, no copy
             y = y.reshape(Z.shape)
-        dtype = self._dtype_name(Z, y, A, delta, loss_out)
+        stored = scale is not None or delta.dtype != Z.dtype
+        dtype = self._dtype_name(Z, y, A, loss_out, *(() if stored else (delta,)))
+        if stored:   # δ in its storage format (its dtype says which), and/or scaled: float32 models only
+            fmt = self._format_of(delta, "delta")
+            if dtype != "float32":
+                raise TypeError(f"delta: a stored or scaled δ needs a float32 model, got {dtype}")
+            if scale is not None:
+                self._check_small_array("scale", scale, np.float64, (1,))
         if Z.size == 0:
             loss_out.fill(0)
             return
-        scale = {losses.MSE: 0.5 / N, losses.BCE: 1.0 / (N * C), losses.SOFTMAX_CE: 1.0 / N}[loss]
+        loss_scale = {losses.MSE: 0.5 / N, losses.BCE: 1.0 / (N * C), losses.SOFTMAX_CE: 1.0 / N}[loss]
         blocks = loss_blocks(N)
         block_sums = self._scratch_buffer("loss block sums", _LOSS_MAX_BLOCKS, np.float64)
-        _kernel("loss.cu", cuda_sources.kernel_name("loss_grad_kernel", dtype))(
-            (blocks,), (_THREADS,),
-            (np.int32(loss), np.int32(act), np.float64(alpha), Z, y, A, delta, block_sums, _i32(N), _i32(C)))
+        head = (np.int32(loss), np.int32(act), np.float64(alpha), Z, y, A)
+        if stored:
+            _kernel("loss.cu", cuda_sources.format_kernel_name("loss_grad_stored_kernel", fmt))(
+                (blocks,), (_THREADS,),
+                (*head, self._bits(delta), block_sums, _i32(N), _i32(C), block_sums if scale is None else scale,
+                 np.int32(scale is not None)))
+        else:
+            _kernel("loss.cu", cuda_sources.kernel_name("loss_grad_kernel", dtype))(
+                (blocks,), (_THREADS,), (*head, delta, block_sums, _i32(N), _i32(C)))
         _kernel("loss.cu", cuda_sources.kernel_name("loss_reduce_kernel", dtype))(
-            (1,), (_THREADS,), (block_sums, np.int32(blocks), np.float64(scale), loss_out))
+            (1,), (_THREADS,), (block_sums, np.int32(blocks), np.float64(loss_scale), loss_out))
+
+    # ---- tensor-core GEMMs (kernels/dense_tc.cu) -----------------------------------------------------------
+    def _tensor_cores(self, precision):
+        """True for tf32/bf16/fp16 (the tensor-core kernels), False for fp32 (the SIMT kernels)."""
+        if precision == "fp32":
+            return False
+        if precision not in P.REDUCED:
+            raise ValueError(f"precision: expected one of {list(P.PRECISIONS)}, got {precision!r}")
+        return True
+
+    @staticmethod
+    def _format_of(x, name):
+        """The storage format ('fp32', 'bf16', 'fp16') a stored array's dtype names; TypeError otherwise."""
+        fmt = _FORMAT_OF_DTYPE.get(np.dtype(x.dtype))
+        if fmt is None:
+            raise TypeError(f"{name}: expected float32, uint16 (bf16 bits) or float16, got {x.dtype}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name}: the kernels need C-contiguous arrays, got strides {x.strides}")
+        return fmt
+
+    @staticmethod
+    def _bits(x):
+        """A 16-bit array as the kernels take it (unsigned short: a uint16 view, no copy); float32 as it is."""
+        return x.view(np.uint16) if x.dtype.itemsize == 2 else x
+
+    def _float32(self, name, x):
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a C-contiguous float32 array with a reduced precision, got "
+                            f"{x.dtype}{'' if x.flags.c_contiguous else ' (not C-contiguous)'}")
+        return x
+
+    def _operand(self, x, precision, role):
+        """A GEMM operand in precision's storage, as dense_tc.cu takes it: tf32 float32 as it is; bf16/fp16 bits
+        as they are, or a float32 array (W, X) converted into scratch (to_storage_kernel, RNE)."""
+        fmt = self._format_of(x, role)
+        if fmt == "fp32" and precision in _NARROW_DTYPES:
+            out = self._scratch_buffer(("tc operand", role), x.size, np.uint16)
+            if x.size:
+                _kernel("dense_tc.cu", cuda_sources.format_kernel_name("to_storage_kernel", precision))(
+                    elementwise_grid(x.size, _sm_count()), (_THREADS,), (x.reshape(-1), out, np.int64(x.size)))
+            return out
+        if fmt == "fp32" or fmt == precision or (x.dtype == np.uint16 and precision == "fp16"):   # raw fp16 bits too
+            return self._bits(x)
+        raise TypeError(f"{role}: a {precision} GEMM takes float32 or {precision} storage "
+                        f"({_NARROW_DTYPES.get(precision, 'float32')}), got {x.dtype}")
+
+    def _output(self, x, precision, name):
+        """(narrow, array) of an output the kernels write: narrow = 1 for precision's 16-bit storage, 0 for float32."""
+        fmt = self._format_of(x, name)
+        if fmt == "fp32":
+            return 0, x
+        if fmt == precision or (x.dtype == np.uint16 and precision == "fp16"):
+            return 1, self._bits(x)
+        raise TypeError(f"{name}: a {precision} op writes float32 or {precision} storage "
+                        f"({_NARROW_DTYPES.get(precision, 'float32')}), got {x.dtype}")
+
+    def _dense_forward_tc(self, A_prev, W, b, act, alpha, Z, A, precision):
+        N, n_in = A_prev.shape
+        n_out = W.shape[0]
+        self._float32("Z", Z)
+        if b is not None:
+            self._float32("b", b)
+        narrow, A_out = self._output(A, precision, "A")
+        if N == 0 or n_out == 0:
+            return
+        a_op, w_op = self._operand(A_prev, precision, "A_prev"), self._operand(W, precision, "W")
+        f32_any, narrow_any = self._placeholders(precision)
+        _kernel("dense_tc.cu", cuda_sources.tc_kernel_name("dense_forward_tc_kernel", precision))(
+            gemm_grid(_TC_TILE, N, n_out), (_THREADS,),
+            (a_op, w_op, Z if b is None else b, Z, f32_any if narrow else A_out, A_out if narrow else narrow_any,
+             np.int32(narrow),
+             _i32(N), _i32(n_in), _i32(n_out), np.int32(b is not None), np.int32(act), np.float64(alpha)))
+
+    def _input_grad_tc(self, delta, W, out, Z_prev, A_prev, mask_act, alpha, precision):
+        N, n_out = delta.shape
+        n_in = W.shape[1]
+        narrow, out_arg = self._output(out, precision, "delta_prev")
+        masked = mask_act >= 0
+        if masked:
+            self._float32("Z_prev", Z_prev)
+            if (self._output(A_prev, precision, "A_prev")[0]) != narrow:
+                raise TypeError(f"A_prev, delta_prev: expected one storage dtype, got {A_prev.dtype} and {out.dtype}")
+        if N == 0 or n_in == 0:
+            return
+        if n_out == 0:   # an empty sum, then the mask of zero is zero
+            out.fill(0)
+            return
+        d_op, w_op = self._operand(delta, precision, "delta"), self._operand(W, precision, "W")
+        f32_any, narrow_any = self._placeholders(precision)
+        a_arg = self._bits(A_prev) if masked else (narrow_any if narrow else f32_any)
+        out32, out_narrow = (f32_any, out_arg) if narrow else (out_arg, narrow_any)
+        a32, a_narrow = (f32_any, a_arg) if narrow else (a_arg, narrow_any)
+        _kernel("dense_tc.cu", cuda_sources.tc_kernel_name("input_grad_tc_kernel", precision))(
+            gemm_grid(_TC_TILE, N, n_in), (_THREADS,),
+            (d_op, w_op, out32, out_narrow, Z_prev if masked else f32_any, a32, a_narrow, np.int32(narrow), _i32(N),
+             _i32(n_in), _i32(n_out), np.int32(mask_act), np.float64(alpha)))
+
+    def _placeholders(self, precision):
+        """(float32, narrow) one-element arrays for the pointer parameters a kernel is told not to touch (the
+        float32 or the 16-bit twin of an output): the 16-bit one is float32 for tf32, whose format is float32."""
+        narrow = np.uint16 if precision in _NARROW_DTYPES else np.float32
+        return self._scratch_buffer("placeholder", 1, np.float32), self._scratch_buffer("placeholder", 1, narrow)
+
+    def _weight_grad_tc(self, delta, A_prev, dW, db, accumulate, precision):
+        # NOTE: db is summed from the GEMM's δ tiles, i.e. of δ as the GEMM reads it: the stored δ whenever δ is
+        # stored in the precision (as the network stores it). A float32 δ given to a bf16/fp16 weight_grad is
+        # converted first, so its db would be Σ round_p(δ), not the reference's Σ δ.
+        N, n_out = delta.shape
+        n_in = A_prev.shape[1]
+        self._float32("dW", dW)
+        if db is not None:
+            self._float32("db", db)
+        self._format_of(delta, "delta"), self._format_of(A_prev, "A_prev")
+        if n_out == 0 or n_in == 0:
+            return
+        if N == 0:   # an empty sum
+            if not accumulate:
+                dW.fill(0)
+                if db is not None:
+                    db.fill(0)
+            return
+        operands = (self._operand(delta, precision, "delta"), self._operand(A_prev, precision, "A_prev"))
+        gemm = _kernel("dense_tc.cu", cuda_sources.tc_kernel_name("weight_grad_tc_kernel", precision))
+        self._split_k_weight_grad(gemm, _TC_TILE, operands, dW, db, accumulate, N, "float32")
+
+    # ---- the fp16 loss scaler (gpubp/loss_scale.py; kernels/loss_scale.cu) ----------------------------------
+    def unscale_gradients(self, loss_out, grads, scaler, guard):
+        # loss_out (1,), grads (P,) float32; scaler (loss_scale.SIZE,) and guard (G.SIZE,) float64
+        self._dtype_name(loss_out, grads)
+        self._float32("grads", grads)
+        self._check_small_array("scaler", scaler, np.float64, (LS.SIZE,))
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        bad_index = self._bad_index()
+        _kernel("loss_scale.cu", "unscale_scan_kernel")(
+            elementwise_grid(grads.size, _sm_count()), (_THREADS,),
+            (loss_out, grads, np.int64(grads.size), scaler, guard, bad_index))
+        _kernel("loss_scale.cu", "unscale_finish_kernel")((1,), (1,), (loss_out, bad_index, guard))
+
+    def update_scale(self, scaler, guard):
+        self._check_small_array("scaler", scaler, np.float64, (LS.SIZE,))
+        self._check_small_array("guard", guard, np.float64, (G.SIZE,))
+        _kernel("loss_scale.cu", "update_scale_kernel")((1,), (1,), (scaler, guard))
 
     # ---- guarded updates (gpubp/guard.py; kernels/optim.cu has the three launches and why) -------------------
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):

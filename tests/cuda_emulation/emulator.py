@@ -351,8 +351,10 @@ class FakeGraph:
 
 
 def _poisoned_empty(shape, dtype):
-    """cupy.empty as the tests want it: NaN (or -7) where a kernel has not written."""
-    return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype)
+    """cupy.empty as the tests want it: NaN (or -7) where a kernel has not written; uint16 (bf16 bits) 0x7FFF,
+    a NaN in bf16 and in fp16 alike."""
+    dtype = np.dtype(dtype)
+    return np.full(shape, np.nan if dtype.kind == "f" else 0x7FFF if dtype == np.uint16 else -7, dtype)
 
 
 def fake_cupy():

@@ -22,6 +22,8 @@
 #include "loop.cu"
 #include "gemm_tc.cu"
 #include "fused_mlp.cu"
+#include "dense_tc.cu"
+#include "loss_scale.cu"
 #include "planted_bugs.cu"
 #include "tc_probes.cu"   // test-only: the emulated tensor-core instructions one at a time
 
@@ -87,6 +89,10 @@ static Entry entry(void (*kernel)(P...)) {
     {"fused_mlp_backward_kernel<" #P ", " #H ">", entry(fused_mlp_backward_kernel<P, H>)}
 #define FUSED_WIDTH_ENTRIES(P)                                                             \
     FUSED_ENTRIES(P, 16), FUSED_ENTRIES(P, 32), FUSED_ENTRIES(P, 48), FUSED_ENTRIES(P, 64), FUSED_ENTRIES(P, 128)
+#define TC_DENSE_ENTRIES(P)                                                                \
+    {"dense_forward_tc_kernel<" #P ">", entry(dense_forward_tc_kernel<P>)},                \
+    {"input_grad_tc_kernel<" #P ">", entry(input_grad_tc_kernel<P>)},                      \
+    {"weight_grad_tc_kernel<" #P ">", entry(weight_grad_tc_kernel<P>)}
 
 static const std::map<std::string, Entry>& registry() {
     static const std::map<std::string, Entry> kernels = {
@@ -100,6 +106,15 @@ static const std::map<std::string, Entry>& registry() {
         FUSED_WIDTH_ENTRIES(TcBf16), FUSED_WIDTH_ENTRIES(TcFp16),
         {"fused_mlp_round_kernel<TcBf16>", entry(fused_mlp_round_kernel<TcBf16>)},
         {"fused_mlp_round_kernel<TcFp16>", entry(fused_mlp_round_kernel<TcFp16>)},
+        TC_DENSE_ENTRIES(TcBf16), TC_DENSE_ENTRIES(TcFp16), TC_DENSE_ENTRIES(TcTf32),
+        {"to_storage_kernel<StoreBf16>", entry(to_storage_kernel<StoreBf16>)},
+        {"to_storage_kernel<StoreFp16>", entry(to_storage_kernel<StoreFp16>)},
+        {"loss_grad_stored_kernel<StoreF32>", entry(loss_grad_stored_kernel<StoreF32>)},
+        {"loss_grad_stored_kernel<StoreBf16>", entry(loss_grad_stored_kernel<StoreBf16>)},
+        {"loss_grad_stored_kernel<StoreFp16>", entry(loss_grad_stored_kernel<StoreFp16>)},
+        {"unscale_scan_kernel", entry(unscale_scan_kernel)},
+        {"unscale_finish_kernel", entry(unscale_finish_kernel)},
+        {"update_scale_kernel", entry(update_scale_kernel)},
         // test-only (planted_bugs.cu)
         {"planted_shared_kernel", entry(planted_shared_kernel)},
         {"planted_bounds_kernel", entry(planted_bounds_kernel)},
@@ -110,6 +125,8 @@ static const std::map<std::string, Entry>& registry() {
         {"tc_mma_probe_kernel<TcFp16>", entry(tc_mma_probe_kernel<TcFp16>)},
         {"tc_mma_probe_kernel<TcTf32>", entry(tc_mma_probe_kernel<TcTf32>)},
         {"tc_ldmatrix_probe_kernel", entry(tc_ldmatrix_probe_kernel)},
+        {"storage_decode_probe_kernel<StoreBf16>", entry(storage_decode_probe_kernel<StoreBf16>)},
+        {"storage_decode_probe_kernel<StoreFp16>", entry(storage_decode_probe_kernel<StoreFp16>)},
     };
     return kernels;
 }

@@ -58,3 +58,11 @@ __global__ void tc_ldmatrix_probe_kernel(const unsigned short* X, unsigned short
         out[(lane * 4 + i) * 2 + 1] = static_cast<unsigned short>(d[i] >> 16);
     }
 }
+
+// out[i] = F::decode(bits[i]) (storage.cuh), one element a thread, grid-stride: every 16-bit pattern against numpy
+// (tests/test_cupy_tc_emulated.py). On a GPU, F::decode of fp16 is the cvt instruction, here the integer version.
+template <typename F>
+__global__ void storage_decode_probe_kernel(const typename F::Bits* bits, float* out, long long size) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x)
+        out[i] = F::decode(bits[i]);
+}
