@@ -35,16 +35,24 @@ struct StoreSame {
     __device__ __forceinline__ static T encode(T x) { return x; }
 };
 
-// The body of both kernels: F is δ's format, s the loss scale (has_scale false: δ is not multiplied at all).
-template <typename T, typename F>
+// x / n: a division in float; in double a multiplication by 1/n, computed once (a double division per element
+// calls a slow-path routine on sm_80 whose saved registers ptxas reports as an 8-byte spill; x·(1/n) is within
+// an ulp of x/n, far inside the float64 tolerance)
+template <typename T>
+__device__ __forceinline__ T over(T x, T n, T inv_n) { return sizeof(T) == 8 ? x * inv_n : x / n; }
+
+// The body of both kernels: F is δ's format, s the loss scale (Scaled false: δ is not multiplied at all, and the
+// model-dtype kernels carry no trace of the scale).
+template <typename T, typename F, bool Scaled>
 __device__ __forceinline__ void loss_grad_rows(int loss, int act, double alpha_d, const T* __restrict__ Z,
                                                const T* __restrict__ y, T* A, typename F::Bits* delta,
-                                               double* block_sums, int N, int C, bool has_scale, T s) {
+                                               double* block_sums, int N, int C, T s) {
     __shared__ double warp_sums[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const T alpha = T(alpha_d);
+    const T n = T(N), nc = T((long long)N * C), inv_n = T(1) / n, inv_nc = T(1) / nc;
     double sum = 0.0;  // this lane's loss terms
-    auto store = [&](typename F::Bits* p, T d) { *p = F::encode(has_scale ? d * s : d); };
+    auto store = [&](typename F::Bits* p, T d) { *p = F::encode(Scaled ? d * s : d); };
 
     for (long long row = (long long)blockIdx.x * warps + warp; row < N; row += (long long)gridDim.x * warps) {
         const T* z = Z + row * C;
@@ -58,7 +66,7 @@ __device__ __forceinline__ void loss_grad_rows(int loss, int act, double alpha_d
                 const T diff = ac - t[c];
                 sum += (double)diff * (double)diff;
                 a[c] = ac;
-                store(d + c, activation_mask(act, diff / T(N), zc, ac, alpha));
+                store(d + c, activation_mask(act, over(diff, n, inv_n), zc, ac, alpha));
             }
         } else if (loss == LOSS_BCE) {
             for (int c = lane; c < C; c += 32) {
@@ -67,7 +75,7 @@ __device__ __forceinline__ void loss_grad_rows(int loss, int act, double alpha_d
                 const double zd = zc;
                 sum += (zd > 0.0 ? zd : 0.0) - zd * (double)t[c] + log1p(exp(-fabs(zd)));
                 a[c] = ac;
-                store(d + c, (ac - t[c]) / T((long long)N * C));
+                store(d + c, over(ac - t[c], nc, inv_nc));
             }
         } else {  // LOSS_SOFTMAX_CE
             T row_max = z[0];
@@ -81,7 +89,7 @@ __device__ __forceinline__ void loss_grad_rows(int loss, int act, double alpha_d
                 const T p = exp_t(log_p);
                 sum -= (double)(t[c] * log_p);
                 a[c] = p;
-                store(d + c, (p - t[c]) / T(N));
+                store(d + c, over(p - t[c], n, inv_n));
             }
         }
     }
@@ -101,7 +109,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
 loss_grad_kernel(int loss, int act, double alpha_d, const T* __restrict__ Z, const T* __restrict__ y, T* A,
                  T* delta, double* block_sums, int N, int C) {
-    loss_grad_rows<T, StoreSame<T>>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, false, T(1));
+    loss_grad_rows<T, StoreSame<T>, false>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, T(1));
 }
 
 // scale is read only when has_scale != 0 (pass any valid pointer otherwise)
@@ -110,8 +118,11 @@ __global__ void __launch_bounds__(256)
 loss_grad_stored_kernel(int loss, int act, double alpha_d, const float* __restrict__ Z, const float* __restrict__ y,
                         float* A, typename F::Bits* delta, double* block_sums, int N, int C,
                         const double* __restrict__ scale, int has_scale) {
-    loss_grad_rows<float, F>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, has_scale != 0,
-                             has_scale ? static_cast<float>(scale[0]) : 1.0f);
+    if (has_scale)
+        loss_grad_rows<float, F, true>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C,
+                                       static_cast<float>(scale[0]));
+    else
+        loss_grad_rows<float, F, false>(loss, act, alpha_d, Z, y, A, delta, block_sums, N, C, 1.0f);
 }
 
 // One block of 256 threads: loss_out[0] = scale · Σ block_sums[0 .. count), in a fixed order.

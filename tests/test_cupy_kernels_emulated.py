@@ -667,7 +667,7 @@ def test_fit_with_cuda_graphs_equals_eager_and_reads_as_numpy(backend, case, rng
     assert dict(graph_history) == dict(eager_history) and graph_history.stop_reason == eager_history.stop_reason
     for key in eager_state:
         np.testing.assert_array_equal(graph_state[key], eager_state[key], err_msg=key)
-    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, 0, losses.NAMES[loss],
+    assert not graph_be.graph_errors and isinstance(graph_be._steps[("fit", 16, None, 0, losses.NAMES[loss],
                                                                     optimizer.upper() if optimizer == "sgd" else "Adam")], tuple)
     # the same run as the numpy reference, within float32 rounding, and the same device reads
     assert numpy_history.keys() == graph_history.keys() and numpy_history.stop_reason == graph_history.stop_reason
@@ -688,7 +688,7 @@ def test_a_per_step_schedule_replays_one_graph_with_each_new_rate(backend, rng):
     and gives the eager run's parameters bit for bit (a graph that had kept the captured rate would not)."""
     import gpubp
     X, y = rng.standard_normal((48, 5)), rng.integers(0, 3, 48)
-    key = ("fit", 16, 0, losses.SOFTMAX_CE, "SGD")
+    key = ("fit", 16, None, 0, losses.SOFTMAX_CE, "SGD")   # (rows, global rows: single process, buffers, ...)
     params, graphs = [], []
 
     class GraphSeen(gpubp.callbacks.Callback):
