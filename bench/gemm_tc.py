@@ -10,7 +10,7 @@ float32 rounded inside the GEMM), so the row times the GEMM alone: no conversion
 by the optimizer will give the layers). Each result is first checked against gpubp.precision.reference_gemm on
 sampled rows with the tensor-core GEMM's bound (tests/test_tc_gemm.py: (ceil(K/k_mma) + 1)·8u·|A|·|W|ᵀ), then
 timed with CUDA events around each call (median of the repeats, after 3 warm-up calls); TFLOP/s = 2n³ / t.
-Prints one line per precision; exits 0 with a note where no GPU can run it.
+Prints one line per precision; exits 77 (gpu_check's "skipped") with a note where no GPU can run it.
 """
 import argparse
 import math
@@ -80,7 +80,7 @@ def main(argv=None):
     if not ok or not getattr(cb.CupyBackend, "real_gpu", False) or cb.cp is None or not hasattr(cb.cp, "cuda") \
             or not hasattr(cb.cp.cuda, "Event"):
         print(f"bench.gemm_tc: skipped, no GPU for the cupy backend here ({why})")
-        return 0
+        return 77
     from gpubp import precision as prec
     cp = cb.cp
     be = cb.CupyBackend()

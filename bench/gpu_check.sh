@@ -17,6 +17,7 @@
 #   tests                 pytest tests --require-gpu                        -> tests/junit.xml
 #   bench-<family>        one process per implementation family: limits, ours-cupy, torch, cublas, ours-numba,
 #                         jax; rows appended to bench/rows.jsonl as each case finishes (python -m bench --family)
+#   gemm-tc               our tensor-core GEMM against cuBLAS, n = 4096, tf32/bf16/fp16     -> logs/gemm-tc.log
 #   report                table, JSON and plots from whatever rows exist   -> bench/bench.{txt,json}, *.png
 # Every stage leaves logs/<stage>.log and status/<stage> (one line: stage, status, exit code, seconds, budget,
 # first error); stages.tsv and summary.txt are rewritten before and after every stage, so a run killed at any
@@ -93,7 +94,7 @@ STAGES=(versions smoke-cupy smoke-numba)
 for t in "${SANITIZER_TOOLS[@]}"; do STAGES+=("sanitizer-$t"); done
 STAGES+=(tests)
 for f in "${FAMILIES[@]}"; do STAGES+=("bench-$f"); done
-STAGES+=(report)
+STAGES+=(gemm-tc report)
 CURRENT=""
 
 write_summary() {
@@ -275,7 +276,11 @@ for fam in "${FAMILIES[@]}"; do
             --jsonl "$RUN/bench/rows.jsonl" --no-save
 done
 
-# ---- 6. the table and plots from whatever rows exist -------------------------------------------------------------------
+# ---- 6. the tensor-core GEMM against cuBLAS in tf32/bf16/fp16 (bench/gemm_tc.py; says why where no GPU) ----------
+b=$(stage_budget gemm-tc 40)
+run_stage gemm-tc "$b" "${PYRUN[@]}" bench.gemm_tc $([ "$DRY" = 1 ] && echo "--n 64 --repeats 3")
+
+# ---- 7. the table and plots from whatever rows exist -------------------------------------------------------------------
 b=$(stage_budget report 25)
 run_stage report "$b" "${PYRUN[@]}" bench.report --jsonl "$RUN/bench/rows.jsonl" --out "$RUN/bench" --stem bench \
           --versions "$RUN/versions.json"

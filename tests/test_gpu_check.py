@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STAGES = ["versions", "smoke-cupy", "smoke-numba", "sanitizer-memcheck", "sanitizer-racecheck",
-          "sanitizer-synccheck", "tests", "bench-limits", "bench-ours-numpy", "bench-torch-cpu", "report"]
+          "sanitizer-synccheck", "tests", "bench-limits", "bench-ours-numpy", "bench-torch-cpu", "gemm-tc", "report"]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -70,7 +70,8 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
     assert status == {"versions": "passed", "smoke-cupy": "failed", "smoke-numba": "passed",
                       "sanitizer-memcheck": "skipped", "sanitizer-racecheck": "skipped",
                       "sanitizer-synccheck": "skipped", "tests": "failed", "bench-limits": "passed",
-                      "bench-ours-numpy": "failed", "bench-torch-cpu": "passed", "report": "passed"}, log[-4000:]
+                      "bench-ours-numpy": "failed", "bench-torch-cpu": "passed", "gemm-tc": "skipped",
+                      "report": "passed"}, log[-4000:]
     # each planted failure is caught by the stage's own check, and named as its first error
     assert st["smoke-cupy"]["first_error"].startswith("FAIL: cupy (CPU emulator)") and "off" in \
         st["smoke-cupy"]["first_error"]
