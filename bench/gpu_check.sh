@@ -256,7 +256,9 @@ if [ "$DRY" = 1 ]; then
   # a small subset (the cupy cases skip: smoke-cupy has already run the emulator, which takes a g++ build)
   TESTS_ARGS=(${GPU_CHECK_TESTS:-tests/test_seed_example.py})
 else
-  TESTS_ARGS=(${GPU_CHECK_TESTS:-tests --require-gpu})
+  # the tests that run on the GPU (the gpu marker: every cupy case, numba off the simulator, the GPU-only
+  # tests); the CPU-only rest ran in CI, and the whole suite would not fit in the stage's budget
+  TESTS_ARGS=(${GPU_CHECK_TESTS:-tests -m gpu --require-gpu})
 fi
 # COLUMNS: pytest cuts its short summary lines at the terminal's width, and the first error comes from there
 planted tests && TESTS_ARGS+=(bench/planted_failure.py)
