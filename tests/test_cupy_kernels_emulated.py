@@ -705,3 +705,23 @@ def test_a_per_step_schedule_replays_one_graph_with_each_new_rate(backend, rng):
         params.append(be.to_numpy(net.params))
     assert not be.graph_errors and len(graphs) == 3 and graphs[0] is graphs[1] is graphs[2]
     np.testing.assert_array_equal(params[1], params[0])
+
+
+@pytest.mark.parametrize("backend", ["large-tile"], indirect=True)     # one tiling is enough here
+def test_steps_per_graph_replays_groups_of_steps_as_one_graph(backend, rng):
+    """fit(steps_per_graph=4) with graphs: 4 full batches are one captured graph, replayed (the key of a group
+    carries its length), and the run is the eager single-step run bit for bit: History and parameters."""
+    X, y = rng.standard_normal((90, 5)), rng.integers(0, 3, 90)   # 5 full batches of 16 and one of 10 an epoch
+    results = []
+    for use_graphs, steps_per_graph in ((False, 1), (True, 4)):
+        be = cb.CupyBackend()
+        be.use_graphs = use_graphs
+        history, state = _fit(be, "softmax_ce", "adam", X, y, validation_data=(X[:9], y[:9]),
+                              steps_per_graph=steps_per_graph)
+        results.append((dict(history), state))
+    assert results[1][0] == results[0][0]
+    for key in results[0][1]:
+        np.testing.assert_array_equal(results[1][1][key], results[0][1][key], err_msg=key)
+    group_key = ("fit", 16, None, 0, losses.SOFTMAX_CE, "Adam", 4)
+    assert not be.graph_errors and isinstance(be._steps[group_key], tuple)
+    assert len(be._steps[group_key][0].launches) == 4 * len(be._steps[group_key[:-1]][0].launches)
