@@ -73,9 +73,11 @@ class DeviceData:
     the next batch (one upload per epoch for both), and each step gathers its rows on the device.
     Streamed (X and Y above DEVICE_DATA_SHARE of the free device memory): they stay on the host; each epoch goes
     up in chunks of whole batches, the rows of a chunk gathered on the host in the epoch's order, into two
-    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c; the
-    copies are stream-ordered after the steps that read the buffer before). Host-to-device copies then grow with
-    the data, never the reads."""
+    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c).
+    Backend.upload_chunk copies a chunk once the steps that read its buffers before are done (release_chunk
+    marks when the last of them is launched): in stream order on numpy and numba; on cupy from pinned host
+    buffers on a copy stream, the compute stream waiting for the copy. Host-to-device copies then grow with the
+    data, never the reads."""
 
     class Buffers:
         def __init__(self, X, Y, order):
@@ -132,14 +134,14 @@ class DeviceData:
             rows = permutation[start:start + self.chunk_rows]
             k = c % len(self.buffers)
             buffers = self.buffers[k]
-            if self.streamed:
-                m = len(rows)
-                be.copy_into(buffers.X[:m], self.host_X[rows])
-                be.copy_into(buffers.Y[:m], self.host_Y[rows])
-                rows = np.arange(m)
             order = np.zeros(buffers.order.shape[0], np.int64)   # the order, then (last entry) the cursor, 0
-            order[:len(rows)] = rows
-            be.copy_into(buffers.order, order)
+            if self.streamed:   # the chunk's rows gathered on the host, in order; the device reads them in turn
+                order[:len(rows)] = np.arange(len(rows))
+                be.upload_chunk(k, [(buffers.X, self.host_X, rows), (buffers.Y, self.host_Y, rows),
+                                    (buffers.order, order, None)])
+            else:
+                order[:len(rows)] = rows
+                be.copy_into(buffers.order, order)
             group = 0
             for b in range(0, len(rows), self.batch_size):
                 n = min(self.batch_size, len(rows) - b)
@@ -154,6 +156,8 @@ class DeviceData:
                 if group == steps_per_graph or last_full or read_after(s):
                     yield group, key + (group,) if group > 1 else key, self._group_closure(k, n, group)
                     group = 0
+            if self.streamed:   # (resumed: the caller has launched every step of the chunk)
+                be.release_chunk(k)
         if global_rows is not None and s < len(global_rows):
             g = global_rows[s]
             yield 1, ("fit", 0, g, None, self.loss_id, self.optimizer.key()), self._closure(None, 0, g)

@@ -259,6 +259,23 @@ class Backend:
         loss_scale.MAX_SCALE) and GOOD = 0. Any other fault: nothing (the host reports it)."""
         raise NotImplementedError
 
+    # ---- streamed data: fit's chunks when the data stays on the host (gpubp/network.py, DeviceData) ----------
+    def upload_chunk(self, slot, copies):
+        """One chunk of host data into the device buffers of `slot` (a small int naming one set of chunk
+        buffers): for each (dst, src, rows) in copies, dst[:len(rows)] = src[rows] (rows None: dst[...] = src),
+        src a numpy array. Ops launched after this call see the new values; the copy overwrites dst only after
+        the ops that read the slot's buffers before are done (those launched before release_chunk(slot); every
+        op launched so far when the slot was not released). The default copies in stream order, which gives
+        both; a GPU backend may copy on a second stream from pinned host memory while the device computes."""
+        for dst, src, rows in copies:
+            if rows is None:
+                self.copy_into(dst, src)
+            else:
+                self.copy_into(dst[:len(rows)], src[rows])
+
+    def release_chunk(self, slot):
+        """Every op that reads the buffers of chunk `slot` is launched (see upload_chunk). Default: nothing."""
+
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------
     def run_step(self, key, fn):
         """Run `fn()`, a closure that launches a fixed sequence of ops on fixed buffers. `key` identifies that
