@@ -741,10 +741,13 @@ class CupyBackend(Backend):
             state.released = cp.cuda.get_current_stream().record()
 
     def _pinned(self, slot, i, shape, dtype):
-        """A page-locked host array of `shape` for copy i of `slot` (an asynchronous copy needs one), kept."""
-        key = ("pinned", slot, i, tuple(shape), np.dtype(dtype).name)
+        """A page-locked host array of `shape` for copy i of `slot` (an asynchronous copy needs one). Kept for the
+        next fit on data of the same shape (a chunk's size: together about the device memory the chunks take),
+        replaced, and so freed, when another shape comes."""
+        key = ("pinned", slot, i)
         buf = self._scratch.get(key)
-        if buf is None:
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+            self._scratch.pop(key, None)
             memory = cp.cuda.alloc_pinned_memory(max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
             buf = self._scratch[key] = np.ndarray(shape, dtype=dtype, buffer=memory)   # as cupyx.empty_pinned
         return buf
