@@ -22,6 +22,7 @@ layout and the order of a step):
     advance_cursor  cursor += n
     guard_gradients a non-finite loss or gradient sets the guard's fault
     record_step     the step's loss, correct predictions and rows added to the guard's sums
+    upload_chunk, release_chunk   fit's streamed chunks of host data, copied in order with the steps that read them
 
 Mixed precision (issue 12; gpubp/precision.py has the names and the numpy rounding). The GEMM ops take
 `precision` ("fp32", "tf32", "bf16", "fp16"; "fp32" means the model dtype's own arithmetic, and float64 models
