@@ -6,7 +6,10 @@ through tests/test_cupy_kernels_emulated.py, numba under the simulator):
 - train_step(sync=False) never synchronises; float() of its LazyLoss does, once;
 - a fault planted mid-epoch (a row that overflows in batch 7; a learning rate that overflows at step 12) is
   reported at the next read, naming that step, with the parameters of the last good step;
-- fit gives, bit for bit on numpy, what the step-by-step loop of public train_step calls gives.
+- fit gives, bit for bit on numpy, what the step-by-step loop of public train_step calls gives;
+- validation adds one read per epoch (the set uploaded once per fit), with numpy's accuracy bit for bit;
+- steps_per_graph=k gives the run of single steps bit for bit, and is refused where the host is needed between
+  steps (comm, a per-step learning-rate schedule).
 """
 import numpy as np
 import pytest
