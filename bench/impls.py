@@ -255,8 +255,9 @@ def _gpubp_train(backend_name, checked=True, host_batches=False):
     return make
 
 
-def _gpubp_fit(backend_name):
-    """One epoch of the public Sequential.fit on NumPy data (shuffled, batch spec.batch), as a user calls it."""
+def _gpubp_fit(backend_name, steps_per_graph=1):
+    """One epoch of the public Sequential.fit on NumPy data (shuffled, batch spec.batch), as a user calls it;
+    steps_per_graph > 1: fit's option that replays that many consecutive batches as one CUDA graph."""
     def make(spec, params0, data, lr, backend=None):
         from gpubp.backends import get_backend
         be = get_backend(backend if backend is not None else backend_name)
@@ -268,7 +269,8 @@ def _gpubp_fit(backend_name):
 
         def run(i):
             before = dict(getattr(be, "counters", {}))
-            net.fit(X, Y, loss=spec.loss, optimizer=opt, epochs=1, batch_size=spec.batch, shuffle=True)
+            net.fit(X, Y, loss=spec.loss, optimizer=opt, epochs=1, batch_size=spec.batch, shuffle=True,
+                    **({"steps_per_graph": steps_per_graph} if steps_per_graph > 1 else {}))
             counted.update({k: v - before.get(k, 0) for k, v in getattr(be, "counters", {}).items()})
 
         def info():
@@ -564,6 +566,8 @@ UNCHECKED_NOTE = "Sequential._train_step: the step without train_step's input ch
 DEVICE_INPUT_NOTE = ("train: the public train_step on batches already on the device, used in place (a step on "
                      "buffers the caller owns is not replayed from a graph); fit: the public Sequential.fit on "
                      "NumPy data, one epoch")
+GRAPH8_NOTE = ("fit: the public Sequential.fit on NumPy data, one epoch, with steps_per_graph=8: 8 consecutive "
+               "batches captured and replayed as one CUDA graph (groups end at the host's reads)")
 HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the model's workspace each step (the "
                      "path a user takes): the whole step can replay as a CUDA graph")
 
@@ -584,6 +588,8 @@ def registry():
              ours=True, family="ours-cupy", note=HOST_BATCHES_NOTE, precisions=MIXED),
         Impl("gpubp-cupy-unchecked", "cuda", _gpubp_probe("cupy"), train=_gpubp_train("cupy", checked=False),
              ours=True, note=UNCHECKED_NOTE, family="ours-cupy"),
+        Impl("gpubp-cupy-graph8", "cuda", _gpubp_probe("cupy"), fit=_gpubp_fit("cupy", steps_per_graph=8),
+             ours=True, note=GRAPH8_NOTE, family="ours-cupy"),
         Impl("gpubp-numba", "cuda", _gpubp_probe("numba"), gemm=_gpubp_gemm("numba"), dense=_gpubp_dense("numba"),
              train=_gpubp_train("numba"), fit=_gpubp_fit("numba"), ours=True, family="ours-numba",
              note=DEVICE_INPUT_NOTE, precisions=MIXED),

@@ -73,9 +73,11 @@ class DeviceData:
     the next batch (one upload per epoch for both), and each step gathers its rows on the device.
     Streamed (X and Y above DEVICE_DATA_SHARE of the free device memory): they stay on the host; each epoch goes
     up in chunks of whole batches, the rows of a chunk gathered on the host in the epoch's order, into two
-    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c; the
-    copies are stream-ordered after the steps that read the buffer before). Host-to-device copies then grow with
-    the data, never the reads."""
+    device chunk buffers used in turn (the host gathers chunk c + 1 while the device trains on chunk c).
+    Backend.upload_chunk copies a chunk once the steps that read its buffers before are done (release_chunk
+    marks when the last of them is launched): in stream order on numpy and numba; on cupy from pinned host
+    buffers on a copy stream, the compute stream waiting for the copy. Host-to-device copies then grow with the
+    data, never the reads."""
 
     class Buffers:
         def __init__(self, X, Y, order):
@@ -117,10 +119,13 @@ class DeviceData:
     def streamed(self):
         return self.chunk_rows < self.rows
 
-    def batches(self, permutation):
-        """(rows, step key, step closure) for every batch of an epoch in `permutation`'s order; uploads the order
-        (or, streamed, each chunk) as it goes. With data_parallel: this rank's rows of each global batch, and a
-        last step of 0 rows when the last global batch has none for this rank (gpubp/distributed.py)."""
+    def batches(self, permutation, steps_per_graph=1, read_after=lambda done: False):
+        """(steps, step key, step closure) for every batch of an epoch in `permutation`'s order, one step each,
+        or with steps_per_graph k > 1 up to k consecutive full batches of a chunk as one closure (one key, so one
+        captured graph replays them all), a group ending where read_after(batches done) says the host reads;
+        uploads the order (or, streamed, each chunk) as it goes. With data_parallel (never grouped): this rank's
+        rows of each global batch, and a last step of 0 rows when the last global batch has none for this rank
+        (gpubp/distributed.py)."""
         be = self.net.backend
         global_rows, s = None, 0
         if self.data_parallel is not None:
@@ -129,22 +134,47 @@ class DeviceData:
             rows = permutation[start:start + self.chunk_rows]
             k = c % len(self.buffers)
             buffers = self.buffers[k]
-            if self.streamed:
-                m = len(rows)
-                be.copy_into(buffers.X[:m], self.host_X[rows])
-                be.copy_into(buffers.Y[:m], self.host_Y[rows])
-                rows = np.arange(m)
             order = np.zeros(buffers.order.shape[0], np.int64)   # the order, then (last entry) the cursor, 0
-            order[:len(rows)] = rows
-            be.copy_into(buffers.order, order)
+            if self.streamed:   # the chunk's rows gathered on the host, in order; the device reads them in turn
+                order[:len(rows)] = np.arange(len(rows))
+                be.upload_chunk(k, [(buffers.X, self.host_X, rows), (buffers.Y, self.host_Y, rows),
+                                    (buffers.order, order, None)])
+            else:
+                order[:len(rows)] = rows
+                be.copy_into(buffers.order, order)
+            group = 0
             for b in range(0, len(rows), self.batch_size):
                 n = min(self.batch_size, len(rows) - b)
                 g = None if global_rows is None else global_rows[s]
                 s += 1
-                yield n, ("fit", n, g, k, self.loss_id, self.optimizer.key()), self._closure(k, n, g)
+                key = ("fit", n, g, k, self.loss_id, self.optimizer.key())
+                if steps_per_graph == 1 or n < self.batch_size:
+                    yield 1, key, self._closure(k, n, g)
+                    continue
+                group += 1
+                last_full = b + 2 * self.batch_size > len(rows)   # the next batch is short, or there is none
+                if group == steps_per_graph or last_full or read_after(s):
+                    yield group, key + (group,) if group > 1 else key, self._group_closure(k, n, group)
+                    group = 0
+            if self.streamed:   # (resumed: the caller has launched every step of the chunk)
+                be.release_chunk(k)
         if global_rows is not None and s < len(global_rows):
             g = global_rows[s]
-            yield 0, ("fit", 0, g, None, self.loss_id, self.optimizer.key()), self._closure(None, 0, g)
+            yield 1, ("fit", 0, g, None, self.loss_id, self.optimizer.key()), self._closure(None, 0, g)
+
+    def _group_closure(self, k, n, steps):
+        """`steps` consecutive steps of _closure(k, n) as one closure, made once (so a backend may replay it as
+        one captured graph)."""
+        if steps == 1:
+            return self._closure(k, n)
+        if (k, n, "steps", steps) not in self._closures:
+            step = self._closure(k, n)
+
+            def group():
+                for _ in range(steps):
+                    step()
+            self._closures[(k, n, "steps", steps)] = group
+        return self._closures[(k, n, "steps", steps)]
 
     def _closure(self, k, n, n_global=None):
         """The launches of one step on the next n rows of buffers k: gather X and Y, move the cursor, then the
@@ -169,6 +199,21 @@ class DeviceData:
                 net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws, all_reduce)
             self._closures[(k, n, n_global)] = step
         return self._closures[(k, n, n_global)]
+
+
+class ValidationData:
+    """fit's validation set on the device, uploaded once per fit (integer labels one-hot encoded there), so that
+    each epoch's evaluation launches forward, the fused loss and record_step on it and reads the device once
+    (Sequential._evaluate_staged)."""
+
+    def __init__(self, net, X, y, loss_id):
+        be = net.backend
+        self.X = be.asarray(X, net.dtype)   # no copy when X already is a device array of the model's dtype
+        if loss_id == losses.SOFTMAX_CE and y.ndim == 1:
+            self.Y = be.empty((X.shape[0], net.n_out), net.dtype)
+            be.one_hot(y, net.n_out, self.Y)
+        else:
+            self.Y = be.asarray(y, net.dtype)
 
 
 class LazyLoss:
@@ -630,18 +675,42 @@ class Sequential:
         return self._evaluate(X, y, loss)
 
     def _evaluate(self, X, y, loss):
-        """evaluate on targets already encoded (fit's validation data)."""
+        """evaluate on targets already encoded: staged into the workspace, then _evaluate_staged (one read)."""
         loss_id = self._check_loss(loss)
         X = self._check_X(X)
         y = self._check_y(y, loss_id, X.shape[0])
         ws = self._workspace(X.shape[0])
         Xd, Y, _ = self._stage(X, y, loss_id, ws)
-        last = self.layers[-1]
+        return self._evaluate_staged(Xd, Y, loss_id, ws)
+
+    # The evaluation guard: a guard (gpubp/guard.py) of its own that record_step writes one evaluation into, and
+    # a device copy of its fresh head (STEP = 1, so the loss lands in ring slot 0); made on first use.
+    _evaluation_guard = None
+    _evaluation_fresh = None
+
+    def _evaluate_staged(self, X, Y, loss_id, ws):
+        """(loss, accuracy; None for mse) of the model on device arrays X, Y, without updating anything: forward,
+        the fused loss and record_step into the evaluation guard, whose head the host reads once (fit's
+        validation: one read per epoch). record_step keeps the loss as it is (ring slot 0) and CORRECT as
+        (count / compared)·rows in float64: the count is recovered from it exactly (an integer, far below 2⁵³),
+        so the accuracy is count / compared, numpy's gpubp.losses.accuracy bit for bit."""
+        be, last = self.backend, self.layers[-1]
+        if self._evaluation_guard is None:
+            self._evaluation_guard = be.zeros((G.SIZE,), np.float64)
+            self._evaluation_fresh = be.asarray(G.fresh(1), np.float64)
+        head = be.view(self._evaluation_guard, 0, (G.RING,))
+        be.copy_into(head, self._evaluation_fresh)   # device to device: nothing crosses from the host
         with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the loss returned
-            self._forward(Xd, ws)
-            self.backend.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
-        value = float(self.backend.to_numpy(ws.loss)[0])
-        return value, losses.accuracy(loss_id, self.backend.to_numpy(ws.A[-1]), self.backend.to_numpy(Y))
+            self._forward(X, ws)
+            be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
+            be.record_step(loss_id, ws.loss, ws.A[-1], Y, self._evaluation_guard)
+        guard = be.to_numpy(be.view(self._evaluation_guard, 0, (G.RING + 1,)))
+        if not losses.accuracy_applies(loss_id):
+            return float(guard[G.RING]), None
+        rows = X.shape[0]
+        compared = rows * (self.n_out if loss_id == losses.BCE else 1)
+        count = round(float(guard[G.CORRECT]) * compared / rows)
+        return float(guard[G.RING]), count / compared
 
     def get_params(self):
         """[{"W": (out, in), "b": (out,)}] per layer as numpy copies; "b" absent where bias=False."""
@@ -677,7 +746,7 @@ class Sequential:
 
     def fit(self, X, y, loss, optimizer=None, epochs=1, batch_size=32, shuffle=True, validation_data=None,
             on_epoch_end=None, on_batch_end=None, check_every=None, log_every=None, callbacks=None, verbose=0,
-            initial_epoch=0, comm=None):
+            initial_epoch=0, comm=None, steps_per_graph=1):
         """Mini-batch training. Returns a History: per-epoch "loss" (the mean training loss over the epoch's
         batches), "accuracy" where it applies (Keras-style: each batch's predictions before its update), and
         "val_loss"/"val_accuracy" with validation_data. Those keys are always there (lists, empty when no epoch
@@ -699,10 +768,17 @@ class Sequential:
         drawn from the model's seeded generator (so a run is reproducible and resumable from a checkpoint) and
         uploaded once, batches are gathered on the device, and the loss and accuracy are summed there. The host
         reads the guard (gpubp/guard.py) once per epoch, and also every `check_every` steps and every
-        `log_every` steps when given; each read costs one device-to-host copy.
+        `log_every` steps when given; each read costs one device-to-host copy. validation_data goes to the
+        device once per fit, and each epoch's val_loss and val_accuracy come back in one more read.
         A non-finite step stops training at the next read, keeps the parameters of the last good step and says
         so (a RuntimeWarning, history.stop_reason naming the epoch, batch and layer, and history.fault holding
         the FloatingPointError); the steps between the fault and that read are skipped.
+
+        steps_per_graph (a measured option, default 1): k > 1 runs up to k consecutive full batches as one step
+        closure, which the cupy backend captures and replays as one CUDA graph (fewer launches from the host);
+        a group never crosses a read (check_every, log_every, the epoch's end), and the run is the one of
+        single steps bit for bit. Refused (ValueError) with comm and with a per-step learning-rate schedule,
+        which need the host between steps.
 
         comm (gpubp.distributed.init()): data-parallel over its ranks; batch_size is per rank, so each step
         trains on batch_size × comm.size rows, and every rank ends with the same model, the one a single process
@@ -752,6 +828,16 @@ class Sequential:
         if optimizer.schedule is not None:
             optimizer.schedule.check_metrics(list(metrics))
         comm = distributed.check_comm(comm)
+        if isinstance(steps_per_graph, bool) or not isinstance(steps_per_graph, numbers.Integral) \
+                or steps_per_graph < 1:
+            raise ValueError(f"steps_per_graph: expected a positive integer, got {steps_per_graph!r}")
+        if steps_per_graph > 1 and comm is not None:
+            raise ValueError(f"steps_per_graph={steps_per_graph}: not with comm (each step all-reduces "
+                             "between ranks); leave steps_per_graph at 1")
+        if steps_per_graph > 1 and optimizer.schedule is not None and optimizer.schedule.per == "step":
+            raise ValueError(f"steps_per_graph={steps_per_graph}: not with a per-step learning-rate schedule "
+                             f"({optimizer.schedule!r}: the rate is written between steps, which one replay of "
+                             "several steps leaves no room for); use per='epoch' or steps_per_graph=1")
         self.sync()   # steps launched before fit are settled first (a pending fault is raised here)
 
         n_batches = -(-X.shape[0] // (batch_size * (1 if comm is None else comm.size)))   # global batches
@@ -777,7 +863,9 @@ class Sequential:
         try:
             callback_list.on_train_begin()
             self._fit_epochs(data, loss_id, loss, history, callback_list, range(initial_epoch, epochs), shuffle,
-                             check_every, log_every, (Xv, yv) if validation_data is not None else None)
+                             check_every, log_every,
+                             ValidationData(self, Xv, yv, loss_id) if validation_data is not None else None,
+                             steps_per_graph)
             callback_list.on_train_end({name: values[-1] for name, values in history.items() if values})
         except BaseException as exc:
             callback_list.close()
@@ -791,26 +879,30 @@ class Sequential:
         return history
 
     def _fit_epochs(self, data, loss_id, loss, history, callback_list, epochs, shuffle, check_every, log_every,
-                    validation):
+                    validation, steps_per_graph=1):
         """fit's loop over validated inputs; fills `history`, stops on a fault or when a callback asks."""
         N, optimizer, n_batches, data_parallel = data.rows, data.optimizer, data.n_batches, data.data_parallel
         # data-parallel: every rank reads the device at the same steps, so all see a fault at the same step
         read_every = log_every if data_parallel is None else data_parallel.read_every
+
+        def read_after(done):
+            """Whether the host reads the guard once `done` batches of the epoch are launched."""
+            return (done == n_batches or (check_every is not None and done % check_every == 0)
+                    or (read_every is not None and done % read_every == 0))
         for epoch in epochs:
             optimizer._follow_schedule(epoch, "epoch")
             callback_list.on_epoch_begin(epoch)
             permutation = self.rng.permutation(N) if shuffle else np.arange(N)
             self.backend.copy_into(self._guard_head, G.fresh(self._steps))   # the epoch's sums start at 0
-            epoch_start, batch_stop = self._steps, None
-            for b, (_, key, step) in enumerate(data.batches(permutation)):
-                optimizer._follow_schedule(self._steps + self._pending, "step")
+            epoch_start, batch_stop, done = self._steps, None, 0
+            for steps, key, step in data.batches(permutation, steps_per_graph, read_after):
+                optimizer._follow_schedule(self._steps + self._pending, "step")   # (refused with steps > 1)
                 with np.errstate(over="ignore", invalid="ignore"):   # the guard catches overflow
                     self.backend.run_step(key, step)
-                self._pending += 1
-                done = b + 1
-                read_now = (done == n_batches or (check_every is not None and done % check_every == 0)
-                            or (read_every is not None and done % read_every == 0))
-                if not read_now:
+                self._pending += steps
+                done += steps
+                b = done - 1
+                if not read_after(done):
                     continue
                 try:
                     guard = self.sync()
@@ -844,7 +936,8 @@ class Sequential:
                 logs["loss_scale"], history.overflow_steps = self.loss_scale
             logs = {k: float(v) for k, v in logs.items()}
             if validation is not None:
-                logs["val_loss"], val_accuracy = self._evaluate(*validation, loss)
+                logs["val_loss"], val_accuracy = self._evaluate_staged(validation.X, validation.Y, loss_id,
+                                                                       self._workspace(validation.X.shape[0]))
                 if val_accuracy is not None:
                     logs["val_accuracy"] = val_accuracy
             for k, v in logs.items():

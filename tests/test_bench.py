@@ -169,7 +169,8 @@ def test_gpu_rows_are_compared_with_torch_eager(monkeypatch):
 
 def test_families_choose_implementations_and_limits():
     names, limits = suite.select_impls("ours-cupy", None)
-    assert names == ["gpubp-cupy", "gpubp-cupy-numpy-batches", "gpubp-cupy-unchecked"] and not limits
+    assert names == ["gpubp-cupy", "gpubp-cupy-numpy-batches", "gpubp-cupy-unchecked", "gpubp-cupy-graph8"] \
+        and not limits
     names, limits = suite.select_impls("limits,torch", "jax-jit")
     assert names == ["torch-eager", "torch-graph", "jax-jit"] and limits
     assert suite.select_impls(None, None) == (None, True)

@@ -705,3 +705,118 @@ def test_a_per_step_schedule_replays_one_graph_with_each_new_rate(backend, rng):
         params.append(be.to_numpy(net.params))
     assert not be.graph_errors and len(graphs) == 3 and graphs[0] is graphs[1] is graphs[2]
     np.testing.assert_array_equal(params[1], params[0])
+
+
+@pytest.mark.parametrize("backend", ["large-tile"], indirect=True)     # one tiling is enough here
+def test_steps_per_graph_replays_groups_of_steps_as_one_graph(backend, rng):
+    """fit(steps_per_graph=4) with graphs: 4 full batches are one captured graph, replayed (the key of a group
+    carries its length), and the run is the eager single-step run bit for bit: History and parameters."""
+    X, y = rng.standard_normal((90, 5)), rng.integers(0, 3, 90)   # 5 full batches of 16 and one of 10 an epoch
+    results = []
+    for use_graphs, steps_per_graph in ((False, 1), (True, 4)):
+        be = cb.CupyBackend()
+        be.use_graphs = use_graphs
+        history, state = _fit(be, "softmax_ce", "adam", X, y, validation_data=(X[:9], y[:9]),
+                              steps_per_graph=steps_per_graph)
+        results.append((dict(history), state))
+    assert results[1][0] == results[0][0]
+    for key in results[0][1]:
+        np.testing.assert_array_equal(results[1][1][key], results[0][1][key], err_msg=key)
+    group_key = ("fit", 16, None, 0, losses.SOFTMAX_CE, "Adam", 4)
+    assert not be.graph_errors and isinstance(be._steps[group_key], tuple)
+    assert len(be._steps[group_key][0].launches) == 4 * len(be._steps[group_key[:-1]][0].launches)
+
+
+# ---- streamed chunks: upload_chunk's streams and events, checked from the order they were issued in ------------
+def _happens_before(log):
+    """From the emulator's stream_log in issue order: a function telling whether op a is ordered before op b on
+    the device (same stream, or b's stream waited for an event recorded after a), and which ops the host knows
+    done (an event it synchronised on). Ops are (stream, position in it)."""
+    position, events, waits, host_done, ops = {}, {}, {}, {}, []
+    for entry in log:
+        kind, stream = entry[0], entry[1]
+        if kind in ("launch", "copy"):
+            position[stream] = position.get(stream, 0) + 1
+            ops.append((entry, (stream, position[stream])))
+        elif kind == "record":
+            events[entry[2]] = (stream, position.get(stream, 0))
+        elif kind == "wait":
+            waits.setdefault(stream, []).append((position.get(stream, 0), events[entry[2]]))
+        elif kind == "synchronize":
+            done_stream, done_upto = events[stream]
+            host_done[done_stream] = max(host_done.get(done_stream, 0), done_upto)
+            ops.append((entry, None))
+        else:                                   # a host write
+            ops.append((entry, dict(host_done)))
+
+    def before(a, b):
+        (sa, ia), (sb, ib) = a, b
+        return ia < ib if sa is sb else any(at < ib and s is sa and upto >= ia for at, (s, upto) in waits.get(sb, ()))
+    return ops, before
+
+
+@pytest.mark.parametrize("backend", ["large-tile"], indirect=True)
+def test_streamed_chunks_are_copied_on_a_second_stream_in_a_safe_order(backend, rng, monkeypatch):
+    """The emulator runs every op at once, so what this checks is upload_chunk's ordering logic, from the
+    streams, events and copies it issues (a stand-in for a GPU's asynchrony; the gpu-marked streamed fit in
+    test_sync_free.py runs it for real): each step's gathers are ordered after the copy of their chunk (the
+    compute stream waits for the copy's event); each copy into a slot after every gather that read the slot
+    before (the copy stream waits for release_chunk's event), yet not after the steps on the other slot's chunk
+    (so copy and compute can overlap); the host writes a pinned buffer only once its last copy is done."""
+    import gpubp
+    from gpubp.network import DeviceData
+    log = []
+    monkeypatch.setattr(emulator_module, "stream_log", log)
+    compute = cb.cp.cuda.get_current_stream()
+    kernel_of = cb._kernel
+
+    def logged_kernel(filename, name):
+        kernel = kernel_of(filename, name)
+
+        def launch(grid, block, args):
+            log.append(("launch", compute, name, args))
+            kernel(grid, block, args)
+        return launch
+    monkeypatch.setattr(cb, "_kernel", logged_kernel)
+    host_gather = cb._host_gather
+    monkeypatch.setattr(cb, "_host_gather", lambda out, src, rows: (log.append(("host write", None, out)),
+                                                                   host_gather(out, src, rows)))
+    made = []
+    monkeypatch.setattr(DeviceData, "__init__", lambda self, *a, _init=DeviceData.__init__: (_init(self, *a),
+                                                                                            made.append(self))[0])
+    backend.use_graphs = False
+    monkeypatch.setattr(backend, "free_memory", lambda: 1100)          # chunks of 8 rows: 2 batches of 4
+    monkeypatch.setattr(backend, "is_device_array", lambda x: False)   # (numpy arrays are the emulator's device's)
+    X, y = rng.standard_normal((37, 5)), rng.integers(0, 3, 37)
+    net = gpubp.Sequential(gpubp.Dense(5, 8, "tanh"), gpubp.Dense(8, 3, "identity"), backend=backend, seed=1)
+    net.fit(X, y, "softmax_ce", gpubp.SGD(net, lr=0.1), epochs=2, batch_size=4)
+    buffers = made[0].buffers
+    assert made[0].streamed and len(buffers) == 2
+
+    def slot_of(array):
+        return next(k for k, b in enumerate(buffers) if any(np.shares_memory(array, a) for a in (b.X, b.Y, b.order)))
+
+    ops, before = _happens_before(log)
+    copies = [(slot_of(e[2]), e[3], op) for e, op in ops if e[0] == "copy"]
+    assert len(copies) == 3 * 2 * 5 and all(op[0] is not compute for _, _, op in copies)   # 5 chunks an epoch
+    last_copy, reads_since_copy, checked, previous_slot = {}, {0: [], 1: []}, 0, None
+    for entry, op in ops:
+        if entry[0] == "copy":
+            slot = slot_of(entry[2])
+            assert all(before(read, op) for read in reads_since_copy[slot]), "a copy may overwrite unread data"
+            if previous_slot != slot:   # (an epoch of an odd number of chunks starts the next in the same slot)
+                assert not any(before(read, op) for read in reads_since_copy[1 - slot]), "copy waits for all steps"
+            previous_slot = slot
+            last_copy.setdefault(slot, []).append(op)
+            reads_since_copy[slot] = [] if len(last_copy[slot]) % 3 == 0 else reads_since_copy[slot]
+        elif entry[0] == "launch" and entry[2].startswith("gather_rows"):
+            slot = slot_of(entry[3][0])
+            assert all(before(copy, op) for copy in last_copy[slot][-3:]), "a step may read a chunk not yet copied"
+            reads_since_copy[slot].append(op)
+            checked += 1
+        elif entry[0] == "host write":
+            done = op
+            for _, host, copy_op in copies:
+                if copy_op in [c for cs in last_copy.values() for c in cs] and np.shares_memory(host, entry[2]):
+                    assert done.get(copy_op[0], 0) >= copy_op[1], "the host overwrites a pinned buffer in flight"
+    assert checked == 2 * 10 * 2   # X and Y gathered for each of the 10 batches of each epoch

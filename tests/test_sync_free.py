@@ -6,7 +6,10 @@ through tests/test_cupy_kernels_emulated.py, numba under the simulator):
 - train_step(sync=False) never synchronises; float() of its LazyLoss does, once;
 - a fault planted mid-epoch (a row that overflows in batch 7; a learning rate that overflows at step 12) is
   reported at the next read, naming that step, with the parameters of the last good step;
-- fit gives, bit for bit on numpy, what the step-by-step loop of public train_step calls gives.
+- fit gives, bit for bit on numpy, what the step-by-step loop of public train_step calls gives;
+- validation adds one read per epoch (the set uploaded once per fit), with numpy's accuracy bit for bit;
+- steps_per_graph=k gives the run of single steps bit for bit, and is refused where the host is needed between
+  steps (comm, a per-step learning-rate schedule).
 """
 import numpy as np
 import pytest
@@ -58,6 +61,87 @@ def test_check_every_and_log_every_add_reads_where_asked(backend_name, rng):
                                            on_batch_end=lambda b, n, value: seen.append((b, n, value))))
     assert [(b, n) for b, n, _ in seen] == [(4, 10), (9, 10)] and logged["d2h"] == plain["d2h"] + 1
     assert all(isinstance(v, float) and np.isfinite(v) for _, _, v in seen)
+
+
+@pytest.mark.parametrize("loss", pick_sizes(["softmax_ce", "bce"], ["softmax_ce"]))   # (bce's: the next test)
+def test_validation_adds_one_read_per_epoch(backend_name, loss, rng):
+    """The validation set goes to the device once per fit; each epoch's val_loss and val_accuracy come back in
+    one read (the evaluation guard's head), the values evaluate() gives."""
+    n_out = 3 if loss == "softmax_ce" else 2
+    X, y = make_data(rng, pick_sizes(12, 4), 5, n_out, loss)
+    Xv, yv = make_data(rng, 7, 5, n_out, loss)
+    added = {}
+    few, many = pick_sizes((1, 3), (1, 2))
+    for epochs in (few, many):
+        plain_net, val_net = (_net(backend_name, loss=loss, sizes=(5, 8, n_out), seed=3) for _ in range(2))
+        plain = _counted(plain_net, lambda: plain_net.fit(X, y, loss, gpubp.SGD(plain_net, lr=0.05), epochs=epochs,
+                                                          batch_size=4))
+        history = {}
+        checked = _counted(val_net, lambda: history.update(val_net.fit(
+            X, y, loss, gpubp.SGD(val_net, lr=0.05), epochs=epochs, batch_size=4, validation_data=(Xv, yv))))
+        added[epochs] = {k: checked[k] - plain[k] for k in checked}
+        assert added[epochs]["d2h"] == epochs
+        assert added[epochs]["sync"] == (0 if backend_name == "numpy" else epochs)   # numpy never waits
+    # uploads: the set once per fit (no growth with the epochs; numpy counts its guard reset, a copy, as one)
+    assert added[many]["h2d"] - added[few]["h2d"] <= (many - few if backend_name == "numpy" else 0)
+    val_loss, val_accuracy = val_net.evaluate(Xv, yv, loss)
+    assert (history["val_loss"][-1], history["val_accuracy"][-1]) == (val_loss, val_accuracy)
+    if backend_name == "numpy":
+        A = val_net.predict(Xv)
+        targets = np.eye(n_out)[yv] if loss == "softmax_ce" else yv
+        assert val_accuracy == gpubp.losses.accuracy(gpubp.losses.loss_id(loss), A, targets)
+
+
+def test_evaluation_accuracy_is_numpys_bit_for_bit(backend_name, rng):
+    """The device keeps the accuracy as (count / compared)·rows; the count read back from it gives numpy's
+    count / compared exactly, also where (c / 33)·11 / 11 is not c / 33 in float64 (c = 1, 2, 4, 8, 16, 25, 32)."""
+    net = _net(backend_name, loss="bce", sizes=(5, 4, 3))
+    Xv = rng.standard_normal((11, 5))
+    right = (net.predict(Xv) > 0.5).astype(float)              # targets every output predicts right
+    for count in (0, 1, 2, 4, 8, 16, 25, 32, 33):
+        yv = right.copy()
+        yv.reshape(-1)[count:] = 1 - yv.reshape(-1)[count:]      # the first `count` elements stay right
+        assert net.evaluate(Xv, yv, "bce")[1] == count / 33
+
+
+def test_steps_per_graph_gives_the_run_of_single_steps(backend_name, rng):
+    """fit(steps_per_graph=3): up to 3 consecutive full batches as one step closure (one captured graph on
+    cupy), groups cut where the host reads (check_every 4, log_every 5, the epoch's end) and before the short
+    last batch: the same History, parameters and optimizer state as steps_per_graph=1, bit for bit, with the
+    same reads, and the callbacks told of the same batches."""
+    rows, epochs = pick_sizes((39, 2), (19, 1))    # 10 batches of 4 (5 under the simulator), the last short
+    X, y = make_data(rng, rows, 5, 3, "softmax_ce")
+    Xv, yv = make_data(rng, 6, 5, 3, "softmax_ce")
+    runs = []
+    for steps_per_graph in (1, 3):
+        net = _net(backend_name, seed=5)
+        opt = gpubp.Adam(net, lr=gpubp.schedules.Cosine(1e-2, total=epochs + 1))   # per epoch: allowed
+        seen = []
+        counted = _counted(net, lambda: runs.append(net.fit(
+            X, y, "softmax_ce", opt, epochs=epochs, batch_size=4, validation_data=(Xv, yv), check_every=4,
+            log_every=5, on_batch_end=lambda b, n, value: seen.append((b, n, value)),
+            steps_per_graph=steps_per_graph)))
+        runs[-1] = (dict(runs[-1]), _state(net, opt), seen, counted["d2h"], net.steps)
+    (history, state, seen, reads, steps), grouped = runs
+    assert grouped[0] == history and grouped[2:] == (seen, reads, steps) and seen
+    for a, b in zip(grouped[1], state):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_steps_per_graph_refuses_what_needs_the_host_between_steps():
+    from gpubp.distributed import Communicator
+    net = _net("numpy")
+    X, y = np.ones((8, 5)), np.zeros(8, np.int64)
+    with pytest.raises(ValueError, match="steps_per_graph: expected a positive integer, got 0"):
+        net.fit(X, y, "softmax_ce", gpubp.SGD(net, lr=0.1), steps_per_graph=0)
+    per_step = gpubp.SGD(net, lr=gpubp.schedules.Cosine(0.1, total=4, per="step"))
+    with pytest.raises(ValueError, match="steps_per_graph=2: not with a per-step learning-rate schedule"):
+        net.fit(X, y, "softmax_ce", per_step, steps_per_graph=2)
+    comm = Communicator(size=2)
+    comm.transport = object()    # what a job of two ranks has; nothing is sent before the check
+    with pytest.raises(ValueError, match="steps_per_graph=4: not with comm"):
+        net.fit(X, y, "softmax_ce", gpubp.SGD(net, lr=0.1), comm=comm, steps_per_graph=4)
+    assert net.steps == 0
 
 
 def test_a_user_loop_with_sync_false_never_synchronises(backend_name, rng):

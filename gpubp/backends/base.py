@@ -22,6 +22,7 @@ layout and the order of a step):
     advance_cursor  cursor += n
     guard_gradients a non-finite loss or gradient sets the guard's fault
     record_step     the step's loss, correct predictions and rows added to the guard's sums
+    upload_chunk, release_chunk   fit's streamed chunks of host data, copied in order with the steps that read them
 
 Mixed precision (issue 12; gpubp/precision.py has the names and the numpy rounding). The GEMM ops take
 `precision` ("fp32", "tf32", "bf16", "fp16"; "fp32" means the model dtype's own arithmetic, and float64 models
@@ -258,6 +259,23 @@ class Backend:
         guard[FAULT] == NONE: GOOD += 1, and when GOOD reaches GROWTH_INTERVAL, SCALE *= GROWTH (not above
         loss_scale.MAX_SCALE) and GOOD = 0. Any other fault: nothing (the host reports it)."""
         raise NotImplementedError
+
+    # ---- streamed data: fit's chunks when the data stays on the host (gpubp/network.py, DeviceData) ----------
+    def upload_chunk(self, slot, copies):
+        """One chunk of host data into the device buffers of `slot` (a small int naming one set of chunk
+        buffers): for each (dst, src, rows) in copies, dst[:len(rows)] = src[rows] (rows None: dst[...] = src),
+        src a numpy array. Ops launched after this call see the new values; the copy overwrites dst only after
+        the ops that read the slot's buffers before are done (those launched before release_chunk(slot); every
+        op launched so far when the slot was not released). The default copies in stream order, which gives
+        both; a GPU backend may copy on a second stream from pinned host memory while the device computes."""
+        for dst, src, rows in copies:
+            if rows is None:
+                self.copy_into(dst, src)
+            else:
+                self.copy_into(dst[:len(rows)], src[rows])
+
+    def release_chunk(self, slot):
+        """Every op that reads the buffers of chunk `slot` is launched (see upload_chunk). Default: nothing."""
 
     # ---- whole-step hooks (a backend may replace eager launches by a captured graph) ---------------------
     def run_step(self, key, fn):

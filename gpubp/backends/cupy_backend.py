@@ -202,6 +202,8 @@ class CupyBackend(Backend):
         self._capture_stream = None
         self._capturing = False
         self._scratch = {}
+        self._copy_stream = None   # streamed chunks (upload_chunk): their copies, beside the compute stream
+        self._chunk_slots = {}     # slot -> _ChunkSlot
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _dtype_name(self, *arrays):
@@ -702,6 +704,54 @@ class CupyBackend(Backend):
                             f"{'' if shape is None else f' of shape {shape}'}, got {type(x).__name__} "
                             f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
 
+    # ---- streamed chunks: pinned host buffers, a copy stream, events (base.py's upload_chunk) ----------------
+    def upload_chunk(self, slot, copies):
+        """The host gathers the chunk into the slot's pinned buffers and copies them on the copy stream, so the
+        copy overlaps the steps on the other slot's chunk. Ordering, by events (no host wait on the compute
+        stream):
+          - the host writes a pinned buffer only once its previous copy is done (the one wait: one per chunk,
+            counted as a sync; that copy was queued a whole chunk of steps ago, so it is long done);
+          - the copy stream waits for the event release_chunk(slot) recorded on the compute stream after the
+            last step that read the slot's device buffers (never released: everything launched so far);
+          - the compute stream waits for the copy's event before anything launched after this call."""
+        self._refuse_while_capturing("a host-to-device copy")
+        if self._copy_stream is None:
+            self._copy_stream = cp.cuda.Stream(non_blocking=True)
+        copy_stream, compute = self._copy_stream, cp.cuda.get_current_stream()
+        state = self._chunk_slots.setdefault(slot, _ChunkSlot())
+        if state.copied is not None:
+            state.copied.synchronize()
+            self.counters["sync"] += 1
+        if state.copied is not None and state.released is None:
+            state.released = compute.record()
+        if state.released is not None:
+            copy_stream.wait_event(state.released)
+        for i, (dst, src, rows) in enumerate(copies):
+            m = dst.shape[0] if rows is None else len(rows)
+            pinned = self._pinned(slot, i, dst.shape, dst.dtype)[:m]
+            _host_gather(pinned, src, rows)
+            _copy_async(dst[:m], pinned, copy_stream)
+            self.counters["h2d"] += 1
+        state.copied, state.released = copy_stream.record(), None
+        compute.wait_event(state.copied)
+
+    def release_chunk(self, slot):
+        state = self._chunk_slots.get(slot)
+        if state is not None:
+            state.released = cp.cuda.get_current_stream().record()
+
+    def _pinned(self, slot, i, shape, dtype):
+        """A page-locked host array of `shape` for copy i of `slot` (an asynchronous copy needs one). Kept for the
+        next fit on data of the same shape (a chunk's size: together about the device memory the chunks take),
+        replaced, and so freed, when another shape comes."""
+        key = ("pinned", slot, i)
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+            self._scratch.pop(key, None)
+            memory = cp.cuda.alloc_pinned_memory(max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
+            buf = self._scratch[key] = np.ndarray(shape, dtype=dtype, buffer=memory)   # as cupyx.empty_pinned
+        return buf
+
     # ---- whole-step CUDA graphs ----------------------------------------------------------------------------
     def run_step(self, key, fn):
         """First call with a key: run fn eagerly (compiles kernels, makes scratch). Second: capture fn as a
@@ -753,6 +803,26 @@ class CupyBackend(Backend):
             self._capturing = False
         self._steps[key] = (graph, pool, captured)
         return self._steps[key]
+
+
+class _ChunkSlot:
+    """upload_chunk's events for one slot: `copied` (recorded on the copy stream after its last copy) and
+    `released` (recorded on the compute stream by release_chunk; None until then)."""
+    copied = None
+    released = None
+
+
+def _host_gather(out, src, rows):
+    """out[...] = src[rows] (rows None: src), on the host, into a pinned buffer of upload_chunk."""
+    if rows is None:
+        np.copyto(out, src, casting="unsafe")
+    else:
+        np.take(src, rows, axis=0, out=out)
+
+
+def _copy_async(dst, host, stream):
+    """dst[...] = host, a pinned numpy array, queued on `stream` (the host does not wait)."""
+    dst.set(host, stream=stream)
 
 
 _VALUE_TYPES = (int, float, bool, str, bytes, type(None))

@@ -321,14 +321,42 @@ class EmulatedKernel:
 
 
 _capturing = None   # the launches recorded by the stream being captured, or None
+# Streams and events (upload_chunk's copy stream) run nothing asynchronously here: every op runs when it is
+# issued. What they can give is the order: with stream_log a list, each record, wait, event synchronize and
+# asynchronous copy is appended to it (test_cupy_kernels_emulated.py checks upload_chunk's ordering from it).
+stream_log = None
+
+
+def _log(*entry):
+    if stream_log is not None:
+        stream_log.append(entry)
+
+
+class FakeEvent:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def synchronize(self):
+        _log("synchronize", self)
 
 
 class FakeStream:
+    def __init__(self, name="stream"):
+        self.name = name
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
+
+    def record(self, event=None):
+        event = FakeEvent(self)
+        _log("record", self, event)
+        return event
+
+    def wait_event(self, event):
+        _log("wait", self, event)
 
     def begin_capture(self, mode=None):
         global _capturing
@@ -366,13 +394,23 @@ def fake_cupy():
         get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0),
         cuda=types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDevice=lambda: 0, memGetInfo=lambda: (80 << 30, 80 << 30)),
-            Stream=lambda non_blocking=False: FakeStream(), get_current_stream=FakeStream,
+            Stream=lambda non_blocking=False: FakeStream(), get_current_stream=lambda: _COMPUTE_STREAM,
+            alloc_pinned_memory=bytearray,
             MemoryPool=lambda: types.SimpleNamespace(malloc=None),
             using_allocator=lambda allocator=None: contextlib.nullcontext()))
 
 
+_COMPUTE_STREAM = FakeStream("compute")   # CuPy's current stream: the one every kernel launch goes to
+
+
+def _copy_async(dst, host, stream):
+    """cupy_backend._copy_async on numpy "device" arrays: copied now, logged as a copy on `stream`."""
+    _log("copy", stream, dst, host)
+    np.copyto(dst, host)
+
+
 def patches(lib, sm_count):
     """(module, attribute, value) triples that put cupy_backend on the emulator, with a GPU of sm_count SMs."""
-    return [(cupy_backend, "cp", fake_cupy()),
+    return [(cupy_backend, "cp", fake_cupy()), (cupy_backend, "_copy_async", _copy_async),
             (cupy_backend, "_kernel", lambda filename, name: EmulatedKernel(lib, name)),
             (cupy_backend, "_sm_count", lambda: sm_count)]
