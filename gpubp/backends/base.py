@@ -260,7 +260,11 @@ class Backend:
         delta_out; overwritten, multiplied by the loss scale as every δ is."""
         self.fused_forward(X, Ws, bs, act_ids, alphas, precision, out, hidden, loss, Y, delta_out, loss_out, scale)
         self.fused_backward(delta_out, Ws, act_ids, alphas, precision, hidden, deltas)
-        L = len(Ws) - 1
+        self._fused_weight_grads(X, hidden, deltas, delta_out, dWs, dbs, precision)
+
+    def _fused_weight_grads(self, X, hidden, deltas, delta_out, dWs, dbs, precision):
+        """fused_train's last part: weight_grad for every layer from the fused kernels' stored A and δ."""
+        L = len(dWs) - 1
         for l in range(L + 1):
             delta = delta_out if l == L else deltas[l]
             self.weight_grad(delta, X if l == 0 else hidden[l - 1], dWs[l], dbs[l], precision=precision)
