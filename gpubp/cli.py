@@ -315,7 +315,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
                                    dtype=dtype or "float32", seed=seed, precision=precision,
                                    fused=_FUSED_SETTINGS[fused or "auto"])
         except ValueError as exc:   # a precision the backend does not implement, or --fused on that cannot be
-            raise CliError(f"--fused {fused}: {exc}" if "fused=" in str(exc) else f"--precision {precision}: {exc}") from None
+            option = f"--fused {fused}" if "fused=" in str(exc) else f"--precision {precision}"
+            raise CliError(f"{option}: {exc}") from None
         if optimizer == "adam" and momentum is not None:
             raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
         rate = lr or (1e-3 if optimizer == "adam" else 0.05)

@@ -595,8 +595,8 @@ class CupyBackend(Backend):
                             hidden, loss, Y, delta_out, loss_out, scale)
 
     def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
-        self._fused_backward(self._fused_pack(Ws, [None] * len(Ws), alphas, precision)[0], delta_out, Ws, act_ids, alphas,
-                             precision, hidden, deltas)
+        weights = self._fused_pack(Ws, [None] * len(Ws), alphas, precision)[0]
+        self._fused_backward(weights, delta_out, Ws, act_ids, alphas, precision, hidden, deltas)
 
     def fused_train(self, X, Y, loss, Ws, bs, act_ids, alphas, precision, out, hidden, deltas, delta_out, loss_out,
                     dWs, dbs, scale=None):
@@ -650,12 +650,13 @@ class CupyBackend(Backend):
             self._float32("Y", Y)
             if hidden.shape != (len(Ws) - 1, N, H):
                 raise ValueError(f"hidden: expected shape {(len(Ws) - 1, N, H)}, got {hidden.shape}")
-            narrow_hidden, delta_bits = self._output(hidden, precision, "hidden")[1], self._output(
-                delta_out, precision, "delta_out")[1]
+            narrow_hidden = self._output(hidden, precision, "hidden")[1]
+            delta_bits = self._output(delta_out, precision, "delta_out")[1]
             row_loss = self._scratch_buffer("fused row loss", max(1, N), np.float64)
             scale_arg = scale if scale is not None else self._fused_one()
         else:
-            narrow_hidden, delta_bits, row_loss, scale_arg = narrow_any, narrow_any, self._fused_one(), self._fused_one()
+            narrow_hidden = delta_bits = narrow_any          # pointers the kernel does not touch in inference
+            row_loss = scale_arg = self._fused_one()
         if N == 0:
             return
         name = cuda_sources.fused_kernel_name("fused_mlp_forward_kernel", precision, H)
