@@ -224,6 +224,11 @@ def graph_info(be):
     return "; ".join(parts)
 
 
+def path_note(net):
+    """Which path a gpubp model's steps ran: the fully fused MLP (gpubp/fused.py) or the per-layer kernels."""
+    return "path: fused MLP" if net.fused else "path: per-layer kernels"
+
+
 def _gpubp_train(backend_name, checked=True, host_batches=False):
     """checked=True times the public Sequential.train_step (input validation, finite checks, loss to host);
     checked=False the step behind it (Sequential._train_step), to show what the checks cost.
@@ -251,7 +256,8 @@ def _gpubp_train(backend_name, checked=True, host_batches=False):
                 net.train_step(X, Y, loss=spec.loss, optimizer=opt)
             else:
                 net._train_step(X, Y, loss_id, opt)
-        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev, info=lambda: graph_info(be))
+        return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev,
+                      info=lambda: "; ".join(filter(None, [graph_info(be), path_note(net)])))
     return make
 
 
@@ -274,7 +280,7 @@ def _gpubp_fit(backend_name, steps_per_graph=1):
             counted.update({k: v - before.get(k, 0) for k, v in getattr(be, "counters", {}).items()})
 
         def info():
-            return "; ".join(filter(None, [host_traffic(counted, spec.batches), graph_info(be)]))
+            return "; ".join(filter(None, [host_traffic(counted, spec.batches), graph_info(be), path_note(net)]))
         return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=(X, Y), info=info)
     return make
 

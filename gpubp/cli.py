@@ -220,6 +220,9 @@ def cli():
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
               help="GEMM operand precision (float32 models): tf32, or bf16/fp16 with 16-bit activations; fp16 "
                    "scales the loss dynamically [default: fp32].")
+@click.option("--fused", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="The fully fused MLP (bf16/fp16, one hidden width of 16/32/48/64/128): auto takes it where the "
+                   "model and backend allow, on requires it, off never [default: auto].")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
 @click.option("--val-split", type=float, default=None,
@@ -247,7 +250,7 @@ def cli():
               help="CPU threads for the numpy backend's BLAS (threadpoolctl) [default: all cores]; on a machine "
                    "shared with other jobs, 1 or 2 gives steadier times.")
 def train(data_spec, target, layers, activation, loss, epochs, batch_size, optimizer, lr, momentum, backend, dtype,
-          precision, seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule,
+          precision, fused, seed, val_split, save_path, resume_path, checkpoint_every, plot_path, weight_decay, schedule,
           warmup, early_stopping, threads):
     """Train an MLP on DATA; print per-epoch progress and a held-out score. Under mpiexec, data-parallel: each
     rank trains on --batch-size rows of every step (the step's batch is --batch-size × ranks); rank 0 prints and
@@ -278,6 +281,8 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
         if precision is not None and precision != (net.precision or "fp32"):
             raise CliError(f"--resume: {resume_path} was trained with precision {net.precision}, not --precision "
                            f"{precision}")
+        if fused is not None and _FUSED_SETTINGS[fused] != net.fused_setting:
+            raise CliError(f"--resume: {resume_path} was trained with fused={net.fused_setting!r}, not --fused {fused}")
         target = target if target is not None else saved["target"]      # the same column as the first run
         for option, value, key in (("--seed", seed, "seed"), ("--val-split", val_split, "val_split")):
             if value is not None and value != saved[key]:
@@ -307,9 +312,11 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
                            "not --dtype float64")
         try:
             net = gpubp.Sequential(*[gpubp.Dense(*layer) for layer in wanted], backend=backend,
-                                   dtype=dtype or "float32", seed=seed, precision=precision)
-        except ValueError as exc:   # a precision the backend does not implement
-            raise CliError(f"--precision {precision}: {exc}") from None
+                                   dtype=dtype or "float32", seed=seed, precision=precision,
+                                   fused=_FUSED_SETTINGS[fused or "auto"])
+        except ValueError as exc:   # a precision the backend does not implement, or --fused on that cannot be
+            option = f"--fused {fused}" if "fused=" in str(exc) else f"--precision {precision}"
+            raise CliError(f"{option}: {exc}") from None
         if optimizer == "adam" and momentum is not None:
             raise CliError("--momentum: applies to --optimizer sgd (Adam keeps its own moment estimates)")
         rate = lr or (1e-3 if optimizer == "adam" else 0.05)
@@ -342,6 +349,7 @@ def train(data_spec, target, layers, activation, loss, epochs, batch_size, optim
     say(f"{dataset.source}: {len(X_train)} training and {len(X_held)} held-out rows, {X_train.shape[1]} "
         f"features; loss {targets.loss}; network {_describe(_architecture(net))}; {opt!r}; backend "
         f"{net.backend.name}, {net.dtype.name}" + (f", precision {net.precision}" if net.precision else "")
+        + (", fused MLP" if net.fused else "")
         + (f"; resuming at epoch {epochs_done + 1}" if saved else "")
         + (f"; {comm.size} ranks, global batch {batch_size * comm.size}" if comm.size > 1 else ""))
     reporter = EpochReporter(len(X_train), batch_size, epochs, echo=say, bar=comm.size == 1)
@@ -597,7 +605,14 @@ def info():
     for name, (usable, _) in gpubp.availability().items():
         if usable:
             click.echo(f"  on {name}: {' '.join(gpubp.get_backend(name).PRECISIONS)}")
+    click.echo("fused MLP (Sequential(fused=...), --fused; bf16/fp16, gpubp/fused.py says which models):")
+    for name, (usable, _) in gpubp.availability().items():
+        if usable:
+            click.echo(f"  {name:6} {'yes' if gpubp.get_backend(name).FUSED else 'no (the per-layer kernels run)'}")
     click.echo("gpu: " + _gpu_line())
+
+
+_FUSED_SETTINGS = {"auto": "auto", "on": True, "off": False}   # --fused -> Sequential(fused=...)
 
 
 def _gpu_line():

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import activations as acts
 from . import distributed
+from . import fused as F
 from . import guard as G
 from . import labels as L
 from . import loss_scale as LS
@@ -48,15 +49,23 @@ class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
     Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
     every δ are in `storage`, the GEMM precision's storage type (16-bit for bf16/fp16, base.py); Z, the output
-    layer's A (the prediction), X and Y in the model's dtype."""
+    layer's A (the prediction), X and Y in the model's dtype.
+    fused (the fused MLP, gpubp/fused.py): the hidden layers' A and δ are views of one (L, N, H) block each,
+    `hidden` and `deltas`, as the fused kernels take them."""
 
-    def __init__(self, be, layers, N, dtype, storage):
+    def __init__(self, be, layers, N, dtype, storage, fused=False):
         last = len(layers) - 1
         self.X = be.empty((N, layers[0].n_in), dtype)
         self.Y = be.empty((N, layers[-1].n_out), dtype)
         self.Z = [be.empty((N, layer.n_out), dtype) for layer in layers]
         self.A = [be.empty((N, layer.n_out), dtype if i == last else storage) for i, layer in enumerate(layers)]
         self.G = [be.empty((N, layer.n_out), storage) for layer in layers]
+        self.hidden = self.deltas = None
+        if fused:
+            shape = (last, N, layers[0].n_out)
+            self.hidden, self.deltas = be.empty(shape, storage), be.empty(shape, storage)
+            self.A[:last] = [self.hidden[l] for l in range(last)]
+            self.G[:last] = [self.deltas[l] for l in range(last)]
         self.loss = be.zeros((1,), dtype)
 
 
@@ -250,7 +259,8 @@ class History(dict):
 
 
 class Sequential:
-    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False, precision=None):
+    def __init__(self, *layers, backend="auto", dtype="float32", seed=0, deterministic=False, precision=None,
+                 fused="auto"):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -270,8 +280,13 @@ class Sequential:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
+        if not (fused is True or fused is False or (isinstance(fused, str) and fused == "auto")):
+            raise ValueError(f"fused: expected 'auto', True or False, got {fused!r}")
         # None for float64 models (they multiply in float64); the GEMM ops take "fp32" for those
         self.precision = P.check_precision(precision, _dtype_name(dtype))
+        fusable, why_not = F.qualifies(layers, self.precision)
+        if fused is True and not fusable:
+            raise ValueError(f"fused=True: this model cannot take the fused MLP path: {why_not}")
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
@@ -280,6 +295,13 @@ class Sequential:
         if self.precision is not None and self.precision not in self.backend.PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not implemented on backend "
                              f"{self.backend.name!r}; it has {list(self.backend.PRECISIONS)}")
+        if fused is True and not self.backend.FUSED:
+            raise ValueError(f"fused=True: backend {self.backend.name!r} has no fused MLP path (the numpy and cupy "
+                             f"backends have one); use fused='auto' or False")
+        # The fused MLP (gpubp/fused.py) runs forward and backward when the backend has it and the model qualifies;
+        # fused_setting is what was asked ("auto", True, False), fused which path runs.
+        self.fused_setting = fused
+        self.fused = bool(fused is not False and fusable and self.backend.FUSED)
         self.rng = np.random.default_rng(self.seed)   # initialisation, then fit's shuffling
         self.layout = FlatLayout(self.layers)
         self.params = self.backend.empty((self.layout.size,), self.dtype)
@@ -336,7 +358,8 @@ class Sequential:
     def __repr__(self):
         inner = ", ".join(map(repr, self.layers))
         precision = "" if self.precision in (None, P.DEFAULT_PRECISION) else f", precision={self.precision!r}"
-        return (f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}{precision}, "
+        fused = "" if self.fused_setting == "auto" else f", fused={self.fused_setting!r}"
+        return (f"Sequential({inner}, backend={self.backend.name!r}, dtype={self.dtype.name!r}{precision}{fused}, "
                 f"seed={self.seed})")
 
     # ---- validation: everything is checked before anything is touched -------------------------------------
@@ -428,7 +451,8 @@ class Sequential:
         ws = self._workspaces.pop(N, None)
         if ws is None:
             ws = Workspace(self.backend, self.layers, N, self.dtype,
-                           self.backend.storage_dtype(self._gemm_precision) if self.precision else self.dtype)
+                           self.backend.storage_dtype(self._gemm_precision) if self.precision else self.dtype,
+                           self.fused)
             while len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.popitem(last=False)
         self._workspaces[N] = ws          # most recently used last
@@ -448,7 +472,17 @@ class Sequential:
             Y = be.stage(y, ws.Y)
         return X, Y, X is ws.X and Y is ws.Y
 
-    def _forward(self, X, ws):
+    def _fused_args(self):
+        """The layers' parameters as the fused ops take them: (Ws, bs, act_ids, alphas)."""
+        layers = self.layers
+        return ([l.W for l in layers], [l.b for l in layers], [l.act for l in layers], [l.alpha for l in layers])
+
+    def _forward(self, X, ws, keep_z=False):
+        """The output A = F(Z_L) of X into ws.A[-1]. keep_z: every Z in ws.Z too (the per-layer path; the fused
+        MLP keeps none)."""
+        if self.fused and not keep_z:
+            self.backend.fused_forward(X, *self._fused_args(), self.precision, ws.A[-1])
+            return ws.A[-1]
         a = X
         for layer, Z, A in zip(self.layers, ws.Z, ws.A):
             layer.forward(self.backend, a, Z, A)
@@ -459,6 +493,11 @@ class Sequential:
         """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
         (`scale`, a device float64 (1,); default the scaler's)."""
         be, last = self.backend, self.layers[-1]
+        if self.fused:   # forward, loss and backward in the fused kernels, then weight_grad per layer
+            be.fused_train(X, Y, loss_id, *self._fused_args(), self.precision, ws.A[-1], ws.hidden, ws.deltas,
+                           ws.G[-1], ws.loss, [l.dW for l in self.layers], [l.db for l in self.layers],
+                           self._scale if scale is None else scale)
+            return
         self._forward(X, ws)
         be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
                      self._scale if scale is None else scale)
@@ -701,7 +740,7 @@ class Sequential:
         head = be.view(self._evaluation_guard, 0, (G.RING,))
         be.copy_into(head, self._evaluation_fresh)   # device to device: nothing crosses from the host
         with np.errstate(over="ignore", invalid="ignore"):   # an overflow shows in the loss returned
-            self._forward(X, ws)
+            self._forward(X, ws, keep_z=True)   # the loss needs Z_L: the per-layer forward
             be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss)
             be.record_step(loss_id, ws.loss, ws.A[-1], Y, self._evaluation_guard)
         guard = be.to_numpy(be.view(self._evaluation_guard, 0, (G.RING + 1,)))

@@ -1,11 +1,11 @@
 """Checkpoints: one .npz holding the architecture, dtype, parameters, optimizer state and the shuffling RNG, so a
 resumed run equals the uninterrupted one. Loaded with allow_pickle=False: metadata is JSON text, never pickles.
 
-Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, precision, seed, deterministic, steps, rng state,
+Keys:  format ("gpubp-checkpoint-1")  meta (JSON: layers, dtype, precision, fused, seed, deterministic, steps, rng state,
        optimizer type, config and schedule, extra, the loss and class labels fit last used)  params (flat, packed)
        opt.<state name> (flat, packed)  opt.step (int64, (1,))
        loss_scaler (float64, (6,); fp16 models only: gpubp/loss_scale.py's layout)
-A file without "precision" (written before it existed) loads with the default.
+A file without "precision" or "fused" (written before they existed) loads with the default.
 
 `extra` is the caller's own JSON-able metadata (the command line keeps its preprocessing there); load returns
 it as net.extra ({} when none was saved), and saving a loaded model again keeps it.
@@ -48,6 +48,7 @@ def save(net, path, extra=None):
         "layers": [layer.config() for layer in net.layers],
         "dtype": net.dtype.name,
         "precision": net.precision,
+        "fused": net.fused_setting,
         "seed": net.seed,
         "deterministic": net.deterministic,
         "steps": net.steps,
@@ -199,7 +200,7 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
                                      "growth >= 1, backoff in (0, 1], counts >= 0)")
     try:
         net = Sequential(*meta["layers"], backend=backend, dtype=meta["dtype"], seed=meta["seed"],
-                         deterministic=meta.get("deterministic", False), precision=meta.get("precision"))
+                         deterministic=meta.get("deterministic", False), precision=meta.get("precision"), fused=meta.get("fused", "auto"))
         net.rng.bit_generator.state = meta["rng"]
         optimizer = None
         if opt_meta is not None:

@@ -258,6 +258,22 @@ def test_train_in_bf16_and_resume_keeps_it(tmp_path):
     assert wrong.returncode == 2 and "precision bf16, not --precision fp16" in wrong.stderr
 
 
+def test_fused_option_and_info(tmp_path):
+    """--fused on|off|auto: the first line says when the fused MLP runs; on for a model that cannot is exit 2
+    naming why; off is kept by the checkpoint; info says which backends have the fused path."""
+    common = ("train", "--data", "breast_cancer", "--epochs", 1, "--backend", "numpy", "--layers", "16,16")
+    assert "fused MLP" in ok(*common, "--precision", "bf16").stdout.splitlines()[0]
+    off = ok(*common, "--precision", "bf16", "--fused", "off", "--save", tmp_path / "m.npz")
+    assert "fused MLP" not in off.stdout.splitlines()[0]
+    assert gpubp.load(tmp_path / "m.npz", backend="numpy").fused_setting is False
+    bad = gpubp_cmd(*common, "--fused", "on")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--fused on: fused=True: this model cannot take the fused MLP path: precision 'fp32'" in bad.stderr
+    info = ok("info").stdout.splitlines()
+    fused_lines = info[[i for i, line in enumerate(info) if line.startswith("fused MLP")][0] + 1:]
+    assert fused_lines[0].split()[:2] == ["numpy", "yes"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("--precision", "fp8"), "'fp8' is not one of"),
     (("--precision", "bf16", "--dtype", "float64"), "--precision bf16: needs --dtype float32"),

@@ -38,6 +38,19 @@ always pass it). round_p is precision.round_operand (RNE); "store" rounds RNE to
     loss_grad         δ_out = store(scale · ∂L/∂Z), scale the fp16 loss scale (gpubp/loss_scale.py), else 1
 For 16-bit stored arrays round_p is exact; tf32 stores nothing narrow and rounds operands inside the GEMM.
 
+The fully fused MLP (issue 13; gpubp/fused.py says which models qualify and holds the numpy reference of the
+kernels' numerics). A backend with FUSED = True runs a whole qualifying bf16/fp16 model in two ops, layers
+l = 0 .. L (L hidden, one width H), A_0 = X, with the layers' W/b views of the flat parameter buffer:
+    fused_forward   A_{l+1} = store(g_l(round_p(A_l) · round_p(W_l)ᵀ + b_l)) for l < L, on chip;
+                    out = g_L(Z_L) float32 (inference), or with a loss (training): hidden[l] = A_{l+1} stored,
+                    out = F(Z_L), loss_out[0] = L, delta_out = store(scale · ∂L/∂Z_L), as loss_grad
+    fused_backward  δ_l = store((round_p(δ_{l+1}) · round_p(W_{l+1})) ⊙ g_l') for l = L-1 .. 0, g_l' from the
+                    STORED A_{l+1} (relu / leaky_relu: A > 0; the per-layer ops take Z > 0, which differs only
+                    where 0 < Z rounds to A = 0)
+    fused_train     both, then dW_l = round_p(δ_l)ᵀ · round_p(A_l), db_l = Σₙ δ_l by weight_grad (the per-layer
+                    tensor-core GEMM) into the model's gradient views: the whole train step's gradients
+A model the backend's fused path cannot run is the caller's to refuse (gpubp.fused.qualifies; Sequential does).
+
 Activations and losses are passed as the integer ids of gpubp.activations and gpubp.losses. Optimizer settings
 arrive as a device float64 array `hyper` (read by the kernels, so a changed learning rate needs no recapture).
 
@@ -220,6 +233,42 @@ class Backend:
             θ = θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
         State buffers 0 and 1: m and v."""
         raise NotImplementedError
+
+    # ---- the fully fused MLP (gpubp/fused.py; module docstring) ---------------------------------------------
+    # True where fused_forward and fused_backward are implemented; Sequential(fused="auto") takes the fused path
+    # then, for models gpubp.fused.qualifies accepts.
+    FUSED = False
+
+    def fused_forward(self, X, Ws, bs, act_ids, alphas, precision, out, hidden=None, loss=None, Y=None,
+                      delta_out=None, loss_out=None, scale=None):
+        """The fused forward of layers W_l (out_l, in_l) / b_l (or None) / act_ids[l] / alphas[l], l = 0 .. L,
+        on X (N, in) float32, in `precision` (bf16 or fp16). Inference (hidden None, loss None): out (N, O)
+        float32 = g_L(Z_L). Training (hidden (L, N, H) in the storage dtype, loss a loss id, Y (N, O) float32
+        targets, one-hot for softmax_ce): hidden[l] = A_{l+1}; out = F(Z_L) (the prediction); loss_out[0] = L
+        (the unscaled loss, (1,) float32); delta_out (N, O) stored = store(scale · ∂L/∂Z_L); scale None (1) or a
+        device float64 (1,) (the fp16 loss scale), as loss_grad."""
+        raise NotImplementedError(f"backend {self.name!r} has no fused MLP path")
+
+    def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
+        """The fused backward: from delta_out (N, O) stored and the forward's hidden (L, N, H), deltas[l] (L, N,
+        H) stored = δ_l = store((δ_{l+1} · round_p(W_{l+1})) ⊙ g_l'(from hidden[l])), l = L-1 .. 0."""
+        raise NotImplementedError(f"backend {self.name!r} has no fused MLP path")
+
+    def fused_train(self, X, Y, loss, Ws, bs, act_ids, alphas, precision, out, hidden, deltas, delta_out, loss_out,
+                    dWs, dbs, scale=None):
+        """Forward with the loss, backward, and every layer's weight gradient (module docstring): dWs[l] =
+        round_p(δ_l)ᵀ · round_p(A_l) and dbs[l] (or None) = Σₙ δ_l, with A_0 = X, A_l = hidden[l - 1] and δ_L =
+        delta_out; overwritten, multiplied by the loss scale as every δ is."""
+        self.fused_forward(X, Ws, bs, act_ids, alphas, precision, out, hidden, loss, Y, delta_out, loss_out, scale)
+        self.fused_backward(delta_out, Ws, act_ids, alphas, precision, hidden, deltas)
+        self._fused_weight_grads(X, hidden, deltas, delta_out, dWs, dbs, precision)
+
+    def _fused_weight_grads(self, X, hidden, deltas, delta_out, dWs, dbs, precision):
+        """fused_train's last part: weight_grad for every layer from the fused kernels' stored A and δ."""
+        L = len(dWs) - 1
+        for l in range(L + 1):
+            delta = delta_out if l == L else deltas[l]
+            self.weight_grad(delta, X if l == 0 else hidden[l - 1], dWs[l], dbs[l], precision=precision)
 
     # ---- the training loop's device-side ops (gpubp/guard.py) --------------------------------------------
     def gather_rows(self, src, order, cursor, out):

@@ -39,6 +39,7 @@ except ImportError as exc:  # the module still imports, so available() can say w
     cp = None
     _IMPORT_ERROR = exc
 
+from .. import fused
 from .. import guard as G
 from .. import loss_scale as LS
 from .. import losses
@@ -581,6 +582,124 @@ class CupyBackend(Backend):
         operands = (self._operand(delta, precision, "delta"), self._operand(A_prev, precision, "A_prev"))
         gemm = _kernel("dense_tc.cu", cuda_sources.tc_kernel_name("weight_grad_tc_kernel", precision))
         self._split_k_weight_grad(gemm, _TC_TILE, operands, dW, db, accumulate, N, "float32")
+
+    # ---- the fully fused MLP (kernels/fused_mlp.cu; gpubp/fused.py) ----------------------------------------------
+    # One launch of fused_mlp_forward_kernel (grid ceil(N / 128), 256 threads) runs every layer; in training it
+    # writes the hidden A, the prediction, each row's loss and δ_L, then fused_mlp_backward_kernel writes every
+    # hidden δ, and the per-layer tensor-core weight_grad makes dW and db from them. The 16-bit weights and the
+    # gathered biases are refreshed from the model's float32 views at every call (the optimizer moved them):
+    # L + 1 small launches of fused_mlp_round_kernel and device-to-device bias copies, all capturable.
+    FUSED = True
+
+    def fused_forward(self, X, Ws, bs, act_ids, alphas, precision, out, hidden=None, loss=None, Y=None,
+                      delta_out=None, loss_out=None, scale=None):
+        self._fused_forward(self._fused_pack(Ws, bs, alphas, precision), X, Ws, bs, act_ids, alphas, precision, out,
+                            hidden, loss, Y, delta_out, loss_out, scale)
+
+    def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
+        weights = self._fused_pack(Ws, [None] * len(Ws), alphas, precision)[0]
+        self._fused_backward(weights, delta_out, Ws, act_ids, alphas, precision, hidden, deltas)
+
+    def fused_train(self, X, Y, loss, Ws, bs, act_ids, alphas, precision, out, hidden, deltas, delta_out, loss_out,
+                    dWs, dbs, scale=None):
+        packed = self._fused_pack(Ws, bs, alphas, precision)   # once for both kernels
+        self._fused_forward(packed, X, Ws, bs, act_ids, alphas, precision, out, hidden, loss, Y, delta_out,
+                            loss_out, scale)
+        self._fused_backward(packed[0], delta_out, Ws, act_ids, alphas, precision, hidden, deltas)
+        self._fused_weight_grads(X, hidden, deltas, delta_out, dWs, dbs, precision)
+
+    def _fused_pack(self, Ws, bs, alphas, precision):
+        """(weights, biases, alphas) as the fused kernels take them: every W rounded to P (RNE) into one 16-bit
+        buffer W_0 … W_L (one launch a layer: the flat parameter buffer interleaves W and b; each W's size is a
+        multiple of H, a multiple of 16, so every layer starts 16-byte aligned), the biases present copied back
+        to back into one float32 buffer, the alphas a float32 device array made once per set of values."""
+        if precision not in fused.FUSED_PRECISIONS:
+            raise ValueError(f"precision: the fused MLP takes {list(fused.FUSED_PRECISIONS)}, got {precision!r}")
+        for l, W in enumerate(Ws):
+            self._float32(f"Ws[{l}]", W)
+        weights = self._scratch_buffer(("fused weights", precision), sum(W.size for W in Ws), np.uint16)
+        round_kernel = _kernel("fused_mlp.cu", cuda_sources.tc_kernel_name("fused_mlp_round_kernel", precision))
+        offset = 0
+        for W in Ws:
+            round_kernel(elementwise_grid(W.size, _sm_count()), (_THREADS,),
+                         (W.reshape(-1), weights[offset:offset + W.size], np.int64(W.size)))
+            offset += W.size
+        present = [b for b in bs if b is not None]
+        biases = self._scratch_buffer("fused biases", max(1, sum(b.size for b in present)), np.float32)
+        offset = 0
+        for b in present:
+            cp.copyto(biases[offset:offset + b.size], b)
+            offset += b.size
+        key = ("fused alphas",) + tuple(float(a) for a in alphas)
+        if key not in self._scratch:   # made on the first (eager) call, before a step is captured
+            self._refuse_while_capturing("the fused MLP's alphas (a host-to-device copy)")
+            self._scratch[key] = cp.asarray(np.array(alphas, np.float32))
+        return weights, biases, self._scratch[key]
+
+    def _fused_forward(self, packed, X, Ws, bs, act_ids, alphas, precision, out, hidden, loss, Y, delta_out,
+                       loss_out, scale):
+        weights, biases, alpha_array = packed
+        N, in_width = X.shape
+        H, out_width = Ws[0].shape[0], Ws[-1].shape[0]
+        self._float32("out", out)
+        training = loss is not None
+        f32_any, narrow_any = self._placeholders(precision)
+        x_float = int(X.dtype == np.float32)
+        x16 = narrow_any if x_float else self._operand(X, precision, "X")
+        if not X.flags.c_contiguous:
+            raise ValueError(f"X: the kernels need C-contiguous arrays, got strides {X.strides}")
+        if training:
+            self._float32("Y", Y)
+            if hidden.shape != (len(Ws) - 1, N, H):
+                raise ValueError(f"hidden: expected shape {(len(Ws) - 1, N, H)}, got {hidden.shape}")
+            narrow_hidden = self._output(hidden, precision, "hidden")[1]
+            delta_bits = self._output(delta_out, precision, "delta_out")[1]
+            row_loss = self._scratch_buffer("fused row loss", max(1, N), np.float64)
+            scale_arg = scale if scale is not None else self._fused_one()
+        else:
+            narrow_hidden = delta_bits = narrow_any          # pointers the kernel does not touch in inference
+            row_loss = scale_arg = self._fused_one()
+        if N == 0:
+            return
+        name = cuda_sources.fused_kernel_name("fused_mlp_forward_kernel", precision, H)
+        _kernel("fused_mlp.cu", name)(
+            (ceil_div(N, fused.ROWS_PER_BLOCK),), (_THREADS,),
+            (x16, _i32(in_width), _i32(in_width), weights, biases, alpha_array,
+             fused.pack_activations(act_ids), fused.pack_bias_mask(bs), _i32(len(Ws)), _i32(out_width), _i32(N),
+             np.int32(training), out, narrow_hidden, np.int32(loss if training else -1),
+             Y if training else f32_any, delta_bits, row_loss, scale_arg, X if x_float else f32_any,
+             np.int32(x_float)))
+        if training:   # L: the rows' shares added in a fixed order (loss.cu's reduction: one block)
+            _kernel("loss.cu", cuda_sources.kernel_name("loss_reduce_kernel", self._dtype_name(loss_out)))(
+                (1,), (_THREADS,), (row_loss, _i32(N), np.float64(1.0), loss_out))
+
+    def _fused_backward(self, weights, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
+        N, out_width = delta_out.shape
+        in_width = Ws[0].shape[1]
+        if deltas.shape != hidden.shape:
+            raise ValueError(f"deltas: expected hidden's shape {hidden.shape}, got {deltas.shape}")
+        delta_bits = self._output(delta_out, precision, "delta_out")[1]
+        hidden_bits = self._output(hidden, precision, "hidden")[1]
+        deltas_bits = self._output(deltas, precision, "deltas")[1]
+        alpha_array = self._fused_pack_alphas(alphas)
+        if N == 0:
+            return
+        name = cuda_sources.fused_kernel_name("fused_mlp_backward_kernel", precision, Ws[0].shape[0])
+        _kernel("fused_mlp.cu", name)(
+            (ceil_div(N, fused.ROWS_PER_BLOCK),), (_THREADS,),
+            (delta_bits, _i32(out_width), weights, _i32(in_width), alpha_array, fused.pack_activations(act_ids),
+             _i32(len(Ws)), _i32(N), hidden_bits, deltas_bits))
+
+    def _fused_pack_alphas(self, alphas):
+        return self._scratch[("fused alphas",) + tuple(float(a) for a in alphas)]
+
+    def _fused_one(self):
+        """A device float64 [1.0]: the loss scale of a model without a scaler (and a pointer nobody reads)."""
+        key = "fused one"
+        if key not in self._scratch:
+            self._refuse_while_capturing("the fused MLP's unit scale (a host-to-device copy)")
+            self._scratch[key] = cp.full((1,), 1.0, dtype=np.float64)
+        return self._scratch[key]
 
     # ---- the fp16 loss scaler (gpubp/loss_scale.py; kernels/loss_scale.cu) ----------------------------------
     def unscale_gradients(self, loss_out, grads, scaler, guard):

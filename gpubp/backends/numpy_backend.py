@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .. import activations as acts
+from .. import fused
 from .. import guard as G
 from .. import loss_scale as LS
 from .. import losses
@@ -164,6 +165,30 @@ class NumpyBackend(Backend):
         if scale is not None:
             d *= d.dtype.type(scale[0])
         self._store(delta, d)
+
+    # ---- the fully fused MLP: gpubp/fused.py's reference, in the kernels' numerics ------------------------------
+    FUSED = True
+
+    def fused_forward(self, X, Ws, bs, act_ids, alphas, precision, out, hidden=None, loss=None, Y=None,
+                      delta_out=None, loss_out=None, scale=None):
+        training = loss is not None
+        layers, Z = fused.forward(X, Ws, bs, act_ids, alphas, precision, training=training)
+        if not training:
+            out[...] = Z
+            return
+        for l, A in enumerate(layers):
+            self._store(hidden[l], A)
+        A, delta, value = fused.output_loss(Z, Y, loss, act_ids[-1], alphas[-1], precision,
+                                            1.0 if scale is None else scale[0])
+        out[...] = A
+        self._store(delta_out, delta)
+        loss_out[0] = value
+
+    def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
+        layers = [np.asarray(h, np.float32) for h in hidden]
+        for l, d in enumerate(fused.backward(np.asarray(delta_out, np.float32), Ws, layers, act_ids, alphas,
+                                             precision)):
+            self._store(deltas[l], d)
 
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
         if guard[G.FAULT]:

@@ -369,6 +369,22 @@ class FakeStream:
         return FakeGraph(launches)
 
 
+class RecordedCopy:
+    """cupy.copyto on the emulator: done at once, or, while a stream is captured, recorded as a graph node (a
+    device-to-device copy is part of a captured CUDA graph, cudaMemcpyAsync, and runs at each replay)."""
+
+    def __call__(self, grid, block, args):
+        dst, src, kwargs = args
+        np.copyto(dst, src, **kwargs)
+
+
+def _copyto(dst, src, **kwargs):
+    if _capturing is not None:
+        _capturing.append((RecordedCopy(), None, None, (dst, src, kwargs)))
+    else:
+        np.copyto(dst, src, **kwargs)
+
+
 class FakeGraph:
     def __init__(self, launches):
         self.launches = launches
@@ -389,7 +405,7 @@ def fake_cupy():
     """The part of the cupy module CupyBackend uses, on numpy ("device" arrays are numpy arrays)."""
     return types.SimpleNamespace(
         ndarray=np.ndarray, zeros=np.zeros, full=np.full, empty=_poisoned_empty, asarray=np.asarray,
-        ascontiguousarray=np.ascontiguousarray, copyto=np.copyto, isfinite=np.isfinite, stack=np.stack,
+        ascontiguousarray=np.ascontiguousarray, copyto=_copyto, isfinite=np.isfinite, stack=np.stack,
         asnumpy=lambda x: np.array(x, copy=True),
         get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0),
         cuda=types.SimpleNamespace(
