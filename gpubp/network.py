@@ -45,6 +45,11 @@ def _dtype_name(dtype):
         return None
 
 
+class NotOnThisBackend(ValueError):
+    """A setting the chosen backend does not implement (a precision, the fused path): the model is fine, the
+    backend is not the one for it. A ValueError, so callers that catch bad settings catch it too."""
+
+
 class Workspace:
     """Every buffer a step at batch size N touches, allocated once: then a step allocates nothing.
     Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
@@ -293,10 +298,10 @@ class Sequential:
         self.deterministic = deterministic
         self.backend = get_backend(backend, deterministic=deterministic)
         if self.precision is not None and self.precision not in self.backend.PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not implemented on backend "
+            raise NotOnThisBackend(f"precision={self.precision!r} is not implemented on backend "
                              f"{self.backend.name!r}; it has {list(self.backend.PRECISIONS)}")
         if fused is True and not self.backend.FUSED:
-            raise ValueError(f"fused=True: backend {self.backend.name!r} has no fused MLP path (the numpy and cupy "
+            raise NotOnThisBackend(f"fused=True: backend {self.backend.name!r} has no fused MLP path (the numpy and cupy "
                              f"backends have one); use fused='auto' or False")
         # The fused MLP (gpubp/fused.py) runs forward and backward when the backend has it and the model qualifies;
         # fused_setting is what was asked ("auto", True, False), fused which path runs.

@@ -161,7 +161,7 @@ def _parse_meta(text, path, max_parameters):
 def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
     """The model saved at `path`, on `backend`, with its optimizer (as model.optimizer) when one was saved.
     A file that is not a usable checkpoint raises ValueError saying why; nothing in it is ever unpickled."""
-    from .network import Sequential
+    from .network import NotOnThisBackend, Sequential
     from .optim import OPTIMIZERS
     if not isinstance(backend, Backend) and not (isinstance(backend, str) and backend in BACKENDS + ("auto",)):
         raise ValueError(f"backend: expected one of {list(BACKENDS) + ['auto']}, got {backend!r}")
@@ -218,6 +218,8 @@ def load(path, backend="auto", max_parameters=MAX_PARAMETERS):
             if net.loss not in ("bce", "softmax_ce"):
                 raise ValueError(f"class labels saved for the loss {net.loss!r}")
             net.classes = meta["classes"]             # checked: distinct strings or numbers, one per output
+    except NotOnThisBackend as exc:   # a sound checkpoint, on a backend without its precision or fused path
+        raise ValueError(f"{path}: cannot be loaded on this backend: {exc}") from None
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise _bad(path, f"its metadata is malformed ({type(exc).__name__}: {exc})") from None
     # Checked in the model's dtype: a float64 value beyond float32's range would become inf there.

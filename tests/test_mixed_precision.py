@@ -338,3 +338,14 @@ def test_bf16_reaches_the_fp32_accuracy_on_real_data(dataset):
         accuracy[precision] = float((net.predict(X[cut:]).argmax(1) == y[cut:]).mean())
     assert accuracy["fp32"] > 0.9
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01
+
+
+def test_checkpoint_on_a_backend_without_its_precision_says_so(tmp_path):
+    """A sound bf16 checkpoint loaded on a backend that has no bf16: the error names the backend's lack, not a
+    malformed file."""
+    class Fp32Only(NumpyBackend):
+        PRECISIONS = ("fp32",)
+    net_of("bf16").save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=r"cannot be loaded on this backend: precision='bf16' is not implemented") as err:
+        gpubp.load(tmp_path / "m.npz", backend=Fp32Only())
+    assert "malformed" not in str(err.value)
