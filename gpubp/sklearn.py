@@ -6,7 +6,7 @@
     clf = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=50)).fit(X, y)
 
 The constructor arguments follow sklearn.neural_network's MLP names where they mean the same thing, plus
-gpubp's own `backend`, `dtype` and `precision`; they are stored as given and checked in fit (scikit-learn's
+gpubp's own `backend`, `dtype`, `precision` and `fused`; they are stored as given and checked in fit (scikit-learn's
 convention). The network a fit makes:
     hidden layers   Dense(…, activation) for each entry of hidden_layer_sizes
     classifier      two classes: one sigmoid output trained with bce; more: identity outputs trained with
@@ -88,7 +88,7 @@ class _BaseMLP(BaseEstimator):
                  batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
                  tol=1e-4, momentum=0.9, nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, backend="auto", dtype="float32",
-                 precision=None):
+                 precision=None, fused="auto"):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -110,6 +110,7 @@ class _BaseMLP(BaseEstimator):
         self.backend = backend
         self.dtype = dtype
         self.precision = precision
+        self.fused = fused
 
     # ---- subclasses say what the output layer and loss are -------------------------------------------------
     _numeric_targets = True   # regression: float targets, one or more columns; classification: labels (N,)
@@ -166,7 +167,8 @@ class _BaseMLP(BaseEstimator):
         widths = [n_in] + sizes + [n_out]
         layers = [Dense(a, b, hidden if i < len(sizes) else output_activation)
                   for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
-        net = Sequential(*layers, backend=self.backend, dtype=self.dtype, seed=self._seed(), precision=self.precision)
+        net = Sequential(*layers, backend=self.backend, dtype=self.dtype, seed=self._seed(), precision=self.precision,
+                         fused=self.fused)
         if self.solver == "sgd":
             SGD(net, lr=self.learning_rate_init, momentum=self.momentum, weight_decay=self.alpha,
                 nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)

@@ -211,3 +211,13 @@ def test_feature_names_are_kept():
     X = pd.DataFrame({"height": [1.0, 2.0, 3.0, 4.0], "width": [0.0, 1.0, 0.0, 1.0]})
     est = MLPRegressor(hidden_layer_sizes=(3,), max_iter=2, backend="numpy").fit(X, [1.0, 2.0, 3.0, 4.0])
     assert list(est.feature_names_in_) == ["height", "width"]
+
+
+def test_fused_is_passed_on(rng):
+    """fused= reaches the network: a qualifying bf16 model takes the fused path unless told not to."""
+    X, y = rng.standard_normal((40, 4)), rng.integers(0, 3, 40)
+    kw = dict(hidden_layer_sizes=(16,), max_iter=1, backend="numpy", precision="bf16")
+    assert MLPClassifier(**kw).fit(X, y).net_.fused
+    assert not MLPClassifier(**kw, fused=False).fit(X, y).net_.fused
+    with pytest.raises(ValueError, match="fused"):
+        MLPClassifier(**kw, fused="sometimes").fit(X, y)
