@@ -45,4 +45,18 @@ __device__ __forceinline__ void guard_set_fault(double* guard, int code, long lo
     guard[GUARD_FAULT_INDEX] = (double)index;
 }
 
+// The one-thread commit of a gradient scan (guard_gradients, unscale_gradients): a fault already set counts the
+// step as skipped; else a non-finite loss is FAULT_LOSS, else the scan's smallest bad index is `code` (GRADIENT,
+// or OVERFLOW for a loss-scaled step). The index is reset for the next step.
+template <typename T>
+__device__ __forceinline__ void guard_commit_scan(const T* loss_out, long long* bad_index, double* guard, int code) {
+    if (guard_faulted(guard))
+        guard[GUARD_SKIPPED] += 1.0;
+    else if (!isfinite(loss_out[0]))
+        guard_set_fault(guard, FAULT_LOSS, -1);
+    else if (bad_index[0] != GUARD_NO_INDEX)
+        guard_set_fault(guard, code, bad_index[0]);
+    bad_index[0] = GUARD_NO_INDEX;
+}
+
 #endif  // GPUBP_GUARD_CUH

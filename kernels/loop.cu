@@ -93,13 +93,7 @@ nonfinite_scan_kernel(const T* __restrict__ x, long long size, const double* gua
 template <typename T>
 __global__ void guard_gradients_finish_kernel(const T* __restrict__ loss_out, long long* bad_index, double* guard) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    if (guard_faulted(guard))
-        guard[GUARD_SKIPPED] += 1.0;
-    else if (!isfinite(loss_out[0]))
-        guard_set_fault(guard, FAULT_LOSS, -1);
-    else if (bad_index[0] != GUARD_NO_INDEX)
-        guard_set_fault(guard, FAULT_GRADIENT, bad_index[0]);
-    bad_index[0] = GUARD_NO_INDEX;
+    guard_commit_scan(loss_out, bad_index, guard, FAULT_GRADIENT);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -45,13 +45,7 @@ unscale_scan_kernel(const float* __restrict__ loss_out, float* grads, long long 
 
 __global__ void unscale_finish_kernel(const float* __restrict__ loss_out, long long* bad_index, double* guard) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    if (guard_faulted(guard))
-        guard[GUARD_SKIPPED] += 1.0;
-    else if (!isfinite(loss_out[0]))
-        guard_set_fault(guard, FAULT_LOSS, -1);
-    else if (bad_index[0] != GUARD_NO_INDEX)
-        guard_set_fault(guard, FAULT_OVERFLOW, bad_index[0]);
-    bad_index[0] = GUARD_NO_INDEX;
+    guard_commit_scan(loss_out, bad_index, guard, FAULT_OVERFLOW);
 }
 
 __global__ void update_scale_kernel(double* scaler, double* guard) {
