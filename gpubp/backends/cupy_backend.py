@@ -353,6 +353,20 @@ class CupyBackend(Backend):
             elementwise_grid(delta.size, _sm_count()), (_THREADS,),
             (dA, Z, A, delta, np.int64(delta.size), np.int32(act), np.float64(alpha)))
 
+    @staticmethod
+    def _empty_weight_grad(N, n_out, n_in, dW, db, accumulate):
+        """True when weight_grad has no product to launch: no outputs or inputs (nothing to write), or no rows
+        (an empty sum: dW and db set to 0, or left as they are when accumulating)."""
+        if n_out == 0 or n_in == 0:
+            return True
+        if N == 0:
+            if not accumulate:
+                dW.fill(0)
+                if db is not None:
+                    db.fill(0)
+            return True
+        return False
+
     def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
         # delta (N, out), A_prev (N, in), dW (out, in), db (out,) or None
         if self._tensor_cores(precision):
@@ -360,13 +374,7 @@ class CupyBackend(Backend):
         N, n_out = delta.shape
         n_in = A_prev.shape[1]
         dtype = self._dtype_name(delta, A_prev, dW, *(() if db is None else (db,)))
-        if n_out == 0 or n_in == 0:
-            return
-        if N == 0:   # an empty sum
-            if not accumulate:
-                dW.fill(0)
-                if db is not None:
-                    db.fill(0)
+        if self._empty_weight_grad(N, n_out, n_in, dW, db, accumulate):
             return
         sm_count = _sm_count()
         tile = gemm_tile(n_out, n_in, sm_count)
@@ -571,13 +579,7 @@ class CupyBackend(Backend):
         if db is not None:
             self._float32("db", db)
         self._format_of(delta, "delta"), self._format_of(A_prev, "A_prev")
-        if n_out == 0 or n_in == 0:
-            return
-        if N == 0:   # an empty sum
-            if not accumulate:
-                dW.fill(0)
-                if db is not None:
-                    db.fill(0)
+        if self._empty_weight_grad(N, n_out, n_in, dW, db, accumulate):
             return
         operands = (self._operand(delta, precision, "delta"), self._operand(A_prev, precision, "A_prev"))
         gemm = _kernel("dense_tc.cu", cuda_sources.tc_kernel_name("weight_grad_tc_kernel", precision))
