@@ -624,8 +624,8 @@ class Sequential:
             with np.errstate(over="ignore", invalid="ignore"):
                 self._forward_loss_backward(Xd, Yd, loss_id, ws, scale_device)
             grads = self.backend.to_numpy(self.grads)
-            if np.isfinite(grads).all():
-                break
+            if np.isfinite(grads).all() or not np.isfinite(self.backend.to_numpy(ws.loss)[0]):
+                break   # no overflow, or a non-finite loss, which no scale mends (it shows in the values returned)
             scale /= 2
         return self.layout.unflatten(grads / grads.dtype.type(scale))
 
