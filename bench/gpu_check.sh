@@ -24,8 +24,13 @@
 # point leaves a summary naming the stage it was in. Status: passed, failed, timeout, skipped, killed.
 #
 # Where results go: a new folder per run, never an earlier one, gpu-<device>-<UTC date>[-N]/, under $OUT when
-# it is set (the device tool brings $OUT back: copy that folder into bench/results/ and commit it), else under
-# bench/results/. GPU_CHECK_DIR names the folder itself. A dry run never writes under bench/results/.
+# it is set, else under bench/results/. GPU_CHECK_DIR names the folder itself. A dry run never writes under
+# bench/results/.
+# Packed (the device tool brings back at most 8 files from $OUT, 2 folders deep, and a run writes ~40): on a GPU
+# run with $OUT set, the folder is made under ${TMPDIR:-/tmp} instead, and after every stage it is packed whole
+# into $OUT/<folder>.tar.gz, with $OUT/<folder>-summary.txt beside it (GPU_CHECK_PACK_TO=<dir> packs into <dir>
+# in any run). So a call cut at any point still brings back everything finished. To commit: untar the archive
+# into bench/results/.
 #
 # Settings (environment): PYTHON (default python3; the GPU machine has no plain `python`), GPU_CHECK_SECONDS
 # (the whole run, default 530), GPU_CHECK_GRACE_SECONDS (SIGINT to KILL, default 10), GPU_CHECK_BUDGET_<STAGE>
@@ -71,8 +76,13 @@ if [ -n "${GPU_CHECK_DIR:-}" ]; then
 else
   if [ "$DRY" = 1 ]; then
     base="${OUT:-$(mktemp -d)}"; name="dry-run-cpu-$(date -u +%Y%m%d-%H%M)"
+  elif [ -n "${OUT:-}" ]; then   # the device tool's $OUT: pack into it (see above), work elsewhere
+    GPU_CHECK_PACK_TO="${GPU_CHECK_PACK_TO:-$OUT}"
+    base="${TMPDIR:-/tmp}/gpubp-gpu-check"
+    device=$(printf '%s' "${GPU_LINE%%,*}" | slug)
+    name="gpu-${device:-no-gpu-found}-$(date -u +%Y%m%d-%H%M)"
   else
-    base="${OUT:-$ROOT/bench/results}"
+    base="$ROOT/bench/results"
     device=$(printf '%s' "${GPU_LINE%%,*}" | slug)
     name="gpu-${device:-no-gpu-found}-$(date -u +%Y%m%d-%H%M)"
   fi
@@ -81,6 +91,8 @@ else
 fi
 mkdir -p "$RUN"/status "$RUN"/logs "$RUN"/smoke "$RUN"/tests "$RUN"/bench || { echo "cannot make $RUN"; exit 2; }
 RUN=$(cd "$RUN" && pwd)
+PACK_TO="${GPU_CHECK_PACK_TO:-}"
+[ -z "$PACK_TO" ] || mkdir -p "$PACK_TO" || { echo "cannot make $PACK_TO"; exit 2; }
 if [ "$DRY" = 1 ]; then
   case "$RUN/" in "$(cd "$ROOT/bench" && pwd)/results/"*)
     echo "refusing: a dry run must not write under bench/results/ ($RUN); set OUT"; exit 2;; esac
@@ -119,6 +131,20 @@ write_summary() {
     done
     echo "stages failed: $failed"
   } >"$RUN/summary.txt.tmp" && mv "$RUN/summary.txt.tmp" "$RUN/summary.txt"
+  pack_run
+}
+
+pack_run() {   # the run folder whole into $PACK_TO/<folder>.tar.gz (without logs/ past 15 MiB), its summary beside
+  [ -n "$PACK_TO" ] || return 0
+  local name parent archive
+  name=$(basename "$RUN"); parent=$(dirname "$RUN"); archive="$PACK_TO/$name.tar.gz"
+  tar -czf "$archive.tmp" -C "$parent" "$name" 2>/dev/null
+  if [ "$(stat -c %s "$archive.tmp" 2>/dev/null || echo 0)" -gt 15728640 ]; then
+    tar -czf "$archive.tmp" -C "$parent" --exclude="$name/logs" "$name" 2>/dev/null
+  fi
+  mv "$archive.tmp" "$archive" 2>/dev/null
+  cp "$RUN/summary.txt" "$PACK_TO/$name-summary.txt" 2>/dev/null
+  return 0
 }
 
 set_status() {   # NAME STATUS EXIT SECONDS BUDGET FIRST_ERROR (an empty field is written as -)
@@ -293,5 +319,5 @@ write_summary
 [ -f "$RUN/bench/bench.txt" ] && { echo; cat "$RUN/bench/bench.txt"; }
 echo
 cat "$RUN/summary.txt"
-echo "== done in $(( $(date +%s) - START )) s; files under $RUN"
+echo "== done in $(( $(date +%s) - START )) s; files under $RUN${PACK_TO:+, packed into $PACK_TO/$(basename "$RUN").tar.gz}"
 grep -q -E '^stages failed: 0$' "$RUN/summary.txt"

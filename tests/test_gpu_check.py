@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: the CPU emulator of the cupy backend cannot be built")
     before = results_listing()
-    proc, run_dir, seconds = run_dry(tmp_path, GPU_CHECK_PLANT_FAILURE="smoke-cupy,tests,bench-ours-numpy")
+    packed = tmp_path.parent / (tmp_path.name + "-packed")
+    proc, run_dir, seconds = run_dry(tmp_path, GPU_CHECK_PLANT_FAILURE="smoke-cupy,tests,bench-ours-numpy",
+                                     GPU_CHECK_PACK_TO=str(packed))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log[-3000:]
     st = stages(run_dir)
@@ -107,6 +110,13 @@ def test_dry_run_runs_every_stage_and_survives_planted_failures(tmp_path):
     assert "DRY RUN" in table and "FAILED: REFUSED" in table
     assert json.loads((run_dir / "bench" / "bench.json").read_text())["environment"]["dry_run"] is True
     assert results_listing() == before          # a dry run never writes under bench/results/
+    # packed for the device tool (8 files at most come back): the whole folder in one archive, the summary beside
+    assert sorted(p.name for p in packed.iterdir()) == [f"{run_dir.name}-summary.txt", f"{run_dir.name}.tar.gz"]
+    assert (packed / f"{run_dir.name}-summary.txt").read_text() == summary
+    with tarfile.open(packed / f"{run_dir.name}.tar.gz") as tar:
+        names = set(tar.getnames())
+        assert {f"{run_dir.name}/{p.relative_to(run_dir)}" for p in run_dir.rglob("*")} <= names
+        assert tar.extractfile(f"{run_dir.name}/summary.txt").read().decode() == summary
     print(f"dry run with planted failures: {seconds:.1f} s")
 
 
