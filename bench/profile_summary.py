@@ -235,6 +235,8 @@ def summarize(run_dir, status=None, note=None):
             ok = False
             out.append(f"{case}: {what}: UNREADABLE: {exc}")
             continue
+        if "==SYNTHETIC==" in path.read_text()[:4096]:
+            what += " [SYNTHETIC FIXTURE: not a measurement]"
         out += describe_case(case, kernels, what, MODEL_FLOPS(case))
     if not found:
         out.append("")
