@@ -44,6 +44,7 @@ OCC_THEORETICAL = "sm__maximum_warps_per_active_cycle_pct"
 DRAM_PCT = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
 DRAM_BYTES = "dram__bytes.sum"
 SM_PCT = "sm__throughput.avg.pct_of_peak_sustained_elapsed"
+NAME_COLUMNS = ("Kernel Name", "Function Name", "Name")
 STALL_RATIO = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 STALL_SAMPLED = re.compile(r"^smsp__pcsamp_warps_issue_stalled_(\w+)$")
 
@@ -82,9 +83,12 @@ def read_csv(path):
     if not rows:
         raise ProfileCSVError(f"{path}: empty (no kernel was profiled?)")
     header = rows[0]
-    for need in ("ID", "Kernel Name"):
-        if need not in header:
-            raise ProfileCSVError(f"{path}: no {need!r} column: not ncu's --csv --page raw output")
+    if "ID" not in header:
+        raise ProfileCSVError(f"{path}: no 'ID' column: not ncu's --csv --page raw output")
+    name_col = next((c for c in NAME_COLUMNS if c in header), None)
+    if name_col is None:
+        raise ProfileCSVError(f"{path}: no 'Kernel Name' column (nor {NAME_COLUMNS[1:]}): not ncu's --csv --page raw "
+                              "output")
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise ProfileCSVError(f"{path}: columns repeated: {dup}")
@@ -100,13 +104,19 @@ def read_csv(path):
         if len(r) != len(header):
             raise ProfileCSVError(f"{path}: a row of {len(r)} fields under a header of {len(header)}")
         rec = dict(zip(header, r))
-        k = {"id": rec["ID"], "name": rec["Kernel Name"], "grid": rec.get("Grid Size", "?"),
+        k = {"id": rec["ID"], "name": rec[name_col], "grid": rec.get("Grid Size", "?"),
              "block": rec.get("Block Size", "?"), "metrics": {}}
         for name in header:
             if "__" not in name:      # identification columns: ID, Kernel Name, Grid Size, ...
                 continue
-            v = _number(rec[name], name)
             unit = units[name].strip()
+            if _expected_units(name) is None and not STALL_RATIO.match(name):
+                try:                  # a metric we do not read: a number if it is one, else kept as text
+                    k["metrics"][name] = _number(rec[name], name)
+                except ProfileCSVError:
+                    k["metrics"][name] = rec[name]
+                continue
+            v = _number(rec[name], name)     # a metric we read must be a number (or n/a)
             if v is not None and name == DURATION:
                 v *= TIME_UNITS[unit]                      # seconds
             elif v is not None and name == DRAM_BYTES:
@@ -164,7 +174,7 @@ def stalls(m):
     how = "warps stalled per issued instruction"
     if not found:
         found = {STALL_SAMPLED.match(k).group(1): v for k, v in m.items()
-                 if STALL_SAMPLED.match(k) and v is not None and not k.endswith("_not_issued")}
+                 if STALL_SAMPLED.match(k) and isinstance(v, float) and not k.endswith("_not_issued")}
         how = "samples"
     if not found:
         return "missing (no smsp__average_warps_issue_stalled_* or smsp__pcsamp_warps_issue_stalled_* columns)"

@@ -81,6 +81,7 @@ def test_parser_reads_the_synthetic_fixture(tmp_path):
     m0, m1 = kernels[0]["metrics"], kernels[1]["metrics"]
     assert m0["gpu__time_duration.sum"] == pytest.approx(100e-6)        # "100,000" nsecond
     assert m0["dram__bytes.sum"] == 12_582_912
+    assert m0["device__attribute_display_name"] == "NVIDIA H100 (synthetic)"   # text columns are kept as text
     assert profile_summary.flops(m0)[1] == pytest.approx(2 * 1e9 + 1e6 + 1e6)
     assert profile_summary.flops(m1)[1] == pytest.approx(1e6 * 4096)
     shutil.copy(FIXTURE, tmp_path / "b-bf16.csv")
