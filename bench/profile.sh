@@ -97,7 +97,12 @@ finish() {   # NOTE EXIT: export nothing more; summary, tarball, print
   local note=$1 rc=$2
   "$PY" -m bench.profile_summary --dir "$RUN" --status "$STATUS" --note "$note" --out "$RUN/summary.txt" \
     >/dev/null 2>>"$LOG" || { [ "$rc" = 0 ] && rc=1; }
-  (cd "$RUN" && tar czf extras.tar.gz extras && rm -rf extras) 2>>"$LOG"
+  (cd "$RUN" && tar czf extras.tar.gz extras) 2>>"$LOG"
+  if [ "$(stat -c %s "$RUN/extras.tar.gz" 2>/dev/null || echo 0)" -gt 15000000 ]; then   # the tool's 16 MiB a file
+    echo "extras.tar.gz over 15 MB: packed again without the .ncu-rep reports" | tee -a "$LOG"
+    (cd "$RUN" && tar czf extras.tar.gz --exclude='*.ncu-rep' extras) 2>>"$LOG"
+  fi
+  rm -rf "$RUN/extras"
   echo; cat "$RUN/summary.txt"
   echo "== profile: done in $(( $(date +%s) - START )) s; files under $RUN"
   exit "$rc"
@@ -141,7 +146,7 @@ for line in "${CASE_LINES[@]}"; do
   tail -n 15 "$RUN/extras/$cname.log" | sed 's/^/   | /' | tee -a "$LOG"
   err=""
   if [ -f "$RUN/extras/$cname.ncu-rep" ]; then
-    "$NCU" --import "$RUN/extras/$cname.ncu-rep" --csv --page raw --print-units base >"$RUN/$cname.csv" \
+    timeout 30 "$NCU" --import "$RUN/extras/$cname.ncu-rep" --csv --page raw --print-units base >"$RUN/$cname.csv" \
       2>>"$RUN/extras/$cname.log" || err="the CSV export failed; "
   fi
   case $rc in

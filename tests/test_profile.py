@@ -129,3 +129,47 @@ def test_model_flops_and_metric_filter():
     assert profile_step.MODEL_FLOPS("d-gemm-tc") == 2 * 4096 ** 3
     listing = "Device NVIDIA H100 (GH100)\ngpu__time_duration   Duration\ndram__bytes    bytes\n"
     assert profile_step.available_metrics(listing) == ["gpu__time_duration.sum", "dram__bytes.sum"]
+
+
+FAKE_NCU = """#!/usr/bin/env bash
+# A FAKE ncu for the driver's own logic (tests/test_profile.py): it profiles nothing and runs no GPU; it
+# 'writes' the SYNTHETIC fixture as each report and prints it back on --import.
+case "$1" in
+  --query-metrics) printf 'Device FAKE\\ngpu__time_duration  Duration\\ndram__bytes  bytes\\n';;
+  --version) echo 'FAKE ncu for tests';;
+  --import) cat "$2";;
+  *) while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+     case "$out" in *c-fused) echo '==ERROR== planted by the fake: no report'; exit 3;; esac
+     cp "$FIXTURE" "$out.ncu-rep";;
+esac
+"""
+
+
+@needs_bash
+def test_the_driver_with_a_fake_ncu(tmp_path):
+    """The non-dry path of profile.sh, end to end, with a FAKE ncu and nvidia-smi (nothing profiled, no GPU):
+    each case is run, its report exported to <case>.csv and summarised; a case whose ncu fails is named as
+    failed and the exit status is 1; the metric list keeps only what --query-metrics lists."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text(FAKE_NCU)
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'FAKE GPU, 0.0'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_script(out, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FIXTURE=str(FIXTURE),
+                      PROFILE_CASES="a-fp32,c-fused,d-gemm-tc")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (run_dir,) = list(out.iterdir())
+    assert run_dir.name.startswith("profile-fake-gpu-")
+    status = {s.split("\t")[0]: s.split("\t") for s in (run_dir / "status.tsv").read_text().splitlines()}
+    assert status["a-fp32"][1] == "passed" and status["d-gemm-tc"][1] == "passed"
+    assert status["b-bf16"][1] == "skipped" and "not selected" in status["b-bf16"][4]
+    assert status["c-fused"][1] == "failed" and "planted by the fake" in status["c-fused"][4]
+    assert sorted(p.name for p in run_dir.glob("*.csv")) == ["a-fp32.csv", "d-gemm-tc.csv"]
+    summary = (run_dir / "summary.txt").read_text()
+    assert "SYNTHETIC FIXTURE: not a measurement" in summary and "tensor 205 TFLOP/s" in summary
+    log = (run_dir / "profile.log").read_text()
+    assert "# metrics: gpu__time_duration.sum,dram__bytes.sum\n" in log
+    assert len(list(run_dir.rglob("*"))) <= 8
