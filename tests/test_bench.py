@@ -392,3 +392,19 @@ def test_the_moonshot_bar_sits_on_the_fused_row_at_width_64():
     from types import SimpleNamespace
     table = report.table(SimpleNamespace(rows=[met], skipped=[], other_cpu_load=lambda: None, dry_run=False))
     assert "moonshot (H100): MEETS ≥ 1.5e+09 samp/s and ≤ 0.10x torch-eager" in table
+
+
+def test_the_predict_check_measures_against_the_outputs_variation():
+    """An output mostly bias (here the last bias + 100: the same for every row) must not let the prediction of the
+    wrong input set through: the check divides by ‖ref − mean(ref)‖, where ‖ref‖ would make it pass."""
+    spec = suite.wl.FusedMLP(suite.wl.fused_dims(16), 256, "predict")
+    rng = np.random.default_rng(0)
+    sets, params0 = suite.wl.train_sets(spec, rng), suite.wl.initial_params(spec, rng)
+    params0[-1]["b"] = params0[-1]["b"] + np.float32(100)
+    check = suite.wl.predict_reference(spec, params0, sets, rng)
+    runner = impls._gpubp_predict("numpy", True)(spec, params0, sets)
+    runner.run(0)
+    assert check(runner.result(), "right set") < 0.02
+    runner.run(1)
+    with pytest.raises(timing.Refused, match="disagrees"):
+        check(runner.result(), "wrong set")
