@@ -237,14 +237,17 @@ def path_note(net):
     return "path: fused MLP" if net.fused else "path: per-layer kernels"
 
 
-def _gpubp_train(backend_name, checked=True, host_batches=False, fused="auto"):
+def _gpubp_train(backend_name, checked=True, host_batches=False, fused="auto", sync=True):
     """checked=True times the public Sequential.train_step (input validation, finite checks, loss to host);
     checked=False the step behind it (Sequential._train_step), to show what the checks cost.
     host_batches=True: the batches stay NumPy arrays, the path a user takes: each step copies them into the
     model's workspace, so the whole step (forward, loss, backward, then the update) can replay as CUDA graphs.
     Device batches (the default) are used in place, so forward and backward run eagerly (only the update is
     a graph): the two rows side by side show what the graph and the copy cost or save.
-    fused: Sequential's setting (the fused workload's rows: True and False, side by side)."""
+    fused: Sequential's setting (the fused workload's rows: True and False, side by side). sync=False: the public
+    train_step(..., sync=False), which neither waits for the step nor reads device inputs back to check them (a
+    fault is raised at the next read: result() reads the parameters), as a training loop that does not look at
+    every loss runs, and as torch's eager step."""
     def make(spec, params0, sets, lr, backend=None):
         from gpubp import losses
         from gpubp.backends import get_backend
@@ -262,7 +265,7 @@ def _gpubp_train(backend_name, checked=True, host_batches=False, fused="auto"):
         def run(i):
             X, Y = dev[i]
             if checked:
-                net.train_step(X, Y, loss=spec.loss, optimizer=opt)
+                net.train_step(X, Y, loss=spec.loss, optimizer=opt, **({} if sync else {"sync": False}))
             else:
                 net._train_step(X, Y, loss_id, opt)
         return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev,
@@ -658,8 +661,9 @@ HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the mo
 
 # ---- the registry ------------------------------------------------------------------------------------------------
 MIXED = ("fp32", "bf16")   # what the train rows of gpubp, torch and jax run in (mixed and fused workloads: bf16)
-FUSED_NOTE = ("fused=True: the fully fused MLP (kernels/fused_mlp.cu); train: the public train_step on device "
-              "batches; predict: the public predict, output kept on the device")
+FUSED_NOTE = ("fused=True: the fully fused MLP (kernels/fused_mlp.cu); train: the public train_step(..., "
+              "sync=False) on device batches (no host read per step); predict: the public predict(X, device=True) "
+              "on device batches (its finiteness check of X is one more pass over X and one wait)")
 PER_LAYER_NOTE = ("fused=False: the per-layer kernels (tensor cores in bf16), for the ratio to the fused path; "
                   "train and predict as the fused row")
 
@@ -667,7 +671,8 @@ PER_LAYER_NOTE = ("fused=False: the per-layer kernels (tensor cores in bf16), fo
 def _fused_pair(backend_name, device, family):
     """gpubp-<backend>-fused and gpubp-<backend>-per-layer: the fused workload's rows of ours, bf16."""
     return [Impl(f"gpubp-{backend_name}-{suffix}", device, _gpubp_probe(backend_name),
-                 train=_gpubp_train(backend_name, fused=fused), predict=_gpubp_predict(backend_name, fused),
+                 train=_gpubp_train(backend_name, fused=fused, sync=False),
+                 predict=_gpubp_predict(backend_name, fused),
                  ours=True, family=family, note=note, precisions=("bf16",), only=("fused",))
             for suffix, fused, note in (("fused", True, FUSED_NOTE), ("per-layer", False, PER_LAYER_NOTE))]
 

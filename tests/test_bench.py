@@ -408,3 +408,24 @@ def test_the_predict_check_measures_against_the_outputs_variation():
     runner.run(1)
     with pytest.raises(timing.Refused, match="disagrees"):
         check(runner.result(), "wrong set")
+
+
+class WayOffWeightGrad(NumpyBackend):
+    """The numpy backend with a 20% error in dW (bf16's tolerance, 5%, would let 1% through)."""
+
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        super().weight_grad(delta, A_prev, dW, db, accumulate, precision)
+        dW *= 1.2
+
+
+def test_a_wrong_fused_train_step_is_refused():
+    """The fused rows' train step (sync=False: nothing is read per step) is still checked: a dW 20% off, on the
+    fused path, is REFUSED."""
+    make = impls._gpubp_train("numpy", fused=True, sync=False)
+    reg = cpu_registry("gpubp-numpy-fused")
+    reg["gpubp-off"] = impls.Impl("gpubp-off", "cpu", lambda: (True, ""), ours=True, precisions=("bf16",),
+                                  only=("fused",), train=lambda *a: make(*a, backend=WayOffWeightGrad()))
+    run = suite.run_suite(smoke_config([], workloads=("fused",)), reg)
+    bad = [r for r in run.rows if r["impl"] == "gpubp-off"]
+    assert len(bad) == 2 and all(r["error"].startswith("REFUSED") for r in bad), bad
+    assert all(r["status"] == "ok" for r in run.rows if r["impl"] == "gpubp-numpy-fused")
