@@ -344,7 +344,7 @@ def test_a_wrong_prediction_is_refused():
     assert all(r["status"] == "ok" for r in run.rows if r["impl"] == "gpubp-numpy-fused")
 
 
-def test_fused_gpu_rows_read_as_a_fraction_of_the_tensor_peak(monkeypatch):
+def test_fused_gpu_rows_read_as_a_fraction_of_the_tensor_peak(monkeypatch, tmp_path):
     """The GPU path of the fused workload with CPU stand-ins registered as GPU implementations: the peer is torch
     eager (autocast), each row has its fraction of TENSOR_PEAK_BF16, the log names the published figure."""
     fused, per_layer = impls._fused_pair("numpy", "cuda", "ours-cupy")
@@ -360,6 +360,8 @@ def test_fused_gpu_rows_read_as_a_fraction_of_the_tensor_peak(monkeypatch):
         assert r["frac_of_tensor_peak"] == pytest.approx(r["flops"] / r["median_s"] / suite.TENSOR_PEAK_BF16)
     assert any(suite.TINY_CUDA_NN in line for line in lines)
     assert any(suite.TENSOR_PEAK_SOURCE in line for line in lines)
+    plot = report.fused_plot(run.rows, tmp_path / "stand-ins", {"device": "CPU stand-ins", "date_utc": "x" * 10})
+    assert plot and plot[0].stat().st_size > 1000      # with tiny-cuda-nn's published band beside the lines
 
 
 def test_the_moonshot_bar_sits_on_the_fused_row_at_width_64():
