@@ -14,8 +14,8 @@ not, and a factory per kind of work it can do:
 
 Each factory moves the numpy inputs to its device (not timed) and returns a Runner: run(i) does the work on
 input set i, sync() waits for the device, result() returns what run computed last as numpy (gemm, dense) or
-the parameters [{"W", "b"}] (train, fit), the output (predict), peak_bytes() the device memory the runner added (None where unknown),
-info() a note for the row on how it ran (e.g. whether CUDA graphs were replayed; None where nothing to say).
+the parameters [{"W", "b"}] (train, fit), the output (predict), peak_bytes() the device memory the runner added
+(None where unknown), info() a note for the row on how it ran (e.g. whether CUDA graphs were replayed; None where nothing to say).
 
 Each implementation belongs to a family (ours-cupy, ours-numba, ours-numpy, cublas, torch, torch-cpu, jax):
 gpu_check runs one process per family (`python -m bench --family ...`), so a sticky CUDA error in one family

@@ -176,7 +176,8 @@ def fused_summary(rows):
         out.append(f"  {r['device']:<4} {r['case']:<34.34} {r['impl']:<22} {r['samples_per_s']:10.3g} samp/s  "
                    f"of peak {peak:>7}  speed-up over {r['peer']} {speedup:>7}")
     lo, hi = suite.TINY_CUDA_NN_RANGE
-    out.append(f"  published, not measured: tiny-cuda-nn {lo:.2g} to {hi:.2g} training samples/s ({suite.TINY_CUDA_NN})")
+    out.append(f"  published, not measured: tiny-cuda-nn {lo:.2g} to {hi:.2g} training samples/s "
+               f"({suite.TINY_CUDA_NN})")
     return out
 
 
