@@ -20,7 +20,8 @@ def pytest_generate_tests(metafunc):
         for device in ("cuda", "cpu"):
             for case, p in suite.CASES[workload](device, quick=False, smoke=not full):
                 for name, impl in impls.registry().items():
-                    if impl.device == device and impl.supports(kind):
+                    # an implementation made for one workload (Impl.only: the fused pair) runs there only
+                    if impl.device == device and impl.supports(kind) and (impl.only is None or workload in impl.only):
                         params.append(pytest.param((workload, device, case, p, name),
                                                    id=f"{workload}-{device}-{case}-{name}".replace(" ", "_")))
     metafunc.parametrize("bench_case", params)

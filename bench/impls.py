@@ -9,19 +9,25 @@ not, and a factory per kind of work it can do:
                                      sets: [(X (N, in), Y (N, out))], float32 numpy
     fit(spec, params0, data, lr)     one epoch of the public `Sequential.fit` (shuffled, batch spec.batch)
                                      data: (X (samples, in), Y (samples, out)), float32 numpy, kept on the host
+    predict(spec, params0, sets)     inference: the MLP's output (N, out) for input set i (the fused workload)
+                                     sets: [(X (N, in), Y (N, out))] as train's; Y unused
 
 Each factory moves the numpy inputs to its device (not timed) and returns a Runner: run(i) does the work on
 input set i, sync() waits for the device, result() returns what run computed last as numpy (gemm, dense) or
-the parameters [{"W", "b"}] (train, fit), peak_bytes() the device memory the runner added (None where unknown),
-info() a note for the row on how it ran (e.g. whether CUDA graphs were replayed; None where nothing to say).
+the parameters [{"W", "b"}] (train, fit), the output (predict), peak_bytes() the device memory the runner added
+(None where unknown), info() a note for the row on how it ran (e.g. whether CUDA graphs were replayed; None where nothing to say).
 
 Each implementation belongs to a family (ours-cupy, ours-numba, ours-numpy, cublas, torch, torch-cpu, jax):
 gpu_check runs one process per family (`python -m bench --family ...`), so a sticky CUDA error in one family
 cannot fail the rows of the others.
 
 A train `spec` carries a GEMM precision (spec.precision, gpubp/precision.py): "fp32" everywhere but the mixed
-workload, whose "bf16" rows run gpubp with precision="bf16" and torch under torch.autocast(bfloat16); an
+and fused workloads, whose "bf16" rows run gpubp with precision="bf16" and torch under torch.autocast(bfloat16); an
 implementation lists the precisions it can train in (Impl.precisions), the others are not asked.
+
+The fused workload (issue 13) runs only the implementations made for it on our side (Impl.only: gpubp with
+fused=True, the fully fused MLP, and fused=False, the per-layer tensor-core kernels, for the ratio) and every
+peer that trains in bf16.
 
 Peers compute the same math in the same precision: float32 everywhere (but the mixed rows), TF32 off (torch's matmul precision
 "highest", JAX's default matmul precision "highest", CuPy without CUPY_TF32). The MLP is Dense+ReLU hidden
@@ -47,10 +53,11 @@ class Runner:
 
 class Impl:
     def __init__(self, name, device, probe, gemm=None, dense=None, train=None, fit=None, ours=False, note="",
-                 family=None, precisions=("fp32",)):
+                 family=None, precisions=("fp32",), predict=None, only=None):
         self.name, self.device, self.probe = name, device, probe
         self.precisions = precisions
-        self.gemm, self.dense, self.train, self.fit = gemm, dense, train, fit
+        self.gemm, self.dense, self.train, self.fit, self.predict = gemm, dense, train, fit, predict
+        self.only = only    # the workloads this implementation runs in (None: every one whose work it does)
         self.ours = ours
         self.note = note
         self.family = family or name
@@ -173,14 +180,15 @@ def _gpubp_dense(backend_name):
     return make
 
 
-def gpubp_net(spec, params0, lr, backend, dtype="float32"):
+def gpubp_net(spec, params0, lr, backend, dtype="float32", fused="auto"):
     """A gpubp Sequential for `spec` with params0 and SGD(lr, momentum 0.9), on `backend` (a name or instance);
-    in spec.precision for float32 (a float64 model, the reference, multiplies in float64)."""
+    in spec.precision for float32 (a float64 model, the reference, multiplies in float64); `fused` as
+    Sequential's (True: the fully fused MLP or a ValueError saying why not; False: the per-layer kernels)."""
     import gpubp
     layers = [gpubp.Dense(n_in, n_out, activation="relu" if k < len(spec.dims) - 2 else "identity")
               for k, (n_in, n_out) in enumerate(zip(spec.dims[:-1], spec.dims[1:]))]
     precision = getattr(spec, "precision", "fp32") if np.dtype(dtype) == np.float32 else None
-    net = gpubp.Sequential(*layers, backend=backend, dtype=dtype, seed=0, precision=precision)
+    net = gpubp.Sequential(*layers, backend=backend, dtype=dtype, seed=0, precision=precision, fused=fused)
     net.set_params(params0)
     opt = gpubp.SGD(net, lr=lr, momentum=MOMENTUM)
     return net, opt
@@ -229,13 +237,17 @@ def path_note(net):
     return "path: fused MLP" if net.fused else "path: per-layer kernels"
 
 
-def _gpubp_train(backend_name, checked=True, host_batches=False):
+def _gpubp_train(backend_name, checked=True, host_batches=False, fused="auto", sync=True):
     """checked=True times the public Sequential.train_step (input validation, finite checks, loss to host);
     checked=False the step behind it (Sequential._train_step), to show what the checks cost.
     host_batches=True: the batches stay NumPy arrays, the path a user takes: each step copies them into the
     model's workspace, so the whole step (forward, loss, backward, then the update) can replay as CUDA graphs.
     Device batches (the default) are used in place, so forward and backward run eagerly (only the update is
-    a graph): the two rows side by side show what the graph and the copy cost or save."""
+    a graph): the two rows side by side show what the graph and the copy cost or save.
+    fused: Sequential's setting (the fused workload's rows: True and False, side by side). sync=False: the public
+    train_step(..., sync=False), which neither waits for the step nor reads device inputs back to check them (a
+    fault is raised at the next read: result() reads the parameters), as a training loop that does not look at
+    every loss runs, and as torch's eager step."""
     def make(spec, params0, sets, lr, backend=None):
         from gpubp import losses
         from gpubp.backends import get_backend
@@ -245,7 +257,7 @@ def _gpubp_train(backend_name, checked=True, host_batches=False):
         else:
             dev = [(be.asarray(X, np.float32), be.asarray(Y, np.float32)) for X, Y in sets]
         meter = _memory_meter(be)
-        net, opt = gpubp_net(spec, params0, lr, be)
+        net, opt = gpubp_net(spec, params0, lr, be, fused=fused)
         loss_id = losses.loss_id(spec.loss)
         if not checked and not hasattr(net, "_train_step"):
             raise NotImplementedError("gpubp.Sequential has no _train_step (the unchecked step) any more")
@@ -253,11 +265,29 @@ def _gpubp_train(backend_name, checked=True, host_batches=False):
         def run(i):
             X, Y = dev[i]
             if checked:
-                net.train_step(X, Y, loss=spec.loss, optimizer=opt)
+                net.train_step(X, Y, loss=spec.loss, optimizer=opt, **({} if sync else {"sync": False}))
             else:
                 net._train_step(X, Y, loss_id, opt)
         return Runner(run, be.synchronize, net.get_params, peak_bytes=meter, keep=dev,
                       info=lambda: "; ".join(filter(None, [graph_info(be), path_note(net)])))
+    return make
+
+
+def _gpubp_predict(backend_name, fused):
+    """Inference through the public Sequential.predict on batches already on the device, the output kept there
+    (device=True: no copy to the host inside the timing), in spec.precision; fused as Sequential's."""
+    def make(spec, params0, sets, backend=None):
+        from gpubp.backends import get_backend
+        be = get_backend(backend if backend is not None else backend_name)
+        dev = [be.asarray(X, np.float32) for X, _ in sets]
+        meter = _memory_meter(be)
+        net, _ = gpubp_net(spec, params0, 0.01, be, fused=fused)     # the optimizer is never used
+        last = {}
+
+        def run(i):
+            last["out"] = net.predict(dev[i], device=True)
+        return Runner(run, be.synchronize, lambda: be.to_numpy(last["out"]), peak_bytes=meter, keep=dev,
+                      info=lambda: path_note(net))
     return make
 
 
@@ -414,6 +444,46 @@ def _torch_train(device, graph=False):
     return make
 
 
+def _torch_predict(device, graph=False):
+    """Inference: model(X) under torch.no_grad() and the spec's autocast (bf16 for the fused workload).
+    graph=True: the forward captured once per input set as a CUDA graph and replayed (the train recipe's)."""
+    def make(spec, params0, sets):
+        torch, dev = _torch_device(device)
+        data = [torch.from_numpy(X).to(dev) for X, _ in sets]
+        model = torch_model(torch, spec, params0, dev)
+        autocast = _torch_autocast(torch, spec, device)
+        last = {}
+
+        def forward(X):
+            with torch.no_grad(), autocast():
+                return model(X)
+
+        if not graph:
+            def run(i):
+                last["out"] = forward(data[i])
+            return Runner(run, _torch_sync(torch, device), lambda: last["out"].float().cpu().numpy(), keep=data)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward(data[0])
+        torch.cuda.current_stream().wait_stream(side)
+        graphs, outs = [], []
+        for X in data:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs.append(forward(X))     # the graph's output buffer, rewritten by each replay
+            graphs.append(g)
+        torch.cuda.synchronize()
+
+        def run(i):
+            graphs[i].replay()
+            last["out"] = outs[i]
+        return Runner(run, torch.cuda.synchronize, lambda: last["out"].float().cpu().numpy(),
+                      keep=(data, graphs, outs))
+    return make
+
+
 def _torch_autocast(torch, spec, device):
     """A context for the step's forward and loss: nothing for fp32; torch.autocast(bfloat16) for bf16 (fp32 master
     weights, bf16 GEMMs, as PyTorch users train in mixed precision; its weight cache off, which graph capture
@@ -534,14 +604,25 @@ def _jax_dense(sets):
 
 
 def _jax_train(spec, params0, sets, lr):
+    """One SGD-momentum step, jit-compiled. In bf16 (spec.precision): every GEMM's operands cast to bfloat16, the
+    products accumulated and returned in float32 (preferred_element_type), as gpubp's bf16 and torch's autocast
+    (float32 master weights; the bias, activations and loss in float32)."""
     jax, _ = _jax()
     import jax.numpy as jnp
     data = [(jnp.asarray(X), jnp.asarray(Y)) for X, Y in sets]
+    precision = getattr(spec, "precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise NotImplementedError(f"jax rows train in fp32 or bf16, not {precision}")
+
+    def matmul_t(a, W):
+        if precision == "fp32":
+            return a @ W.T
+        return jnp.dot(a.astype(jnp.bfloat16), W.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
     def loss_fn(params, X, Y):
         a = X
         for k, (W, b) in enumerate(params):
-            a = a @ W.T + b
+            a = matmul_t(a, W) + b
             if k < len(params) - 1:
                 a = jax.nn.relu(a)
         if spec.loss == "softmax_ce":
@@ -579,7 +660,24 @@ HOST_BATCHES_NOTE = ("the public train_step on NumPy batches, copied into the mo
 
 
 # ---- the registry ------------------------------------------------------------------------------------------------
-MIXED = ("fp32", "bf16")   # what the train rows of gpubp and torch run in (the mixed workload: bf16)
+MIXED = ("fp32", "bf16")   # what the train rows of gpubp, torch and jax run in (mixed and fused workloads: bf16)
+FUSED_NOTE = ("fused=True: the fully fused MLP (kernels/fused_mlp.cu); train: the public train_step(..., "
+              "sync=False) on device batches (no host read per step); predict: the public predict(X, device=True) "
+              "on device batches (its finiteness check of X is one more pass over X and one wait)")
+PER_LAYER_NOTE = ("fused=False: the per-layer kernels (tensor cores in bf16), for the ratio to the fused path; "
+                  "train and predict as the fused row")
+
+
+def _fused_pair(backend_name, device, family):
+    """gpubp-<backend>-fused and gpubp-<backend>-per-layer: the fused workload's rows of ours, bf16."""
+    return [Impl(f"gpubp-{backend_name}-{suffix}", device, _gpubp_probe(backend_name),
+                 train=_gpubp_train(backend_name, fused=fused, sync=False),
+                 predict=_gpubp_predict(backend_name, fused),
+                 ours=True, family=family, note=note, precisions=("bf16",), only=("fused",))
+            for suffix, fused, note in (("fused", True, FUSED_NOTE), ("per-layer", False, PER_LAYER_NOTE))]
+
+
+
 def registry():
     """name -> Impl, in the order the table lists them (ours first)."""
     impls = [
@@ -587,6 +685,7 @@ def registry():
              train=_gpubp_train("numpy"), fit=_gpubp_fit("numpy"), ours=True, family="ours-numpy", precisions=MIXED),
         Impl("gpubp-numpy-unchecked", "cpu", _gpubp_probe("numpy"), train=_gpubp_train("numpy", checked=False),
              ours=True, note=UNCHECKED_NOTE, family="ours-numpy"),
+        *_fused_pair("numpy", "cpu", "ours-numpy"),
         Impl("gpubp-cupy", "cuda", _gpubp_probe("cupy"), gemm=_gpubp_gemm("cupy"), dense=_gpubp_dense("cupy"),
              train=_gpubp_train("cupy"), fit=_gpubp_fit("cupy"), ours=True, family="ours-cupy",
              note=DEVICE_INPUT_NOTE, precisions=MIXED),
@@ -596,21 +695,25 @@ def registry():
              ours=True, note=UNCHECKED_NOTE, family="ours-cupy"),
         Impl("gpubp-cupy-graph8", "cuda", _gpubp_probe("cupy"), fit=_gpubp_fit("cupy", steps_per_graph=8),
              ours=True, note=GRAPH8_NOTE, family="ours-cupy"),
+        *_fused_pair("cupy", "cuda", "ours-cupy"),
         Impl("gpubp-numba", "cuda", _gpubp_probe("numba"), gemm=_gpubp_gemm("numba"), dense=_gpubp_dense("numba"),
              train=_gpubp_train("numba"), fit=_gpubp_fit("numba"), ours=True, family="ours-numba",
              note=DEVICE_INPUT_NOTE, precisions=MIXED),
         Impl("gpubp-numba-numpy-batches", "cuda", _gpubp_probe("numba"),
              train=_gpubp_train("numba", host_batches=True), ours=True, family="ours-numba", note=HOST_BATCHES_NOTE, precisions=MIXED),
         Impl("torch-cpu", "cpu", _torch_cpu_probe, gemm=_torch_gemm("cpu"), dense=_torch_dense("cpu"),
-             train=_torch_train("cpu"), fit=_torch_fit("cpu"), family="torch-cpu", precisions=MIXED),
+             train=_torch_train("cpu"), fit=_torch_fit("cpu"), predict=_torch_predict("cpu"), family="torch-cpu",
+             precisions=MIXED),
         Impl("cublas", "cuda", _cupy_probe, gemm=_cublas_gemm, note="cupy.matmul, TF32 off", family="cublas"),
         Impl("torch-eager", "cuda", _torch_cuda_probe, gemm=_torch_gemm("cuda"), dense=_torch_dense("cuda"),
-             train=_torch_train("cuda"), fit=_torch_fit("cuda"), family="torch", precisions=MIXED),
+             train=_torch_train("cuda"), fit=_torch_fit("cuda"), predict=_torch_predict("cuda"), family="torch",
+             precisions=MIXED),
         Impl("torch-graph", "cuda", _torch_cuda_probe, train=_torch_train("cuda", graph=True),
-             fit=_torch_fit("cuda", graph=True),
-             note="the step captured as a CUDA graph (per input set for train, per batch size for fit), replayed",
-             family="torch", precisions=MIXED),
-        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train, family="jax"),
+             fit=_torch_fit("cuda", graph=True), predict=_torch_predict("cuda", graph=True),
+             note="the step captured as a CUDA graph (per input set for train and predict, per batch size for fit), "
+                  "replayed", family="torch", precisions=MIXED),
+        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train, family="jax",
+             precisions=MIXED),
     ]
     return {impl.name: impl for impl in impls}
 
@@ -627,4 +730,5 @@ def families(reg=None):
 # fit's peer on the GPU is PyTorch's graph-captured loop (issue 11: beat it at the 64-wide shape).
 PEER = {("cuda", "gemm"): "cublas", ("cuda", "dense"): "torch-eager", ("cuda", "train"): "torch-eager",
         ("cuda", "fit"): "torch-graph", ("cpu", "fit"): "torch-cpu",
-        ("cpu", "gemm"): "torch-cpu", ("cpu", "dense"): "torch-cpu", ("cpu", "train"): "torch-cpu"}
+        ("cpu", "gemm"): "torch-cpu", ("cpu", "dense"): "torch-cpu", ("cpu", "train"): "torch-cpu",
+        ("cuda", "predict"): "torch-eager", ("cpu", "predict"): "torch-cpu"}

@@ -1,6 +1,7 @@
 """What a run leaves behind: the environment it ran in, a table of ratios, a JSON file, PNG plots.
 
 Files are named by device and date: bench/results/<device>_<YYYYMMDD-HHMM>.{json,txt}, _sweep.png, _gemm.png,
+_fused.png,
 where <device> is the GPU's name (e.g. nvidia-h100-80gb-hbm3) or cpu-<model> on a machine without one.
 
     python -m bench.report --jsonl rows.jsonl [--jsonl more.jsonl] --out DIR [--stem bench] [--versions FILE]
@@ -111,7 +112,7 @@ def _fmt(v, spec):
 
 
 def _rate(r):
-    if r["workload"] in ("train", "sweep", "dense", "fit") and r["samples_per_s"]:
+    if r["workload"] in ("train", "sweep", "dense", "fit", "fused") and r["samples_per_s"]:
         return f"{r['samples_per_s']:.3g} samp/s"
     if r["tflops"]:
         return f"{r['tflops']:.3f} TFLOP/s"
@@ -136,6 +137,9 @@ def table(run):
             # without the peer's time there is no ratio: the bar is neither met nor missed
             verdict = "no peer measured:" if r["meets_bar"] is None else "MEETS" if r["meets_bar"] else "misses"
             bar = f"{verdict} ≤ {r['spec_bar']:.2f}x {r['peer']}"
+            if r["spec_bar_samples_per_s"] is not None:
+                bar = (f"moonshot (H100): {verdict} ≥ {r['spec_bar_samples_per_s']:.2g} samp/s and ≤ "
+                       f"{r['spec_bar']:.2f}x {r['peer']}")
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
         lines.append(f"{r['workload']:<7} {r['device']:<4} {r['case']:<26.26} {r['impl']:<22} "
                      f"{r['median_s'] * 1e3:8.4f} ms {r['spread_s'] * 1e3:6.4f} ms {_rate(r):>18} "
@@ -147,6 +151,7 @@ def table(run):
                  "limit, whichever is larger) over the median.")
     if any(r["workload"] == "sweep" and r["device"] == "cuda" for r in run.rows):
         lines.append(suite.TINY_CUDA_NN)
+    lines += fused_summary(run.rows)
     load = run.other_cpu_load()
     if load is not None and load > 0.25:
         lines.append(f"NOTE: other processes kept {load} CPU cores busy on average during this run: CPU timings "
@@ -154,6 +159,26 @@ def table(run):
     for s in run.skipped:
         lines.append(f"skipped: {s['what']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def fused_summary(rows):
+    """Issue 13's lines: for each fused row measured, samples/s, the fraction of the bf16 tensor peak (GPU rows)
+    and the ratio to PyTorch autocast eager (its speed-up: the peer's time over ours); tiny-cuda-nn's published
+    figure beside them, which was not measured here. [] when no fused row ran."""
+    fused = [r for r in rows if r["workload"] == "fused" and r["status"] == "ok"]
+    if not fused:
+        return []
+    out = ["", f"fused MLP (issue 13), bf16: samples/s, fraction of the {suite.TENSOR_PEAK_SOURCE} (GPU rows), "
+               "speed-up over the peer (PyTorch autocast(bfloat16) eager on the GPU, torch CPU on the CPU)"]
+    for r in fused:
+        peak = "-" if r["frac_of_tensor_peak"] is None else f"{100 * r['frac_of_tensor_peak']:.2f}%"
+        speedup = "-" if r["ratio_to_peer"] is None else f"{1 / r['ratio_to_peer']:.2f}x"
+        out.append(f"  {r['device']:<4} {r['case']:<34.34} {r['impl']:<22} {r['samples_per_s']:10.3g} samp/s  "
+                   f"of peak {peak:>7}  speed-up over {r['peer']} {speedup:>7}")
+    lo, hi = suite.TINY_CUDA_NN_RANGE
+    out.append(f"  published, not measured: tiny-cuda-nn {lo:.2g} to {hi:.2g} training samples/s "
+               f"({suite.TINY_CUDA_NN})")
+    return out
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------------
@@ -187,8 +212,8 @@ def save(run, out=None, plots=True, stem=None, extra=None):
 
 
 def plot(run, stem, env):
-    """<stem>_sweep.png (samples/s and time per step against batch size) and <stem>_gemm.png, log-log, one line
-    per implementation and device."""
+    """<stem>_sweep.png (samples/s and time per step against batch size), <stem>_gemm.png and <stem>_fused.png
+    (fused_plot), log-log, one line per implementation and device."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -231,7 +256,52 @@ def plot(run, stem, env):
         written.append(Path(f"{stem}_gemm.png"))
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
+    written += fused_plot(run.rows, stem, env)
     return written
+
+
+def fused_rows_to_plot(rows):
+    """The fused workload's ok training rows at its most common architecture (width 64 on the GPU; the smoke
+    width on the CPU), the batch sweep the plot draws."""
+    train = [r for r in rows if r["workload"] == "fused" and r["status"] == "ok"
+             and (r["params"] or {}).get("kind") == "train"]
+    if not train:
+        return []
+    dims = [tuple(r["params"]["dims"]) for r in train]
+    common = max(set(dims), key=dims.count)
+    return [r for r in train if tuple(r["params"]["dims"]) == common]
+
+
+def fused_plot(rows, stem, env):
+    """<stem>_fused.png: training samples/s against batch size, log-log, one line per implementation and device,
+    tiny-cuda-nn's published range beside the GPU lines (published, not measured). [] when no fused row ran."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sweep = fused_rows_to_plot(rows)
+    if not sweep:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    for (impl, device), line in _lines(sweep).items():
+        line = sorted(line, key=lambda r: r["params"]["batch"])
+        ax.plot([r["params"]["batch"] for r in line], [r["samples_per_s"] for r in line], "o-", ms=3,
+                label=f"{impl} ({device})")
+    if any(r["device"] == "cuda" for r in sweep):
+        lo, hi = suite.TINY_CUDA_NN_RANGE
+        ax.axhspan(lo, hi, color="0.85", zorder=0,
+                   label="tiny-cuda-nn: published, not measured\n(RTX 3090, FP16)")
+    dims = "-".join(map(str, sweep[0]["params"]["dims"]))
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="batch size", ylabel="training samples / s",
+           title=f"fused MLP {dims}, bf16 train step (mse, SGD momentum)")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
+    fig.tight_layout()
+    path = Path(f"{stem}_fused.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
 
 
 def _lines(rows):

@@ -2,7 +2,7 @@
 float64 reference and then timed; the hardware's limits are measured in the same run; rows become a table, a
 JSON file and plots (bench.report).
 
-    python -m bench [--workloads limits,gemm,train,fit,sweep,dense] [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m bench [--workloads limits,gemm,train,fit,sweep,dense,fused] [--device cpu|cuda|all] [--quick] [--out DIR]
     python -m bench --family ours-cupy --device cuda --jsonl rows.jsonl --no-save     (gpu_check's bench stages)
 
 --family (or --impls) runs a chosen set of implementations, and measures the limits only where the family
@@ -25,14 +25,17 @@ from . import impls as impls_mod
 from . import timing
 from . import workloads as wl
 
-WORKLOADS = ("limits", "gemm", "train", "fit", "mixed", "sweep", "dense")   # the order they run in: SPEC's bars first
-KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train", "fit": "fit", "mixed": "train"}
+# the order they run in: SPEC's bars first; fused last (its large batches take what a budgeted run has left)
+WORKLOADS = ("limits", "gemm", "train", "fit", "mixed", "sweep", "dense", "fused")
+# the kind of work of a workload's cases; a fused case says its own (case.kind: "train" or "predict")
+KINDS = {"gemm": "gemm", "dense": "dense", "train": "train", "sweep": "train", "fit": "fit", "mixed": "train",
+         "fused": "train"}
 CASES = {"gemm": wl.gemm_cases, "dense": wl.dense_cases, "train": wl.train_cases, "sweep": wl.sweep_cases,
-         "fit": wl.fit_cases, "mixed": wl.mixed_cases}
+         "fit": wl.fit_cases, "mixed": wl.mixed_cases, "fused": wl.fused_cases}
 ROW_FIELDS = ("workload", "case", "impl", "device", "params", "status", "error", "median_s", "spread_s", "min_s",
               "max_s", "repeats", "inner", "rel_err", "flops", "min_bytes", "tflops", "gb_per_s",
-              "samples_per_s", "limit", "frac_of_limit", "peer", "ratio_to_peer", "peak_bytes", "peer_peak_bytes",
-              "mem_ratio_to_peer", "spec_bar", "meets_bar", "note")
+              "samples_per_s", "limit", "frac_of_limit", "frac_of_tensor_peak", "peer", "ratio_to_peer", "peak_bytes",
+              "peer_peak_bytes", "mem_ratio_to_peer", "spec_bar", "spec_bar_samples_per_s", "meets_bar", "note")
 # SPEC section 5: (device, workload, case) -> the highest time ratio to the peer that meets the first bar.
 SPEC_BARS = {("cuda", "gemm", "n4096"): 1 / 0.7,                        # ≥ 0.7× cuBLAS's FLOP/s
              ("cuda", "train", "784-1024-1024-10 b1024"): 1.0,
@@ -40,7 +43,17 @@ SPEC_BARS = {("cuda", "gemm", "n4096"): 1 / 0.7,                        # ≥ 0.
              ("cuda", "mixed", "784-1024-1024-10 b1024 bf16"): 1.0,        # issue 12: faster than autocast eager
              ("cpu", "train", "784-256-256-10 b256"): 1.25,
              ("cpu", "train", "64-64-64-64-64-1 b4096"): 1.25,
-             ("cpu", "train", "1024-1024-1024-10 b512"): 1.25}
+             ("cpu", "train", "1024-1024-1024-10 b512"): 1.25,
+             # issue 13's moonshot: >= 1.5e9 training samples/s at width 64 on an H100 AND >= 10x PyTorch bf16
+             # eager (time ratio <= 0.1), for the fully fused path only, at the largest batch
+             ("cuda", "fused", wl.FusedMLP(wl.fused_dims(wl.FUSED_WIDTH), wl.FUSED_BAR_BATCH, "train").name):
+                 {"ratio": 0.1, "samples_per_s": 1.5e9, "impl": "gpubp-cupy-fused"}}
+# The H100's dense bf16 tensor-core peak, the fused workload's ceiling (its rows' frac_of_tensor_peak, GPU only):
+# NVIDIA H100 Tensor Core GPU datasheet, H100 SXM, "BF16 Tensor Core 1,979 teraFLOPS*", * with sparsity; dense is
+# half of it, 989 TFLOP/s (H200 SXM: the same figure). A PCIe H100 is lower (756 dense): read it for an SXM part.
+TENSOR_PEAK_BF16 = 989e12
+TENSOR_PEAK_SOURCE = ("H100 SXM dense bf16 tensor peak 989 TFLOP/s (NVIDIA H100 datasheet: 1,979 with sparsity, "
+                      "dense is half)")
 TINY_CUDA_NN = ("tiny-cuda-nn: published reference, different GPU (RTX 3090) and precision (its fully fused MLP "
                 "runs in FP16), not measured here: width 64, about 1.2e8 to 2.0e8 training samples/s (the range "
                 "issue 5 reads from the plot in its README, 'Fully fused networks vs. TensorFlow')")
@@ -273,7 +286,8 @@ class Entry:
         self.row = self.runner = self.timer = None
 
 
-def run_case(run, workload, device, case, params, entries, check, n_sets, flops=None, nbytes=None, samples=None):
+def run_case(run, workload, device, case, params, entries, check, n_sets, flops=None, nbytes=None, samples=None,
+             kind=None):
     """For each entry: build a runner (make()), check its first result against the reference (make_check()
     builds a separate runner for the check where running changes state, e.g. a train step), warm it up and
     read its peak memory; then take the timing samples of every entry in interleaved rounds. A result that
@@ -288,7 +302,7 @@ def run_case(run, workload, device, case, params, entries, check, n_sets, flops=
             continue
         try:
             checker = (e.make_check or e.make)()
-            for i in wl.check_calls(KINDS[workload], n_sets):
+            for i in wl.check_calls(kind or KINDS[workload], n_sets):
                 checker.run(i)
             checker.sync()
             e.row["rel_err"] = check(checker.result(), f"{e.impl.name} on {workload} {case}")
@@ -339,6 +353,7 @@ def _finish_row(run, e, device, flops, nbytes, samples):
         if samples:
             row["samples_per_s"] = samples / t
         apply_limits(row, run.limits.get(device, {}))
+        apply_tensor_peak(row)
         try:
             info = e.runner.info() if e.runner is not None else None
         except Exception as exc:     # a note is not worth a row
@@ -367,6 +382,12 @@ def apply_limits(row, lim):
         row["frac_of_limit"] = floor / row["median_s"]
 
 
+def apply_tensor_peak(row):
+    """frac_of_tensor_peak of an ok fused row on the GPU: its FLOP/s over TENSOR_PEAK_BF16 (None elsewhere)."""
+    if row.get("workload") == "fused" and row.get("device") == "cuda" and row.get("flops") and row.get("median_s"):
+        row["frac_of_tensor_peak"] = row["flops"] / row["median_s"] / TENSOR_PEAK_BF16
+
+
 def _ms(t):
     return f"{t * 1e3:9.4f} ms" if t is not None else "        -"
 
@@ -387,16 +408,20 @@ def _free_device_memory():
 def run_workload(run, workload, device):
     c = run.config
     kind = KINDS[workload]
+    cases = CASES[workload](device, c.quick, c.smoke)
+    if workload == "fused":
+        _run_fused(run, device, cases)
+        return
     impls = run.impls_for(kind, device)
     if workload in ("sweep", "mixed"):   # the unchecked and NumPy-batch steps are shown once, in train; these
         impls = [i for i in impls if not i.name.endswith(("-unchecked", "-numpy-batches"))]   # compare libraries
     if workload == "mixed":
         impls = [i for i in impls if "bf16" in i.precisions]
+    impls = [i for i in impls if i.only is None]       # an implementation made for one workload runs there only
     if not impls:
         if c.impls is None:     # a chosen family that does no such work is no news
             run.skip(f"{workload} on {device}", "no implementation can run here")
         return
-    cases = CASES[workload](device, c.quick, c.smoke)
     rng = np.random.default_rng(c.seed)
     if workload == "sweep" and device == "cuda":
         run.log("  " + TINY_CUDA_NN)
@@ -408,6 +433,36 @@ def run_workload(run, workload, device):
             continue
         run_case(run, workload, device, case, built.params, [built.entry(impl) for impl in impls], built.check,
                  len(built.sets), flops=built.flops, nbytes=built.nbytes, samples=built.samples)
+        del built
+
+
+def _run_fused(run, device, cases):
+    """Issue 13's fused workload: each case is a training step or inference (case.kind); ours are the
+    implementations made for it (Impl.only: fused and per-layer), the peers those that run in bf16."""
+    impls = {}
+    for kind in ("train", "predict"):
+        impls[kind] = [i for i in run.impls_for(kind, device) if "bf16" in i.precisions
+                       and (i.only is not None and "fused" in i.only or i.only is None and not i.ours)]
+        impls[kind] = [i for i in impls[kind] if not i.name.endswith(("-unchecked", "-numpy-batches"))]
+    if not any(impls.values()):
+        if run.config.impls is None:
+            run.skip(f"fused on {device}", "no implementation can run here")
+        return
+    if device == "cuda":
+        run.log("  " + TINY_CUDA_NN)
+        run.log("  " + TENSOR_PEAK_SOURCE)
+    rng = np.random.default_rng(run.config.seed)
+    for case, spec in cases:
+        if not impls[spec.kind]:
+            continue
+        try:
+            built = build_case(spec.kind, spec, rng)
+        except Exception as exc:
+            run.skip(f"fused {case}", f"the numpy reference failed: {type(exc).__name__}: {exc}")
+            continue
+        run_case(run, "fused", device, case, built.params, [built.entry(impl) for impl in impls[spec.kind]],
+                 built.check, len(built.sets), flops=built.flops, nbytes=built.nbytes, samples=built.samples,
+                 kind=spec.kind)
         del built
 
 
@@ -428,6 +483,8 @@ class BuiltCase:
             return Entry(impl, lambda: impl.fit(self.mlp, self.params0, self.sets[0], wl.TIMING_LR),
                          lambda: impl.fit(self.mlp, self.params0, wl.fit_check_data(self.mlp, self.sets[0]),
                                           wl.VALIDATE_LR))
+        if self.kind == "predict":
+            return Entry(impl, lambda: impl.predict(self.mlp, self.params0, self.sets))
         return Entry(impl, lambda: impl.train(self.mlp, self.params0, self.sets, wl.TIMING_LR),
                      lambda: impl.train(self.mlp, self.params0, self.sets, wl.VALIDATE_LR))
 
@@ -451,17 +508,28 @@ def build_case(kind, params, rng):
     mlp = params
     sets = wl.train_sets(mlp, rng)
     params0 = wl.initial_params(mlp, rng)
+    if kind == "predict":
+        return BuiltCase(kind, mlp.params(), sets, wl.predict_reference(mlp, params0, sets, rng), mlp.flops(),
+                         mlp.min_bytes(), samples=mlp.batch, mlp=mlp, params0=params0)
     return BuiltCase(kind, mlp.params(), sets, wl.train_reference(mlp, params0, sets), mlp.flops(),
                      mlp.min_bytes(), samples=mlp.batch, mlp=mlp, params0=params0)
 
 
+def row_kind(row):
+    """The kind of work of a row: its case's own (the fused workload's train or predict), else its workload's."""
+    params = row.get("params") or {}
+    return params.get("kind") or KINDS.get(row["workload"], row["workload"])
+
+
 def add_ratios(rows):
-    """Each ok row's time over its peer's (same workload, case, device), memory likewise, and SPEC's bars."""
+    """Each ok row's time over its peer's (same workload, case, device), memory likewise, and SPEC's bars: a bar
+    is the highest time ratio to the peer that meets it, or a dict {"ratio", "samples_per_s" (a floor, also to
+    meet), "impl" (the one row it applies to)}."""
     by_key = {(r["workload"], r["case"], r["device"], r["impl"]): r for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["workload"] == "limits":
             continue
-        peer = impls_mod.PEER.get((r["device"], KINDS.get(r["workload"], r["workload"])))
+        peer = impls_mod.PEER.get((r["device"], row_kind(r)))
         r["peer"] = peer
         p = by_key.get((r["workload"], r["case"], r["device"], peer))
         if r["status"] == "ok" and p is not None:
@@ -470,7 +538,14 @@ def add_ratios(rows):
             if r["peak_bytes"] is not None and p["peak_bytes"]:
                 r["mem_ratio_to_peer"] = r["peak_bytes"] / p["peak_bytes"]
         bar = SPEC_BARS.get((r["device"], r["workload"], r["case"]))
-        if bar is not None and r["impl"].startswith("gpubp-") and "unchecked" not in r["impl"]:
+        if isinstance(bar, dict):
+            if r["impl"] == bar["impl"]:
+                r["spec_bar"], r["spec_bar_samples_per_s"] = bar["ratio"], bar["samples_per_s"]
+                if r["status"] == "ok" and r["samples_per_s"] < bar["samples_per_s"]:
+                    r["meets_bar"] = False      # too slow whatever the peer did
+                elif r["ratio_to_peer"] is not None:
+                    r["meets_bar"] = bool(r["ratio_to_peer"] <= bar["ratio"])
+        elif bar is not None and r["impl"].startswith("gpubp-") and "unchecked" not in r["impl"]:
             r["spec_bar"] = bar
             r["meets_bar"] = None if r["ratio_to_peer"] is None else bool(r["ratio_to_peer"] <= bar)
 

@@ -6,6 +6,9 @@
     sweep   the 64-wide × 4-hidden train step (64-64-64-64-64-1, mse) over batch sizes, as samples/s
     fit     one epoch of the public Sequential.fit on NumPy data at the train shapes, as samples/s
     mixed   the train step in bf16 (gpubp precision="bf16" against torch.autocast(bfloat16)), SPEC section 5 shapes
+    fused   issue 13: the fully fused MLP in bf16, w-w-w-w-w-1 (4 hidden layers of width w, tiny-cuda-nn's published
+            configuration at w = 64), training samples/s (one train step) and inference samples/s (predict),
+            batch 2^14 ... 2^21; gpubp fused and per-layer against torch.autocast(bfloat16), eager and CUDA graph
 
 A case is (name, params); `make_sets` draws its input sets (float32, standard normal: never zeros) and
 `reference` returns a function that checks a runner's result against numpy in float64 (timing.check).
@@ -59,6 +62,44 @@ class MLP:
     def params(self):
         return {"dims": self.dims, "batch": self.batch, "loss": self.loss, "optimizer": "SGD momentum 0.9",
                 "dtype": "float32", "precision": self.precision}
+
+
+class FusedMLP(MLP):
+    """An MLP of the fused workload: bf16, `kind` "train" (one SGD step, as MLP) or "predict" (inference: the
+    forward alone, Sequential.predict). dims [w, w, w, w, w, 1]: input w, 4 hidden layers of width w, 1 output."""
+
+    init = "kaiming"     # initial_params: weights that keep the activations' scale (the output depends on X)
+
+    def __init__(self, dims, batch, kind, loss="mse"):
+        super().__init__(dims, batch, loss, "bf16")
+        self.kind = kind
+
+    @property
+    def name(self):
+        """w<width>x4 b<batch> bf16 <kind>: short enough for the table's case column (dims are in params)."""
+        hidden = len(self.dims) - 2
+        return f"w{self.width}x{hidden} b{self.batch} {self.precision} {self.kind}"
+
+    @property
+    def width(self):
+        return self.dims[1]
+
+    def flops(self):
+        if self.kind == "train":
+            return super().flops()
+        return sum(2 * self.batch * i * o for i, o in self.pairs())
+
+    def min_bytes(self):
+        if self.kind == "train":
+            return super().min_bytes()
+        # X read once, the output written once, the parameters read once (float32); nothing else leaves the chip
+        return 4 * (self.batch * (self.dims[0] + self.dims[-1]) + sum(i * o + o for i, o in self.pairs()))
+
+    def params(self):
+        p = dict(super().params(), kind=self.kind, width=self.width)
+        if self.kind == "predict":
+            del p["optimizer"]
+        return p
 
 
 class FitSpec(MLP):
@@ -144,6 +185,31 @@ def sweep_cases(device, quick, smoke=False):
     return [(f"b{2**e}", MLP([64] * 5 + [1], 2**e, "mse")) for e in exps]
 
 
+FUSED_WIDTH = 64                 # tiny-cuda-nn's published configuration: width 64, 4 hidden layers
+FUSED_OTHER_WIDTHS = (32, 128)   # at one batch, FUSED_OTHER_BATCH
+FUSED_OTHER_BATCH = 2**18
+FUSED_BAR_BATCH = 2**21          # the moonshot's row (bench/suite.py SPEC_BARS): the largest batch, in --quick too
+
+
+def fused_dims(width):
+    return [width] * 5 + [1]
+
+
+def fused_cases(device, quick, smoke=False):
+    """Issue 13's fully fused MLP in bf16. On the GPU: width 64 over batch 2^14 ... 2^21, training and inference,
+    and widths 32 and 128 at one batch; --quick a subset holding the moonshot's row. On the CPU, tiny sizes only
+    (the numpy backend's fused path is the reference, not a fast path: its rows check the harness, nothing more)."""
+    if device == "cuda" and not smoke:
+        exps = (14, 17, 21) if quick else range(14, 22)
+        specs = [FusedMLP(fused_dims(FUSED_WIDTH), 2**e, "train") for e in exps]
+        specs += [FusedMLP(fused_dims(FUSED_WIDTH), 2**e, "predict") for e in ((21,) if quick else exps)]
+        specs += [FusedMLP(fused_dims(w), FUSED_OTHER_BATCH, kind) for w in FUSED_OTHER_WIDTHS
+                  for kind in ("train", "predict")]
+    else:      # the CPU, or --smoke: width 16 (the smallest the fused kernel takes), two batches for the plot's line
+        specs = [FusedMLP(fused_dims(16), b, kind) for kind in ("train", "predict") for b in (64, 128)]
+    return [(s.name, s) for s in specs]
+
+
 def fit_cases(device, quick, smoke=False):
     """The train shapes, each over an epoch of a few dozen batches (fewer for the large-batch one)."""
     if smoke:
@@ -192,6 +258,33 @@ def train_sets(mlp, rng):
     return sets
 
 
+def predict_reference(mlp, params0, sets, rng):
+    """A check of a runner that last predicted set 0 (check_calls("predict"): set 1, then set 0): sampled rows of
+    its output against the float64 forward of params0 (ReLU hidden layers, identity output), within the
+    precision's tolerance (TRAIN_TOL_PRECISION); the whole output must be finite.
+
+    NOTE: the error is measured against the output's variation over the rows, ‖got − ref‖ / ‖ref − mean(ref)‖,
+    not against ‖ref‖, so that an output that hardly depends on the input (mostly biases) cannot let the output
+    of the wrong input set pass (with nn.Linear's init at width 16 a plain relative error gave it 0.10); with the
+    fused workload's kaiming init (initial_params) the two measures are close."""
+    X = sets[0][0]
+    rows = _rows(X.shape[0], rng)
+    A = X[rows].astype(np.float64)
+    for k, p in enumerate(params0):
+        A = A @ np.asarray(p["W"], np.float64).T + np.asarray(p["b"], np.float64)
+        if k < len(params0) - 1:
+            A = np.maximum(A, 0)
+
+    def check(result, what):
+        result = np.asarray(result)
+        if result.shape != (X.shape[0], A.shape[1]) or not np.isfinite(result).all():
+            raise timing.Refused(f"{what}: result has NaN or inf, or shape {result.shape} (an element left "
+                                 "unwritten, or an overflow)")
+        mean = A.mean(axis=0)
+        return timing.check(result[rows] - mean, A - mean, TRAIN_TOL_PRECISION[mlp.precision], what)
+    return check
+
+
 def fit_data(spec, rng):
     """One data set of spec.samples rows (a fit epoch cycles through more than any cache by itself)."""
     N, n_in, n_out = spec.samples, spec.dims[0], spec.dims[-1]
@@ -223,11 +316,15 @@ def fit_reference(spec, params0, data):
 
 
 def initial_params(mlp, rng):
-    """nn.Linear's default init U(−1/√in, 1/√in), as float32 values (every implementation starts equal)."""
+    """nn.Linear's default init U(−1/√in, 1/√in), as float32 values (every implementation starts equal); for an
+    MLP with init "kaiming" (the fused workload) W ~ U(−√(6/in), √(6/in)), torch's kaiming_uniform_ for ReLU,
+    which keeps the activations' scale through the layers, so the output depends on the input (with nn.Linear's
+    init a 4-hidden-layer MLP's output is mostly its biases, the same for every row), the biases as nn.Linear's."""
     out = []
     for i, o in mlp.pairs():
         bound = 1.0 / math.sqrt(i)
-        out.append({"W": rng.uniform(-bound, bound, (o, i)).astype(np.float32),
+        w_bound = math.sqrt(6.0 / i) if getattr(mlp, "init", "linear") == "kaiming" else bound
+        out.append({"W": rng.uniform(-w_bound, w_bound, (o, i)).astype(np.float32),
                     "b": rng.uniform(-bound, bound, (o,)).astype(np.float32)})
     return out
 

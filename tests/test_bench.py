@@ -169,8 +169,8 @@ def test_gpu_rows_are_compared_with_torch_eager(monkeypatch):
 
 def test_families_choose_implementations_and_limits():
     names, limits = suite.select_impls("ours-cupy", None)
-    assert names == ["gpubp-cupy", "gpubp-cupy-numpy-batches", "gpubp-cupy-unchecked", "gpubp-cupy-graph8"] \
-        and not limits
+    assert names == ["gpubp-cupy", "gpubp-cupy-numpy-batches", "gpubp-cupy-unchecked", "gpubp-cupy-graph8",
+                     "gpubp-cupy-fused", "gpubp-cupy-per-layer"] and not limits
     names, limits = suite.select_impls("limits,torch", "jax-jit")
     assert names == ["torch-eager", "torch-graph", "jax-jit"] and limits
     assert suite.select_impls(None, None) == (None, True)
@@ -279,3 +279,155 @@ def test_mixed_rows_train_in_bf16_and_skip_fp32_only_impls():
     assert [r["impl"] for r in rows] == ["gpubp-numpy"] and rows[0]["status"] == "ok", rows
     assert rows[0]["params"]["precision"] == "bf16" and rows[0]["case"].endswith(" bf16")
     assert 10 * suite.wl.TRAIN_TOL < rows[0]["rel_err"] < suite.wl.TRAIN_TOL_PRECISION["bf16"]
+
+
+# ---- the fused workload (issue 13) ----------------------------------------------------------------------------------
+FUSED_CPU = ("gpubp-numpy", "gpubp-numpy-fused", "gpubp-numpy-per-layer", "torch-cpu")
+
+
+def test_fused_rows_on_the_cpu_name_their_path_and_draw_the_plot(tmp_path):
+    """The fused workload's smoke rows: gpubp fused and per-layer (and torch CPU's autocast where installed), train
+    and predict, bf16, checked within bf16's tolerance; the notes name the path that ran; the table has issue 13's
+    lines with tiny-cuda-nn's figure marked published, not measured; the log-log plot is written to tmp_path."""
+    run = suite.run_suite(smoke_config([], workloads=("fused",)), cpu_registry(*FUSED_CPU))
+    rows = [r for r in run.rows if r["workload"] == "fused"]
+    assert rows and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert "gpubp-numpy" not in {r["impl"] for r in rows}    # the plain row does not repeat the fused one
+    expected = {"gpubp-numpy-fused", "gpubp-numpy-per-layer"}
+    if run.probe(impls.registry()["torch-cpu"])[0]:
+        expected.add("torch-cpu")
+    for kind in ("train", "predict"):
+        assert {r["impl"] for r in rows if r["params"]["kind"] == kind} == expected, kind
+    path = {"gpubp-numpy-fused": "path: fused MLP", "gpubp-numpy-per-layer": "path: per-layer kernels"}
+    for r in rows:
+        assert r["params"]["precision"] == "bf16" and r["case"].endswith(" " + r["params"]["kind"])
+        assert r["samples_per_s"] > 0 and 0 < r["rel_err"] < suite.wl.TRAIN_TOL_PRECISION["bf16"]
+        assert r["frac_of_tensor_peak"] is None     # the H100's peak says nothing about a CPU
+        if r["impl"] in path:
+            assert r["note"].endswith(path[r["impl"]]), r["note"]
+        if "torch-cpu" in expected:
+            assert r["peer"] == "torch-cpu" and r["ratio_to_peer"] > 0
+    text = report.table(run)
+    assert "fused MLP (issue 13)" in text and "published, not measured: tiny-cuda-nn" in text
+    paths = report.save(run, tmp_path, plots=True)
+    plot = [p for p in paths if p.name.endswith("_fused.png")]
+    assert plot == [tmp_path / plot[0].name] and plot[0].stat().st_size > 1000
+    drawn = report.fused_rows_to_plot(run.rows)
+    assert {r["params"]["batch"] for r in drawn} == {64, 128} and {r["params"]["kind"] for r in drawn} == {"train"}
+
+
+def test_a_wrong_prediction_is_refused():
+    """A predict runner whose output is 20% off (bf16's tolerance, 5%, lets a 1% error through), and one that keeps
+    predicting the first set it was given (a graph replayed on stale buffers): both REFUSED, never timed."""
+    make = impls._gpubp_predict("numpy", True)
+
+    def off(*args):
+        runner = make(*args)
+        result = runner.result
+        runner.result = lambda: result() * np.float32(1.2)
+        return runner
+
+    def stale(*args):
+        runner = make(*args)
+        run_ = runner.run
+        runner.run = lambda i: run_(1)
+        return runner
+    reg = cpu_registry("gpubp-numpy-fused")
+    for name, factory in (("gpubp-off", off), ("gpubp-stale", stale)):
+        reg[name] = impls.Impl(name, "cpu", lambda: (True, ""), ours=True, predict=factory, precisions=("bf16",),
+                               only=("fused",))
+    run = suite.run_suite(smoke_config([], workloads=("fused",)), reg)
+    for name in ("gpubp-off", "gpubp-stale"):
+        bad = [r for r in run.rows if r["impl"] == name]
+        assert bad and all(r["status"] == "failed" and r["error"].startswith("REFUSED") for r in bad), bad
+        assert all(r["samples_per_s"] is None for r in bad)
+    assert all(r["status"] == "ok" for r in run.rows if r["impl"] == "gpubp-numpy-fused")
+
+
+def test_fused_gpu_rows_read_as_a_fraction_of_the_tensor_peak(monkeypatch, tmp_path):
+    """The GPU path of the fused workload with CPU stand-ins registered as GPU implementations: the peer is torch
+    eager (autocast), each row has its fraction of TENSOR_PEAK_BF16, the log names the published figure."""
+    fused, per_layer = impls._fused_pair("numpy", "cuda", "ours-cupy")
+    fake = {"gpubp-cupy-fused": fused, "gpubp-cupy-per-layer": per_layer,
+            "torch-eager": impls.Impl("torch-eager", "cuda", impls._torch_cpu_probe, train=impls._torch_train("cpu"),
+                                      predict=impls._torch_predict("cpu"), precisions=impls.MIXED)}
+    monkeypatch.setattr(suite, "_cuda_limits", lambda run, rng, t: {"flops": 1e12, "bytes": 1e11})
+    lines = []
+    run = suite.run_suite(suite.Config(workloads=("fused",), devices=("cuda",), smoke=True, log=lines.append), fake)
+    ours = [r for r in run.rows if r["impl"].startswith("gpubp-numpy-")]
+    assert len(ours) == 8 and all(r["status"] == "ok" and r["peer"] == "torch-eager" for r in ours), ours
+    for r in ours:
+        assert r["frac_of_tensor_peak"] == pytest.approx(r["flops"] / r["median_s"] / suite.TENSOR_PEAK_BF16)
+    assert any(suite.TINY_CUDA_NN in line for line in lines)
+    assert any(suite.TENSOR_PEAK_SOURCE in line for line in lines)
+    plot = report.fused_plot(run.rows, tmp_path / "stand-ins", {"device": "CPU stand-ins", "date_utc": "x" * 10})
+    assert plot and plot[0].stat().st_size > 1000      # with tiny-cuda-nn's published band beside the lines
+
+
+def test_the_moonshot_bar_sits_on_the_fused_row_at_width_64():
+    """>= 1.5e9 training samples/s and >= 10x PyTorch bf16 eager, on gpubp-cupy-fused at the largest width-64
+    batch, which --quick runs too; met only when both hold; no ratio: 'no peer measured'; too slow: missed."""
+    (key, bar), = [(k, v) for k, v in suite.SPEC_BARS.items() if k[1] == "fused"]
+    case = key[2]
+    for quick in (False, True):
+        assert case in dict(suite.wl.fused_cases("cuda", quick))
+    assert bar == {"ratio": 0.1, "samples_per_s": 1.5e9, "impl": "gpubp-cupy-fused"}
+    N = dict(suite.wl.fused_cases("cuda", False))[case].batch
+
+    def rows(ours_s, peer_s):
+        out = []
+        for impl, t in (("gpubp-cupy-fused", ours_s), ("gpubp-cupy-per-layer", ours_s), ("torch-eager", peer_s)):
+            if t is not None:
+                out.append(suite.new_row(workload="fused", case=case, impl=impl, device="cuda", status="ok",
+                                         median_s=t, spread_s=0.0, samples_per_s=N / t,
+                                         params={"kind": "train", "dims": [64] * 5 + [1], "batch": N}))
+        suite.add_ratios(out)
+        return out
+    fast = N / 2e9
+    met, _, _ = rows(fast, 11 * fast)
+    assert met["meets_bar"] is True and met["spec_bar_samples_per_s"] == 1.5e9
+    assert rows(fast, 9 * fast)[0]["meets_bar"] is False                # fast enough, but < 10x torch
+    assert rows(N / 1e9, 100 * N / 1e9)[0]["meets_bar"] is False         # 100x torch, but < 1.5e9 samples/s
+    assert rows(fast, None)[0]["meets_bar"] is None                      # no torch row: neither met nor missed
+    assert rows(N / 1e9, None)[0]["meets_bar"] is False                  # too slow whatever torch does
+    assert all(r["spec_bar"] is None for r in rows(fast, 11 * fast)[1:])  # per-layer and torch carry no bar
+    from types import SimpleNamespace
+    table = report.table(SimpleNamespace(rows=[met], skipped=[], other_cpu_load=lambda: None, dry_run=False))
+    assert "moonshot (H100): MEETS ≥ 1.5e+09 samp/s and ≤ 0.10x torch-eager" in table
+
+
+def test_the_predict_check_measures_against_the_outputs_variation():
+    """An output mostly bias (here the last bias + 100: the same for every row) must not let the prediction of the
+    wrong input set through: the check divides by ‖ref − mean(ref)‖, where ‖ref‖ would make it pass."""
+    spec = suite.wl.FusedMLP(suite.wl.fused_dims(16), 256, "predict")
+    rng = np.random.default_rng(0)
+    sets, params0 = suite.wl.train_sets(spec, rng), suite.wl.initial_params(spec, rng)
+    params0[-1]["b"] = params0[-1]["b"] + np.float32(100)
+    check = suite.wl.predict_reference(spec, params0, sets, rng)
+    runner = impls._gpubp_predict("numpy", True)(spec, params0, sets)
+    runner.run(0)
+    assert check(runner.result(), "right set") < 0.02
+    runner.run(1)
+    with pytest.raises(timing.Refused, match="disagrees"):
+        check(runner.result(), "wrong set")
+
+
+class WayOffWeightGrad(NumpyBackend):
+    """The numpy backend with a 20% error in dW (bf16's tolerance, 5%, would let 1% through)."""
+
+    def weight_grad(self, delta, A_prev, dW, db, accumulate=False, precision="fp32"):
+        super().weight_grad(delta, A_prev, dW, db, accumulate, precision)
+        dW *= 1.2
+
+
+def test_a_wrong_fused_train_step_is_refused():
+    """The fused rows' train step (sync=False: nothing is read per step) is still checked: a dW 20% off, on the
+    fused path, is REFUSED."""
+    make = impls._gpubp_train("numpy", fused=True, sync=False)
+    reg = cpu_registry("gpubp-numpy-fused")
+    reg["gpubp-off"] = impls.Impl("gpubp-off", "cpu", lambda: (True, ""), ours=True, precisions=("bf16",),
+                                  only=("fused",), train=lambda *a: make(*a, backend=WayOffWeightGrad()))
+    run = suite.run_suite(smoke_config([], workloads=("fused",)), reg)
+    bad = [r for r in run.rows if r["impl"] == "gpubp-off"]
+    assert len(bad) == 2 and all(r["error"].startswith("REFUSED") for r in bad), bad
+    assert all(r["status"] == "ok" for r in run.rows if r["impl"] == "gpubp-numpy-fused")
