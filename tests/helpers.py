@@ -34,6 +34,27 @@ def seed_net(backend="numpy", dtype="float64"):
     return net
 
 
+def check_seed_example_in_precision(net, precision):
+    """The seed's numbers on `net` (its m1 = 3, m2 = 0.5 already set): ŷ = 3, dL/dm1 = 2, dL/dm2 = 12, loss 2, then
+    m1 = 2.8, m2 = −0.7, exactly, in any precision (every number is exact in bf16 and fp16). fp16: the first two
+    steps overflow (δ_out = 2·S with S = 2¹⁶, then 2¹⁵: above fp16's 65504), are skipped and halve the scale; the
+    third applies the update. Returns (gradients, parameters after the update) for the caller's own checks."""
+    X, y = np.array([[2.0]]), np.array([[1.0]])
+    np.testing.assert_array_equal(net.predict(X), [[3.0]])
+    grads = net.gradients(X, y, loss="mse")
+    assert grads[0]["W"][0, 0] == 2.0 and grads[1]["W"][0, 0] == 12.0
+    opt = gpubp.SGD(net, lr=0.1)
+    skipped = 2 if precision == "fp16" else 0
+    for _ in range(skipped + 1):
+        assert net.train_step(X, y, loss="mse", optimizer=opt) == 2.0
+    params = net.get_params()
+    assert params[0]["W"][0, 0] == np.float32(2.8) and params[1]["W"][0, 0] == np.float32(0.5) - np.float32(1.2)
+    assert net.steps == skipped + 1
+    if precision == "fp16":
+        assert net.loss_scale == (2.0**14, 2)
+    return grads, params
+
+
 def snapshot(net):
     """Everything a failed call must leave untouched: parameters, optimizer state, counters (host copies)."""
     state = {"params": net.backend.to_numpy(net.params).copy(), "steps": net.steps,

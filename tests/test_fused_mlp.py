@@ -541,19 +541,10 @@ def test_tails_under_address_sanitizer():
     """The tail blocks, unaligned and padded inputs, N = 1, under AddressSanitizer: every array argument sits
     between poisoned guard zones, so a load one element past X, the weights, δ_L or the last layer's stored A
     fails its launch (a read the comparison cannot see: its value would only reach rows that are never stored)."""
-    import os
-    import subprocess
-    import sys
-    if os.environ.get("GPUBP_EMULATION_ASAN") == "1":
-        pytest.skip("this is the AddressSanitizer run")
-    tests_dir = emulator_module.HERE.parent
-    env = dict(os.environ, **emulator_module.asan_environment(),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                             ASAN_SELECTION], capture_output=True, text=True, env=env, cwd=tests_dir.parent,
-                            timeout=1800)
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    ok, output = emulator_module.rerun_under_asan(__file__, ASAN_SELECTION)
+    if ok is None:
+        pytest.skip(output)
+    assert ok, output
 
 
 # ---- which models qualify ---------------------------------------------------------------------------------------

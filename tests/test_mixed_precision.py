@@ -10,11 +10,10 @@ import pytest
 
 import gpubp
 from gpubp import activations as acts
-from gpubp import guard as G
 from gpubp import loss_scale as LS
 from gpubp import precision as P
 from gpubp.backends.numpy_backend import NumpyBackend
-from helpers import assert_unchanged, make_data, seed_net, snapshot
+from helpers import check_seed_example_in_precision, make_data, seed_net, snapshot
 
 REDUCED = ["tf32", "bf16", "fp16"]
 SIXTEEN = ["bf16", "fp16"]
@@ -126,19 +125,7 @@ def test_seed_example_in_every_precision(backend_name, precision):
     if net is None:
         pytest.skip(f"precision {precision!r} is not implemented on the {backend_name} backend yet")
     net.set_params([{"W": np.array([[3.0]])}, {"W": np.array([[0.5]])}])
-    X, y = np.array([[2.0]]), np.array([[1.0]])
-    np.testing.assert_array_equal(net.predict(X), [[3.0]])
-    grads = net.gradients(X, y, loss="mse")
-    assert grads[0]["W"][0, 0] == 2.0 and grads[1]["W"][0, 0] == 12.0
-    opt = gpubp.SGD(net, lr=0.1)
-    skipped = 2 if precision == "fp16" else 0
-    for _ in range(skipped + 1):
-        assert net.train_step(X, y, loss="mse", optimizer=opt) == 2.0
-    params = net.get_params()
-    assert params[0]["W"][0, 0] == np.float32(2.8) and params[1]["W"][0, 0] == np.float32(0.5) - np.float32(1.2)
-    assert net.steps == skipped + 1
-    if precision == "fp16":
-        assert net.loss_scale == (2.0**14, 2)
+    check_seed_example_in_precision(net, precision)
 
 
 def _has(backend_name, precision):

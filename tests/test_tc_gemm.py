@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -267,16 +266,10 @@ def test_edge_paths_under_address_sanitizer():
     """The padded (src-size masked) and misaligned (element by element) paths with AddressSanitizer: every
     array argument sits between poisoned guard zones, so a cp.async or a load that reads one byte outside A
     or B fails its launch (tests/cuda_emulation/emulator.py, GPUBP_EMULATION_ASAN=1)."""
-    if os.environ.get("GPUBP_EMULATION_ASAN") == "1":
-        pytest.skip("this is the AddressSanitizer run")
-    tests_dir = emulator_module.HERE.parent
-    env = dict(os.environ, **emulator_module.asan_environment(),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                             ASAN_SELECTION], capture_output=True, text=True, env=env, cwd=tests_dir.parent,
-                            timeout=1800)
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    ok, output = emulator_module.rerun_under_asan(__file__, ASAN_SELECTION)
+    if ok is None:
+        pytest.skip(output)
+    assert ok, output
 
 
 # ---- the emulated instructions, one at a time ---------------------------------------------------------------------

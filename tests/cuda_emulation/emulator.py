@@ -33,6 +33,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import types
 
@@ -102,6 +103,23 @@ def asan_environment():
     libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     return {"GPUBP_EMULATION_ASAN": "1", "LD_PRELOAD": os.path.realpath(libasan),
             "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=0"}
+
+
+def rerun_under_asan(test_file, selection):
+    """Run the tests of `test_file` that `selection` (a pytest -k expression) picks again, in a pytest process of
+    their own on the AddressSanitizer build: every array argument then sits between poisoned guard zones, so a
+    load or cp.async one byte outside its array fails its launch. (None, reason) where this already is that
+    process; else (ok, the output's tail)."""
+    if os.environ.get("GPUBP_EMULATION_ASAN") == "1":
+        return None, "this is the AddressSanitizer run"
+    tests_dir = HERE.parent
+    env = dict(os.environ, **asan_environment(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k",
+                             selection], capture_output=True, text=True, env=env, cwd=tests_dir.parent,
+                            timeout=1800)
+    ok = result.returncode == 0 and " passed" in result.stdout and " failed" not in result.stdout
+    return ok, result.stdout[-8000:] + result.stderr[-3000:]
 
 
 def build(directory):
