@@ -24,7 +24,6 @@ status is 1: a wrong column must not become a plausible number.
 """
 import argparse
 import csv
-import math
 import re
 import sys
 from pathlib import Path

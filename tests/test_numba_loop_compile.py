@@ -10,7 +10,6 @@ arrays with recording stand-ins for the kernels).
 Runs in the main pytest process only (the simulator process of tests/run.sh runs the `numba` marker, which these
 tests do not carry, and has no real compiler); skips, saying what is missing, only when NVRTC or libNVVM cannot
 be loaded."""
-import os
 import re
 import types
 
