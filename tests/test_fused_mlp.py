@@ -27,6 +27,7 @@ from gpubp import precision as prec
 from gpubp.backends import cuda_sources
 
 from cuda_emulation import emulator as emulator_module
+from test_tc_gemm import lib, planted  # noqa: F401  (fixtures: the emulator with tensor_core_cpu.h's planted bugs)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -35,19 +36,6 @@ THREADS = 256
 SIGNIFICAND = {"bf16": 8, "fp16": 11}
 NAN16 = 0x7FFF   # a NaN in both 16-bit formats: the poison of every 16-bit output
 ACT_CYCLE = [acts.RELU, acts.TANH, acts.SIGMOID, acts.LEAKY_RELU, acts.IDENTITY]
-
-
-@pytest.fixture(scope="module")
-def lib(emulator):
-    emulator.emu_tc_plant_bug.argtypes = [ctypes.c_int]
-    emulator.emu_tc_plant_bug.restype = None
-    return emulator
-
-
-@pytest.fixture
-def planted(lib):
-    yield lib.emu_tc_plant_bug
-    lib.emu_tc_plant_bug(0)
 
 
 def decode(bits, precision):
