@@ -226,7 +226,7 @@ def test_numba_takes_foreign_arrays_and_returns_device_arrays(simulated_numba, r
 
 # ---- a real GPU: torch.cuda tensors ------------------------------------------------------------------------------
 def _gpu_backends():
-    torch = pytest.importorskip("torch", reason="torch is not installed (not in CI: ~6 GB of CUDA wheels)")
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install gpubp[torch])")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     usable = [name for name, (ok, why) in gpubp.availability().items() if ok and name != "numpy"

@@ -147,8 +147,7 @@ def test_cli_export_builds_the_preprocessing_into_the_graph(tmp_path, capsys):
 
 
 # ---- PyTorch ------------------------------------------------------------------------------------------------------
-TORCH_SKIP = ("torch is not installed; CI does not install it (PyPI's torch pulls ~6 GB of CUDA wheels): "
-              "pip install gpubp[torch] to run these tests")
+TORCH_SKIP = "torch is not installed (the test extra has it): pip install gpubp[torch] to run these tests"
 
 
 def _torch():
