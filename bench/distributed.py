@@ -2,7 +2,7 @@
 MPI, its gradient sum one-shot (after the whole backward: the peer) and overlapped with backward
 (gpubp.distributed.init(overlap=True)), side by side in one run, as a ratio. Run it under mpiexec:
 
-    mpiexec -n 2 python -m bench.distributed [--quick] [--threads 1] [--rounds 5] [--out DIR] [--no-save]
+    mpiexec -n 2 python -m bench.distributed [--quick | --smoke] [--threads 1] [--rounds 5] [--out DIR] [--no-save]
 
 Cases: the fit workload's CPU shapes (bench/workloads.py fit_cases) with the shape's batch per rank, and the
 first of them at a per-rank batch of 32, where the sum is a larger share of the step (README, "When overlap
@@ -52,8 +52,11 @@ def variants():
             (f"{PEER}-overlap-per-layer", {"overlap": True, "bucket_bytes": 0})]
 
 
-def cases(quick):
-    """FitSpecs whose batch is per rank: the fit workload's CPU shapes, and the first at SMALL_BATCH rows."""
+def cases(quick, smoke=False):
+    """FitSpecs whose batch is per rank: the fit workload's CPU shapes, and the first at SMALL_BATCH rows;
+    smoke: its one tiny shape (tests/test_distributed.py runs the row end to end with it)."""
+    if smoke:
+        return [spec for _, spec in wl.fit_cases("cpu", quick, smoke=True)]
     specs = [spec for _, spec in wl.fit_cases("cpu", quick)]
     first = specs[0]
     specs.append(wl.FitSpec(first.dims, SMALL_BATCH, first.loss, 32 * SMALL_BATCH))
@@ -105,9 +108,9 @@ def _mpi_min():
     return MPI.MIN
 
 
-def run(comm, quick, rounds, log):
+def run(comm, quick, rounds, log, smoke=False):
     rows = []
-    for spec in cases(quick):
+    for spec in cases(quick, smoke):
         rng = np.random.default_rng(0)
         data = wl.fit_data(wl.FitSpec(spec.dims, spec.batch, spec.loss, spec.samples * comm.size), rng)
         params0 = wl.initial_params(spec, rng)
@@ -149,6 +152,7 @@ def format_row(row):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two cases, the small-batch one among them")
+    parser.add_argument("--smoke", action="store_true", help="one tiny case: the row end to end, not a measurement")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank (default 1)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None, help="folder for the JSON and table (default bench/results)")
@@ -163,7 +167,7 @@ def main(argv=None):
     log = print if comm.rank == 0 else (lambda line: None)
     log(f"data-parallel fit, numpy backend over MPI, {comm.size} ranks, {threads} BLAS thread(s) each, CPU "
         f"(cores shared with whatever else runs here)")
-    rows = run(comm, args.quick, args.rounds, log)
+    rows = run(comm, args.quick, args.rounds, log, args.smoke)
     if comm.rank == 0 and not args.no_save:
         for path in save(rows, comm.size, threads, args.out):
             log(f"wrote {path}")

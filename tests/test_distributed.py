@@ -9,6 +9,7 @@ all. Then the faults: an exception on one rank, a killed rank and a stuck rank e
 bounded time. The command line: `mpiexec -n 2 gpubp train` saves one checkpoint and resumes it. Size 1 (no
 mpiexec) runs in this process. The NCCL transport is tested only at size 1, on a GPU (marked gpu)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,6 +289,19 @@ def test_a_stuck_rank_makes_the_others_give_up_after_the_timeout(tmp_path):
     result, wall = launch(2, "hang", tmp_path / "x.npz", rank_timeout=2)
     assert result.returncode != 0 and wall < 20, (wall, result.stdout + result.stderr)
     assert "gpubp: rank 0 of 2: timed out after 2 s waiting for the other ranks" in result.stderr
+
+
+# ---- the bench row (bench/distributed.py), end to end at a tiny size: no timing is asserted ---------------------
+@needs_mpi
+def test_the_bench_row_checks_every_variant_and_prints_their_ratios():
+    command = [sys.executable, "-m", "bench.distributed", "--smoke", "--rounds", "1", "--no-save"]
+    result, _ = launch(2, command=command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "ms/step" in line]   # rank 0 alone prints
+    impls = [re.search(r" ranks\s+(\S+)", line).group(1) for line in rows]
+    assert impls == ["gpubp-numpy-mpi", "gpubp-numpy-mpi-one-bucket", "gpubp-numpy-mpi-overlap",
+                     "gpubp-numpy-mpi-overlap-per-layer"], result.stdout
+    assert all("x gpubp-numpy-mpi" in line for line in rows) and "REFUSED" not in result.stdout
 
 
 # ---- the command line --------------------------------------------------------------------------------------------
