@@ -837,6 +837,8 @@ class Sequential:
         trains on batch_size × comm.size rows, and every rank ends with the same model, the one a single process
         trains with that global batch (to rounding); the history holds global metrics, every rank reads the device
         at the same steps, and a callback that stops training on one rank stops every rank (gpubp/distributed.py).
+        init(overlap=True) sums the gradients bucket by bucket during backward instead of once after it: the
+        same model, bit for bit on MPI.
 
         Threads (numpy backend): the time goes into NumPy's BLAS, which starts a thread per core. On a machine
         shared with other work, or to compare timings, fix the count with threadpoolctl:
