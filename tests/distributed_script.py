@@ -6,8 +6,8 @@ rank 0 to an .npz (argv[2]) for the test to check against a single process.
                    inf on rank 1 only; a callback on rank 0 alone that stops training mid-epoch; then ranks that
                    differ in architecture, dtype, precision or overlap, and the errors every rank raised; then
                    with overlap on (init(overlap=True)): the CASES again, a 3-layer model whose buckets group two
-                   layers (and the same without overlap), and a NaN in rank 1's gradients at step 2 beside the
-                   same run stopped after step 1
+                   layers and a fused-MLP model (each also without overlap), and a NaN in rank 1's gradients at
+                   step 2 beside the same run stopped after step 1
     raise OUT      rank 1 raises before fit: the job must end at once (MPI_Abort), naming rank 1
     kill OUT       rank 1 is killed (SIGKILL) after its first epoch: mpiexec must end the job
     hang OUT       rank 1 sleeps instead of calling fit: rank 0 must give up after init's timeout
@@ -124,26 +124,41 @@ def train_cases(comm, results, prefix=""):
                 results[f"{prefix}{name}.history.{key}"] = np.array(values)
 
 
-def train_deep(comm, results, key):
-    """The 3-layer model, float64, 50 rows (an uneven last global batch), with comm's settings."""
+def fused_model():
+    """A model that takes the fused MLP path (bf16, one hidden width 16): its backward is one call."""
+    net = gpubp.Sequential(gpubp.Dense(5, 16, "relu"), gpubp.Dense(16, 16, "relu"), gpubp.Dense(16, 2),
+                           backend="numpy", precision="bf16", seed=3)
+    assert net.fused
+    return net
+
+
+# models trained with and without overlap, by the overlapped run's bucket_bytes
+OTHER_MODELS = {"deep": (lambda: model("float64", "mse", depth=3), DEEP_BUCKET_BYTES),
+                "fused": (fused_model, 0)}
+
+
+def train_other_models(comm, results, prefix=""):
+    """OTHER_MODELS, 50 rows (an uneven last global batch), with comm's overlap at the model's bucket_bytes."""
     X, y = data("mse", 50)
-    net = model("float64", "mse", depth=3)
-    net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=EPOCHS, batch_size=batch_for(comm.size, None), comm=comm)
-    params = gather(comm, net.backend.to_numpy(net.params))
-    if comm.rank == 0:
-        results[key] = np.stack(params)
+    for name, (make, bucket_bytes) in OTHER_MODELS.items():
+        comm = set_overlap(comm.overlap, bucket_bytes)
+        net = make()
+        net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=EPOCHS, batch_size=batch_for(comm.size, None),
+                comm=comm)
+        params = gather(comm, net.backend.to_numpy(net.params))
+        if comm.rank == 0:
+            results[f"{prefix}{name}.params"] = np.stack(params)
 
 
 def train_overlapped(comm, results):
-    """With overlap on: the CASES, one bucket per layer; the 3-layer model with and without overlap; a NaN in
-    rank 1's layer-0 gradients at step 2 (every rank must skip it and stop), beside the same run stopped after
-    its good steps 0 and 1 by a callback."""
+    """With overlap on: the CASES, one bucket per layer; OTHER_MODELS with and without overlap; a NaN in rank 1's
+    layer-0 gradients at step 2 (every rank must skip it and stop), beside the same run stopped after its good
+    steps 0 and 1 by a callback."""
     comm = set_overlap(True, bucket_bytes=0)
     train_cases(comm, results, prefix="overlap.")
-    comm = set_overlap(True, bucket_bytes=DEEP_BUCKET_BYTES)
-    train_deep(comm, results, "overlap.deep.params")
+    train_other_models(comm, results, prefix="overlap.")
     comm = set_overlap(False)
-    train_deep(comm, results, "deep.params")
+    train_other_models(comm, results)
 
     comm = set_overlap(True, bucket_bytes=0)
     X, y = data("mse", 40)

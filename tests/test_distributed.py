@@ -188,10 +188,11 @@ def test_ranks_train_the_model_one_process_trains_with_the_global_batch(job, cas
 
 
 @needs_mpi
-@pytest.mark.parametrize("case", [c[0] for c in script.CASES] + ["deep"])
+@pytest.mark.parametrize("case", [c[0] for c in script.CASES] + list(script.OTHER_MODELS))
 def test_overlap_trains_the_same_bits_as_one_shot(job, case):
     # one bucket per layer (the CASES; a rank left without rows in the last global batch starts its buckets in
-    # finish), or two layers in one bucket (the 3-layer model); one-shot is the single process's, to 1e-12
+    # finish), two layers in one bucket (deep), the fused MLP (every bucket after its one backward call);
+    # one-shot is the single process's, to 1e-12
     results, size = job
     overlapped, one_shot = results[f"overlap.{case}.params"], results[f"{case}.params"]
     assert overlapped.shape[0] == size
