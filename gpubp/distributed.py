@@ -20,6 +20,13 @@ A step of fit(comm=comm) with S ranks and batch_size B:
     addition keeps NaN and inf). That is how the guard's fault flag is reduced, at no extra cost.
 So S ranks with batch_size B train the model a single process trains with batch_size B·S, to rounding.
 
+Overlap (init(overlap=True, bucket_bytes=...); off by default). The sum above runs once, after the whole
+backward. With overlap on, the reduce buffer is cut into buckets of whole layers (gradient_buckets: from the last
+layer, a bucket closes once it holds bucket_bytes), and backward calls GradientReduction.gradients_ready(l) as
+soon as layer l's dW and db are written: when that completes a bucket, its non-blocking sum starts and the next
+layer's backward runs meanwhile; the guard waits for all of them. Every element is still the same sum in the
+same order, so the parameters are the same bits as without overlap (on MPI; see MpiTransport.start_sum).
+
 At the start of fit the ranks compare what they were asked to do (architecture, dtype, precision, optimizer,
 loss, batch size, epochs, rows, ...): any difference is the same ValueError on every rank, naming the ranks.
 Then rank 0's model state (parameters, optimizer state, step count, shuffling generator, fp16 loss scaler) is
@@ -30,7 +37,8 @@ Transports, picked from the model's backend (TRANSPORT_FOR_BACKEND):
   mpi    numpy arrays through mpi4py; a sum is gathered to rank 0, added there in rank order, and broadcast,
          so float64 results are reproducible bit for bit.
   nccl   device arrays of the GPU backends; cupy.cuda.nccl's in-place allReduce on the current stream, which a
-         CUDA graph can capture; the NCCL unique id travels over MPI. NOT tested on a GPU yet.
+         CUDA graph can capture; the NCCL unique id travels over MPI. NOT tested on a GPU yet; its overlapped
+         path (each bucket's allReduce on a side stream) has never run at all.
 
 Faults. Every host-side wait has a deadline (init's `timeout`): past it the rank aborts the whole job (MPI_Abort)
 saying which rank waited for what. An uncaught exception on any rank prints its traceback under the rank's name
@@ -48,6 +56,9 @@ import traceback
 import numpy as np
 
 DEFAULT_TIMEOUT = 600.0     # seconds a rank waits for the others before it aborts the job
+# init(overlap=True)'s default bucket: a bucket of layers closes once it holds this many bytes of gradients.
+# Fewer, larger buckets cost fewer calls (each has a fixed latency); smaller ones start sooner.
+DEFAULT_BUCKET_BYTES = 1 << 20
 TRANSPORT_FOR_BACKEND = {"numpy": "mpi", "cupy": "nccl", "numba": "nccl"}
 # Set by the launchers of MPICH (hydra) and Intel MPI, Open MPI, and PMIx-based ones (srun --mpi=pmix).
 _LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -60,23 +71,33 @@ def launched_by_mpiexec():
     return any(name in os.environ for name in _LAUNCH_VARIABLES)
 
 
-def init(backend="auto", timeout=DEFAULT_TIMEOUT):
+def init(backend="auto", timeout=DEFAULT_TIMEOUT, overlap=False, bucket_bytes=DEFAULT_BUCKET_BYTES):
     """This process's Communicator. Under mpiexec: MPI's world, and the transport for the gradients: "nccl" for
     the GPU backends, "mpi" for numpy ("auto": nccl where gpubp's backend="auto" picks a GPU backend, else mpi).
     Without mpiexec: a size-1 communicator with no transport, so the same script runs alone (fit then trains as
     if no comm were given). Call it before building models: it picks this rank's GPU (local rank modulo the
-    GPUs of its machine). `timeout`: seconds a rank waits for the others before aborting the job."""
+    GPUs of its machine). `timeout`: seconds a rank waits for the others before aborting the job.
+    overlap: sum each bucket of layers' gradients across the ranks while backward goes on (see the module's
+    docstring); the same parameters, bit for bit on MPI. bucket_bytes: with overlap, a bucket of consecutive
+    layers, from the last, closes once it holds at least this many bytes (0: one bucket per layer). Every rank
+    must ask for the same (fit checks). Calling init again under mpiexec returns the same communicator with
+    these settings changed."""
     global _world
     if backend not in ("auto", "mpi", "nccl"):
         raise ValueError(f"backend: expected 'auto', 'mpi' or 'nccl', got {backend!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap: expected True or False, got {overlap!r}")
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 0:
+        raise ValueError(f"bucket_bytes: expected a non-negative integer (bytes; 0: one bucket per layer), got "
+                         f"{bucket_bytes!r}")
     if not launched_by_mpiexec():
-        return Communicator(timeout=timeout)
+        return Communicator(timeout=timeout, overlap=overlap, bucket_bytes=bucket_bytes)
     if _world is not None:   # MPI is initialised once per process: the same world, asked for the same transport
         if backend not in ("auto", _world.requested):
             raise ValueError(f"init: already initialised with backend={_world.requested!r}, asked for {backend!r}")
-        _world.timeout = float(timeout)
+        _world.timeout, _world.overlap, _world.bucket_bytes = float(timeout), overlap, int(bucket_bytes)
         return _world
     try:
         from mpi4py import MPI
@@ -86,7 +107,8 @@ def init(backend="auto", timeout=DEFAULT_TIMEOUT):
     mpi = MPI.COMM_WORLD
     local_rank = mpi.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     _use_local_gpu(local_rank)
-    _world = Communicator(mpi.Get_rank(), mpi.Get_size(), local_rank, mpi, requested=backend, timeout=timeout)
+    _world = Communicator(mpi.Get_rank(), mpi.Get_size(), local_rank, mpi, requested=backend, timeout=timeout,
+                          overlap=overlap, bucket_bytes=bucket_bytes)
     if _world.size > 1:
         _abort_on_uncaught_exceptions(_world)
     name = backend if backend != "auto" else TRANSPORT_FOR_BACKEND[_auto_backend_name()]
@@ -124,22 +146,50 @@ def share_batches(permutation, batch_size, rank, size):
     return np.concatenate(rows), global_rows
 
 
+def gradient_buckets(layout, itemsize, bucket_bytes):
+    """The overlapped reduction's buckets over a model's reduce buffer (its flat gradients, padding included,
+    then the loss slot): [(layer, start, end)] in the order backward completes them, last layer first. A bucket
+    takes consecutive layers, from the last, until it holds at least bucket_bytes (0: one layer each; layer 0
+    closes the last one); `layer` is its lowest layer, whose gradients are the last of it to be written. The
+    last layer's bucket holds the loss slot too: the loss is written before backward starts."""
+    layer_start = {}
+    for layer, _, _, offset in layout.entries:
+        layer_start.setdefault(layer, offset)
+    buckets, end = [], layout.size + 1
+    for layer in reversed(range(layout.n_layers)):
+        start = layer_start[layer]
+        if layer == 0 or (end - start) * itemsize >= bucket_bytes:
+            buckets.append((layer, start, end))
+            end = start
+    return buckets
+
+
+def add_in_rank_order(total, parts):
+    """In place: total = parts[0] + parts[1] + ... (one row per rank), added in that order. Floating-point
+    addition is not associative: one fixed order gives the same bits on every rank, run after run."""
+    np.copyto(total, parts[0])
+    for part in parts[1:]:
+        total += part
+
+
 class Communicator:
     """This process's place in the job: `rank` (0 … size − 1), `size`, `local_rank` (its index among the ranks
     of its machine: the GPU it uses), and `transport` (how gradients travel: MpiTransport, NcclTransport, or None
-    at size 1). The host-side collectives below are for small things (settings, sums, the state broadcast at
-    the start of fit); each waits at most `timeout` seconds, then aborts the job. At size 1 they return their
-    input."""
+    at size 1); `overlap` and `bucket_bytes`, init's settings for fit's gradient sums. The host-side collectives
+    below are for small things (settings, sums, the state broadcast at the start of fit); each waits at most
+    `timeout` seconds, then aborts the job. At size 1 they return their input."""
 
-    def __init__(self, rank=0, size=1, local_rank=0, mpi=None, requested="auto", timeout=DEFAULT_TIMEOUT):
+    def __init__(self, rank=0, size=1, local_rank=0, mpi=None, requested="auto", timeout=DEFAULT_TIMEOUT,
+                 overlap=False, bucket_bytes=DEFAULT_BUCKET_BYTES):
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.mpi, self.requested, self.timeout = mpi, requested, float(timeout)
+        self.overlap, self.bucket_bytes = overlap, int(bucket_bytes)
         self.transport = None
 
     def __repr__(self):
         transport = self.transport.name if self.transport is not None else None
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
-                f"transport={transport!r})")
+                f"transport={transport!r}, overlap={self.overlap})")
 
     def abort(self, message, status=1):
         """Print `message` under this rank's name and end every process of the job (MPI_Abort)."""
@@ -149,12 +199,21 @@ class Communicator:
             self.mpi.Abort(status)
         sys.exit(status)
 
-    def _wait(self, request, what):
-        """Wait for a non-blocking MPI request, at most `timeout` seconds; then abort the job. Polls with short
-        sleeps: the ranks of a job on one machine share its cores, and a spinning wait would take one."""
+    @staticmethod
+    def test_all(requests):
+        """Whether every non-blocking MPI request of the list is done (MPI_Testall). Also what moves them on:
+        without an asynchronous progress thread (mpich's default), MPI advances them only inside MPI calls."""
+        from mpi4py import MPI
+        return MPI.Request.Testall(requests)
+
+    def _wait(self, requests, what):
+        """Wait for a non-blocking MPI request, or a list of them, at most `timeout` seconds; then abort the job.
+        Polls with short sleeps: the ranks of a job on one machine share its cores, and a spinning wait would
+        take one."""
+        requests = requests if isinstance(requests, list) else [requests]
         deadline = time.monotonic() + self.timeout
         pause = 0.0
-        while not request.Test():
+        while not self.test_all(requests):
             if time.monotonic() > deadline:
                 self.abort(f"timed out after {self.timeout:g} s waiting for the other ranks ({what}): one of them "
                            "is stuck, dead or doing something else")
@@ -169,9 +228,7 @@ class Communicator:
         parts = self._parts(array) if self.rank == 0 else None
         self._wait(self.mpi.Igather(array, parts, root=0), what)
         if self.rank == 0:
-            np.copyto(array, parts[0])
-            for part in parts[1:]:
-                array += part
+            add_in_rank_order(array, parts)
         self._wait(self.mpi.Ibcast(array, root=0), what)
         return array
 
@@ -229,14 +286,19 @@ def _describe(net, optimizer):
 
 class DataParallel:
     """One fit's link between the ranks (see the module docstring): share() gives this rank its rows of each
-    global batch, all_reduce() the closure a step calls between backward and the guard, sum_epoch() the
+    global batch, gradient_reduction() what a step calls in backward and before the guard, sum_epoch() the
     epoch's global sums, any_rank() a stop asked for on any rank. read_every: the steps at which every rank
     reads the device, so that all see a fault at the same step: the greatest common divisor of the ranks'
-    log_every (rank 0's when only it shows a progress bar), None when no rank asked."""
+    log_every (rank 0's when only it shows a progress bar), None when no rank asked. buckets: the overlapped
+    reduction's (gradient_buckets), None without overlap."""
 
     def __init__(self, comm, net, optimizer, settings, log_every=None):
         self.comm, self.net = comm, net
+        # the ranks must cut the buffer alike: their bucket sums are matched collectives
+        settings = dict(settings, overlap=f"on, bucket_bytes={comm.bucket_bytes}" if comm.overlap else "off")
         self.read_every = self._agree(dict(_describe(net, optimizer), **settings), log_every)
+        self.buckets = (gradient_buckets(net.layout, net.dtype.itemsize, comm.bucket_bytes) if comm.overlap
+                        else None)
         self._broadcast_state(optimizer)
 
     def _agree(self, description, log_every):
@@ -285,26 +347,10 @@ class DataParallel:
         """This rank's rows of the epoch and each step's global rows (share_batches)."""
         return share_batches(permutation, batch_size, self.comm.rank, self.comm.size)
 
-    def all_reduce(self, n, n_global):
-        """The closure a step of n of this rank's rows (0: none) in a global batch of n_global rows calls after
-        backward: loss_out (the step's mean loss, (1,); None when n = 0) -> the global batch's loss, in the
-        reduce buffer, whose gradients are then the global batch's mean gradients. Made once per (n, n_global):
-        the weight is a constant of the closure, so a captured graph replays it."""
-        net, transport = self.net, self.comm.transport
-        buffer = net.reduce_buffer
-        loss_slot = net.backend.view(buffer, buffer.shape[0] - 1, (1,))
-        weight = n / n_global
-
-        def all_reduce(loss_out):
-            values = transport.array(buffer)
-            if loss_out is None:
-                values.fill(0)     # no rows here: this rank adds nothing to the sum
-            else:
-                values[-1:] = transport.array(loss_out)
-                values *= weight   # mean over n rows -> share of the mean over n_global rows
-            transport.sum(buffer, "the gradients of a step")
-            return loss_slot
-        return all_reduce
+    def gradient_reduction(self, n, n_global, loss):
+        """The GradientReduction of a step of n of this rank's rows (0: none) in a global batch of n_global rows;
+        `loss`: where the step writes its mean loss, (1,) (None when n = 0)."""
+        return GradientReduction(self.net, self.comm.transport, self.buckets, n / n_global, loss)
 
     def any_rank(self, flag):
         """True on every rank when `flag` is true on some rank (a callback asked to stop training)."""
@@ -315,15 +361,80 @@ class DataParallel:
         return self.comm.sum_in_rank_order(np.array(sums, np.float64), "the epoch's loss and accuracy sums")
 
 
+class GradientReduction:
+    """One step's sum across the ranks: this rank's mean gradients and loss, in the model's reduce buffer, become
+    the global batch's. The step calls gradients_ready(l) in backward as soon as layer l's dW and db are written
+    (last layer first), then finish() before the guard, which returns the loss slot. Made once per (n, n_global)
+    and kept by the step's closure: the weight n / n_global is a constant, so a captured graph replays it.
+
+    One-shot (buckets None, the default): finish weighs the whole buffer and sums it in one call; gradients_ready
+    does nothing. Overlapped (buckets from gradient_buckets): gradients_ready starts the non-blocking sum of a
+    bucket as soon as its lowest layer is done, and lets the sums already started move on; finish starts what is
+    left (all of it on a rank without rows, which runs no backward), waits for every sum and completes them.
+    Either way each element is weighed alike and summed in the same order: the same bits."""
+
+    WHAT = "the gradients of a step"
+
+    def __init__(self, net, transport, buckets, weight, loss):
+        self.transport, self.buckets, self.weight = transport, buckets, weight
+        self.buffer = net.reduce_buffer
+        self.values = transport.array(self.buffer)
+        self.loss = None if loss is None else transport.array(loss)
+        self.loss_slot = net.backend.view(self.buffer, self.buffer.shape[0] - 1, (1,))
+        self.started = 0   # buckets whose sum has started in this step
+
+    def _weigh(self, start, end):
+        """values[start:end] becomes this rank's share of the sum: its mean gradients, and its mean loss in the
+        last slot, times n / n_global (a mean over n rows -> its part of the mean over n_global); zeros on a
+        rank with no rows in the step."""
+        share = self.values[start:end]
+        if self.loss is None:
+            share.fill(0)
+            return
+        if end == self.values.shape[0]:
+            share[-1:] = self.loss
+        share *= self.weight
+
+    def _start_next_bucket(self):
+        _, start, end = self.buckets[self.started]
+        self._weigh(start, end)
+        self.transport.start_sum(self.buffer, start, end)
+        self.started += 1
+
+    def gradients_ready(self, layer):
+        """Layer `layer`'s dW and db are written (backward calls this last layer first)."""
+        if self.buckets is None:
+            return
+        if self.started < len(self.buckets) and self.buckets[self.started][0] == layer:
+            self._start_next_bucket()
+        self.transport.progress()
+
+    def finish(self):
+        """Every sum done: the reduce buffer holds the global batch's gradients; returns its loss slot."""
+        if self.buckets is None:
+            self._weigh(0, self.values.shape[0])
+            self.transport.sum(self.buffer, self.WHAT)
+        else:
+            while self.started < len(self.buckets):
+                self._start_next_bucket()
+            self.transport.finish_sums(self.WHAT)
+            self.started = 0
+        return self.loss_slot
+
+
 # ---- transports: how a flat device buffer is summed across the ranks ------------------------------------------
 class MpiTransport:
-    """numpy arrays through MPI: gathered to rank 0, added in rank order, broadcast (Communicator.sum_in_rank_order).
-    Rank 0 receives S buffers: fine for the CPU-sized models of the numpy backend."""
+    """numpy arrays through MPI. One-shot (sum): gathered to rank 0, added in rank order, broadcast
+    (Communicator.sum_in_rank_order); rank 0 receives S buffers: fine for the CPU-sized models of the numpy
+    backend. Overlapped (start_sum, progress, finish_sums): one MPI_Iallgather per bucket, added in rank order on
+    every rank."""
 
     name = "mpi"
 
     def __init__(self, comm):
         self.comm = comm
+        self._pending = []     # the overlapped sums started and not finished: (request, values, every rank's copy)
+        self._received = {}    # (length, dtype) -> (size × length,): every rank's copy of a buffer, cut per bucket
 
     @staticmethod
     def array(buffer):
@@ -331,6 +442,43 @@ class MpiTransport:
 
     def sum(self, buffer, what):
         self.comm.sum_in_rank_order(buffer, what)
+
+    def start_sum(self, buffer, start, end):
+        """Start summing buffer[start:end] across the ranks, without waiting. NOTE: the sum must be the one-shot
+        path's, element by element: rank 0's copy, plus rank 1's, ... in that order. MPI's own reductions
+        (Iallreduce) may add in any order, and a gather to rank 0 followed by a broadcast would be two
+        dependent steps, the second needing rank 0 to add in between. So every rank all-gathers every rank's
+        copy of the bucket (one non-blocking call, MPI_Iallgather) and adds them itself in finish_sums: the same
+        additions in the same order on every rank. The cost: each rank receives S copies of the buffer (S × its
+        size in memory, kept between steps) and does rank 0's S − 1 additions, where the one-shot path has rank
+        0 receive S and the others 1. For S = 2 the bytes moved are the same; they grow as S² in all."""
+        if self.comm.size == 1:
+            return          # the sum over one rank: the buffer as it is
+        key = (buffer.shape[0], buffer.dtype.str)
+        if key not in self._received:
+            self._received[key] = np.empty(self.comm.size * buffer.shape[0], buffer.dtype)
+        received = self._received[key][self.comm.size * start:self.comm.size * end]
+        every_rank = received.reshape(self.comm.size, end - start)
+        values = buffer[start:end]
+        self._pending.append((self.comm.mpi.Iallgather(values, every_rank), values, every_rank))
+
+    def progress(self):
+        """Let the started sums move on. NOTE: mpich (the mpich wheel's, and most builds) has no asynchronous
+        progress thread unless asked (MPIR_CVAR_ASYNC_PROGRESS=1, which needs MPI_THREAD_MULTIPLE): a
+        non-blocking call advances only while this process is inside an MPI call. One MPI_Testall per layer of
+        backward gives the earlier buckets' messages those moments."""
+        if self._pending:
+            self.comm.test_all([request for request, _, _ in self._pending])
+
+    def finish_sums(self, what):
+        """Wait for every started sum (at most the communicator's timeout), then add each bucket's copies in
+        rank order into the buffer."""
+        if not self._pending:
+            return
+        self.comm._wait([request for request, _, _ in self._pending], what)
+        for _, values, every_rank in self._pending:
+            add_in_rank_order(values, every_rank)
+        self._pending.clear()
 
 
 class NcclTransport:
@@ -361,9 +509,36 @@ class NcclTransport:
         return self.cupy.asarray(buffer)   # no copy: the same device memory
 
     def sum(self, buffer, what):
-        values = self.cupy.asarray(buffer)
+        self._all_reduce(self.cupy.asarray(buffer), self.cupy.cuda.get_current_stream())
+
+    def _all_reduce(self, values, stream):
         self.communicator.allReduce(values.data.ptr, values.data.ptr, values.size, self.types[values.dtype],
-                                    self.nccl.NCCL_SUM, self.cupy.cuda.get_current_stream().ptr)
+                                    self.nccl.NCCL_SUM, stream.ptr)
+
+    # ---- overlapped (init(overlap=True)). NOT RUN: no GPU has run this, not even at size 1. -------------------
+    # Each bucket's allReduce goes on a side stream once the compute stream has written the bucket (an event
+    # recorded there), so the compute stream goes on with the next layers' backward; finish_sums makes the
+    # compute stream wait for the side stream (the guard and the update read the sums). Both are stream
+    # dependencies, which a CUDA graph capture takes as a fork and a join. NCCL picks its algorithm and chunking
+    # by message size, so buckets may add in another order than one call over the whole buffer: every rank gets
+    # the same bits, but not necessarily the one-shot path's.
+    _side_stream = None
+    _started = False
+
+    def start_sum(self, buffer, start, end):
+        if self._side_stream is None:
+            self._side_stream = self.cupy.cuda.Stream(non_blocking=True)
+        self._side_stream.wait_event(self.cupy.cuda.get_current_stream().record())
+        self._all_reduce(self.cupy.asarray(buffer)[start:end], self._side_stream)
+        self._started = True
+
+    def progress(self):
+        pass   # NCCL moves on by itself, on the device
+
+    def finish_sums(self, what):
+        if self._started:
+            self.cupy.cuda.get_current_stream().wait_event(self._side_stream.record())
+            self._started = False
 
 
 TRANSPORTS = {"mpi": MpiTransport, "nccl": NcclTransport}

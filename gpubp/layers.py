@@ -59,13 +59,16 @@ class Dense:
         """Z = A_prev · Wᵀ + b,  A = g(Z)."""
         be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A, self.precision)
 
-    def backward(self, be, A_prev, delta, prev=None):
+    def backward(self, be, A_prev, delta, prev=None, weight_grad_done=None):
         """From this layer's δ (already ⊙ g'(Z): the loss or the next layer applied it):
         dW = δᵀ · A_prev;  db = Σₙ δₙ;  and unless this is the first layer, the previous layer's
         δ_prev = (δ · W) ⊙ g_prev'(Z_prev), the mask fused into the GEMM that makes dA_prev.
         prev = (previous layer, its Z, its A, its δ buffer), or None for the first layer (nobody needs the
-        gradient of the input)."""
+        gradient of the input). weight_grad_done(), when given, is called once dW and db are launched, before
+        δ_prev: data-parallel training starts summing them across the ranks there (gpubp/distributed.py)."""
         be.weight_grad(delta, A_prev, self.dW, self.db, precision=self.precision)
+        if weight_grad_done is not None:
+            weight_grad_done()
         if prev is not None:
             prev_layer, Z_prev, A_prev_out, delta_prev = prev
             be.input_grad_masked(delta, self.W, Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha, delta_prev,

@@ -13,6 +13,7 @@ A train step, in the seed's order:
 Nothing in a step waits for the host (gpubp/guard.py): the host reads the guard when it wants a value, once per
 train_step by default, once per epoch (or per `check_every` steps) in fit, and raises FloatingPointError then.
 """
+import functools
 import numbers
 import warnings
 from collections import OrderedDict
@@ -196,12 +197,13 @@ class DeviceData:
         so a backend may replay it as a captured graph."""
         if (k, n, n_global) not in self._closures:
             net, be, optimizer, loss_id = self.net, self.net.backend, self.optimizer, self.loss_id
-            all_reduce = None if n_global is None else self.data_parallel.all_reduce(n, n_global)
+            ws = None if n == 0 else net._workspace(n)
+            reduction = (None if n_global is None else
+                         self.data_parallel.gradient_reduction(n, n_global, None if ws is None else ws.loss))
             if n == 0:
                 self._closures[(k, n, n_global)] = lambda: net._step_ops(None, None, loss_id, optimizer, None,
-                                                                         all_reduce)
+                                                                         reduction)
                 return self._closures[(k, n, n_global)]
-            ws = net._workspace(n)
             b = self.buffers[k]
             X, Y, order = b.X, b.Y, b.order
             cursor = be.view(order, order.shape[0] - 1, (1,))
@@ -210,7 +212,7 @@ class DeviceData:
                 be.gather_rows(X, order, cursor, ws.X)
                 be.gather_rows(Y, order, cursor, ws.Y)
                 be.advance_cursor(cursor, n)
-                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws, all_reduce)
+                net._step_ops(ws.X, ws.Y, loss_id, optimizer, ws, reduction)
             self._closures[(k, n, n_global)] = step
         return self._closures[(k, n, n_global)]
 
@@ -494,14 +496,18 @@ class Sequential:
             a = A
         return a
 
-    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None):
+    def _forward_loss_backward(self, X, Y, loss_id, ws, scale=None, gradients_ready=None):
         """Forward, loss and backward: the gradients in self.grads, multiplied by the loss scale for fp16
-        (`scale`, a device float64 (1,); default the scaler's)."""
+        (`scale`, a device float64 (1,); default the scaler's). gradients_ready(l), when given, is called as soon
+        as layer l's dW and db are written, last layer first (fit with comm: GradientReduction)."""
         be, last = self.backend, self.layers[-1]
         if self.fused:   # forward, loss and backward in the fused kernels, then weight_grad per layer
             be.fused_train(X, Y, loss_id, *self._fused_args(), self.precision, ws.A[-1], ws.hidden, ws.deltas,
                            ws.G[-1], ws.loss, [l.dW for l in self.layers], [l.db for l in self.layers],
                            self._scale if scale is None else scale)
+            if gradients_ready is not None:   # one call wrote every layer's: all of them are ready now
+                for i in reversed(range(len(self.layers))):
+                    gradients_ready(i)
             return
         self._forward(X, ws)
         be.loss_grad(loss_id, last.act, last.alpha, ws.Z[-1], Y, ws.A[-1], ws.G[-1], ws.loss,
@@ -509,19 +515,22 @@ class Sequential:
         for i in reversed(range(len(self.layers))):
             A_prev = X if i == 0 else ws.A[i - 1]
             prev = None if i == 0 else (self.layers[i - 1], ws.Z[i - 1], ws.A[i - 1], ws.G[i - 1])
-            self.layers[i].backward(be, A_prev, ws.G[i], prev)
+            self.layers[i].backward(be, A_prev, ws.G[i], prev,
+                                    None if gradients_ready is None else functools.partial(gradients_ready, i))
 
-    def _step_ops(self, X, Y, loss_id, optimizer, ws, all_reduce=None):
+    def _step_ops(self, X, Y, loss_id, optimizer, ws, reduction=None):
         """Every launch of a train step on staged inputs, in stream order; nothing here waits for the host.
-        all_reduce (fit with comm): between backward and the guard, this rank's gradients and loss become the
+        reduction (fit with comm, a distributed.GradientReduction): told in backward as each layer's gradients
+        are written, and finished between backward and the guard: this rank's gradients and loss become the
         global batch's (gpubp/distributed.py); X None: this rank has no rows in the step and only takes part."""
         be = self.backend
         loss_out = None
         if X is not None:
-            self._forward_loss_backward(X, Y, loss_id, ws)
+            self._forward_loss_backward(X, Y, loss_id, ws,
+                                        gradients_ready=None if reduction is None else reduction.gradients_ready)
             loss_out = ws.loss
-        if all_reduce is not None:
-            loss_out = all_reduce(loss_out)
+        if reduction is not None:
+            loss_out = reduction.finish()
         if self.scaler is None:
             be.guard_gradients(loss_out, self.grads, self.guard)
             optimizer.step(self.guard)
@@ -828,6 +837,8 @@ class Sequential:
         trains on batch_size × comm.size rows, and every rank ends with the same model, the one a single process
         trains with that global batch (to rounding); the history holds global metrics, every rank reads the device
         at the same steps, and a callback that stops training on one rank stops every rank (gpubp/distributed.py).
+        init(overlap=True) sums the gradients bucket by bucket during backward instead of once after it: the
+        same model, bit for bit on MPI.
 
         Threads (numpy backend): the time goes into NumPy's BLAS, which starts a thread per core. On a machine
         shared with other work, or to compare timings, fix the count with threadpoolctl:

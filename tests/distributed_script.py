@@ -4,7 +4,10 @@ rank 0 to an .npz (argv[2]) for the test to check against a single process.
     train OUT      the CASES below, each trained data-parallel: every rank's parameters and history; then a
                    checkpoint written by rank 0 after one epoch and resumed by every rank; a step whose loss is
                    inf on rank 1 only; a callback on rank 0 alone that stops training mid-epoch; then ranks that
-                   differ in architecture, dtype or precision, and the errors every rank raised
+                   differ in architecture, dtype, precision or overlap, and the errors every rank raised; then
+                   with overlap on (init(overlap=True)): the CASES again, a 3-layer model whose buckets group two
+                   layers and a fused-MLP model (each also without overlap), and a NaN in rank 1's gradients at
+                   step 2 beside the same run stopped after step 1
     raise OUT      rank 1 raises before fit: the job must end at once (MPI_Abort), naming rank 1
     kill OUT       rank 1 is killed (SIGKILL) after its first epoch: mpiexec must end the job
     hang OUT       rank 1 sleeps instead of calling fit: rank 0 must give up after init's timeout
@@ -44,12 +47,40 @@ def data(loss, rows):
     return X, rng.standard_normal((rows, 2))
 
 
-def model(dtype, loss, hidden=7, precision=None, seed=3):
+# the 3-layer model's buckets at this size, float64: the last two layers in one bucket, the first in another
+# (tests/test_distributed.py checks this with gradient_buckets)
+DEEP_BUCKET_BYTES = 1000
+
+
+def model(dtype, loss, hidden=7, precision=None, seed=3, depth=2):
     n_out = {"softmax_ce": 3, "bce": 1, "mse": 2}[loss]
     last = {"softmax_ce": "identity", "bce": "sigmoid", "mse": "identity"}[loss]
-    net = gpubp.Sequential(gpubp.Dense(5, hidden, "tanh"), gpubp.Dense(hidden, n_out, last), backend="numpy",
-                           dtype=dtype, seed=seed, precision=precision)
+    hidden_layers = [gpubp.Dense(5 if i == 0 else hidden, hidden, "tanh") for i in range(depth - 1)]
+    net = gpubp.Sequential(*hidden_layers, gpubp.Dense(hidden, n_out, last), backend="numpy", dtype=dtype,
+                           seed=seed, precision=precision)
     return net
+
+
+def set_overlap(overlap, bucket_bytes=0):
+    """This rank's communicator with init's overlap settings changed (init again: the same world)."""
+    return gpubp.distributed.init(timeout=float(os.environ.get("GPUBP_TEST_TIMEOUT", "60")), overlap=overlap,
+                                  bucket_bytes=bucket_bytes)
+
+
+def plant_nan(layer, at_call):
+    """`layer` writes NaN into its dW at its backward call `at_call` (0-based), right after its weight gradient
+    and before it says so (weight_grad_done): the NaN is in what its bucket sends."""
+    original, calls = layer.backward, [0]
+
+    def backward(be, A_prev, delta, prev=None, weight_grad_done=None):
+        def done():
+            if calls[0] == at_call:
+                layer.dW[0, 0] = np.nan
+            calls[0] += 1
+            if weight_grad_done is not None:
+                weight_grad_done()
+        original(be, A_prev, delta, prev, done)
+    layer.backward = backward
 
 
 def optimizer(net, name):
@@ -78,8 +109,7 @@ def gather(comm, array):
     return comm.mpi.gather(np.asarray(array), root=0)
 
 
-def train(comm, out):
-    results = {}
+def train_cases(comm, results, prefix=""):
     for name, dtype, loss, opt_name, rows, batch in CASES:
         X, y = data(loss, rows)
         net = model(dtype, loss, seed=3 + comm.rank)   # a different seed per rank: rank 0's model must win
@@ -88,10 +118,70 @@ def train(comm, out):
         params = gather(comm, net.backend.to_numpy(net.params))
         steps = gather(comm, net.steps)
         if comm.rank == 0:
-            results[f"{name}.params"] = np.stack(params)
-            results[f"{name}.steps"] = np.array(steps)
+            results[f"{prefix}{name}.params"] = np.stack(params)
+            results[f"{prefix}{name}.steps"] = np.array(steps)
             for key, values in history.items():
-                results[f"{name}.history.{key}"] = np.array(values)
+                results[f"{prefix}{name}.history.{key}"] = np.array(values)
+
+
+def fused_model():
+    """A model that takes the fused MLP path (bf16, one hidden width 16): its backward is one call."""
+    net = gpubp.Sequential(gpubp.Dense(5, 16, "relu"), gpubp.Dense(16, 16, "relu"), gpubp.Dense(16, 2),
+                           backend="numpy", precision="bf16", seed=3)
+    assert net.fused
+    return net
+
+
+# models trained with and without overlap, by the overlapped run's bucket_bytes
+OTHER_MODELS = {"deep": (lambda: model("float64", "mse", depth=3), DEEP_BUCKET_BYTES),
+                "fused": (fused_model, 0)}
+
+
+def train_other_models(comm, results, prefix=""):
+    """OTHER_MODELS, 50 rows (an uneven last global batch), with comm's overlap at the model's bucket_bytes."""
+    X, y = data("mse", 50)
+    for name, (make, bucket_bytes) in OTHER_MODELS.items():
+        comm = set_overlap(comm.overlap, bucket_bytes)
+        net = make()
+        net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=EPOCHS, batch_size=batch_for(comm.size, None),
+                comm=comm)
+        params = gather(comm, net.backend.to_numpy(net.params))
+        if comm.rank == 0:
+            results[f"{prefix}{name}.params"] = np.stack(params)
+
+
+def train_overlapped(comm, results):
+    """With overlap on: the CASES, one bucket per layer; OTHER_MODELS with and without overlap; a NaN in rank 1's
+    layer-0 gradients at step 2 (every rank must skip it and stop), beside the same run stopped after its good
+    steps 0 and 1 by a callback."""
+    comm = set_overlap(True, bucket_bytes=0)
+    train_cases(comm, results, prefix="overlap.")
+    train_other_models(comm, results, prefix="overlap.")
+    comm = set_overlap(False)
+    train_other_models(comm, results)
+
+    comm = set_overlap(True, bucket_bytes=0)
+    X, y = data("mse", 40)
+    for run in ("nan", "stopped"):
+        net = model("float64", "mse")
+        if run == "nan" and comm.rank == 1:
+            plant_nan(net.layers[0], at_call=2)
+        callbacks = [StopAt(epoch=0, batch=1)] if run == "stopped" and comm.rank == 0 else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # fit's "fit stopped" warning
+            history = net.fit(X, y, "mse", optimizer(net, "sgd"), epochs=2, batch_size=4, comm=comm,
+                              callbacks=callbacks, log_every=1)
+        reasons, steps = comm.mpi.gather(str(history.stop_reason), root=0), gather(comm, net.steps)
+        params = gather(comm, net.backend.to_numpy(net.params))
+        if comm.rank == 0:
+            results[f"overlap.{run}.reason"], results[f"overlap.{run}.steps"] = np.array(reasons), np.array(steps)
+            results[f"overlap.{run}.params"] = np.stack(params)
+    set_overlap(False)
+
+
+def train(comm, out):
+    results = {}
+    train_cases(comm, results)
 
     # checkpoint after one epoch (rank 0 writes), every rank loads it and trains one more: the 2-epoch model
     name, dtype, loss, opt_name, rows, batch = CASES[0]
@@ -147,22 +237,26 @@ def train(comm, out):
 
     # a rank that differs: every rank must raise (no rank may hang), and say what differs
     for what, kwargs in (("architecture", {"hidden": 9}), ("dtype", {"dtype": "float32"}),
-                         ("precision", {"dtype": "float32", "precision": "bf16"})):
+                         ("precision", {"dtype": "float32", "precision": "bf16"}), ("overlap", {})):
         base = {"dtype": "float64", "loss": "mse"}
         if what == "precision":
             base["dtype"] = "float32"
         net = model(**dict(base, **(kwargs if comm.rank == comm.size - 1 else {})))
         before = net.backend.to_numpy(net.params)
+        comm = set_overlap(what == "overlap" and comm.rank == comm.size - 1)
         try:
             net.fit(*data("mse", 20), "mse", optimizer(net, "sgd"), epochs=1, batch_size=4, comm=comm)
             message = "no error"
         except ValueError as exc:
             message = str(exc)
+        comm = set_overlap(False)
         messages = comm.mpi.gather(message, root=0)
         untouched = comm.mpi.gather(bool(np.array_equal(before, net.backend.to_numpy(net.params))), root=0)
         if comm.rank == 0:
             results[f"mismatch.{what}"] = np.array(messages)
             results[f"mismatch.{what}.untouched"] = np.array(untouched)
+
+    train_overlapped(comm, results)
     if comm.rank == 0:
         np.savez(out, **results)
 

@@ -4,10 +4,12 @@ Jobs of 2 and 3 ranks (`mpiexec -n S python tests/distributed_script.py ...`, ea
 train tiny models; this process trains the same models alone with the global batch and compares: parameters
 (float64 to 1e-12, float32 to rounding), history, steps, an uneven last batch and one that leaves ranks empty,
 every rank bit-identical, a checkpoint written by rank 0 and resumed by all, ranks that differ (an error on every
-rank, no hang). Then the faults: an exception on one rank, a killed rank and a stuck rank each end the job in
+rank, no hang). With overlap on (init(overlap=True)): the same bits as without, a NaN on one rank skipped by
+all. Then the faults: an exception on one rank, a killed rank and a stuck rank each end the job in
 bounded time. The command line: `mpiexec -n 2 gpubp train` saves one checkpoint and resumes it. Size 1 (no
 mpiexec) runs in this process. The NCCL transport is tested only at size 1, on a GPU (marked gpu)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,10 +76,11 @@ def test_without_mpiexec_init_gives_size_one_and_fit_trains_as_alone():
     assert histories[0] == histories[1]
 
 
-def test_the_data_parallel_path_at_size_one_equals_plain_fit():
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-shot", "overlap"])
+def test_the_data_parallel_path_at_size_one_equals_plain_fit(overlap):
     # the whole path (agreement, broadcast, shares, the weighted reduce of gradients and loss, epoch sums) with a
-    # transport whose sum over one rank is the identity
-    comm = distributed.Communicator()
+    # transport whose sum over one rank is the identity; overlapped: a bucket per layer, weighed as it starts
+    comm = distributed.Communicator(overlap=overlap, bucket_bytes=0)
     comm.transport = distributed.MpiTransport(comm)
     X, y = script.data("softmax_ce", 45)
     nets = [script.model("float32", "softmax_ce") for _ in range(2)]
@@ -97,10 +100,35 @@ def test_a_bad_comm_is_a_type_error_that_leaves_the_model_untouched():
 
 @pytest.mark.parametrize("bad, error", [({"backend": "gloo"}, "backend: expected 'auto', 'mpi' or 'nccl'"),
                                         ({"timeout": 0}, "timeout: expected a positive number"),
-                                        ({"timeout": float("inf")}, "timeout: expected a positive number")])
+                                        ({"timeout": float("inf")}, "timeout: expected a positive number"),
+                                        ({"overlap": "yes"}, "overlap: expected True or False, got 'yes'"),
+                                        ({"overlap": 1}, "overlap: expected True or False, got 1"),
+                                        ({"bucket_bytes": -1}, r"bucket_bytes: expected a non-negative .* -1$"),
+                                        ({"bucket_bytes": 1.5}, r"bucket_bytes: expected a non-negative .* 1.5$"),
+                                        ({"bucket_bytes": True}, r"bucket_bytes: expected a non-negative .* True$")])
 def test_init_refuses_bad_arguments(bad, error):
     with pytest.raises(ValueError, match=error):
         distributed.init(**bad)
+
+
+def test_init_without_mpiexec_keeps_the_overlap_settings():
+    comm = distributed.init(overlap=True, bucket_bytes=4096)
+    assert (comm.overlap, comm.bucket_bytes) == (True, 4096)
+    assert distributed.init().overlap is False
+
+
+@pytest.mark.parametrize("bucket_bytes, layers_per_bucket", [(0, [[2], [1], [0]]),
+                                                             (script.DEEP_BUCKET_BYTES, [[2, 1], [0]]),
+                                                             (1 << 30, [[2, 1, 0]])])
+def test_gradient_buckets_cut_the_reduce_buffer_into_whole_layers_last_first(bucket_bytes, layers_per_bucket):
+    net = script.model("float64", "mse", depth=3)
+    buckets = distributed.gradient_buckets(net.layout, 8, bucket_bytes)
+    starts = {layer: offset for layer, _, _, offset in reversed(net.layout.entries)}   # each layer's first
+    # contiguous, from the loss slot at the end down to element 0; each bucket ends where a layer starts
+    assert buckets[0][2] == net.reduce_buffer.shape[0] and buckets[-1][1] == 0
+    assert all(later[2] == earlier[1] for earlier, later in zip(buckets, buckets[1:]))
+    assert [layer for layer, _, _ in buckets] == [layers[-1] for layers in layers_per_bucket]
+    assert all(start == starts[layer] for layer, start, _ in buckets)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -160,6 +188,33 @@ def test_ranks_train_the_model_one_process_trains_with_the_global_batch(job, cas
 
 
 @needs_mpi
+@pytest.mark.parametrize("case", [c[0] for c in script.CASES] + list(script.OTHER_MODELS))
+def test_overlap_trains_the_same_bits_as_one_shot(job, case):
+    # one bucket per layer (the CASES; a rank left without rows in the last global batch starts its buckets in
+    # finish), two layers in one bucket (deep), the fused MLP (every bucket after its one backward call);
+    # one-shot is the single process's, to 1e-12
+    results, size = job
+    overlapped, one_shot = results[f"overlap.{case}.params"], results[f"{case}.params"]
+    assert overlapped.shape[0] == size
+    for rank in range(size):
+        assert np.array_equal(overlapped[rank], one_shot[rank]), f"rank {rank}: overlap differs from one-shot"
+    for key in (k for k in results if k.startswith(f"{case}.history.")):
+        assert np.array_equal(results[f"overlap.{key}"], results[key]), key
+
+
+@needs_mpi
+def test_a_nan_on_one_rank_with_overlap_makes_every_rank_skip_the_step(job):
+    results, size = job
+    # NaN in rank 1's layer-0 gradient (the last bucket to start) at step 2: every rank skips step 2 and stops,
+    # with the parameters of the run stopped after step 1 by a callback
+    reasons = list(results["overlap.nan.reason"])
+    assert len(set(reasons)) == 1 and "train step 2: the gradient of layer 0" in reasons[0], reasons
+    assert list(results["overlap.nan.steps"]) == list(results["overlap.stopped.steps"]) == [2] * size
+    for rank in range(size):
+        assert np.array_equal(results["overlap.nan.params"][rank], results["overlap.stopped.params"][0])
+
+
+@needs_mpi
 def test_a_checkpoint_by_rank_0_resumed_on_every_rank_continues_the_same_run(job):
     results, size = job
     # one epoch, saved by rank 0, loaded by every rank, one more epoch == two epochs uninterrupted (same job)
@@ -202,7 +257,8 @@ def test_a_callback_on_rank_0_alone_stops_every_rank_at_the_same_step(job):
                      "layers=['5->7 tanh', '7->2 identity']"),
     ("dtype", "has dtype='float32' where rank 0 has dtype='float64'"),
     ("precision", "has precision='bf16' where rank 0 has precision='fp32'"),
-], ids=["architecture", "dtype", "precision"])
+    ("overlap", "has overlap='on, bucket_bytes=0' where rank 0 has overlap='off'"),
+], ids=["architecture", "dtype", "precision", "overlap"])
 def test_a_rank_that_differs_is_the_same_error_on_every_rank(job, what, message):
     results, size = job
     messages = list(results[f"mismatch.{what}"])
@@ -234,6 +290,19 @@ def test_a_stuck_rank_makes_the_others_give_up_after_the_timeout(tmp_path):
     result, wall = launch(2, "hang", tmp_path / "x.npz", rank_timeout=2)
     assert result.returncode != 0 and wall < 20, (wall, result.stdout + result.stderr)
     assert "gpubp: rank 0 of 2: timed out after 2 s waiting for the other ranks" in result.stderr
+
+
+# ---- the bench row (bench/distributed.py), end to end at a tiny size: no timing is asserted ---------------------
+@needs_mpi
+def test_the_bench_row_checks_every_variant_and_prints_their_ratios():
+    command = [sys.executable, "-m", "bench.distributed", "--smoke", "--rounds", "1", "--no-save"]
+    result, _ = launch(2, command=command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "ms/step" in line]   # rank 0 alone prints
+    impls = [re.search(r" ranks\s+(\S+)", line).group(1) for line in rows]
+    assert impls == ["gpubp-numpy-mpi", "gpubp-numpy-mpi-one-bucket", "gpubp-numpy-mpi-overlap",
+                     "gpubp-numpy-mpi-overlap-per-layer"], result.stdout
+    assert all("x gpubp-numpy-mpi" in line for line in rows) and "REFUSED" not in result.stdout
 
 
 # ---- the command line --------------------------------------------------------------------------------------------
