@@ -21,21 +21,23 @@
 //     the per-layer tensor-core GEMM's job (weight_grad layout of gemm_tc.cu), from deltas and hidden.
 // Every δ and A between layers is rounded to P once (RNE) and used as rounded: gpubp/fused.py's contract.
 //
-// Padding (the caller's, exact): a hidden layer l narrower than H gets zero rows in W_l and zero bias entries
-// past w_l, and the layer after it zero columns past w_l. A padded unit j then has Z_j = 0 and A_j = g(0) (0.5
+// Padding (the caller's, exact): a layer l < L whose output width w is below H gets zero rows in W_l and zero
+// bias entries past w, and W_{l+1} zero columns past w. A padded unit j then has Z_j = 0 and A_j = g(0) (0.5
 // for sigmoid, not 0), but every weight that reads A_j is 0, so A_j adds an exact 0 to every later product;
 // backward, dA_j = δ · (column j of the next W) = 0, so δ_j = 0 · g'(A_j) = 0. The real units get the unpadded
 // model's values up to the float32 accumulation adding exact zeros (an inf among the A can turn into NaN, a
-// non-finite result either way). The padded columns of hidden and deltas hold g(0) and 0; the caller's weight
-// gradients read only the real ones. Cost: the kernel does H-wide work (FLOP, and the stored A and δ that
-// bound the step) for every hidden layer, so a width w costs about what H costs.
+// non-finite result either way). The padded columns of hidden and deltas hold g(0) and 0; backward reads
+// hidden's back (g(0) is finite, so δ_j = 0 · g'(A_j) is 0); the caller's weight gradients read only the real
+// columns. Cost: the kernels do H-wide work (FLOP, and the stored A and δ that bound the step) for every hidden
+// layer, so a width w costs about what H costs.
+//
 // Arguments: weights is one P buffer W_0 (H, in), W_1 .. W_{L-1} (H, H), W_L (O, H), back to back, row-major,
 // 16-byte aligned (hidden and output weights are copied with cp.async; W_0 falls back to element loads when
 // `in` is not a multiple of 8). biases: float32, the vectors of the layers whose bit is set in bias_mask, back
-// to back. acts: layer l's activation id (gpubp/activations.py) at bits 3l..3l+2; alphas[l]: leaky_relu's
-// slope. X has rows ldx >= in elements apart (any alignment: unaligned rows take the element path); with
-// x_float = 1 the input is X32, float32 (the staged batch of gpubp's mixed-precision contract), rounded to P
-// (RNE) as each slice is staged, and X is not read.
+// to back (H entries a hidden layer, O the output layer's). acts: layer l's activation id (gpubp/activations.py)
+// at bits 3l..3l+2; alphas[l]: leaky_relu's slope. X has rows ldx >= in elements apart (any alignment:
+// unaligned rows take the element path); with x_float = 1 the input is X32, float32 (the staged batch of
+// gpubp's mixed-precision contract), rounded to P (RNE) as each slice is staged, and X is not read.
 //
 // Launch: grid ceil(N / 128), block 256 threads = 8 warps; warp w owns rows 16w..16w+15 of the block's tile
 // for the whole network (any N: rows past N are computed on zeros and never stored, nor read).

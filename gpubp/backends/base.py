@@ -42,8 +42,9 @@ The fully fused MLP (issue 13; gpubp/fused.py says which models qualify and hold
 kernels' numerics). A backend with FUSED = True runs a whole qualifying bf16/fp16 model in two ops, layers
 l = 0 .. L (L hidden, each at most H wide: H = gpubp.fused.kernel_width, the kernels' instance; narrower layers
 are zero-padded, fused.py), A_0 = X, with the layers' real-shaped W/b views of the flat parameter buffer. hidden
-and deltas are (L, N, H) blocks: layer l's values in its first w_l columns, the rest padding (unspecified: the
-cupy kernels write g(0) and 0 there, the numpy reference leaves them as they were), read by nobody:
+and deltas are (L, N, H) blocks: layer l's values in its first w_l columns, the rest padding, which only the
+kernels touch (the cupy forward writes g(0) into hidden's, which its backward reads back: δ_j = 0 · g'(A_j) = 0
+needs it finite; deltas' padding is written 0) and the numpy reference leaves as it was:
     fused_forward   A_{l+1} = store(g_l(round_p(A_l) · round_p(W_l)ᵀ + b_l)) for l < L, on chip;
                     out = g_L(Z_L) float32 (inference), or with a loss (training): hidden[l] = A_{l+1} stored,
                     out = F(Z_L), loss_out[0] = L, delta_out = store(scale · ∂L/∂Z_L), as loss_grad
