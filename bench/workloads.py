@@ -186,7 +186,8 @@ def sweep_cases(device, quick, smoke=False):
 
 
 FUSED_WIDTH = 64                 # tiny-cuda-nn's published configuration: width 64, 4 hidden layers
-FUSED_OTHER_WIDTHS = (32, 128)   # at one batch, FUSED_OTHER_BATCH
+FUSED_OTHER_WIDTHS = (32, 100, 128)   # at one batch, FUSED_OTHER_BATCH; 100 runs zero-padded on the H = 128
+                                     # kernel (gpubp/fused.py): beside w128 it shows what the padding costs
 FUSED_OTHER_BATCH = 2**18
 FUSED_BAR_BATCH = 2**21          # the moonshot's row (bench/suite.py SPEC_BARS): the largest batch, in --quick too
 
@@ -197,7 +198,7 @@ def fused_dims(width):
 
 def fused_cases(device, quick, smoke=False):
     """Issue 13's fully fused MLP in bf16. On the GPU: width 64 over batch 2^14 ... 2^21, training and inference,
-    and widths 32 and 128 at one batch; --quick a subset holding the moonshot's row. On the CPU, tiny sizes only
+    and widths 32, 100 (padded to 128) and 128 at one batch; --quick a subset holding the moonshot's row. On the CPU, tiny sizes only
     (the numpy backend's fused path is the reference, not a fast path: its rows check the harness, nothing more)."""
     if device == "cuda" and not smoke:
         exps = (14, 17, 21) if quick else range(14, 22)
@@ -205,7 +206,7 @@ def fused_cases(device, quick, smoke=False):
         specs += [FusedMLP(fused_dims(FUSED_WIDTH), 2**e, "predict") for e in ((21,) if quick else exps)]
         specs += [FusedMLP(fused_dims(w), FUSED_OTHER_BATCH, kind) for w in FUSED_OTHER_WIDTHS
                   for kind in ("train", "predict")]
-    else:      # the CPU, or --smoke: width 16 (the smallest the fused kernel takes), two batches for the plot's line
+    else:      # the CPU, or --smoke: width 16 (the smallest kernel instance), two batches for the plot's line
         specs = [FusedMLP(fused_dims(16), b, kind) for kind in ("train", "predict") for b in (64, 128)]
     return [(s.name, s) for s in specs]
 

@@ -221,8 +221,8 @@ def cli():
               help="GEMM operand precision (float32 models): tf32, or bf16/fp16 with 16-bit activations; fp16 "
                    "scales the loss dynamically [default: fp32].")
 @click.option("--fused", type=click.Choice(["auto", "on", "off"]), default=None,
-              help="The fully fused MLP (bf16/fp16, one hidden width of 16/32/48/64/128): auto takes it where the "
-                   "model and backend allow, on requires it, off never [default: auto].")
+              help="The fully fused MLP (bf16/fp16, hidden widths up to 128, zero-padded to 16/32/48/64/128): auto "
+                   "takes it where the model and backend allow, on requires it, off never [default: auto].")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seeds the split, the initialisation, the shuffling and the synthetic sets [default: 0].")
 @click.option("--val-split", type=float, default=None,

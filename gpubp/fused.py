@@ -1,14 +1,26 @@
-"""The fully fused MLP (issue 13, kernels/fused_mlp.cu): which models qualify, and the numpy reference of its
-forward and backward in the kernel's numerics.
+"""The fully fused MLP (issue 13, kernels/fused_mlp.cu): which models qualify, how their weights are laid out
+for the kernels (zero-padded), and the numpy reference of its forward and backward in the kernel's numerics.
 
 A model qualifies when its GEMMs run in a 16-bit precision (bf16 or fp16), it has at least one hidden layer,
-every hidden layer has the same width H in FUSED_WIDTHS, and its output width is at most MAX_OUTPUT. The input
+every hidden layer is at most MAX_HIDDEN = 128 wide, and its output width is at most MAX_OUTPUT. The input
 width is free (the kernel streams the input layer through shared memory 32 columns at a time and zero-pads the
-last slice). Layers, in the seed's notation, for a model of L + 1 Dense layers (L hidden):
+last slice). Layers, in the seed's notation, for a model of L + 1 Dense layers (L hidden, widths w_1 .. w_L):
 
-    layer 0         Z_0 = A_in · W_0ᵀ + b_0          W_0 (H, in)      A_1 = g_0(Z_0)
-    layer l < L     Z_l = A_l · W_lᵀ + b_l           W_l (H, H)       A_{l+1} = g_l(Z_l)
-    layer L         Z_L = A_L · W_Lᵀ + b_L           W_L (out, H)     output g_L(Z_L), or Z_L (training)
+    layer 0         Z_0 = A_in · W_0ᵀ + b_0          W_0 (w_1, in)        A_1 = g_0(Z_0)
+    layer l < L     Z_l = A_l · W_lᵀ + b_l           W_l (w_{l+1}, w_l)   A_{l+1} = g_l(Z_l)
+    layer L         Z_L = A_L · W_Lᵀ + b_L           W_L (out, w_L)       output g_L(Z_L), or Z_L (training)
+
+Widths and padding. The kernels are built for one hidden width H in FUSED_WIDTHS (the template parameter). A
+model runs on the smallest H >= its widest hidden layer (kernel_width), every hidden layer zero-padded to H by
+the caller (padded_shapes): W_l gets zero rows past w_{l+1} (and its bias zeros there), the layer after it zero
+columns past w_{l+1}. Why the real units come out as unpadded: a padded unit j has Z_j = 0 and A_j = g(0), which
+is not 0 for sigmoid (0.5), but the only weights that ever multiply A_j are the next layer's column j, all 0, so
+A_j adds an exact 0 to every product; in backward dA_j = δ · (that zero column) = 0, so δ_j = 0 whatever g'(A_j)
+is. The real outputs equal the unpadded computation up to the order of the float32 accumulation, which only
+adds exact zeros (an inf among the activations may turn into NaN: non-finite either way). The reference below
+works on the real (unpadded) shapes; the tests compare the padded kernels with it. The weight gradients are
+taken on the real columns only. Cost (padding_fraction): the kernels do H-wide work for every hidden layer, and
+a training step, bound by the stored (N, H) A and δ, costs about what the all-H model costs.
 
 Numerics (the contract between kernel and reference; names from gpubp/precision.py, P = bf16 or fp16):
   - every GEMM operand is P: the input A_in = round_P(X), the weights round_P(W_l) (the caller converts them),
@@ -35,6 +47,7 @@ from . import precision as prec
 
 FUSED_PRECISIONS = ("bf16", "fp16")
 FUSED_WIDTHS = (16, 32, 48, 64, 128)   # hidden widths with a kernel instance (template parameter H)
+MAX_HIDDEN = FUSED_WIDTHS[-1]          # the widest hidden layer: narrower ones are zero-padded to an instance
 MAX_OUTPUT = 128                       # output width bound: the output layer's weights fit the weight buffer
 MAX_LAYERS = 16                        # activation ids are packed 3 bits a layer into one 64-bit argument
 ROWS_PER_BLOCK = 128                   # 8 warps x 16 rows
@@ -58,14 +71,11 @@ def qualifies(layers, precision):
     for i in range(1, len(layers)):
         if layers[i].n_in != layers[i - 1].n_out:
             return False, f"layer {i} ({_describe(layers[i])}) does not take layer {i - 1}'s output"
-    width = layers[0].n_out
     for i, layer in enumerate(layers[:-1]):
-        if layer.n_out != width:
-            return False, (f"layer {i} ({_describe(layer)}): hidden widths differ ({width} and {layer.n_out}); "
-                           f"the fused kernel needs one hidden width")
-    if width not in FUSED_WIDTHS:
-        return False, (f"hidden width {width}: the fused kernel is built for widths {list(FUSED_WIDTHS)} "
-                       f"(multiples of 16, the mma k; each warp keeps a 16 x width accumulator tile in registers)")
+        if layer.n_out > MAX_HIDDEN:
+            return False, (f"layer {i} ({_describe(layer)}): hidden width {layer.n_out}: the fused kernel takes "
+                           f"hidden widths up to {MAX_HIDDEN} (each warp keeps a 16 x H accumulator tile in "
+                           f"registers, H in {list(FUSED_WIDTHS)}; narrower layers are zero-padded to the next H)")
     out = layers[-1].n_out
     if not 1 <= out <= MAX_OUTPUT:
         return False, (f"output width {out}: the fused kernel takes at most {MAX_OUTPUT} outputs (the output "
@@ -73,6 +83,37 @@ def qualifies(layers, precision):
     if layers[0].n_in < 1:
         return False, "input width 0"
     return True, ""
+
+
+def kernel_width(hidden_widths):
+    """H, the kernel instance a model runs on: the smallest of FUSED_WIDTHS at least as wide as its widest hidden
+    layer (hidden_widths: w_1 .. w_L, ints)."""
+    widest = max(hidden_widths)
+    for H in FUSED_WIDTHS:
+        if H >= widest:
+            return H
+    raise ValueError(f"hidden width {widest}: the fused kernels take hidden widths up to {MAX_HIDDEN}")
+
+
+def padded_shapes(shapes):
+    """The kernels' layout of a model whose weights W_0 .. W_L have `shapes` [(out_l, in_l)]: the (rows, cols)
+    each W_l takes in the weight buffer, back to back, zeros past (out_l, in_l); rows is also the length of its
+    bias in the bias buffer (zeros past out_l). Hidden layers have H rows (kernel_width), the layers after the
+    first H columns; W_0 keeps the input width, W_L the output width."""
+    shapes = [tuple(int(n) for n in s) for s in shapes]
+    L = len(shapes) - 1
+    H = kernel_width(out for out, _ in shapes[:L])
+    return [(H if l < L else out, n_in if l == 0 else H) for l, (out, n_in) in enumerate(shapes)]
+
+
+def padding_fraction(layers):
+    """The share of the fused kernels' weight multiply-adds spent on padding (0 when every hidden width has its
+    own instance): 1 − Σ out_l·in_l / Σ rows_l·cols_l over padded_shapes. E.g. 50-50 hidden (H = 64): 0.39 of
+    the hidden-to-hidden product. The stored A and δ are H wide too, and they bound a training step's memory
+    traffic: read the step's time as that of the all-H model."""
+    shapes = [(layer.n_out, layer.n_in) for layer in layers]
+    real = sum(out * n_in for out, n_in in shapes)
+    return 1.0 - real / sum(rows * cols for rows, cols in padded_shapes(shapes))
 
 
 def _check(X, Ws, bs, act_ids):

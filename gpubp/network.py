@@ -56,8 +56,10 @@ class Workspace:
     Per layer: Z and A (N, out), and G (N, out), which holds the layer's δ = dA ⊙ g'(Z). Hidden layers' A and
     every δ are in `storage`, the GEMM precision's storage type (16-bit for bf16/fp16, base.py); Z, the output
     layer's A (the prediction), X and Y in the model's dtype.
-    fused (the fused MLP, gpubp/fused.py): the hidden layers' A and δ are views of one (L, N, H) block each,
-    `hidden` and `deltas`, as the fused kernels take them."""
+    fused (the fused MLP, gpubp/fused.py): the hidden layers' A and δ live in one (L, N, H) block each, `hidden`
+    and `deltas`, as the fused kernels take them (H = fused.kernel_width; a narrower layer fills its first
+    columns). A layer H wide shares them with the per-layer path (its A and G are those blocks' views); a
+    narrower one keeps arrays of its own there, as the per-layer ops need contiguous (N, out) arrays."""
 
     def __init__(self, be, layers, N, dtype, storage, fused=False):
         last = len(layers) - 1
@@ -68,10 +70,11 @@ class Workspace:
         self.G = [be.empty((N, layer.n_out), storage) for layer in layers]
         self.hidden = self.deltas = None
         if fused:
-            shape = (last, N, layers[0].n_out)
-            self.hidden, self.deltas = be.empty(shape, storage), be.empty(shape, storage)
-            self.A[:last] = [self.hidden[l] for l in range(last)]
-            self.G[:last] = [self.deltas[l] for l in range(last)]
+            H = F.kernel_width(layer.n_out for layer in layers[:last])
+            self.hidden, self.deltas = be.empty((last, N, H), storage), be.empty((last, N, H), storage)
+            for l in range(last):
+                if layers[l].n_out == H:
+                    self.A[l], self.G[l] = self.hidden[l], self.deltas[l]
         self.loss = be.zeros((1,), dtype)
 
 

@@ -2,8 +2,10 @@
 // bf16/fp16 tensor cores (mma.sync m16n8k16, fp32 accumulation). Numpy reference and the numerics contract:
 // gpubp/fused.py (forward, backward); which models qualify: gpubp.fused.qualifies.
 //
-// A model of L + 1 Dense layers, L >= 1 hidden ones of one width H (16, 32, 48, 64, 128: the template H),
-// input width `in` (any), output width O (1..128). In the seed's notation, for layer l with W_l (out, in):
+// A model of L + 1 Dense layers, L >= 1 hidden ones of width H (16, 32, 48, 64, 128: the template H),
+// input width `in` (any), output width O (1..128). Hidden layers of other or of different widths w_l <= 128 run
+// on the smallest H >= max w_l, zero-padded by the caller (gpubp/fused.py padded_shapes; "Padding" below): the
+// kernels see one width H. In the seed's notation, for layer l with W_l (out, in):
 //   forward   Z_l = A_l · W_lᵀ + b_l        A_{l+1} = g_l(Z_l)         A_0 = X
 //   backward  δ = dA ⊙ g'(Z)                dA_prev = δ · W              (dW = δᵀ · A_prev: not here, below)
 // fused_mlp_forward_kernel<P, H>   X (N, in) P -> every Z_l, A_{l+1} on chip; writes
@@ -19,13 +21,23 @@
 //     the per-layer tensor-core GEMM's job (weight_grad layout of gemm_tc.cu), from deltas and hidden.
 // Every δ and A between layers is rounded to P once (RNE) and used as rounded: gpubp/fused.py's contract.
 //
+// Padding (the caller's, exact): a layer l < L whose output width w is below H gets zero rows in W_l and zero
+// bias entries past w, and W_{l+1} zero columns past w. A padded unit j then has Z_j = 0 and A_j = g(0) (0.5
+// for sigmoid, not 0), but every weight that reads A_j is 0, so A_j adds an exact 0 to every later product;
+// backward, dA_j = δ · (column j of the next W) = 0, so δ_j = 0 · g'(A_j) = 0. The real units get the unpadded
+// model's values up to the float32 accumulation adding exact zeros (an inf among the A can turn into NaN, a
+// non-finite result either way). The padded columns of hidden and deltas hold g(0) and 0; backward reads
+// hidden's back (g(0) is finite, so δ_j = 0 · g'(A_j) is 0); the caller's weight gradients read only the real
+// columns. Cost: the kernels do H-wide work (FLOP, and the stored A and δ that bound the step) for every hidden
+// layer, so a width w costs about what H costs.
+//
 // Arguments: weights is one P buffer W_0 (H, in), W_1 .. W_{L-1} (H, H), W_L (O, H), back to back, row-major,
 // 16-byte aligned (hidden and output weights are copied with cp.async; W_0 falls back to element loads when
 // `in` is not a multiple of 8). biases: float32, the vectors of the layers whose bit is set in bias_mask, back
-// to back. acts: layer l's activation id (gpubp/activations.py) at bits 3l..3l+2; alphas[l]: leaky_relu's
-// slope. X has rows ldx >= in elements apart (any alignment: unaligned rows take the element path); with
-// x_float = 1 the input is X32, float32 (the staged batch of gpubp's mixed-precision contract), rounded to P
-// (RNE) as each slice is staged, and X is not read.
+// to back (H entries a hidden layer, O the output layer's). acts: layer l's activation id (gpubp/activations.py)
+// at bits 3l..3l+2; alphas[l]: leaky_relu's slope. X has rows ldx >= in elements apart (any alignment:
+// unaligned rows take the element path); with x_float = 1 the input is X32, float32 (the staged batch of
+// gpubp's mixed-precision contract), rounded to P (RNE) as each slice is staged, and X is not read.
 //
 // Launch: grid ceil(N / 128), block 256 threads = 8 warps; warp w owns rows 16w..16w+15 of the block's tile
 // for the whole network (any N: rows past N are computed on zeros and never stored, nor read).
@@ -68,7 +80,9 @@
 // at H = 128. ptxas (sm_90, NVRTC), forward / backward: H = 16: 84 / 88, 32: 108 / 84, 48: 115 / 86,
 // 64: 124 / 104, 128: 174 / 204 (sm_80 within 6 of these), no spills (tests/test_fused_mlp.py prints and
 // checks them; the fused loss costs the forward ~30). Why H <= 128: at H = 128 a thread holds 64 accumulators + 32 fragment registers;
-// H = 256 would need 192 before any address or operand and spill. Why 128 rows a block:
+// H = 256 would need 192 before any address or operand and spill. Widths between the instances run padded to
+// the next one (Padding above: 65..128 all on H = 128); instances 80, 96, 112 would cut that padding, for more
+// compile time and code. Why 128 rows a block:
 // 8 warps x 16 rows share one copy of each layer's weights (H·H·2 bytes from L2 for 128·H·H·2 FLOP); more
 // rows a warp would amortise the ldmatrix of B over more mma but doubles the accumulators (a later step for
 // H <= 64). Nothing here has run on a GPU yet: the numbers are design numbers.
@@ -528,13 +542,20 @@ fused_mlp_backward_kernel(const unsigned short* __restrict__ delta_L, int out_wi
 // ---------------------------------------------------------------------------------------------------------
 // the caller's conversion: float32 -> P
 
-// dst[i] = round_P(src[i]) as raw bits, i < n (RNE, inf/NaN kept, fp16 overflow to inf: gpubp.precision's
-// round_operand / to_storage). For the weights after each update (one launch over the flat parameter buffer's
-// W views, or one per layer) and for X. Grid-stride, 256 threads a block: 4 + 2 bytes an element.
+// dst (rows_pad, cols_pad) = round_P(src (rows, cols)) as raw bits, zeros past rows and cols (RNE, inf/NaN kept,
+// fp16 overflow to inf: gpubp.precision's round_operand / to_storage). For the weights after each update: one
+// launch a layer, W_l into its zero-padded place in the weight buffer (gpubp/fused.py padded_shapes), so the
+// padding is rewritten with the values at every call and never depends on what the buffer held before.
+// Grid-stride over dst, 256 threads a block: 4 + 2 bytes an element.
 template <typename P>
-__global__ void __launch_bounds__(256) fused_mlp_round_kernel(const float* __restrict__ src,
-                                                              unsigned short* __restrict__ dst, long long n) {
+__global__ void __launch_bounds__(256) fused_mlp_round_kernel(const float* __restrict__ src, int rows, int cols,
+                                                              unsigned short* __restrict__ dst, int rows_pad,
+                                                              int cols_pad) {
+    const long long n = static_cast<long long>(rows_pad) * cols_pad;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x)
-        dst[i] = static_cast<unsigned short>(fused_pack2(P{}, src[i], 0.0f) & 0xFFFFu);
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const long long r = i / cols_pad, c = i % cols_pad;
+        dst[i] = r < rows && c < cols ? static_cast<unsigned short>(fused_pack2(P{}, src[r * cols + c], 0.0f) & 0xFFFFu)
+                                      : static_cast<unsigned short>(0);
+    }
 }

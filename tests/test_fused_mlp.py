@@ -46,28 +46,44 @@ def decode(bits, precision):
 
 
 class Model:
-    """A random qualifying model: weights scaled so activations stay O(1) through the layers."""
+    """A random qualifying model of hidden layers `hidden_widths` (w_1 .. w_L, any of them <= 128): weights
+    scaled so activations stay O(1) through the layers. H is the kernel instance it runs on, the hidden layers
+    zero-padded to it (gpubp.fused.padded_shapes)."""
 
-    def __init__(self, rng, in_width, H, hidden_layers, out_width, act_ids, bias_pattern, alpha=0.1):
-        widths = [in_width] + [H] * hidden_layers + [out_width]
+    def __init__(self, rng, in_width, hidden_widths, out_width, act_ids, bias_pattern, alpha=0.1):
+        widths = [in_width] + list(hidden_widths) + [out_width]
         self.Ws = [(rng.standard_normal((widths[l + 1], widths[l])) * 1.5 / math.sqrt(widths[l])).astype(np.float32)
                    for l in range(len(widths) - 1)]
         self.bs = [(0.3 * rng.standard_normal(widths[l + 1])).astype(np.float32) if bias_pattern[l % len(bias_pattern)]
                    else None for l in range(len(widths) - 1)]
         self.act_ids, self.alphas = list(act_ids), [alpha] * len(self.Ws)
-        self.H, self.in_width, self.out_width = H, in_width, out_width
+        self.widths, self.in_width, self.out_width = list(hidden_widths), in_width, out_width
+        self.H = fused.kernel_width(hidden_widths)
 
     @property
     def L(self):
         return len(self.Ws) - 1
 
 
-WEIGHTS_OFFSET = 0   # elements past a 16-byte boundary (test_unaligned_weights sets 1)
+WEIGHTS_OFFSET = 0         # elements past a 16-byte boundary (test_unaligned_weights sets 1)
+PADDED_COLUMNS_FILL = 0.0  # the weights' padded columns (test_sigmoid_padding_is_cancelled sets 1: not zeroed)
+
+
+def zero_padded(x, shape):
+    """x (rows, cols) or (rows,) in the top-left corner of a zero array of `shape`."""
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
 
 
 def flat_weights(model, precision):
-    """All weights back to back as 16-bit bits, 16-byte aligned (what the caller's conversion writes)."""
-    flat = np.concatenate([prec.to_storage(W, precision).ravel() for W in model.Ws])
+    """All weights back to back as 16-bit bits, each zero-padded to its place (gpubp.fused.padded_shapes), 16-byte
+    aligned: what the caller's conversion (fused_mlp_round_kernel) writes."""
+    shapes = fused.padded_shapes([W.shape for W in model.Ws])
+    padded = [zero_padded(W, shape) for W, shape in zip(model.Ws, shapes)]
+    for W, P in zip(model.Ws, padded):
+        P[:, W.shape[1]:] = PADDED_COLUMNS_FILL
+    flat = np.concatenate([prec.to_storage(P, precision).ravel() for P in padded])
     raw = np.empty(flat.size + 16, np.uint16)
     skip = (-raw.ctypes.data % 16) // 2 + WEIGHTS_OFFSET
     out = raw[skip:skip + flat.size]
@@ -76,7 +92,8 @@ def flat_weights(model, precision):
 
 
 def kernel_args_common(model, precision):
-    biases = [b for b in model.bs if b is not None]
+    shapes = fused.padded_shapes([W.shape for W in model.Ws])
+    biases = [zero_padded(b, (rows,)) for b, (rows, _) in zip(model.bs, shapes) if b is not None]
     # one NaN past the last bias: a read past them would show
     flat_b = np.concatenate(biases + [np.array([np.nan], np.float32)]).astype(np.float32)
     return flat_weights(model, precision), flat_b, np.array(model.alphas, np.float32)
@@ -168,16 +185,28 @@ def run_forward(lib, precision, model, X, training, memory="contiguous", loss=No
         return None, out[:N]
     assert hidden[-model.H:].tolist() == [NAN16] * model.H, "the forward kernel wrote past the hidden activations"
     hidden = [decode(h, precision) for h in hidden[:-model.H].reshape(model.L, N, model.H)]
+    for l, (h, w) in enumerate(zip(hidden, model.widths)):   # a padded unit: Z = 0, A = g(0) (0.5 for sigmoid)
+        assert (h[:, w:] == padding_activation(model, l, precision)).all(), f"hidden layer {l}'s padding"
+    hidden = [h[:, :w] for h, w in zip(hidden, model.widths)]
     if loss is None:
         return hidden, out[:N]
     return hidden, out[:N], decode(delta_L[:-1], precision).reshape(N, model.out_width), row_loss[:-1]
 
 
+def padding_activation(model, l, precision):
+    """What the forward stores in hidden layer l's padded columns: round_P(g_l(0))."""
+    g0 = acts.forward(model.act_ids[l], np.zeros(1, np.float32), np.float32(model.alphas[l]))
+    return prec.round_operand(g0, precision)[0]
+
+
 def run_backward(lib, precision, model, delta_out, hidden):
-    """[δ_0 .. δ_{L-1}] float32 from the emulated backward kernel, given δ_L and the stored hidden A."""
+    """[δ_0 .. δ_{L-1}] float32 (real columns) from the emulated backward kernel, given δ_L and the hidden A (real
+    columns; stored padded as the forward stores them). The padded columns of every δ must come out exactly 0."""
     N = delta_out.shape[0]
     weights, _, alphas = kernel_args_common(model, precision)
-    stored_hidden = np.concatenate([prec.to_storage(h, precision).ravel() for h in hidden] +
+    padded = [np.hstack([h, np.full((N, model.H - h.shape[1]), padding_activation(model, l, precision), np.float32)])
+              for l, h in enumerate(hidden)]
+    stored_hidden = np.concatenate([prec.to_storage(h, precision).ravel() for h in padded] +
                                    [np.zeros(1, np.uint16)]) if N else np.zeros(1, np.uint16)
     deltas = np.full((model.L * N + 1) * model.H, NAN16, np.uint16)
     name = cuda_sources.fused_kernel_name("fused_mlp_backward_kernel", precision, model.H)
@@ -186,7 +215,10 @@ def run_backward(lib, precision, model, delta_out, hidden):
          np.int32(model.out_width), weights, np.int32(model.in_width), alphas,
          fused.pack_activations(model.act_ids), np.int32(len(model.Ws)), np.int32(N), stored_hidden, deltas])
     assert deltas[-model.H:].tolist() == [NAN16] * model.H, "the backward kernel wrote past the deltas"
-    return [decode(d, precision) for d in deltas[:-model.H].reshape(model.L, N, model.H)]
+    deltas = [decode(d, precision) for d in deltas[:-model.H].reshape(model.L, N, model.H)]
+    for l, (d, w) in enumerate(zip(deltas, model.widths)):   # dA of a padded unit is δ · (a zero column)
+        assert (d[:, w:] == 0).all(), f"δ of hidden layer {l}: nonzero in the padding"
+    return [d[:, :w] for d, w in zip(deltas, model.widths)]
 
 
 # ---- tolerances ---------------------------------------------------------------------------------------------------
@@ -241,34 +273,40 @@ def coarse_error(kernel, reference, precision):
 
 
 # ---- the kernels against the reference ------------------------------------------------------------------------
-# (precision, H, hidden layers, N, in, out, activations (hidden..., output), bias pattern, X memory):
+# (precision, hidden widths, N, in, out, activations (hidden..., output), bias pattern, X memory):
 # every width with the edge batches around a block (1, 127, 129), input widths below a chunk, between
 # chunks, past a slice (1, 7, 33, 70), outputs 1..128, every activation, bias on and off, both precisions,
-# the three input memory layouts; the big batches at one width.
+# the three input memory layouts; the big batches at one width. Then hidden widths the kernels run zero-padded
+# (gpubp/fused.py): mixed widths on H = 64, a width of no instance (50 -> 64, 100 -> 128), sigmoid in padded
+# layers (its padded units hold 0.5, which the next layer's zero columns must cancel), with and without bias.
 CASES = [
-    ("bf16", 16, 2, 129, 7, 3, [acts.RELU, acts.TANH, acts.IDENTITY], [True], "contiguous"),
-    ("fp16", 16, 1, 1, 1, 1, [acts.SIGMOID, acts.SIGMOID], [False], "contiguous"),
-    ("fp16", 48, 2, 127, 33, 17, [acts.LEAKY_RELU, acts.SIGMOID, acts.TANH], [True, False], "padded"),
-    ("bf16", 48, 1, 129, 70, 10, [acts.TANH, acts.LEAKY_RELU], [False, True], "misaligned"),
-    ("bf16", 64, 3, 127, 64, 128, [acts.SIGMOID, acts.RELU, acts.LEAKY_RELU, acts.SIGMOID], [True], "contiguous"),
-    ("fp16", 64, 2, 1, 40, 9, [acts.IDENTITY, acts.TANH, acts.RELU], [False, True], "misaligned"),
-    ("bf16", 128, 2, 129, 33, 5, [acts.RELU, acts.IDENTITY, acts.TANH], [True, False], "padded"),
-    ("fp16", 128, 1, 127, 16, 128, [acts.TANH, acts.LEAKY_RELU], [True], "contiguous"),
-    ("bf16", 32, 2, 1000, 24, 10, [acts.RELU, acts.RELU, acts.IDENTITY], [True], "contiguous"),
-    ("fp16", 16, 2, 4099, 5, 2, [acts.TANH, acts.RELU, acts.SIGMOID], [True, False], "contiguous"),
+    ("bf16", [16] * 2, 129, 7, 3, [acts.RELU, acts.TANH, acts.IDENTITY], [True], "contiguous"),
+    ("fp16", [16] * 1, 1, 1, 1, [acts.SIGMOID, acts.SIGMOID], [False], "contiguous"),
+    ("fp16", [48] * 2, 127, 33, 17, [acts.LEAKY_RELU, acts.SIGMOID, acts.TANH], [True, False], "padded"),
+    ("bf16", [48] * 1, 129, 70, 10, [acts.TANH, acts.LEAKY_RELU], [False, True], "misaligned"),
+    ("bf16", [64] * 3, 127, 64, 128, [acts.SIGMOID, acts.RELU, acts.LEAKY_RELU, acts.SIGMOID], [True], "contiguous"),
+    ("fp16", [64] * 2, 1, 40, 9, [acts.IDENTITY, acts.TANH, acts.RELU], [False, True], "misaligned"),
+    ("bf16", [128] * 2, 129, 33, 5, [acts.RELU, acts.IDENTITY, acts.TANH], [True, False], "padded"),
+    ("fp16", [128] * 1, 127, 16, 128, [acts.TANH, acts.LEAKY_RELU], [True], "contiguous"),
+    ("bf16", [32] * 2, 1000, 24, 10, [acts.RELU, acts.RELU, acts.IDENTITY], [True], "contiguous"),
+    ("fp16", [16] * 2, 4099, 5, 2, [acts.TANH, acts.RELU, acts.SIGMOID], [True, False], "contiguous"),
+    ("bf16", [48, 16, 64], 129, 7, 3, [acts.SIGMOID, acts.RELU, acts.SIGMOID, acts.IDENTITY], [True], "contiguous"),
+    ("fp16", [48, 16, 64], 1, 7, 3, [acts.SIGMOID, acts.SIGMOID, acts.TANH, acts.IDENTITY], [False], "misaligned"),
+    ("fp16", [50], 129, 33, 5, [acts.SIGMOID, acts.SIGMOID], [True, False], "contiguous"),
+    ("bf16", [100, 36], 1, 20, 10, [acts.TANH, acts.SIGMOID, acts.IDENTITY], [False, True], "padded"),
 ]
 
 
 def case_id(case):
-    precision, H, L, N, in_width, out_width, act_ids, bias, memory = case
+    precision, widths, N, in_width, out_width, act_ids, bias, memory = case
     names = {v: k for k, v in acts.NAMES.items()}
-    return (f"{precision}-H{H}x{L}-N{N}-in{in_width}-out{out_width}-{'.'.join(names[a] for a in act_ids)}-"
+    return (f"{precision}-w{'.'.join(map(str, widths))}-N{N}-in{in_width}-out{out_width}-{'.'.join(names[a] for a in act_ids)}-"
             f"bias{''.join('1' if b else '0' for b in bias)}-{memory}")
 
 
 def make_case(case, rng):
-    precision, H, L, N, in_width, out_width, act_ids, bias, memory = case
-    model = Model(rng, in_width, H, L, out_width, act_ids, bias)
+    precision, widths, N, in_width, out_width, act_ids, bias, memory = case
+    model = Model(rng, in_width, widths, out_width, act_ids, bias)
     X = rng.standard_normal((N, in_width)).astype(np.float32)
     return precision, model, X, memory
 
@@ -309,7 +347,7 @@ def test_forward_and_backward_match_the_reference(lib, case, rng):
 
 def test_same_bits_under_other_schedules(lib, rng):
     """Each value is one lane's fixed chain of mma: the emulation's thread and block order must not change a bit."""
-    precision, model, X, _ = make_case(("bf16", 32, 2, 200, 20, 6, [acts.TANH, acts.RELU, acts.IDENTITY], [True],
+    precision, model, X, _ = make_case(("bf16", [32] * 2, 200, 20, 6, [acts.TANH, acts.RELU, acts.IDENTITY], [True],
                                         "contiguous"), rng)
     runs = []
     try:
@@ -335,7 +373,7 @@ def skewed(lib):
 def test_unaligned_weights_take_the_element_path(lib, monkeypatch, rng):
     """Weights one element off 16-byte alignment: no cp.async (it would fault), element loads instead, and the
     very same results bit for bit (the same products in the same order)."""
-    precision, model, X, _ = make_case(("fp16", 48, 2, 70, 24, 9, [acts.TANH, acts.RELU, acts.SIGMOID], [True],
+    precision, model, X, _ = make_case(("fp16", [48] * 2, 70, 24, 9, [acts.TANH, acts.RELU, acts.SIGMOID], [True],
                                         "contiguous"), rng)
     delta_out = rng.standard_normal((70, 9)).astype(np.float32)
     runs = []
@@ -350,28 +388,33 @@ def test_unaligned_weights_take_the_element_path(lib, monkeypatch, rng):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_round_kernel_is_round_operand_bit_for_bit(lib, precision, rng):
-    """The conversion the caller runs on the weights (and X): RNE to P, exactly gpubp.precision's to_storage,
-    on ties, overflow, subnormals, inf and NaN; nothing written past n."""
+    """The conversion the caller runs on the weights: RNE to P, exactly gpubp.precision's to_storage, on ties,
+    overflow, subnormals, inf and NaN, into a zero-padded place (rows and columns past the matrix's are +0, over
+    whatever was there); nothing written past it."""
     ties = np.array([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-11), 1 + 3 * 2.0**-11, 65519.0, 65520.0, 1e6,
                      3.4e38, 1e-40, 3e-8, 6e-8, 0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)
     x = np.concatenate([ties, rng.standard_normal(1000).astype(np.float32) * 10.0**rng.integers(-6, 6, 1000)])
-    x = x.astype(np.float32)
-    dst = np.full(x.size + 1, 0x1234, np.uint16)
+    x = x.astype(np.float32).reshape(8, 127)
+    rows, cols = 10, 128
+    dst = np.full(rows * cols + 1, 0x1234, np.uint16)
     name = cuda_sources.tc_kernel_name("fused_mlp_round_kernel", precision)
-    emulator_module.EmulatedKernel(lib, name)((3,), (THREADS,), [x, dst, np.int64(x.size)])   # grid-stride
+    emulator_module.EmulatedKernel(lib, name)((3,), (THREADS,), [x.ravel(), np.int32(8), np.int32(127), dst,
+                                                                 np.int32(rows), np.int32(cols)])   # grid-stride
     assert dst[-1] == 0x1234
+    got = dst[:-1].reshape(rows, cols)
+    assert not got[8:].any() and not got[:, 127:].any()
     with np.errstate(over="ignore"):   # fp16 overflow to inf is the documented rounding
         expected = prec.to_storage(x, precision)
     finite = ~np.isnan(x)
-    np.testing.assert_array_equal(dst[:-1][finite], expected[finite])
-    assert np.isnan(decode(dst[:-1][~finite], precision)).all()
+    np.testing.assert_array_equal(got[:8, :127][finite], expected[finite])
+    assert np.isnan(decode(got[:8, :127][~finite], precision)).all()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_float32_input_is_rounded_in_the_kernel(lib, precision, rng):
     """X as float32 (x_float = 1), contiguous, padded or unaligned rows: the very same results, bit for bit, as X
     rounded by the caller (round_operand's RNE, in the staging instead of a pass of its own)."""
-    _, model, X, _ = make_case((precision, 32, 1, 129, 37, 5, [acts.TANH, acts.IDENTITY], [True], "contiguous"), rng)
+    _, model, X, _ = make_case((precision, [32] * 1, 129, 37, 5, [acts.TANH, acts.IDENTITY], [True], "contiguous"), rng)
     X[0, :4] = [1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11]   # ties of both formats
     expected = run_forward(lib, precision, model, X, training=True)
     for memory in ("contiguous", "padded", "misaligned"):
@@ -381,12 +424,13 @@ def test_float32_input_is_rounded_in_the_kernel(lib, precision, rng):
 
 
 # ---- the loss fused into the training forward -------------------------------------------------------------------
-LOSS_CASES = [   # (precision, H, hidden layers, N, in, out, activations, bias, loss)
-    ("bf16", 32, 2, 129, 9, 3, [acts.RELU, acts.TANH, acts.TANH], [True], "mse"),
-    ("fp16", 16, 1, 127, 20, 5, [acts.LEAKY_RELU, acts.SIGMOID], [False, True], "mse"),
-    ("fp16", 48, 1, 129, 33, 4, [acts.TANH, acts.SIGMOID], [True], "bce"),
-    ("bf16", 64, 2, 130, 17, 10, [acts.RELU, acts.SIGMOID, acts.IDENTITY], [True, False], "softmax_ce"),
-    ("fp16", 16, 1, 1, 3, 128, [acts.TANH, acts.IDENTITY], [True], "softmax_ce"),
+LOSS_CASES = [   # (precision, hidden widths, N, in, out, activations, bias, loss)
+    ("bf16", [32] * 2, 129, 9, 3, [acts.RELU, acts.TANH, acts.TANH], [True], "mse"),
+    ("fp16", [16] * 1, 127, 20, 5, [acts.LEAKY_RELU, acts.SIGMOID], [False, True], "mse"),
+    ("fp16", [48] * 1, 129, 33, 4, [acts.TANH, acts.SIGMOID], [True], "bce"),
+    ("bf16", [64] * 2, 130, 17, 10, [acts.RELU, acts.SIGMOID, acts.IDENTITY], [True, False], "softmax_ce"),
+    ("fp16", [16] * 1, 1, 3, 128, [acts.TANH, acts.IDENTITY], [True], "softmax_ce"),
+    ("bf16", [20, 40], 129, 9, 4, [acts.SIGMOID, acts.TANH, acts.SIGMOID], [True], "bce"),   # padded to H = 48
 ]
 
 
@@ -398,13 +442,14 @@ def targets(rng, loss, N, out_width):
     return rng.standard_normal((N, out_width)).astype(np.float32)
 
 
-@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: f"{c[0]}-H{c[1]}x{c[2]}-N{c[3]}-out{c[5]}-{c[8]}")
+@pytest.mark.parametrize("case", LOSS_CASES,
+                         ids=lambda c: f"{c[0]}-w{'.'.join(map(str, c[1]))}-N{c[2]}-out{c[4]}-{c[7]}")
 def test_fused_loss_matches_the_reference(lib, case, rng):
     """A, δ_L and the loss from the kernel's own last hidden layer (layer by layer, as above), then the whole
     training step's weight gradients (forward with the loss, backward, dW by reference_gemm) end to end."""
-    precision, H, L, N, in_width, out_width, act_ids, bias, loss_name = case
+    precision, widths, N, in_width, out_width, act_ids, bias, loss_name = case
     loss = {"mse": 0, "bce": 1, "softmax_ce": 2}[loss_name]
-    model = Model(rng, in_width, H, L, out_width, act_ids, bias)
+    model = Model(rng, in_width, widths, out_width, act_ids, bias)
     X = rng.standard_normal((N, in_width)).astype(np.float32)
     y = targets(rng, loss_name, N, out_width)
     scale = 2.0**13 if precision == "fp16" else 1.0   # the fp16 loss scale (gpubp/loss_scale.py)
@@ -442,8 +487,8 @@ def run_backward_bits(lib, precision, model, delta_L, hidden):
 
 
 SKEW_CASES = {   # the input slices' stage refills (H = 64: long slices); the weight buffer's refills (3 hidden layers)
-    "input-stages": ("bf16", 64, 2, 129, 100, 32, [acts.TANH, acts.RELU, acts.SIGMOID], [True], "contiguous"),
-    "weight-buffer": ("bf16", 32, 3, 129, 20, 32, [acts.TANH, acts.RELU, acts.SIGMOID, acts.TANH], [True],
+    "input-stages": ("bf16", [64] * 2, 129, 100, 32, [acts.TANH, acts.RELU, acts.SIGMOID], [True], "contiguous"),
+    "weight-buffer": ("bf16", [32] * 3, 129, 20, 32, [acts.TANH, acts.RELU, acts.SIGMOID, acts.TANH], [True],
                       "contiguous"),
 }
 
@@ -481,7 +526,7 @@ PLANTED = {   # tests/cuda_emulation/tensor_core_cpu.h's EmuPlantedBug
 
 @pytest.mark.parametrize("bug", list(PLANTED), ids=lambda b: f"bug{b}")
 def test_planted_bug_fails_the_comparison(lib, planted, bug, rng):
-    precision, model, X, _ = make_case(("bf16", 32, 2, 40, 40, 8, [acts.TANH, acts.SIGMOID, acts.IDENTITY], [True],
+    precision, model, X, _ = make_case(("bf16", [32] * 2, 40, 40, 8, [acts.TANH, acts.SIGMOID, acts.IDENTITY], [True],
                                         "contiguous"), rng)
     delta_out = rng.standard_normal((40, 8)).astype(np.float32)
     ref_hidden, _ = fused.forward(X, model.Ws, model.bs, model.act_ids, model.alphas, precision, training=True)
@@ -505,7 +550,7 @@ def test_fused_on_gpu(precision, rng):
     run = gpu_launcher()
     for H, L, N, in_width, out_width in [(16, 2, 65537, 3, 1), (32, 3, 4099, 784, 10), (48, 1, 1000, 48, 17),
                                          (64, 4, 1 << 16, 64, 64), (128, 2, 20000, 100, 128)]:
-        model = Model(rng, in_width, H, L, out_width, ACT_CYCLE[:L] + [acts.IDENTITY], [True, False])
+        model = Model(rng, in_width, [H] * L, out_width, ACT_CYCLE[:L] + [acts.IDENTITY], [True, False])
         X = rng.standard_normal((N, in_width)).astype(np.float32)
         hidden, Z = run_forward(run, precision, model, X, training=True, x_float=in_width == 784)
         assert forward_error(model, precision, X, hidden, Z) <= 2, (H, N)
@@ -548,10 +593,12 @@ class D:
     ([D(784, 64), D(64, 10)], "fp32", False, "precision"),
     ([D(784, 64), D(64, 10)], "tf32", False, "precision"),
     ([D(784, 10)], "bf16", False, "single layer"),
-    ([D(8, 64), D(64, 32), D(32, 1)], "bf16", False, "hidden widths differ"),
-    ([D(8, 80), D(80, 1)], "bf16", False, "hidden width 80"),
-    ([D(8, 256), D(256, 1)], "bf16", False, "hidden width 256"),
-    ([D(8, 20), D(20, 1)], "bf16", False, "hidden width 20"),
+    ([D(8, 64), D(64, 32), D(32, 1)], "bf16", True, ""),     # mixed widths: padded to H = 64
+    ([D(8, 80), D(80, 1)], "bf16", True, ""),                  # 80 -> 128
+    ([D(8, 1), D(1, 1)], "fp16", True, ""),                    # 1 -> 16
+    ([D(8, 128), D(128, 20), D(20, 3)], "bf16", True, ""),
+    ([D(8, 129), D(129, 1)], "bf16", False, "layer 0 (Dense(8, 129)): hidden width 129"),
+    ([D(8, 64), D(64, 256), D(256, 1)], "bf16", False, "layer 1 (Dense(64, 256)): hidden width 256"),
     ([D(8, 64), D(64, 129)], "bf16", False, "output width 129"),
     ([D(8, 64), D(32, 1)], "bf16", False, "does not take"),
     ([D(8, 16)] + [D(16, 16)] * 16, "bf16", False, "at most 16"),
@@ -561,11 +608,39 @@ def test_qualifies(layers, precision, ok, words):
     assert result is ok and (words in reason if not ok else reason == "")
 
 
+@pytest.mark.parametrize("widths,H,fraction", [([64] * 3, 64, 0.0), ([1], 16, 1 - (8 + 1) / (16 * 8 + 16)),
+                                               ([50, 50], 64, 1 - (8 * 50 + 2500 + 50) / (8 * 64 + 4096 + 64)),
+                                               ([48, 16, 64], 64, None), ([100], 128, None)])
+def test_kernel_width_and_padded_layout(widths, H, fraction):
+    """The instance is the smallest H >= the widest hidden layer; hidden layers take H rows, the layers after
+    the input H columns; input and output widths are kept (8 in, 1 out here)."""
+    layers = [D(a, b) for a, b in zip([8] + widths, widths + [1])]
+    assert fused.kernel_width(widths) == H
+    assert fused.padded_shapes([(l.n_out, l.n_in) for l in layers]) == [(H, 8)] + [(H, H)] * (len(widths) - 1) + [(1, H)]
+    if fraction is not None:
+        assert fused.padding_fraction(layers) == pytest.approx(fraction)
+    with pytest.raises(ValueError, match="hidden width 129"):
+        fused.kernel_width(widths + [129])
+
+
+@pytest.mark.parametrize("columns", [0.0, 1.0], ids=["zeroed", "not-zeroed"])
+def test_sigmoid_padding_is_cancelled(lib, monkeypatch, rng, columns):
+    """A sigmoid layer 50 wide on H = 64: its 14 padded units hold σ(0) = 0.5, not 0 (run_forward checks it), and
+    the output still is the unpadded model's because the output layer's columns 50..63 are zero. With those
+    columns not zeroed (what a packing that forgot them would leave), the same comparison fails."""
+    monkeypatch.setattr(sys.modules[__name__], "PADDED_COLUMNS_FILL", columns)
+    precision, model, X, _ = make_case(("bf16", [50], 129, 20, 6, [acts.SIGMOID, acts.IDENTITY], [True],
+                                        "contiguous"), rng)
+    hidden, Z = run_forward(lib, precision, model, X, training=True)
+    error = forward_error(model, precision, X, hidden, Z)
+    assert error <= 1 if columns == 0 else error > 100
+
+
 def test_reference_backward_is_the_gradient_of_the_reference_forward(rng):
     """The δ recursion fused.backward implements (δ_l = (δ_{l+1} · W_{l+1}) ⊙ g' from the stored A), written
     out in float64 without rounding, is the chain rule: a central difference of Σ up ⊙ Z_L with respect to
     one element of Z_0 agrees with it. And fused.backward itself (fp16) stays within a few fp16 ulps of it."""
-    model = Model(rng, 5, 16, 2, 3, [acts.TANH, acts.SIGMOID, acts.IDENTITY], [True])
+    model = Model(rng, 5, [16] * 2, 3, [acts.TANH, acts.SIGMOID, acts.IDENTITY], [True])
     X = rng.standard_normal((4, 5))
     up = rng.standard_normal((4, 3))
 
@@ -664,7 +739,8 @@ def test_nvcc_compiles_to_cubin(tmp_path):
     unit.write_text('#include "fused_mlp.cu"\n' + "".join(
         f"template __global__ void {kernel}<{tag}, 128>({p});\n" for tag in ("TcBf16", "TcFp16")
         for kernel, p in params.items()) + "".join(
-        f"template __global__ void fused_mlp_round_kernel<{tag}>(const float*, unsigned short*, long long);\n"
+        f"template __global__ void fused_mlp_round_kernel<{tag}>(const float*, int, int, unsigned short*, int, "
+        f"int);\n"
         for tag in ("TcBf16", "TcFp16")))
     result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-cubin", "-I", str(cuda_sources.kernels_dir()),
                              "-Xptxas", "-v", str(unit), "-o", str(tmp_path / "k.cubin")],

@@ -40,7 +40,11 @@ For 16-bit stored arrays round_p is exact; tf32 stores nothing narrow and rounds
 
 The fully fused MLP (issue 13; gpubp/fused.py says which models qualify and holds the numpy reference of the
 kernels' numerics). A backend with FUSED = True runs a whole qualifying bf16/fp16 model in two ops, layers
-l = 0 .. L (L hidden, one width H), A_0 = X, with the layers' W/b views of the flat parameter buffer:
+l = 0 .. L (L hidden, each at most H wide: H = gpubp.fused.kernel_width, the kernels' instance; narrower layers
+are zero-padded, fused.py), A_0 = X, with the layers' real-shaped W/b views of the flat parameter buffer. hidden
+and deltas are (L, N, H) blocks: layer l's values in its first w_l columns, the rest padding, which only the
+kernels touch (the cupy forward writes g(0) into hidden's, which its backward reads back: δ_j = 0 · g'(A_j) = 0
+needs it finite; deltas' padding is written 0) and the numpy reference leaves as it was:
     fused_forward   A_{l+1} = store(g_l(round_p(A_l) · round_p(W_l)ᵀ + b_l)) for l < L, on chip;
                     out = g_L(Z_L) float32 (inference), or with a loss (training): hidden[l] = A_{l+1} stored,
                     out = F(Z_L), loss_out[0] = L, delta_out = store(scale · ∂L/∂Z_L), as loss_grad
@@ -243,15 +247,17 @@ class Backend:
                       delta_out=None, loss_out=None, scale=None):
         """The fused forward of layers W_l (out_l, in_l) / b_l (or None) / act_ids[l] / alphas[l], l = 0 .. L,
         on X (N, in) float32, in `precision` (bf16 or fp16). Inference (hidden None, loss None): out (N, O)
-        float32 = g_L(Z_L). Training (hidden (L, N, H) in the storage dtype, loss a loss id, Y (N, O) float32
-        targets, one-hot for softmax_ce): hidden[l] = A_{l+1}; out = F(Z_L) (the prediction); loss_out[0] = L
+        float32 = g_L(Z_L). Training (hidden (L, N, H) in the storage dtype, H = fused.kernel_width, loss a loss
+        id, Y (N, O) float32 targets, one-hot for softmax_ce): hidden[l][:, :w_{l+1}] = A_{l+1} (the rest is
+        padding, module docstring); out = F(Z_L) (the prediction); loss_out[0] = L
         (the unscaled loss, (1,) float32); delta_out (N, O) stored = store(scale · ∂L/∂Z_L); scale None (1) or a
         device float64 (1,) (the fp16 loss scale), as loss_grad."""
         raise NotImplementedError(f"backend {self.name!r} has no fused MLP path")
 
     def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
-        """The fused backward: from delta_out (N, O) stored and the forward's hidden (L, N, H), deltas[l] (L, N,
-        H) stored = δ_l = store((δ_{l+1} · round_p(W_{l+1})) ⊙ g_l'(from hidden[l])), l = L-1 .. 0."""
+        """The fused backward: from delta_out (N, O) stored and the forward's hidden (L, N, H), deltas (L, N, H)
+        stored: deltas[l][:, :w_{l+1}] = δ_l = store((δ_{l+1} · round_p(W_{l+1})) ⊙ g_l'(from hidden[l])),
+        l = L-1 .. 0 (the rest is padding)."""
         raise NotImplementedError(f"backend {self.name!r} has no fused MLP path")
 
     def fused_train(self, X, Y, loss, Ws, bs, act_ids, alphas, precision, out, hidden, deltas, delta_out, loss_out,
@@ -268,7 +274,14 @@ class Backend:
         L = len(dWs) - 1
         for l in range(L + 1):
             delta = delta_out if l == L else deltas[l]
-            self.weight_grad(delta, X if l == 0 else hidden[l - 1], dWs[l], dbs[l], precision=precision)
+            self._padded_weight_grad(delta, X if l == 0 else hidden[l - 1], dWs[l], dbs[l], precision)
+
+    def _padded_weight_grad(self, delta, A_prev, dW, db, precision):
+        """dW (out, in) = δᵀ · A_prev and db = Σₙ δ (overwritten) from delta (N, >= out) and A_prev (N, >= in)
+        whose columns past dW's shape are the fused kernels' padding: here weight_grad on the real columns'
+        views. A backend whose weight_grad takes only contiguous arrays replaces this."""
+        n_out, n_in = dW.shape
+        self.weight_grad(delta[:, :n_out], A_prev[:, :n_in], dW, db, precision=precision)
 
     # ---- the training loop's device-side ops (gpubp/guard.py) --------------------------------------------
     def gather_rows(self, src, order, cursor, out):

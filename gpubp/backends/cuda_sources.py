@@ -52,7 +52,8 @@ _TC_DENSE_KERNELS = ("dense_forward_tc_kernel", "input_grad_tc_kernel", "weight_
 # Kernels templated on a storage format alone: (kernel, formats)
 _FORMAT_KERNELS = {"dense_tc.cu": (("to_storage_kernel", NARROW_FORMATS),),
                    "loss.cu": (("loss_grad_stored_kernel", ("tf32", "bf16", "fp16")),)}
-# The fully fused MLP (issue 13): 16-bit precisions only, one instance per hidden width (gpubp/fused.py).
+# The fully fused MLP (issue 13): 16-bit precisions only, one instance per kernel width H (gpubp/fused.py's
+# FUSED_WIDTHS; narrower hidden layers run zero-padded on the next one).
 FUSED_PRECISIONS = ("bf16", "fp16")
 FUSED_WIDTHS = (16, 32, 48, 64, 128)
 _FUSED_KERNELS = {"fused_mlp.cu": ("fused_mlp_forward_kernel", "fused_mlp_backward_kernel")}

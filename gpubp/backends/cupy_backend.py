@@ -590,7 +590,9 @@ class CupyBackend(Backend):
     # writes the hidden A, the prediction, each row's loss and δ_L, then fused_mlp_backward_kernel writes every
     # hidden δ, and the per-layer tensor-core weight_grad makes dW and db from them. The 16-bit weights and the
     # gathered biases are refreshed from the model's float32 views at every call (the optimizer moved them):
-    # L + 1 small launches of fused_mlp_round_kernel and device-to-device bias copies, all capturable.
+    # L + 1 small launches of fused_mlp_round_kernel and device-to-device bias copies, all capturable. Hidden layers
+    # narrower than the kernel's H are zero-padded on the way (gpubp/fused.py padded_shapes), and their weight
+    # gradients taken from the padded blocks (_padded_weight_grad).
     FUSED = True
 
     def fused_forward(self, X, Ws, bs, act_ids, alphas, precision, out, hidden=None, loss=None, Y=None,
@@ -611,27 +613,33 @@ class CupyBackend(Backend):
         self._fused_weight_grads(X, hidden, deltas, delta_out, dWs, dbs, precision)
 
     def _fused_pack(self, Ws, bs, alphas, precision):
-        """(weights, biases, alphas) as the fused kernels take them: every W rounded to P (RNE) into one 16-bit
-        buffer W_0 … W_L (one launch a layer: the flat parameter buffer interleaves W and b; each W's size is a
-        multiple of H, a multiple of 16, so every layer starts 16-byte aligned), the biases present copied back
-        to back into one float32 buffer, the alphas a float32 device array made once per set of values."""
+        """(weights, biases, alphas) as the fused kernels take them: every W rounded to P (RNE) into its zero-padded
+        place of one 16-bit buffer W_0 … W_L (fused.padded_shapes; one launch a layer, which writes the padding's
+        zeros too: the flat parameter buffer interleaves W and b; each padded W's size is a multiple of H, a
+        multiple of 16, so every layer starts 16-byte aligned), the biases present copied back to back into one
+        float32 buffer, zeros past a hidden layer's width, the alphas a float32 device array made once per set of
+        values."""
         if precision not in fused.FUSED_PRECISIONS:
             raise ValueError(f"precision: the fused MLP takes {list(fused.FUSED_PRECISIONS)}, got {precision!r}")
         for l, W in enumerate(Ws):
             self._float32(f"Ws[{l}]", W)
-        weights = self._scratch_buffer(("fused weights", precision), sum(W.size for W in Ws), np.uint16)
+        shapes = fused.padded_shapes([W.shape for W in Ws])
+        weights = self._scratch_buffer(("fused weights", precision), sum(r * c for r, c in shapes), np.uint16)
         round_kernel = _kernel("fused_mlp.cu", cuda_sources.tc_kernel_name("fused_mlp_round_kernel", precision))
         offset = 0
-        for W in Ws:
-            round_kernel(elementwise_grid(W.size, _sm_count()), (_THREADS,),
-                         (W.reshape(-1), weights[offset:offset + W.size], np.int64(W.size)))
-            offset += W.size
-        present = [b for b in bs if b is not None]
-        biases = self._scratch_buffer("fused biases", max(1, sum(b.size for b in present)), np.float32)
+        for W, (rows, cols) in zip(Ws, shapes):
+            round_kernel(elementwise_grid(rows * cols, _sm_count()), (_THREADS,),
+                         (W.reshape(-1), _i32(W.shape[0]), _i32(W.shape[1]), weights[offset:offset + rows * cols],
+                          _i32(rows), _i32(cols)))
+            offset += rows * cols
+        present = [(b, rows) for b, (rows, _) in zip(bs, shapes) if b is not None]
+        biases = self._scratch_buffer("fused biases", max(1, sum(rows for _, rows in present)), np.float32)
         offset = 0
-        for b in present:
+        for b, rows in present:
             cp.copyto(biases[offset:offset + b.size], b)
-            offset += b.size
+            if rows > b.size:   # a padded hidden layer: its padded units' Z is 0
+                cp.copyto(biases[offset + b.size:offset + rows], 0.0)
+            offset += rows
         key = ("fused alphas",) + tuple(float(a) for a in alphas)
         if key not in self._scratch:   # made on the first (eager) call, before a step is captured
             self._refuse_while_capturing("the fused MLP's alphas (a host-to-device copy)")
@@ -642,7 +650,7 @@ class CupyBackend(Backend):
                        loss_out, scale):
         weights, biases, alpha_array = packed
         N, in_width = X.shape
-        H, out_width = Ws[0].shape[0], Ws[-1].shape[0]
+        H, out_width = self._fused_width(Ws), Ws[-1].shape[0]
         self._float32("out", out)
         training = loss is not None
         f32_any, narrow_any = self._placeholders(precision)
@@ -686,11 +694,34 @@ class CupyBackend(Backend):
         alpha_array = self._fused_pack_alphas(alphas)
         if N == 0:
             return
-        name = cuda_sources.fused_kernel_name("fused_mlp_backward_kernel", precision, Ws[0].shape[0])
+        name = cuda_sources.fused_kernel_name("fused_mlp_backward_kernel", precision, self._fused_width(Ws))
         _kernel("fused_mlp.cu", name)(
             (ceil_div(N, fused.ROWS_PER_BLOCK),), (_THREADS,),
             (delta_bits, _i32(out_width), weights, _i32(in_width), alpha_array, fused.pack_activations(act_ids),
              _i32(len(Ws)), _i32(N), hidden_bits, deltas_bits))
+
+    @staticmethod
+    def _fused_width(Ws):
+        """The kernels' H for layers Ws: the instance the hidden layers are padded to."""
+        return fused.kernel_width(W.shape[0] for W in Ws[:-1])
+
+    def _padded_weight_grad(self, delta, A_prev, dW, db, precision):
+        # weight_grad takes contiguous operands (no leading dimension), so with padding the whole padded product
+        # goes to scratch and its real block to dW, db: dW[i, j] = Σₙ δ[n, i] A[n, j] reads only real columns,
+        # whatever the padding holds. NOTE: this reads the stored A and δ once, as without padding; a compact
+        # copy of their real columns first would read them twice and write them once more. The padded product's
+        # extra FLOP are tensor-core FLOP of a memory-bound GEMM. Scratch and copies: capturable, no allocation
+        # after the first call.
+        n_out, n_in = dW.shape
+        if delta.shape[1] == n_out and A_prev.shape[1] == n_in:
+            return self.weight_grad(delta, A_prev, dW, db, precision=precision)
+        rows, cols = delta.shape[1], A_prev.shape[1]
+        padded_dW = self._scratch_buffer("fused padded dW", rows * cols, np.float32).reshape(rows, cols)
+        padded_db = None if db is None else self._scratch_buffer("fused padded db", rows, np.float32)
+        self.weight_grad(delta, A_prev, padded_dW, padded_db, precision=precision)
+        cp.copyto(dW, padded_dW[:n_out, :n_in])
+        if db is not None:
+            cp.copyto(db, padded_db[:n_out])
 
     def _fused_pack_alphas(self, alphas):
         return self._scratch[("fused alphas",) + tuple(float(a) for a in alphas)]

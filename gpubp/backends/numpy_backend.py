@@ -176,8 +176,8 @@ class NumpyBackend(Backend):
         if not training:
             out[...] = Z
             return
-        for l, A in enumerate(layers):
-            self._store(hidden[l], A)
+        for l, A in enumerate(layers):   # the real columns; the kernel's padding past them is left as it is
+            self._store(hidden[l][:, :A.shape[1]], A)
         A, delta, value = fused.output_loss(Z, Y, loss, act_ids[-1], alphas[-1], precision,
                                             1.0 if scale is None else scale[0])
         out[...] = A
@@ -185,10 +185,11 @@ class NumpyBackend(Backend):
         loss_out[0] = value
 
     def fused_backward(self, delta_out, Ws, act_ids, alphas, precision, hidden, deltas):
-        layers = [np.asarray(h, np.float32) for h in hidden]
+        # the reference on the real shapes: hidden layer l's first w_{l+1} = Ws[l].shape[0] columns
+        layers = [np.asarray(h[:, :W.shape[0]], np.float32) for h, W in zip(hidden, Ws)]
         for l, d in enumerate(fused.backward(np.asarray(delta_out, np.float32), Ws, layers, act_ids, alphas,
                                              precision)):
-            self._store(deltas[l], d)
+            self._store(deltas[l][:, :d.shape[1]], d)
 
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
         if guard[G.FAULT]:
