@@ -606,8 +606,9 @@ def test_uncapturable_step_runs_eagerly(backend, rng):
 
 
 def test_graph_is_recaptured_when_the_step_reads_other_buffers(backend, rng):
-    """The same key over a rebuilt workspace (new buffers): replaying the old graph would run on the old
-    buffers, so the step is captured again. key None always runs eagerly."""
+    """The same key over a rebuilt workspace or another model (new buffers): replaying the old graph would run
+    on the old buffers, so the step starts over, eagerly first (a first call may do what a capture cannot, such
+    as uploading the fused path's alphas), then captured. key None always runs eagerly."""
     from test_cupy_backend import TwoLayerStep
     seed = int(rng.integers(2**31))
     first = TwoLayerStep(backend, np.random.default_rng(seed), N=24)
@@ -616,16 +617,20 @@ def test_graph_is_recaptured_when_the_step_reads_other_buffers(backend, rng):
     graph = backend._steps["step"][0]
     second = TwoLayerStep(backend, np.random.default_rng(seed), N=24)   # same shapes, other buffers
     backend.run_step("step", lambda: second())
-    assert backend._steps["step"][0] is not graph
+    assert backend._steps["step"][0] == "warm"   # the old graph is gone; second's first call ran eagerly
     assert first.step[0] == 3 and second.step[0] == 1   # the step ran on second's buffers only
+    backend.run_step("step", lambda: second())
+    assert backend._steps["step"][0] not in ("warm", graph) and not backend.graph_errors   # captured anew
+    assert first.step[0] == 3 and second.step[0] == 2
     eager_be = cb.CupyBackend()
     eager_be.use_graphs = False
     fresh = TwoLayerStep(eager_be, np.random.default_rng(seed), N=24)
     fresh()
+    fresh()
     np.testing.assert_array_equal(second.params, fresh.params)
     backend.run_step(None, lambda: second())
     backend.run_step(None, lambda: second())
-    assert None not in backend._steps and second.step[0] == 3
+    assert None not in backend._steps and second.step[0] == 4
 
 
 # ---- a whole fit, eager against captured (the emulator records launches at capture, replays them at launch) ----

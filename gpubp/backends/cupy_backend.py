@@ -199,7 +199,7 @@ class CupyBackend(Backend):
             raise RuntimeError(available()[1])
         self.use_graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
         self.graph_errors = {}   # step key -> why it could not be captured (it then runs eagerly)
-        self._steps = {}         # step key -> "warm" | "eager" | (graph, its memory pool, its closure's objects)
+        self._steps = {}         # step key -> ("warm", objects) | "eager" | (graph, its memory pool, objects)
         self._capture_stream = None
         self._capturing = False
         self._scratch = {}
@@ -911,19 +911,22 @@ class CupyBackend(Backend):
         A graph replays fn's launches with the arguments of the capture: the key must cover every host scalar
         fn passes (learning rate, ...). The buffers are guarded here: the graph keeps the objects fn's closure
         holds (a workspace, the arrays, `self` of a bound method) alive, and a call whose closure holds other
-        objects under the same key (a rebuilt workspace) is captured afresh instead of replaying stale
-        addresses. Anything that cannot be captured (a host copy, a synchronisation, a CUDA error) makes
-        that key run eagerly from then on; graph_errors[key] says why."""
+        objects under the same key (a rebuilt workspace, another model of the same shapes) starts over: it
+        runs eagerly, as a first call (its first-call work, such as the fused path's alphas upload, cannot be
+        captured), and the next call with those objects is captured; a stale graph is never replayed.
+        Anything that cannot be captured (a host copy, a synchronisation, a CUDA error) makes that key run
+        eagerly from then on; graph_errors[key] says why."""
         state = self._steps.get(key)
         if key is None or not self.use_graphs or self._capturing or state == "eager":
             fn()
             return
-        if state is None:
-            fn()
-            self._steps[key] = "warm"
-            return
         captured = _closure_objects(fn)
-        if state == "warm" or not _same_objects(state[2], captured):
+        if state is None or not _same_objects(state[-1], captured):
+            self._steps.pop(key, None)   # a stale graph goes now, its memory with it
+            fn()
+            self._steps[key] = ("warm", captured)
+            return
+        if state[0] == "warm":
             state = self._capture(key, fn, captured)
             if state == "eager":
                 fn()   # nothing of a failed capture ran: run the step for real
