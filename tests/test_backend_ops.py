@@ -323,16 +323,18 @@ def _update_here_and_in_numpy(h, which, theta, grads, state, hyper, steps=6):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["sgd", "adam"])
 @pytest.mark.parametrize("size", pick_sizes([1, 7, 1031], [1, 7, 67]))
-@pytest.mark.parametrize("where", ["first", "last", "several"])
+@pytest.mark.parametrize("where", ["first", "last", "several", "run"])
 def test_update_with_a_non_finite_gradient_writes_nothing_and_names_it(backend_name, dtype, which, size, where,
                                                                        rng):
-    """NaN and ±inf gradients at index 0, at the last index, or at several (the smallest is named): FAULT =
-    GRADIENT, nothing written, the step not counted. Then, the guard reset as the host resets it, a clean update
+    """NaN and ±inf gradients at index 0, at the last index, at several, or a run of them from P/3 on (each
+    thread's grid-stride walk meets several; the smallest is named): FAULT = GRADIENT, nothing written, the step
+    not counted. Then, the guard reset as the host resets it, a clean update
     is applied: the check left nothing behind in the backend's scratch."""
     h = Harness(backend_name, dtype)
     theta, g, s = (rng.standard_normal(size).astype(dtype).astype(np.float64) for _ in range(3))
     state = [np.abs(s), np.abs(s)]
-    bad = {"first": [0], "last": [size - 1], "several": [size - 1, size // 2, size // 3]}[where]
+    bad = {"first": [0], "last": [size - 1], "several": [size - 1, size // 2, size // 3],
+           "run": list(range(size // 3, size))}[where]
     g[bad] = np.resize([np.nan, np.inf, -np.inf], len(bad))
     head, params, states, step = _update_here_and_in_numpy(h, which, theta, g, state, UPDATE_HYPER[which])
     assert (head[G.FAULT], head[G.FAULT_STEP], head[G.FAULT_INDEX], head[G.STEP]) == (G.GRADIENT, 6, min(bad), 6)
