@@ -165,24 +165,29 @@ def cases(sizes, dtypes, rng, rotate=False):
         out.append(Case("gather_rows", dtype, (M, F), dict(src=r(dtype, M, F)), gather,
                         what="then advance_cursor, then gather again"))
 
-        def guards(be, x, o, N=N, F=F):
+        theta = r(dtype, 257)
+
+        def guards(be, x, o, N=N, F=F, theta=theta):
             from gpubp import guard as G
             clean = np.concatenate([G.fresh(5), np.zeros(G.RING_SIZE)])
             faulted = clean.copy()
             faulted[G.FAULT], faulted[G.FAULT_INDEX] = G.GRADIENT, 3
-            for name, loss, grads, head in (("ok", "loss", "grads", clean), ("nan_loss", "nan", "grads", clean),
-                                            ("inf_grad", "loss", "bad_grads", clean),
-                                            ("already", "loss", "grads", faulted)):
-                be.guard_gradients(x[loss], x[grads], o(f"guard_{name}", (G.SIZE,), head, dtype=np.float64))
+            for name, loss, head in (("ok", "loss", clean), ("nan_loss", "nan", clean), ("already", "loss", faulted)):
+                be.guard_loss(x[loss], o(f"guard_{name}", (G.SIZE,), head, dtype=np.float64))
+            # a non-finite gradient: named by the guarded update's check, which writes nothing
+            hyper = be.asarray(np.array([0.1, 0.9, 0.0, 1e-2, 0.0]), np.float64)
+            be.sgd_update(o("params", (257,), theta), x["bad_grads"], o("momentum", (257,), np.zeros(257)),
+                          o("step", (1,), [2], dtype=np.int64), hyper,
+                          o("guard_inf_grad", (G.SIZE,), clean, dtype=np.float64))
             for name, loss in (("record", losses.SOFTMAX_CE), ("record_mse", losses.MSE)):
                 be.record_step(loss, x["loss"], x["A"], x["Y"], o(f"guard_{name}", (G.SIZE,), clean, dtype=np.float64))
-        grads = r(dtype, 257)
-        bad_grads = grads.copy()
+        bad_grads = r(dtype, 257)
         bad_grads[[20, 7]] = [np.nan, np.inf]
-        out.append(Case("guard_ops", dtype, (N, F), dict(loss=np.array([0.75]), nan=np.array([np.nan]), grads=grads,
+        out.append(Case("guard_ops", dtype, (N, F), dict(loss=np.array([0.75]), nan=np.array([np.nan]),
                                                          bad_grads=bad_grads, A=r(dtype, N, F),
                                                          Y=np.eye(F)[rng.integers(0, F, N)]), guards,
-                        what="guard_gradients (no fault, NaN loss, inf gradient, fault already set), record_step"))
+                        what="guard_loss (no fault, NaN loss, fault already set), sgd_update with an inf gradient, "
+                             "record_step"))
 
         def finite(be, x, o):
             flags = [be.all_finite(x["ok"]), be.all_finite(x["nan"]), be.all_finite_many([x["ok"], x["inf"]]),

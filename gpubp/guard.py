@@ -15,12 +15,17 @@ Layout (float64; integers up to 2⁵³ are exact):
 
 A step, in stream order (Sequential._step_ops):
     forward, loss, backward
-    guard_gradients   FAULT already set: SKIPPED += 1. Else the loss, then the gradients, checked: a non-finite
-                      value sets FAULT, FAULT_STEP = STEP and FAULT_INDEX.
-    <optimizer>       FAULT set: nothing. Else the update is computed and checked first; when it would leave a
-                      non-finite parameter or state value nothing is written and FAULT = PARAMS / STATE + k;
-                      else it is applied, the optimizer's step count and guard[STEP] go up by one.
+    guard_loss        FAULT already set: SKIPPED += 1. Else a non-finite loss sets FAULT = LOSS, FAULT_STEP = STEP,
+                      FAULT_INDEX = -1.
+    <optimizer>       FAULT set: nothing. Else the gradients are checked and the update computed, all of it before
+                      anything is written, and the first of these faults names the buffer: a non-finite gradient
+                      (FAULT = GRADIENT), an update that would leave a non-finite parameter (PARAMS) or state
+                      value (STATE + k); FAULT_STEP = STEP and FAULT_INDEX with it, nothing written. Else the
+                      update is applied, the optimizer's step count and guard[STEP] go up by one.
     record_step       FAULT set: nothing. Else LOSS_SUM, CORRECT, ROWS and the loss ring are updated.
+The gradient check is part of the update (issue 11): on a GPU its check pass reads every gradient anyway, so the
+step makes no pass over the gradients of its own (an fp16 step's unscale_gradients still makes one: it writes
+them).
 So once a fault is set, parameters and optimizer state stay those of the last good step until the host reads the
 guard (once per `check_every` steps) and resets it.
 """

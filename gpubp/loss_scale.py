@@ -16,7 +16,7 @@ Layout (float64):
 
 A step, in stream order (Sequential._step_ops; gpubp/guard.py has the rest):
     loss_grad           δ_out = S · ∂L/∂Z_out, stored in fp16
-    unscale_gradients   (in place of guard_gradients) grads /= S; a non-finite one sets guard[FAULT] = OVERFLOW
+    unscale_gradients   (in place of guard_loss) grads /= S; a non-finite one sets guard[FAULT] = OVERFLOW
     <optimizer>         skips the update, as for any fault (its own step count, Adam's t, does not move)
     update_scale        OVERFLOW: cleared, guard[STEP] += 1, S backs off; no fault: GOOD += 1 and S grows every
                         GROWTH_INTERVAL good steps

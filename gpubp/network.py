@@ -534,8 +534,8 @@ class Sequential:
             loss_out = ws.loss
         if reduction is not None:
             loss_out = reduction.finish()
-        if self.scaler is None:
-            be.guard_gradients(loss_out, self.grads, self.guard)
+        if self.scaler is None:   # the update checks the gradients itself (gpubp/guard.py)
+            be.guard_loss(loss_out, self.guard)
             optimizer.step(self.guard)
         else:   # fp16: gradients unscaled and an overflow skips the step (gpubp/loss_scale.py)
             be.unscale_gradients(loss_out, self.grads, self.scaler, self.guard)

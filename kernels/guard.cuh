@@ -3,7 +3,7 @@
 //
 //   guard  double[GUARD_SIZE]:  [FAULT, FAULT_STEP, FAULT_INDEX, SKIPPED, STEP, LOSS_SUM, CORRECT, ROWS, ring...]
 //
-// A check pass (a guarded update's CHECK phase, the gradient scan) reports the smallest flat index of a
+// A check pass (a guarded update's CHECK phase, the fp16 unscale scan) reports the smallest flat index of a
 // non-finite value per buffer into `bad_index`, a small int64 scratch array of the backend: every thread keeps
 // the first bad index of its grid-stride walk (its smallest), a warp takes the minimum of its lanes, and lane 0
 // does atomicMin. A minimum does not depend on the order the atomics land in: the result is deterministic.
@@ -45,18 +45,20 @@ __device__ __forceinline__ void guard_set_fault(double* guard, int code, long lo
     guard[GUARD_FAULT_INDEX] = (double)index;
 }
 
-// The one-thread commit of a gradient scan (guard_gradients, unscale_gradients): a fault already set counts the
-// step as skipped; else a non-finite loss is FAULT_LOSS, else the scan's smallest bad index is `code` (GRADIENT,
-// or OVERFLOW for a loss-scaled step). The index is reset for the next step.
+// The loss check that opens a step's guard, one thread (guard_loss; unscale_gradients' finish): a fault already
+// set counts the step as skipped; else a non-finite loss is FAULT_LOSS (FAULT_INDEX -1). True when neither:
+// the step goes on.
 template <typename T>
-__device__ __forceinline__ void guard_commit_scan(const T* loss_out, long long* bad_index, double* guard, int code) {
-    if (guard_faulted(guard))
+__device__ __forceinline__ bool guard_check_loss(const T* loss_out, double* guard) {
+    if (guard_faulted(guard)) {
         guard[GUARD_SKIPPED] += 1.0;
-    else if (!isfinite(loss_out[0]))
+        return false;
+    }
+    if (!isfinite(loss_out[0])) {
         guard_set_fault(guard, FAULT_LOSS, -1);
-    else if (bad_index[0] != GUARD_NO_INDEX)
-        guard_set_fault(guard, code, bad_index[0]);
-    bad_index[0] = GUARD_NO_INDEX;
+        return false;
+    }
+    return true;
 }
 
 #endif  // GPUBP_GUARD_CUH

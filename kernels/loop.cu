@@ -3,10 +3,9 @@
 //
 //   gather_rows      out[i, :] = src[order[cursor[0] + i], :]       src (M, F), order (M,), out (n, F)
 //   advance_cursor   cursor[0] += n                                  one thread
-//   guard_gradients  nonfinite_scan_kernel: the smallest flat index of a non-finite gradient -> bad_index[0]
-//                    guard_gradients_finish_kernel (one thread): FAULT set: SKIPPED += 1; else a non-finite
-//                    loss: FAULT = LOSS, FAULT_INDEX = -1; else a flagged gradient: FAULT = GRADIENT and its
-//                    index; FAULT_STEP = STEP with either. bad_index[0] is reset.
+//   guard_loss       guard_loss_kernel (one thread): FAULT set: SKIPPED += 1; else a non-finite loss: FAULT = LOSS,
+//                    FAULT_INDEX = -1, FAULT_STEP = STEP. The gradients are checked by the update's CHECK phase
+//                    (optim.cu), where each is in a register anyway: no pass of its own.
 //   record_step      count_correct_kernel: correct predictions -> *count (an exact integer sum, atomicAdd:
 //                    order-independent), as gpubp.losses.accuracy counts them: bce every element (A > 0.5)
 //                    == (Y > 0.5); softmax_ce the arg-max of each row of A against that of Y, the first index
@@ -21,10 +20,9 @@
 //   gather_rows_kernel           groups of 2^group_log2 threads, one row per group (the host sizes a group to
 //                                the row's 16-byte vectors), grid-stride over rows. Traffic: n·F reads and
 //                                writes, plus n indices.
-//   nonfinite_scan_kernel        grid-stride over the gradient: P reads (nothing after a fault).
 //   count_correct_kernel         bce: grid-stride over N·C elements; softmax_ce: a warp per row (lanes stride
 //                                over C, arg-max by butterfly), 8 rows per block. Traffic: 2·N·C reads.
-//   the *_finish/record/advance  one thread: a few scalars.
+//   guard_loss/record/advance    one thread: a few scalars.
 #include "common.cuh"
 #include "guard.cuh"
 
@@ -73,27 +71,12 @@ __global__ void advance_cursor_kernel(long long* cursor, long long n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// guard_gradients
+// guard_loss
 
 template <typename T>
-__global__ void __launch_bounds__(256)
-nonfinite_scan_kernel(const T* __restrict__ x, long long size, const double* guard, long long* bad_index) {
-    if (guard_faulted(guard)) return;   // the step is skipped anyway: the finish kernel only counts it
-    long long first_bad = GUARD_NO_INDEX;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size;
-         i += (long long)gridDim.x * blockDim.x) {
-        if (!isfinite(x[i])) {   // the first of this thread's walk is its smallest
-            first_bad = i;
-            break;
-        }
-    }
-    report_bad_index(first_bad, bad_index);
-}
-
-template <typename T>
-__global__ void guard_gradients_finish_kernel(const T* __restrict__ loss_out, long long* bad_index, double* guard) {
+__global__ void guard_loss_kernel(const T* __restrict__ loss_out, double* guard) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    guard_commit_scan(loss_out, bad_index, guard, FAULT_GRADIENT);
+    guard_check_loss(loss_out, guard);
 }
 
 // ---------------------------------------------------------------------------------------------------------

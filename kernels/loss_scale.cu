@@ -3,7 +3,7 @@
 //
 //   scaler double[6]: [SCALE, GOOD, OVERFLOWS, GROWTH_INTERVAL, GROWTH, BACKOFF]     guard: guard.cuh
 //
-//   unscale_gradients  (in place of guard_gradients, after backward; loss_out (1,), grads (P,) float32)
+//   unscale_gradients  (in place of guard_loss, after backward; loss_out (1,), grads (P,) float32)
 //     unscale_scan_kernel: unless guard[FAULT] is set or the loss is not finite: grads[i] *= float(1/S) in
 //                          float32, as the numpy reference does (exact for the power-of-two scales GradScaler's
 //                          rule makes), and the smallest index of a non-finite result -> bad_index[0]
@@ -45,7 +45,9 @@ unscale_scan_kernel(const float* __restrict__ loss_out, float* grads, long long 
 
 __global__ void unscale_finish_kernel(const float* __restrict__ loss_out, long long* bad_index, double* guard) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    guard_commit_scan(loss_out, bad_index, guard, FAULT_OVERFLOW);
+    if (guard_check_loss(loss_out, guard) && bad_index[0] != GUARD_NO_INDEX)
+        guard_set_fault(guard, FAULT_OVERFLOW, bad_index[0]);
+    bad_index[0] = GUARD_NO_INDEX;
 }
 
 __global__ void update_scale_kernel(double* scaler, double* guard) {

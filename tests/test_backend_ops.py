@@ -7,7 +7,8 @@ can run here, at awkward sizes, with outputs poisoned (NaN) before each op so an
     input_grad      dA_prev = δ · W
     loss_grad       fused output activation + loss + ∂L/∂Z
     sgd_update / adam_update over a flat buffer, guarded (a would-be non-finite update writes nothing)
-    gather_rows, advance_cursor, guard_gradients, record_step: the training loop's device-side ops
+    sgd_update / adam_update check the gradients first (the step's only gradient check; issue 11)
+    gather_rows, advance_cursor, guard_loss, record_step: the training loop's device-side ops
 """
 import numpy as np
 import pytest
@@ -252,8 +253,9 @@ def test_updates_do_nothing_once_a_fault_is_set(backend_name, dtype, which, rng)
     h = Harness(backend_name, dtype)
     size = pick_sizes(1031, 67)
     theta0, g, s0 = (rng.standard_normal(size).astype(dtype) for _ in range(3))
+    g[size // 2] = np.nan                            # the gradient check leaves a fault already set alone
     params, state = h.put(theta0), [h.put(np.abs(s0)), h.put(np.abs(s0))]
-    step, guard = h.be.asarray(np.array([5]), np.int64), h.guard(steps=5, fault=G.GRADIENT)
+    step, guard = h.be.asarray(np.array([5]), np.int64), h.guard(steps=5, fault=G.PARAMS)
     hyper = h.hyper(0.1, 0.9, 0.0, 0.0, 0.0) if which == "sgd" else h.hyper(0.1, 0.9, 0.999, 1e-8, 0.0)
     guard_before = h.be.to_numpy(guard)
     _run_update(h, which, params, h.put(g), state, step, hyper, guard)
@@ -296,6 +298,83 @@ def test_update_that_would_overflow_writes_nothing_and_names_the_buffer(backend_
     assert int(h.be.to_numpy(step)[0]) == 1
 
 
+# ---- the guarded updates check the gradients first: the step's only gradient check (issue 11) ---------------------
+UPDATE_HYPER = {"sgd": (0.1, 0.9, 0.0, 1e-2, 0.0), "adam": (1e-2, 0.9, 0.999, 1e-8, 1e-2)}   # weight decay on
+
+
+def _update_here_and_in_numpy(h, which, theta, grads, state, hyper, steps=6):
+    """One guarded update from the same inputs on h's backend and on the numpy reference: step count 2, a fresh
+    guard with STEP = steps, state buffers 0 and 1 (SGD uses the first). The guards must agree bit for bit, the
+    buffers to rounding. Returns h's (guard head, params, state, step count) as numpy."""
+    results = []
+    for x in (h, Harness("numpy", h.dtype)):
+        params, states = x.put(theta), [x.put(s) for s in state]
+        step, guard = x.be.asarray(np.array([2]), np.int64), x.guard(steps=steps)
+        _run_update(x, which, params, x.put(grads), states, step, x.hyper(*hyper), guard)
+        results.append((x.be.to_numpy(guard), x.get(params), [x.get(s) for s in states], int(x.be.to_numpy(step)[0])))
+    (guard, params, states, step), (ref_guard, ref_params, ref_states, ref_step) = results
+    np.testing.assert_array_equal(guard, ref_guard)
+    for got, expected in zip([params, *states], [ref_params, *ref_states]):
+        np.testing.assert_allclose(got, expected, **tol(h.dtype.name))
+    assert step == ref_step
+    return guard[:G.RING], params, states, step
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+@pytest.mark.parametrize("size", pick_sizes([1, 7, 1031], [1, 7, 67]))
+@pytest.mark.parametrize("where", ["first", "last", "several", "run"])
+def test_update_with_a_non_finite_gradient_writes_nothing_and_names_it(backend_name, dtype, which, size, where,
+                                                                       rng):
+    """NaN and ±inf gradients at index 0, at the last index, at several, or a run of them from P/3 on (each
+    thread's grid-stride walk meets several; the smallest is named): FAULT = GRADIENT, nothing written, the step
+    not counted. Then, the guard reset as the host resets it, a clean update
+    is applied: the check left nothing behind in the backend's scratch."""
+    h = Harness(backend_name, dtype)
+    theta, g, s = (rng.standard_normal(size).astype(dtype).astype(np.float64) for _ in range(3))
+    state = [np.abs(s), np.abs(s)]
+    bad = {"first": [0], "last": [size - 1], "several": [size - 1, size // 2, size // 3],
+           "run": list(range(size // 3, size))}[where]
+    g[bad] = np.resize([np.nan, np.inf, -np.inf], len(bad))
+    head, params, states, step = _update_here_and_in_numpy(h, which, theta, g, state, UPDATE_HYPER[which])
+    assert (head[G.FAULT], head[G.FAULT_STEP], head[G.FAULT_INDEX], head[G.STEP]) == (G.GRADIENT, 6, min(bad), 6)
+    assert np.array_equal(params, theta) and all(np.array_equal(b, a) for b, a in zip(states, state)) and step == 2
+    _run_update(h, which, h.put(theta), h.put(g), [h.put(b) for b in state], h.be.asarray(np.array([2]), np.int64),
+                h.hyper(*UPDATE_HYPER[which]), h.guard(steps=6))              # the backend's scratch after a fault
+    g[bad] = 0.5
+    head, params, _, step = _update_here_and_in_numpy(h, which, theta, g, state, UPDATE_HYPER[which])
+    assert (head[G.FAULT], head[G.STEP], step) == (G.NONE, 7, 3) and not np.array_equal(params, theta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+@pytest.mark.parametrize("case", ["gradient-and-overflow", "decay-overflow"])
+def test_update_names_the_raw_gradient_before_the_update(backend_name, dtype, which, case, rng):
+    """gradient-and-overflow: a NaN gradient at the last index and, at index 0, a finite one whose update
+    overflows (SGD: lr·g overflows θ; Adam: g² overflows v): the gradient is named, not the update, whatever the
+    indices. decay-overflow: finite gradient and θ whose g + wd·θ overflows: the gradient is checked as backward
+    made it, before weight decay, so the update (θ) is named, not the gradient."""
+    h = Harness(backend_name, dtype)
+    size = pick_sizes(1031, 67)
+    big = float(np.finfo(dtype).max)
+    theta, g, s = (rng.standard_normal(size).astype(dtype).astype(np.float64) for _ in range(3))
+    state, hyper = [np.abs(s), np.abs(s)], UPDATE_HYPER[which]
+    if case == "gradient-and-overflow":
+        g[size - 1] = np.nan
+        if which == "sgd":
+            g[0], hyper = big / 4, (1e3,) + hyper[1:]
+        else:
+            g[0] = np.sqrt(big) * 100
+        expected = (G.GRADIENT, size - 1)
+    else:
+        theta[size // 2] = g[size // 2] = np.float64(np.array(big * 0.75, dtype))   # g + 1·θ overflows
+        hyper = hyper[:-1] + (1.0,) if which == "adam" else hyper[:3] + (1.0, 0.0)
+        expected = (G.PARAMS, size // 2)
+    head, params, states, step = _update_here_and_in_numpy(h, which, theta, g, state, hyper)
+    assert (head[G.FAULT], head[G.FAULT_INDEX]) == expected
+    assert np.array_equal(params, theta) and all(np.array_equal(b, a) for b, a in zip(states, state)) and step == 2
+
+
 # ---- the training loop's device-side ops ---------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, F, n, start", [(1, 1, 1, 0), (7, 3, 3, 4), (33, 9, 32, 1), (1031, 67, 257, 700)],
@@ -317,30 +396,38 @@ def test_gather_rows_and_advance_cursor(backend_name, dtype, M, F, n, start, rng
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_guard_gradients(backend_name, dtype, rng):
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+def test_guard_loss_then_the_update(backend_name, dtype, which, rng):
+    """guard_loss, then the guarded update, as a step runs them: a finite loss changes nothing; a non-finite loss
+    is named (index -1) before a non-finite gradient and nothing is written; with a fault already set, guard_loss
+    counts the step as skipped and the update writes nothing, whatever its gradients."""
     h = Harness(backend_name, dtype)
     size = pick_sizes(1031, 67)
-    grads = rng.standard_normal(size)
-    # finite loss and gradients: nothing changes
+    theta, g, s = (rng.standard_normal(size).astype(dtype) for _ in range(3))
+    bad = g.copy()
+    bad[size // 2] = np.nan
+    params, state, step = h.put(theta), [h.put(np.abs(s)), h.put(np.abs(s))], h.be.asarray(np.array([2]), np.int64)
+    hyper = h.hyper(*UPDATE_HYPER[which])
+
+    def step_with(loss, grads, guard):
+        h.be.guard_loss(h.put([loss]), guard)
+        _run_update(h, which, params, h.put(grads), state, step, hyper, guard)
+        return h.be.to_numpy(guard)[:G.RING]
+
     guard = h.guard(steps=3)
-    h.be.guard_gradients(h.put([0.5]), h.put(grads), guard)
+    h.be.guard_loss(h.put([0.5]), guard)
     np.testing.assert_array_equal(h.be.to_numpy(guard)[:G.RING], G.fresh(3))
-    # non-finite gradients: the smallest bad index is named
-    bad = grads.copy()
-    bad[[size - 1, size // 2]] = [np.nan, np.inf]
-    h.be.guard_gradients(h.put([0.5]), h.put(bad), guard)
-    got = h.be.to_numpy(guard)
-    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX], got[G.SKIPPED]) == (G.GRADIENT, 3, size // 2, 0)
-    # a fault already set: later steps are counted as skipped, the first fault stays
-    h.be.guard_gradients(h.put([np.nan]), h.put(bad), guard)
-    h.be.guard_gradients(h.put([0.5]), h.put(grads), guard)
-    got = h.be.to_numpy(guard)
-    assert (got[G.FAULT], got[G.FAULT_INDEX], got[G.SKIPPED]) == (G.GRADIENT, size // 2, 2)
-    # a non-finite loss is named before the gradients
-    guard = h.guard(steps=4)
-    h.be.guard_gradients(h.put([np.inf]), h.put(bad), guard)
-    got = h.be.to_numpy(guard)
-    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX]) == (G.LOSS, 4, -1)
+    for loss in (np.nan, np.inf, -np.inf):
+        head = step_with(loss, bad, h.guard(steps=3))
+        assert (head[G.FAULT], head[G.FAULT_STEP], head[G.FAULT_INDEX], head[G.SKIPPED]) == (G.LOSS, 3, -1, 0)
+    guard = h.guard(steps=3)
+    head = step_with(0.5, bad, guard)                                       # the gradient, named by the update
+    assert (head[G.FAULT], head[G.FAULT_INDEX], head[G.SKIPPED], head[G.STEP]) == (G.GRADIENT, size // 2, 0, 3)
+    step_with(np.nan, bad, guard)                                           # later steps: skipped, and counted
+    head = step_with(0.5, g, guard)
+    assert (head[G.FAULT], head[G.FAULT_INDEX], head[G.SKIPPED], head[G.STEP]) == (G.GRADIENT, size // 2, 2, 3)
+    assert np.array_equal(h.be.to_numpy(params), theta) and int(h.be.to_numpy(step)[0]) == 2
+    assert all(np.array_equal(h.be.to_numpy(b), np.abs(s)) for b in state)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

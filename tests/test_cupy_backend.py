@@ -286,7 +286,7 @@ class TwoLayerStep:
         be.weight_grad(self.delta2, self.A1, self.dW2, self.db2)
         be.input_grad_masked(self.delta2, self.W2, self.Z1, self.A1, acts.TANH, 0.0, self.delta1)
         be.weight_grad(self.delta1, self.X, self.dW1, self.db1)
-        be.guard_gradients(self.loss, self.grads, self.guard)
+        be.guard_loss(self.loss, self.guard)
         be.sgd_update(self.params, self.grads, self.momentum, self.step, self.hyper, self.guard)
         be.record_step(losses.SOFTMAX_CE, self.loss, self.A2, self.y, self.guard)
 
@@ -343,21 +343,22 @@ def _fresh_guard(steps=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_guard_checks_at_gpu_sizes(be, dtype, rng):
-    """guard_gradients and a guarded update over 3M elements: the smallest bad index out of thousands of
-    blocks (bad values in one warp, in one thread's walk, at the end); nothing written."""
+    """The guarded update's checks over 3M elements, a non-finite gradient and an overflowing update: the
+    smallest bad index out of thousands of blocks (bad values in one warp, in one thread's walk, at the end);
+    nothing written."""
     from gpubp.backends.numpy_backend import NumpyBackend
     size = 3_000_017
     grads = rng.standard_normal(size).astype(dtype)
     bad = [size - 1, 2_000_001, 1_500_001, 1_500_000]
     broken = grads.copy()
     broken[bad] = np.inf
-    guard = put(_fresh_guard(steps=11), np.float64)
-    be.guard_gradients(put([0.5], dtype), put(grads, dtype), guard)
-    assert np.array_equal(be.to_numpy(guard)[:G.RING], G.fresh(11))
-    be.guard_gradients(put([0.5], dtype), put(broken, dtype), guard)
-    got = be.to_numpy(guard)
-    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX]) == (G.GRADIENT, 11, 1_500_000)
     theta = rng.standard_normal(size).astype(dtype)
+    params, buf = put(theta, dtype), put(np.zeros(size), dtype)
+    guard, step = put(_fresh_guard(steps=11), np.float64), put([3], np.int64)
+    be.sgd_update(params, put(broken, dtype), buf, step, put([0.1, 0.9, 0.0, 1e-4, 1.0], np.float64), guard)
+    got = be.to_numpy(guard)
+    assert (got[G.FAULT], got[G.FAULT_STEP], got[G.FAULT_INDEX], got[G.STEP]) == (G.GRADIENT, 11, 1_500_000, 11)
+    assert np.array_equal(be.to_numpy(params), theta) and int(be.to_numpy(step)[0]) == 3
     g = grads.copy()
     g[bad] = np.finfo(dtype).max / 4
     params, buf = put(theta, dtype), put(np.zeros(size), dtype)

@@ -340,11 +340,50 @@ def test_update_that_would_overflow_writes_nothing(backend, dtype, which, size, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["sgd", "adam"])
+@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
+def test_update_names_a_non_finite_gradient_first(backend, dtype, which, size, bad, rng):
+    """Against the numpy backend, guard for guard: non-finite gradients placed for the index minimum's levels
+    (a thread's walk, a warp, the grid), weight decay on, and at index 0 (unless it is bad) a finite gradient
+    whose update overflows (SGD: θ, Adam: v), which a smaller index does not help: CHECK names the gradient
+    slot first, APPLY writes nothing, every slot is reset. Then a clean update, the guard reset, is applied."""
+    reference = NumpyBackend()
+    big = float(np.finfo(dtype).max)
+    theta0, g, s0 = inputs(rng, dtype, size, size, size)
+    if which == "sgd":
+        hyper, state0 = [1e3, 0.9, 0.0, 1e-2, 0.0], [np.abs(s0)]
+        g[0] = big / 4
+    else:
+        hyper, state0 = [1e-3, 0.9, 0.999, 1e-8, 1e-2], [np.abs(s0), np.abs(s0)]
+        g[0] = np.sqrt(big) * 100
+    g[bad] = np.resize([np.inf, np.nan, -np.inf], len(bad))
+    update = backend.adam_update if which == "adam" else backend.sgd_update
+    ref_update = reference.adam_update if which == "adam" else reference.sgd_update
+    for grads in (g, inputs(rng, dtype, size)[0]):
+        params, state, step = put(theta0, dtype), [put(s, dtype) for s in state0], device_int64([2])
+        ref_params, ref_state, ref_step = theta0.astype(dtype), [s.astype(dtype) for s in state0], np.array([2])
+        guard, ref_guard = device_float64(fresh_guard(steps=9)), fresh_guard(steps=9)
+        update(params, put(grads, dtype), *state, step, device_float64(hyper), guard)
+        ref_update(ref_params, grads.astype(dtype), *ref_state, ref_step, np.array(hyper), ref_guard)
+        np.testing.assert_array_equal(guard, ref_guard)
+        np.testing.assert_allclose(params, ref_params, **tol(dtype))
+        for buffer, ref_buffer in zip(state, ref_state):
+            np.testing.assert_allclose(buffer, ref_buffer, **tol(dtype))
+        assert step[0] == ref_step[0]
+        assert (backend._bad_index() == cb._NO_INDEX).all()
+        if grads is g:
+            assert guard[G.FAULT] == G.GRADIENT and guard[G.FAULT_INDEX] == min(bad) and step[0] == 2
+            np.testing.assert_array_equal(params, theta0.astype(dtype))
+    assert guard[G.FAULT] == G.NONE and guard[G.STEP] == 10 and step[0] == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
 def test_updates_do_nothing_once_a_fault_is_set(backend, dtype, which, rng):
     size = 1031
     theta0, g, s0 = inputs(rng, dtype, size, size, size)
+    g[300] = np.nan                                  # the gradient check leaves a fault already set alone
     params, state = put(theta0, dtype), [put(np.abs(s0), dtype), put(np.abs(s0), dtype)][:1 if which == "sgd" else 2]
-    step, guard = device_int64([5]), device_float64(fresh_guard(steps=5, fault=G.GRADIENT))
+    step, guard = device_int64([5]), device_float64(fresh_guard(steps=5, fault=G.PARAMS))
     hyper = device_float64([0.1, 0.9, 0.0, 0.0, 0.0] if which == "sgd" else [0.1, 0.9, 0.999, 1e-8, 0.0])
     before = guard.copy()
     (backend.sgd_update if which == "sgd" else backend.adam_update)(params, put(g, dtype), *state, step, hyper, guard)
@@ -407,26 +446,17 @@ def test_gather_rows_past_the_permutation_gives_nan_rows(backend, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size, bad", BAD_INDEX_CASES, ids=str)
-def test_guard_gradients(backend, dtype, size, bad, rng):
-    """Against the numpy backend, guard for guard: clean, a non-finite gradient (its smallest index), later
-    steps skipped, a non-finite loss named before the gradients."""
+def test_guard_loss(backend, dtype):
+    """Against the numpy backend, guard for guard: a finite loss, non-finite ones (named, index -1), later steps
+    counted as skipped; the guard's other entries (the ring is NaN) untouched."""
     reference = NumpyBackend()
-    grads = rng.standard_normal(size)
-    broken = grads.copy()
-    broken[bad] = np.resize([np.inf, np.nan, -np.inf], len(bad))
     guard, ref_guard = device_float64(fresh_guard(steps=3)), fresh_guard(steps=3)
-    for loss, g in ((0.5, grads), (0.5, broken), (np.nan, broken), (0.5, grads)):
-        backend.guard_gradients(put([loss], dtype), put(g, dtype), guard)
-        reference.guard_gradients(np.array([loss], dtype), g.astype(dtype), ref_guard)
+    for loss in (0.5, -np.inf, np.nan, 0.5, np.inf):
+        backend.guard_loss(put([loss], dtype), guard)
+        reference.guard_loss(np.array([loss], dtype), ref_guard)
         np.testing.assert_array_equal(guard, ref_guard)
-        assert (backend._bad_index() == cb._NO_INDEX).all()
-    assert guard[G.FAULT] == G.GRADIENT and guard[G.FAULT_INDEX] == min(bad) and guard[G.SKIPPED] == 2
-    guard, ref_guard = device_float64(fresh_guard(steps=4)), fresh_guard(steps=4)
-    backend.guard_gradients(put([np.inf], dtype), put(broken, dtype), guard)
-    reference.guard_gradients(np.array([np.inf], dtype), broken.astype(dtype), ref_guard)
-    np.testing.assert_array_equal(guard, ref_guard)
-    assert guard[G.FAULT] == G.LOSS and guard[G.FAULT_INDEX] == -1 and guard[G.FAULT_STEP] == 4
+    assert guard[G.FAULT] == G.LOSS and guard[G.FAULT_INDEX] == -1 and guard[G.FAULT_STEP] == 3
+    assert guard[G.SKIPPED] == 3
 
 
 def record_inputs(rng, loss, N, C, dtype):

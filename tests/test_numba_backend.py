@@ -169,8 +169,11 @@ def test_every_loop_op_leaves_its_scratch_clean(rng):
     assert L.loop_blocks(size) > 1
     guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
     assert _flags(be) == clean
-    # non-finite gradients found by several blocks, in several grid-stride rounds: the smallest is named, found
-    # by the first block (which reports first: the simulator runs blocks in order) or by the last (which commits)
+    params, step = be.asarray(rng.standard_normal(size), np.float64), be.zeros((1,), np.int64)
+    buf = be.zeros((size,), np.float64)
+    # non-finite gradients found by the update's check in several blocks, in several grid-stride rounds: the
+    # smallest is named, found by the first block (which reports first: the simulator runs blocks in order) or
+    # by the last (which commits)
     last_block = L.LOOP_THREADS * (L.loop_blocks(size) - 1)       # first index of the last block's first round
     later_round = 2 * L.LOOP_THREADS * L.LOOP_MAX_BLOCKS
     for bad, smallest in (([size - 1, later_round, last_block + 1, 3], 3),
@@ -178,14 +181,13 @@ def test_every_loop_op_leaves_its_scratch_clean(rng):
         guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
         grads = rng.standard_normal(size)
         grads[bad] = np.nan
-        be.guard_gradients(be.asarray(np.array([0.5]), np.float64), be.asarray(grads, np.float64), guard)
+        be.sgd_update(params, be.asarray(grads, np.float64), buf, step,
+                      be.asarray(np.array([0.1, 0.9, 0, 0, 0.0]), np.float64), guard)
         head = be.to_numpy(guard)[:G.RING]
-        assert (head[G.FAULT], head[G.FAULT_INDEX]) == (G.GRADIENT, smallest)
+        assert (head[G.FAULT], head[G.FAULT_INDEX], head[G.STEP]) == (G.GRADIENT, smallest, 0)
         assert _flags(be) == clean
     # an update that would overflow θ (found by every block) and a clean one after a reset
     guard = be.asarray(np.concatenate([G.fresh(0), np.zeros(G.RING_SIZE)]), np.float64)
-    params, step = be.asarray(rng.standard_normal(size), np.float64), be.zeros((1,), np.int64)
-    buf = be.zeros((size,), np.float64)
     big = np.full(size, 1e300)
     be.sgd_update(params, be.asarray(big, np.float64), buf, step, be.asarray(np.array([1e10, 0.9, 0, 0, 0.0]), np.float64), guard)
     head = be.to_numpy(guard)[:G.RING]

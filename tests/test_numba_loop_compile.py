@@ -136,7 +136,7 @@ def test_the_backend_launches_with_the_table_types(dtype, monkeypatch):
     be.zeros((P,), dtype)
     be.sgd_update(vec(P), vec(P), vec(P), step, np.zeros(5), guard)
     be.adam_update(vec(P), vec(P), vec(P), vec(P), step, np.zeros(5), guard)
-    be.guard_gradients(vec(1), vec(P), guard)
+    be.guard_loss(vec(1), guard)
     for loss in (losses.MSE, losses.BCE, losses.SOFTMAX_CE):
         be.record_step(loss, vec(1), np.zeros((N, C), dtype), np.zeros((N, C), dtype), guard)
     order = np.zeros(M + 1, np.int64)

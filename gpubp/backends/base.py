@@ -20,7 +20,7 @@ The training loop's device-side ops (issue 11: no host synchronisation per step;
 layout and the order of a step):
     gather_rows     out = src[order[cursor : cursor + n]]  (a batch from device-resident data)
     advance_cursor  cursor += n
-    guard_gradients a non-finite loss or gradient sets the guard's fault
+    guard_loss      a non-finite loss sets the guard's fault (the gradients: the guarded update's first check)
     record_step     the step's loss, correct predictions and rows added to the guard's sums
     upload_chunk, release_chunk   fit's streamed chunks of host data, copied in order with the steps that read them
 
@@ -215,11 +215,16 @@ class Backend:
         itself is never scaled."""
         raise NotImplementedError
 
-    # The two updates are guarded (gpubp/guard.py): with guard[FAULT] set they do nothing; an update that would
-    # leave any parameter or state value non-finite writes nothing and sets guard[FAULT] to guard.PARAMS or
-    # guard.STATE + k (k: the state buffer's position in the signature), guard[FAULT_STEP] = guard[STEP] and
-    # guard[FAULT_INDEX] to the smallest bad flat index; otherwise it is applied, and step[0] and guard[STEP]
-    # go up by one. `step` is a device int64 array (1,), the updates done so far. `hyper` a device float64 array.
+    # The two updates are guarded (gpubp/guard.py): with guard[FAULT] set they do nothing. Else, checked in this
+    # order, the first of these writes nothing and sets guard[FAULT], guard[FAULT_STEP] = guard[STEP] and
+    # guard[FAULT_INDEX] = the smallest bad flat index in that buffer:
+    #     a non-finite gradient (grads as given, before weight decay is added)    guard.GRADIENT
+    #     an update that would leave a parameter non-finite                      guard.PARAMS
+    #     ... or a value of state buffer k (its position in the signature)       guard.STATE + k
+    # Otherwise it is applied, and step[0] and guard[STEP] go up by one. This is the step's only gradient check
+    # (guard_loss checks the loss): a GPU backend makes it in the pass that computes the update, where every
+    # gradient is read anyway. `step` is a device int64 array (1,), the updates done so far. `hyper` a device
+    # float64 array.
     SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
     ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
@@ -293,10 +298,11 @@ class Backend:
         """cursor[0] += n, on the device (after every gather of a batch has read it)."""
         raise NotImplementedError
 
-    def guard_gradients(self, loss_out, grads, guard):
-        """If guard[FAULT] is set: guard[SKIPPED] += 1. Else, when loss_out[0] is not finite: FAULT = LOSS,
-        FAULT_INDEX = -1; else when some gradient is not finite: FAULT = GRADIENT, FAULT_INDEX = the smallest such
-        flat index; FAULT_STEP = guard[STEP] with either. loss_out (1,) and grads (P,) in the model's dtype."""
+    def guard_loss(self, loss_out, guard):
+        """After backward, before the update: if guard[FAULT] is set, guard[SKIPPED] += 1 (the update then does
+        nothing). Else, when loss_out[0] is not finite: FAULT = LOSS, FAULT_INDEX = -1, FAULT_STEP = guard[STEP].
+        loss_out (1,) in the model's dtype. The gradients are checked by the guarded update (sgd_update,
+        adam_update), with no pass of their own."""
         raise NotImplementedError
 
     def record_step(self, loss, loss_out, A, Y, guard):
@@ -308,8 +314,8 @@ class Backend:
 
     # ---- fp16 dynamic loss scaling (gpubp/loss_scale.py has the scaler's layout and rule) ------------------
     def unscale_gradients(self, loss_out, grads, scaler, guard):
-        """guard_gradients for a loss-scaled step: if guard[FAULT] is set, guard[SKIPPED] += 1; else a non-finite
-        loss sets FAULT = LOSS (a real fault, as guard_gradients); else grads *= 1/scaler[SCALE] and, when a
+        """guard_loss for a loss-scaled step: if guard[FAULT] is set, guard[SKIPPED] += 1; else a non-finite
+        loss sets FAULT = LOSS (a real fault, as guard_loss); else grads *= 1/scaler[SCALE] and, when a
         gradient is not finite (the scaled δ overflowed), FAULT = OVERFLOW, FAULT_STEP = guard[STEP],
         FAULT_INDEX = the smallest such flat index: the update skips the step and update_scale clears it."""
         raise NotImplementedError

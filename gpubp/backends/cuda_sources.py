@@ -34,8 +34,7 @@ _PLAIN_KERNELS = {"dense_forward.cu": (),
                   "dense_backward.cu": ("activation_mask_kernel", "weight_grad_reduce_kernel"),
                   "loss.cu": ("loss_grad_kernel", "loss_reduce_kernel", "one_hot_kernel"),
                   "optim.cu": ("sgd_update_kernel", "adam_update_kernel"),
-                  "loop.cu": ("gather_rows_kernel", "nonfinite_scan_kernel", "guard_gradients_finish_kernel",
-                              "count_correct_kernel", "record_step_kernel")}
+                  "loop.cu": ("gather_rows_kernel", "guard_loss_kernel", "count_correct_kernel", "record_step_kernel")}
 _UNTEMPLATED_KERNELS = {"optim.cu": ("update_finish_kernel",), "loop.cu": ("advance_cursor_kernel",),
                         "loss_scale.cu": ("unscale_scan_kernel", "unscale_finish_kernel", "update_scale_kernel")}
 # Tensor-core kernels (gemm_tc.cuh): templated on the operand precision's tag type, not on float/double,

@@ -53,7 +53,7 @@ _MAX_SLICES = 64         # split-K: at most this many slices of the batch in wei
 _MIN_SLICE_ROWS = 256    # ... each of at least this many rows
 _UPDATE_CHECK, _UPDATE_APPLY = 0, 1   # the phases of a guarded update (kernels/optim.cu)
 _NO_INDEX = 2**62        # kernels/guard.cuh GUARD_NO_INDEX: "no bad element" in the bad-index scratch
-_BAD_INDEX_SLOTS = 3     # θ, state 0, state 1 (the gradient scan uses slot 0)
+_BAD_INDEX_SLOTS = 4     # a guarded update's gradient, θ, state 0, state 1 (optim.cu; the fp16 unscale uses slot 0)
 _TC_TILE = (128, 128, 32)   # gemm_tc.cuh's block tile (BM, BN) and a K step that suits every precision (BK 32/16)
 # 16-bit stored arrays: bf16 as raw bits (CuPy has no bfloat16), fp16 as float16 (the same bits); see storage_dtype
 _NARROW_DTYPES = {"bf16": np.dtype(np.uint16), "fp16": np.dtype(np.float16)}
@@ -760,17 +760,18 @@ class CupyBackend(Backend):
         self._check_small_array("guard", guard, np.float64, (G.SIZE,))
         if momentum_buf is None:   # μ is in device memory: the kernel cannot be told to leave b alone
             raise ValueError("momentum_buf: expected the momentum buffer (P,), got None")
-        self._guarded_update("sgd_update_kernel", params, (grads, momentum_buf), 2, step, hyper, guard)
+        self._guarded_update("sgd_update_kernel", params, (grads, momentum_buf), 3, step, hyper, guard)
 
     def adam_update(self, params, grads, m, v, step, hyper, guard):
         # params, grads, m, v (P,) flat; step (1,) int64; hyper (5,) float64; guard (G.SIZE,) float64
         self._check_small_array("step", step, np.int64, (1,))
         self._check_small_array("hyper", hyper, np.float64, (len(self.ADAM_HYPER),))
         self._check_small_array("guard", guard, np.float64, (G.SIZE,))
-        self._guarded_update("adam_update_kernel", params, (grads, m, v), 3, step, hyper, guard)
+        self._guarded_update("adam_update_kernel", params, (grads, m, v), 4, step, hyper, guard)
 
-    def _guarded_update(self, kernel, params, others, buffers, step, hyper, guard):
-        """CHECK, APPLY, finish (kernels/optim.cu): `buffers` = θ and the state buffers the kernel may flag."""
+    def _guarded_update(self, kernel, params, others, slots, step, hyper, guard):
+        """CHECK, APPLY, finish (kernels/optim.cu): `slots` = the bad_index slots the kernel may flag (the
+        gradient, θ and the state buffers it writes)."""
         dtype = self._dtype_name(params, *others)
         if any(b.shape != params.shape for b in others):
             raise ValueError(f"{kernel}: expected every buffer of shape {params.shape}, got "
@@ -781,7 +782,7 @@ class CupyBackend(Backend):
         for phase in (_UPDATE_CHECK, _UPDATE_APPLY):
             update(grid, (_THREADS,),
                    (np.int32(phase), params, *others, step, hyper, guard, bad_index, np.int64(params.size)))
-        _kernel("optim.cu", "update_finish_kernel")((1,), (1,), (bad_index, np.int32(buffers), step, guard))
+        _kernel("optim.cu", "update_finish_kernel")((1,), (1,), (bad_index, np.int32(slots), step, guard))
 
     # ---- the training loop's device-side ops (kernels/loop.cu) ------------------------------------------------
     def gather_rows(self, src, order, cursor, out):
@@ -805,15 +806,11 @@ class CupyBackend(Backend):
         self._check_small_array("cursor", cursor, np.int64, (1,))
         _kernel("loop.cu", "advance_cursor_kernel")((1,), (1,), (cursor, np.int64(n)))
 
-    def guard_gradients(self, loss_out, grads, guard):
-        # loss_out (1,), grads (P,) flat; guard (G.SIZE,) float64
-        dtype = self._dtype_name(loss_out, grads)
+    def guard_loss(self, loss_out, guard):
+        # loss_out (1,) model dtype; guard (G.SIZE,) float64
+        dtype = self._dtype_name(loss_out)
         self._check_small_array("guard", guard, np.float64, (G.SIZE,))
-        bad_index = self._bad_index()
-        _kernel("loop.cu", cuda_sources.kernel_name("nonfinite_scan_kernel", dtype))(
-            elementwise_grid(grads.size, _sm_count()), (_THREADS,), (grads, np.int64(grads.size), guard, bad_index))
-        _kernel("loop.cu", cuda_sources.kernel_name("guard_gradients_finish_kernel", dtype))(
-            (1,), (1,), (loss_out, bad_index, guard))
+        _kernel("loop.cu", cuda_sources.kernel_name("guard_loss_kernel", dtype))((1,), (1,), (loss_out, guard))
 
     def record_step(self, loss, loss_out, A, Y, guard):
         # loss_out (1,), A and Y (N, C) (Y may be (N,) for one output); guard (G.SIZE,) float64

@@ -397,10 +397,8 @@ class NumbaBackend(Backend):
     def advance_cursor(self, cursor, n):
         self.loop.advance_cursor_kernel[1, 1](self._device(cursor), int(n))
 
-    def guard_gradients(self, loss_out, grads, guard):
-        grads = self._device(grads)
-        self.loop.guard_gradients_kernel[self.loop.loop_blocks(grads.size), self.loop.LOOP_THREADS](
-            self._device(loss_out), grads, guard, self._loop_flags())
+    def guard_loss(self, loss_out, guard):
+        self.loop.guard_loss_kernel[1, 1](self._device(loss_out), guard)
 
     def record_step(self, loss, loss_out, A, Y, guard):
         A = self._device(A)

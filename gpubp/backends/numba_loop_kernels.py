@@ -1,7 +1,8 @@
 """The training loop's device-side kernels for the numba backend (issue 11): guarded SGD and Adam updates whose
-settings and step count live in device memory, the gradient guard, the step's bookkeeping and the gathering of
-a batch from device-resident data. With them a train step never waits for the host: no copy to or from it and
-no synchronisation inside a step. (numba has no CUDA graphs: each step is launched eagerly, in stream order.)
+settings and step count live in device memory (they check the gradients too), the loss guard, the step's
+bookkeeping and the gathering of a batch from device-resident data. With them a train step never waits for the
+host: no copy to or from it and no synchronisation inside a step. (numba has no CUDA graphs: each step is
+launched eagerly, in stream order.)
 
 The guard (gpubp/guard.py) is a float64 array that these kernels read and write; `flags` is the backend's small
 int64 scratch array, laid out below. Between two ops every index slot of `flags` holds NO_INDEX and TICKETS 0:
@@ -13,11 +14,11 @@ would any updated value be?) is one launch: every thread writes what it found in
 deterministic), fences, and the block takes a ticket; the block that takes the last ticket has seen every other
 block's findings and commits them into the guard (the CUDA threadFenceReduction pattern). That saves the
 separate one-thread commit launch a two-kernel design would need (a numba launch from Python costs tens of
-microseconds of host time). An update is two launches of the same kernel: phase 0 computes the new values and
-writes nothing but the findings (its last block commits: a fault, or the step counted), phase 1 recomputes the
-same values and stores them unless the guard holds a fault. The only atomics are integer min, add and exchange:
-their results do not depend on the order the blocks run in, so every op here gives the same bits run to run
-(deterministic=True needs nothing more).
+microseconds of host time). An update is two launches of the same kernel: phase 0 checks the gradients,
+computes the new values and writes nothing but the findings (its last block commits: a fault, or the step
+counted), phase 1 recomputes the same values and stores them unless the guard holds a fault. The only atomics
+are integer min, add and exchange: their results do not depend on the order the blocks run in, so every op here
+gives the same bits run to run (deterministic=True needs nothing more).
 
 Every kernel runs on a real GPU and under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where blocks run one at a
 time; there the grids are kept small (LOOP_THREADS, LOOP_MAX_BLOCKS) but have several blocks, so the last-block
@@ -51,7 +52,7 @@ BCE, SOFTMAX_CE = losses.BCE, losses.SOFTMAX_CE
 NO_INDEX = 2 ** 62        # "no bad element found" (larger than any flat index)
 BAD_PARAMS = 0            # smallest flat index whose updated parameter would be non-finite
 BAD_STATE = 1             # BAD_STATE + k: the same for optimizer state buffer k (k = 0, 1)
-BAD_GRADIENT = 3          # smallest flat index of a non-finite gradient
+BAD_GRADIENT = 3          # smallest flat index of a non-finite gradient (the update's, or an unscaled one)
 STEP_DONE = 4             # the optimizer's step count an update computed with (phase 0 keeps it for phase 1)
 TICKETS = 5               # blocks of the current launch that have finished; the last one commits
 CORRECT_COUNT = 6         # record_step: correct predictions counted so far by the launch's blocks
@@ -124,50 +125,27 @@ def advance_cursor_kernel(cursor, n):
         cursor[0] += n
 
 
-# ---- the gradient guard ----------------------------------------------------------------------------------------
+# ---- the loss guard -------------------------------------------------------------------------------------------
 @cuda.jit
-def guard_gradients_kernel(loss_out, grads, guard, flags):
-    """If guard[FAULT] is set: guard[SKIPPED] += 1 and nothing else. Else the loss, then the gradients: a
-    non-finite loss_out[0] sets FAULT = LOSS, FAULT_INDEX = -1; else a non-finite gradient sets FAULT = GRADIENT,
-    FAULT_INDEX = its smallest flat index; FAULT_STEP = guard[STEP] with either (gpubp/guard.py).
-    loss_out (1,), grads (P,) flat, in the model's dtype. Launch: 1-D grid-stride over P (loop_blocks); each
-    thread stops at its first non-finite gradient (its smallest, the loop going up) and atomic-mins it into
-    flags[BAD_GRADIENT]; the last block to finish commits. Traffic: grads read once (not at all after a fault or
-    with a non-finite loss)."""
-    if guard[FAULT] != 0:
-        if cuda.grid(1) == 0:
-            guard[SKIPPED] += 1
+def guard_loss_kernel(loss_out, guard):
+    """If guard[FAULT] is set: guard[SKIPPED] += 1. Else a non-finite loss_out[0] sets FAULT = LOSS,
+    FAULT_INDEX = -1, FAULT_STEP = guard[STEP] (gpubp/guard.py). The gradients are checked by the update
+    (update_kernel's phase 0), where each is read anyway. loss_out (1,) in the model's dtype.
+    Launch: grid 1, block 1. Traffic: a few scalars."""
+    if cuda.grid(1) != 0:
         return
-    loss_finite = math.isfinite(loss_out[0])
-    if loss_finite:                       # a non-finite loss is named first: no need to look at the gradients
-        bad = NO_INDEX
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, grads.size, stride):
-            if not math.isfinite(grads[i]):
-                bad = i
-                break
-        if bad != NO_INDEX:
-            cuda.atomic.min(flags, BAD_GRADIENT, bad)
-    cuda.threadfence()
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0 and cuda.atomic.add(flags, TICKETS, 1) == cuda.gridDim.x - 1:
-        # the last block: every other block's finding is in flags
-        bad = cuda.atomic.exch(flags, BAD_GRADIENT, NO_INDEX)
-        flags[TICKETS] = 0
-        if not loss_finite:
-            guard[FAULT] = LOSS_FAULT
-            guard[FAULT_STEP] = guard[STEP]
-            guard[FAULT_INDEX] = -1
-        elif bad != NO_INDEX:
-            guard[FAULT] = GRADIENT_FAULT
-            guard[FAULT_STEP] = guard[STEP]
-            guard[FAULT_INDEX] = bad
+    if guard[FAULT] != 0:
+        guard[SKIPPED] += 1
+    elif not math.isfinite(loss_out[0]):
+        guard[FAULT] = LOSS_FAULT
+        guard[FAULT_STEP] = guard[STEP]
+        guard[FAULT_INDEX] = -1
 
 
 # ---- fp16 dynamic loss scaling (gpubp/loss_scale.py) ----------------------------------------------------------
 @cuda.jit
 def unscale_gradients_kernel(loss_out, grads, scaler, guard, flags):
-    """guard_gradients for a loss-scaled step. If guard[FAULT] is set: guard[SKIPPED] += 1 and nothing else. Else
+    """guard_loss for a loss-scaled step. If guard[FAULT] is set: guard[SKIPPED] += 1 and nothing else. Else
     a non-finite loss_out[0] sets FAULT = LOSS, FAULT_INDEX = -1 (a real fault; the gradients are left alone);
     else every gradient is unscaled in place, grads[i] = grads[i] · float32(1/S), a float32 product (the
     numpy backend's `grads *= float32(1 / S)`; exact for a power-of-two S short of float32's subnormals), and a
@@ -254,16 +232,19 @@ def update_kernel_for(dtype_name):
             ADAM  state0 = m, state1 = v:  g = ∇ + wd·θ;  m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²
                   θ = θ − (lr/(1 − β1ᵗ)) · m / (√v/√(1 − β2ᵗ) + ε)
         Every thread returns at once when guard[FAULT] is set (a faulted step: nothing is done).
-        phase 0: computes the new θ and state and writes none of them; per buffer (θ, state 0, state 1) the
-            smallest flat index whose new value is non-finite is atomic-minned into flags[BAD_PARAMS + k]. The
-            last block to finish commits: the first buffer with a bad index (θ before the state, as numpy names
-            it) sets FAULT = PARAMS / STATE + k, FAULT_STEP = guard[STEP], FAULT_INDEX; else the step counts:
-            flags[STEP_DONE] = step[0], then step[0] and guard[STEP] += 1.
+        phase 0: checks the gradients and computes the new θ and state, and writes none of them: the smallest
+            flat index of a non-finite gradient ∇ (as given, before weight decay) is atomic-minned into
+            flags[BAD_GRADIENT], and per buffer (θ, state 0, state 1) that of a non-finite new value into
+            flags[BAD_PARAMS + k]. The last block to finish commits: the first slot with a bad index (the
+            gradient, then θ, then the state, as numpy names them) sets FAULT = GRADIENT / PARAMS / STATE + k,
+            FAULT_STEP = guard[STEP], FAULT_INDEX; else the step counts: flags[STEP_DONE] = step[0], then step[0]
+            and guard[STEP] += 1. The step's only gradient check: ∇ is read here anyway, no pass of its own.
         phase 1 (launched next, same grid): recomputes the same values from the same inputs, with the step count
             kept in flags[STEP_DONE], and stores them.
         Launch: 1-D grid-stride over P (loop_blocks), twice. Traffic, per element: phase 0 reads θ, ∇ and the
         state the rule uses; phase 1 reads them again and writes θ and that state (SGD with momentum: 3 + 5
-        element accesses, against 5 for an unguarded update; no copy of any buffer is kept)."""
+        element accesses, against 5 for an unguarded update; no copy of any buffer is kept). The gradient check
+        adds none."""
         if guard[FAULT] != 0:
             return
         done = step[0] if phase == 0 else flags[STEP_DONE]
@@ -283,10 +264,11 @@ def update_kernel_for(dtype_name):
             c4, c5 = cast(math.sqrt(1.0 - hyper[2] ** t)), cast(hyper[3])           # √(1 − β2ᵗ), ε
         writes0 = use_momentum or rule == ADAM
         writes1 = rule == ADAM
-        bad0, bad1, bad2 = NO_INDEX, NO_INDEX, NO_INDEX
+        bad_g, bad0, bad1, bad2 = NO_INDEX, NO_INDEX, NO_INDEX, NO_INDEX
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, params.size, stride):
-            g = grads[i]
+            grad = grads[i]
+            g = grad
             if use_wd:
                 g = params[i] * wd + g
             s0 = g
@@ -301,6 +283,8 @@ def update_kernel_for(dtype_name):
                 s1 = state1[i] * c2 + (g * c3) * g
                 theta = params[i] - (s0 / (math.sqrt(s1) / c4 + c5)) * lr
             if phase == 0:
+                if bad_g == NO_INDEX and not math.isfinite(grad):   # the raw ∇: a g + wd·θ overflow is θ's
+                    bad_g = i
                 if bad0 == NO_INDEX and not math.isfinite(theta):
                     bad0 = i
                 if writes0 and bad1 == NO_INDEX and not math.isfinite(s0):
@@ -315,6 +299,8 @@ def update_kernel_for(dtype_name):
                     state1[i] = s1
         if phase != 0:
             return
+        if bad_g != NO_INDEX:
+            cuda.atomic.min(flags, BAD_GRADIENT, bad_g)
         if bad0 != NO_INDEX:
             cuda.atomic.min(flags, BAD_PARAMS, bad0)
         if bad1 != NO_INDEX:
@@ -325,12 +311,15 @@ def update_kernel_for(dtype_name):
         cuda.syncthreads()
         if cuda.threadIdx.x == 0 and cuda.atomic.add(flags, TICKETS, 1) == cuda.gridDim.x - 1:
             # the last block: every block has read step[0] and reported; commit
+            bad_g = cuda.atomic.exch(flags, BAD_GRADIENT, NO_INDEX)
             bad0 = cuda.atomic.exch(flags, BAD_PARAMS, NO_INDEX)
             bad1 = cuda.atomic.exch(flags, BAD_STATE, NO_INDEX)
             bad2 = cuda.atomic.exch(flags, BAD_STATE + 1, NO_INDEX)
             flags[TICKETS] = 0
             code, index = 0, NO_INDEX
-            if bad0 != NO_INDEX:
+            if bad_g != NO_INDEX:
+                code, index = GRADIENT_FAULT, bad_g
+            elif bad0 != NO_INDEX:
                 code, index = PARAMS_FAULT, bad0
             elif bad1 != NO_INDEX:
                 code, index = STATE_FAULT, bad1
@@ -444,8 +433,8 @@ def launch_table():
                 (fill_kernel, (vec, i64)),
                 # src, order, cursor, out
                 (gather_rows_kernel, (mat, ivec, ivec, mat)),
-                # loss_out, grads, guard, flags
-                (guard_gradients_kernel, (vec, vec, gvec, ivec)),
+                # loss_out, guard
+                (guard_loss_kernel, (vec, gvec)),
                 # rule, params, grads, state0, state1, step, hyper, guard, flags, phase
                 (update_kernel_for(dtype_name), (i64, vec, vec, vec, vec, ivec, gvec, gvec, ivec, i64)),
                 # loss, loss_out, A, Y, guard, flags

@@ -192,7 +192,7 @@ class NumpyBackend(Backend):
             self._store(deltas[l][:, :d.shape[1]], d)
 
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
-        if guard[G.FAULT]:
+        if guard[G.FAULT] or self._gradient_fault(grads, guard):
             return
         lr, momentum, dampening, weight_decay, nesterov = (float(h) for h in hyper)   # Python floats: float32 stays float32
         with self._rollback_on_overflow(guard, params, momentum_buf if momentum != 0 else None):
@@ -216,7 +216,7 @@ class NumpyBackend(Backend):
         self._count_good_step(step, guard)
 
     def adam_update(self, params, grads, m, v, step, hyper, guard):
-        if guard[G.FAULT]:
+        if guard[G.FAULT] or self._gradient_fault(grads, guard):
             return
         lr, beta1, beta2, eps, weight_decay = (float(h) for h in hyper)
         with self._rollback_on_overflow(guard, params, m, v):
@@ -242,6 +242,14 @@ class NumpyBackend(Backend):
             update *= step_size
             params -= update                                  # θ = θ − lr/(1 − β1ᵗ) · m / denom
         self._count_good_step(step, guard)
+
+    def _gradient_fault(self, grads, guard):
+        """A guarded update's first check: a non-finite gradient, as backward made it (before weight decay), sets
+        FAULT = GRADIENT with its smallest flat index and the update writes nothing. True when it did."""
+        if np.isfinite(grads).all():   # the fast test first: the index is wanted only after a fault
+            return False
+        self._set_fault(guard, G.GRADIENT, int(np.flatnonzero(~np.isfinite(grads))[0]))
+        return True
 
     @contextlib.contextmanager
     def _rollback_on_overflow(self, guard, params, *state):
@@ -279,23 +287,19 @@ class NumpyBackend(Backend):
     def advance_cursor(self, cursor, n):
         cursor[0] += n
 
-    def guard_gradients(self, loss_out, grads, guard):
+    def guard_loss(self, loss_out, guard):
         if guard[G.FAULT]:
             guard[G.SKIPPED] += 1
         elif not np.isfinite(loss_out[0]):
             self._set_fault(guard, G.LOSS, -1)
-        elif not np.isfinite(grads).all():   # the fast test first: the index is wanted only after a fault
-            self._set_fault(guard, G.GRADIENT, int(np.flatnonzero(~np.isfinite(grads))[0]))
 
     def unscale_gradients(self, loss_out, grads, scaler, guard):
+        self.guard_loss(loss_out, guard)   # a fault already set, or a non-finite loss: nothing is unscaled
         if guard[G.FAULT]:
-            guard[G.SKIPPED] += 1
-        elif not np.isfinite(loss_out[0]):
-            self._set_fault(guard, G.LOSS, -1)
-        else:
-            grads *= grads.dtype.type(1.0 / scaler[LS.SCALE])
-            if not np.isfinite(grads).all():
-                self._set_fault(guard, G.OVERFLOW, int(np.flatnonzero(~np.isfinite(grads))[0]))
+            return
+        grads *= grads.dtype.type(1.0 / scaler[LS.SCALE])
+        if not np.isfinite(grads).all():
+            self._set_fault(guard, G.OVERFLOW, int(np.flatnonzero(~np.isfinite(grads))[0]))
 
     def update_scale(self, scaler, guard):
         if guard[G.FAULT] == G.OVERFLOW:

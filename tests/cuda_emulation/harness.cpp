@@ -75,8 +75,7 @@ static Entry entry(void (*kernel)(P...)) {
     PLAIN_ENTRY(loss_reduce_kernel, T, TS), PLAIN_ENTRY(one_hot_kernel, T, TS),            \
     PLAIN_ENTRY(sgd_update_kernel, T, TS), PLAIN_ENTRY(adam_update_kernel, T, TS)
 #define LOOP_ENTRIES(T, TS)                                                                \
-    PLAIN_ENTRY(gather_rows_kernel, T, TS), PLAIN_ENTRY(nonfinite_scan_kernel, T, TS),     \
-    PLAIN_ENTRY(guard_gradients_finish_kernel, T, TS),                                     \
+    PLAIN_ENTRY(gather_rows_kernel, T, TS), PLAIN_ENTRY(guard_loss_kernel, T, TS),         \
     PLAIN_ENTRY(count_correct_kernel, T, TS), PLAIN_ENTRY(record_step_kernel, T, TS)
 
 #define TC_GEMM_ENTRIES(P)                                                                 \
