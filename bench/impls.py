@@ -34,6 +34,7 @@ Peers compute the same math in the same precision: float32 everywhere (but the m
 layers and an identity output layer, with gpubp's losses: softmax_ce (one-hot float targets) and mse, which
 gpubp defines as (1/N) Σₙ ½‖ŷₙ − yₙ‖² (torch's MSELoss is the mean over N·out and has no ½).
 """
+import functools
 import os
 
 import numpy as np
@@ -613,13 +614,11 @@ def _jax_dense(device):
     return make
 
 
-def _jax_mlp(jax, spec):
-    """forward(params, X): the MLP's output (N, out), params [(W (out, in), b (out,))]. In bf16 (spec.precision):
-    every GEMM's operands cast to bfloat16, the products accumulated and returned in float32
-    (preferred_element_type), as gpubp's bf16 and torch's autocast (float32 master weights; the bias,
-    activations and loss in float32)."""
+def _jax_mlp(jax, precision):
+    """forward(params, X): the MLP's output (N, out), params [(W (out, in), b (out,))]. In bf16: every GEMM's
+    operands cast to bfloat16, the products accumulated and returned in float32 (preferred_element_type), as
+    gpubp's bf16 and torch's autocast (float32 master weights; the bias, activations and loss in float32)."""
     import jax.numpy as jnp
-    precision = getattr(spec, "precision", "fp32")
     if precision not in ("fp32", "bf16"):
         raise NotImplementedError(f"jax rows run in fp32 or bf16, not {precision}")
 
@@ -638,6 +637,35 @@ def _jax_mlp(jax, spec):
     return forward
 
 
+# NOTE: the jit-compiled functions are made once per loss and precision, not per runner: jit compiles once per
+# shape, so the suite's check runner and timed runner of a case share a compilation (lr is an argument).
+@functools.lru_cache(maxsize=None)
+def _jax_sgd_step(loss, precision):
+    """step(params, mom, X, Y, lr) -> (params, mom): one SGD-momentum step on the MLP of _jax_mlp; the parameters
+    and the momentum are donated (the new ones are written in their place)."""
+    jax, _ = _jax()
+    forward = _jax_mlp(jax, precision)
+
+    def loss_fn(params, X, Y):
+        out = forward(params, X)
+        if loss == "softmax_ce":
+            return -(Y * jax.nn.log_softmax(out, axis=1)).sum(axis=1).mean()
+        return 0.5 * ((out - Y) ** 2).sum(axis=1).mean()     # gpubp's mse: (1/N) Σ ½‖ŷ − y‖²
+
+    def step(params, mom, X, Y, lr):
+        grads = jax.grad(loss_fn)(params, X, Y)
+        mom = jax.tree_util.tree_map(lambda m, g: MOMENTUM * m + g, mom, grads)   # torch: b = μ·b + g
+        params = jax.tree_util.tree_map(lambda p, m: p - lr * m, params, mom)
+        return params, mom
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_forward(precision):
+    jax, _ = _jax()
+    return jax.jit(_jax_mlp(jax, precision))
+
+
 def _jax_params(params0):
     """params0 as [(W, b)] float32 numpy, copied: the train step donates its buffers, and nothing it may write
     into can be params0, every implementation's start."""
@@ -645,32 +673,18 @@ def _jax_params(params0):
 
 
 def _jax_train(device):
-    """One SGD-momentum step, jit-compiled, in spec.precision (_jax_mlp); the parameters and the momentum
-    donated to the step, which writes the new ones in their place."""
+    """One SGD-momentum step (_jax_sgd_step) in spec.precision, from params0 with momentum 0."""
     def make(spec, params0, sets, lr):
         jax, dev = _jax_device(device)
         data = [jax.device_put(s, dev) for s in sets]
-        forward = _jax_mlp(jax, spec)
-
-        def loss_fn(params, X, Y):
-            out = forward(params, X)
-            if spec.loss == "softmax_ce":
-                return -(Y * jax.nn.log_softmax(out, axis=1)).sum(axis=1).mean()
-            return 0.5 * ((out - Y) ** 2).sum(axis=1).mean()     # gpubp's mse: (1/N) Σ ½‖ŷ − y‖²
-
-        def step(params, mom, X, Y):
-            grads = jax.grad(loss_fn)(params, X, Y)
-            mom = jax.tree_util.tree_map(lambda m, g: MOMENTUM * m + g, mom, grads)   # torch: b = μ·b + g
-            params = jax.tree_util.tree_map(lambda p, m: p - lr * m, params, mom)
-            return params, mom
-
-        step = jax.jit(step, donate_argnums=(0, 1))
+        step = _jax_sgd_step(spec.loss, getattr(spec, "precision", "fp32"))
+        lr = np.float32(lr)
         params = _jax_params(params0)
         # momentum starts at 0, so the first step's buffer is μ·0 + g = g: torch's first step.
         state = {"out": jax.device_put((params, jax.tree_util.tree_map(np.zeros_like, params)), dev)}
 
         def run(i):
-            state["out"] = step(*state["out"], *data[i])
+            state["out"] = step(*state["out"], *data[i], lr)
 
         def result():     # copies, as torch's: the next step donates these buffers
             return [{"W": np.array(W), "b": np.array(b)} for W, b in state["out"][0]]
@@ -684,11 +698,11 @@ def _jax_predict(device):
         jax, dev = _jax_device(device)
         data = [jax.device_put(X, dev) for X, _ in sets]
         params = jax.device_put(_jax_params(params0), dev)
-        f = jax.jit(_jax_mlp(jax, spec))
-        state = {"out": f(params, data[0])}
+        forward = _jax_forward(getattr(spec, "precision", "fp32"))
+        state = {"out": forward(params, data[0])}
 
         def run(i):
-            state["out"] = f(params, data[i])
+            state["out"] = forward(params, data[i])
         return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=(data, params))
     return make
 
