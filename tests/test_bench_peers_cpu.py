@@ -12,11 +12,11 @@ import pytest
 # bench/ is a top-level package of the repository (tests/test_bench.py says why it is imported this way)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import impls, suite  # noqa: E402
-from bench import workloads as wl  # noqa: E402
 
 # sweep is train's step at other batch sizes: nothing more to check there
 WORKLOADS = tuple(w for w in suite.WORKLOADS if w not in ("limits", "sweep"))
 KINDS = ("gemm", "dense", "train", "fit", "predict")
+BF16_FLOOR = 1e-3    # a bf16 row's error against float64 is above this, a float32 row's far below
 
 
 def torch_peers():
@@ -54,5 +54,5 @@ def test_peer_rows_run_on_the_cpu_and_agree_with_float64(peers):
     assert {(r["workload"], suite.row_kind(r)) for r in run.rows} == expected_rows(cpu_peer)
     for r in run.rows:
         if r["params"].get("precision") == "bf16":
-            # it really ran in bf16: float32 lands near 1e-5 here, bf16's rounding far above
-            assert r["rel_err"] > 10 * wl.TRAIN_TOL, (r["workload"], r["case"], r["rel_err"])
+            # it really ran in bf16: float32 lands at 1e-7 to 1e-5 here, bf16's rounding at 1e-2 to 4e-2
+            assert r["rel_err"] > BF16_FLOOR, (r["workload"], r["case"], r["rel_err"])
