@@ -588,30 +588,26 @@ def _jax_sync(jax, state):
     return lambda: jax.block_until_ready(state["out"])
 
 
-def _jax_gemm(device):
+def _jax_applied(device, fn):
+    """gemm and dense: fn(jax, *input set i) jit-compiled; its output is the result."""
     def make(sets):
         jax, dev = _jax_device(device)
         data = [jax.device_put(s, dev) for s in sets]
-        f = jax.jit(lambda A, W: A @ W.T)
+        f = jax.jit(functools.partial(fn, jax))
         state = {"out": f(*data[0])}
 
         def run(i):
             state["out"] = f(*data[i])
         return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
     return make
+
+
+def _jax_gemm(device):
+    return _jax_applied(device, lambda jax, A, W: A @ W.T)
 
 
 def _jax_dense(device):
-    def make(sets):
-        jax, dev = _jax_device(device)
-        data = [jax.device_put(s, dev) for s in sets]
-        f = jax.jit(lambda A, W, b: jax.nn.relu(A @ W.T + b))
-        state = {"out": f(*data[0])}
-
-        def run(i):
-            state["out"] = f(*data[i])
-        return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
-    return make
+    return _jax_applied(device, lambda jax, A, W, b: jax.nn.relu(A @ W.T + b))
 
 
 def _jax_mlp(jax, precision):
