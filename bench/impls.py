@@ -34,6 +34,7 @@ Peers compute the same math in the same precision: float32 everywhere (but the m
 layers and an identity output layer, with gpubp's losses: softmax_ce (one-hot float targets) and mse, which
 gpubp defines as (1/N) Σₙ ½‖ŷₙ − yₙ‖² (torch's MSELoss is the mean over N·out and has no ½).
 """
+import functools
 import os
 
 import numpy as np
@@ -575,78 +576,137 @@ def _cublas_gemm(sets):
 
 
 # ---- JAX -------------------------------------------------------------------------------------------------------------
+# Each builder takes the device, as torch's do: "cuda" is the GPU row (jax-jit), "cpu" runs the same code on
+# JAX's CPU backend (tests/test_bench_peers_cpu.py checks it there; no GPU needed). Inputs are placed on that
+# device with device_put, and jit runs where its inputs are.
+def _jax_device(device):
+    jax, _ = _jax()
+    return jax, jax.devices("gpu" if device == "cuda" else "cpu")[0]
+
+
 def _jax_sync(jax, state):
     return lambda: jax.block_until_ready(state["out"])
 
 
-def _jax_gemm(sets):
-    jax, _ = _jax()
+def _jax_applied(device, fn):
+    """gemm and dense: fn(jax, *input set i) jit-compiled; its output is the result."""
+    def make(sets):
+        jax, dev = _jax_device(device)
+        data = [jax.device_put(s, dev) for s in sets]
+        f = jax.jit(functools.partial(fn, jax))
+        state = {"out": f(*data[0])}
+
+        def run(i):
+            state["out"] = f(*data[i])
+        return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
+    return make
+
+
+def _jax_gemm(device):
+    return _jax_applied(device, lambda jax, A, W: A @ W.T)
+
+
+def _jax_dense(device):
+    return _jax_applied(device, lambda jax, A, W, b: jax.nn.relu(A @ W.T + b))
+
+
+def _jax_mlp(jax, precision):
+    """forward(params, X): the MLP's output (N, out), params [(W (out, in), b (out,))]. In bf16: every GEMM's
+    operands cast to bfloat16, the products accumulated and returned in float32 (preferred_element_type), as
+    gpubp's bf16 and torch's autocast (float32 master weights; the bias, activations and loss in float32)."""
     import jax.numpy as jnp
-    data = [(jnp.asarray(A), jnp.asarray(W)) for A, W in sets]
-    f = jax.jit(lambda A, W: A @ W.T)
-    state = {"out": f(*data[0])}
-
-    def run(i):
-        state["out"] = f(*data[i])
-    return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
-
-
-def _jax_dense(sets):
-    jax, _ = _jax()
-    import jax.numpy as jnp
-    data = [tuple(jnp.asarray(x) for x in s) for s in sets]
-    f = jax.jit(lambda A, W, b: jax.nn.relu(A @ W.T + b))
-    state = {"out": f(*data[0])}
-
-    def run(i):
-        state["out"] = f(*data[i])
-    return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=data)
-
-
-def _jax_train(spec, params0, sets, lr):
-    """One SGD-momentum step, jit-compiled. In bf16 (spec.precision): every GEMM's operands cast to bfloat16, the
-    products accumulated and returned in float32 (preferred_element_type), as gpubp's bf16 and torch's autocast
-    (float32 master weights; the bias, activations and loss in float32)."""
-    jax, _ = _jax()
-    import jax.numpy as jnp
-    data = [(jnp.asarray(X), jnp.asarray(Y)) for X, Y in sets]
-    precision = getattr(spec, "precision", "fp32")
     if precision not in ("fp32", "bf16"):
-        raise NotImplementedError(f"jax rows train in fp32 or bf16, not {precision}")
+        raise NotImplementedError(f"jax rows run in fp32 or bf16, not {precision}")
 
     def matmul_t(a, W):
         if precision == "fp32":
             return a @ W.T
         return jnp.dot(a.astype(jnp.bfloat16), W.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
-    def loss_fn(params, X, Y):
+    def forward(params, X):
         a = X
         for k, (W, b) in enumerate(params):
             a = matmul_t(a, W) + b
             if k < len(params) - 1:
                 a = jax.nn.relu(a)
-        if spec.loss == "softmax_ce":
-            return -(Y * jax.nn.log_softmax(a, axis=1)).sum(axis=1).mean()
-        return 0.5 * ((a - Y) ** 2).sum(axis=1).mean()
+        return a
+    return forward
 
-    def step(params, mom, X, Y):
+
+# NOTE: the jit-compiled functions are made once per loss and precision, not per runner: jit compiles once per
+# shape, so the suite's check runner and timed runner of a case share a compilation (lr is an argument).
+@functools.lru_cache(maxsize=None)
+def _jax_sgd_step(loss, precision):
+    """step(params, mom, X, Y, lr) -> (params, mom): one SGD-momentum step on the MLP of _jax_mlp; the parameters
+    and the momentum are donated (the new ones are written in their place)."""
+    jax, _ = _jax()
+    forward = _jax_mlp(jax, precision)
+
+    def loss_fn(params, X, Y):
+        out = forward(params, X)
+        if loss == "softmax_ce":
+            return -(Y * jax.nn.log_softmax(out, axis=1)).sum(axis=1).mean()
+        return 0.5 * ((out - Y) ** 2).sum(axis=1).mean()     # gpubp's mse: (1/N) Σ ½‖ŷ − y‖²
+
+    def step(params, mom, X, Y, lr):
         grads = jax.grad(loss_fn)(params, X, Y)
         mom = jax.tree_util.tree_map(lambda m, g: MOMENTUM * m + g, mom, grads)   # torch: b = μ·b + g
         params = jax.tree_util.tree_map(lambda p, m: p - lr * m, params, mom)
         return params, mom
+    return jax.jit(step, donate_argnums=(0, 1))
 
-    step = jax.jit(step, donate_argnums=(0, 1))
-    params = [(jnp.asarray(np.asarray(p["W"], np.float32)), jnp.asarray(np.asarray(p["b"], np.float32)))
-              for p in params0]
-    # momentum starts at 0, so the first step's buffer is μ·0 + g = g: torch's first step.
-    state = {"out": (params, jax.tree_util.tree_map(jnp.zeros_like, params))}
 
-    def run(i):
-        state["out"] = step(*state["out"], *data[i])
+@functools.lru_cache(maxsize=None)
+def _jax_forward(precision):
+    jax, _ = _jax()
+    return jax.jit(_jax_mlp(jax, precision))
 
-    def result():
-        return [{"W": np.asarray(W), "b": np.asarray(b)} for W, b in state["out"][0]]
-    return Runner(run, _jax_sync(jax, state), result, keep=data)
+
+def _jax_params(params0):
+    """params0 as [(W, b)] float32 numpy, copied: the train step donates its buffers, and nothing it may write
+    into can be params0, every implementation's start."""
+    return [(np.array(p["W"], np.float32), np.array(p["b"], np.float32)) for p in params0]
+
+
+def _jax_train(device):
+    """One SGD-momentum step (_jax_sgd_step) in spec.precision, from params0 with momentum 0."""
+    def make(spec, params0, sets, lr):
+        jax, dev = _jax_device(device)
+        data = [jax.device_put(s, dev) for s in sets]
+        step = _jax_sgd_step(spec.loss, getattr(spec, "precision", "fp32"))
+        lr = np.float32(lr)
+        params = _jax_params(params0)
+        # momentum starts at 0, so the first step's buffer is μ·0 + g = g: torch's first step.
+        state = {"out": jax.device_put((params, jax.tree_util.tree_map(np.zeros_like, params)), dev)}
+
+        def run(i):
+            state["out"] = step(*state["out"], *data[i], lr)
+
+        def result():     # copies, as torch's: the next step donates these buffers
+            return [{"W": np.array(W), "b": np.array(b)} for W, b in state["out"][0]]
+        return Runner(run, _jax_sync(jax, state), result, keep=data)
+    return make
+
+
+def _jax_predict(device):
+    """Inference: the jit-compiled forward of _jax_mlp (bf16 operands for the fused workload), output float32."""
+    def make(spec, params0, sets):
+        jax, dev = _jax_device(device)
+        data = [jax.device_put(X, dev) for X, _ in sets]
+        params = jax.device_put(_jax_params(params0), dev)
+        forward = _jax_forward(getattr(spec, "precision", "fp32"))
+        state = {"out": forward(params, data[0])}
+
+        def run(i):
+            state["out"] = forward(params, data[i])
+        return Runner(run, _jax_sync(jax, state), lambda: np.asarray(state["out"]), keep=(data, params))
+    return make
+
+
+def jax_impl(name, device, probe):
+    """JAX jit's implementation on `device`: the registry's jax-jit on the GPU; the tests build it on the CPU."""
+    return Impl(name, device, probe, gemm=_jax_gemm(device), dense=_jax_dense(device), train=_jax_train(device),
+                predict=_jax_predict(device), family="jax", precisions=MIXED)
 
 
 UNCHECKED_NOTE = "Sequential._train_step: the step without train_step's input checks"
@@ -712,8 +772,7 @@ def registry():
              fit=_torch_fit("cuda", graph=True), predict=_torch_predict("cuda", graph=True),
              note="the step captured as a CUDA graph (per input set for train and predict, per batch size for fit), "
                   "replayed", family="torch", precisions=MIXED),
-        Impl("jax-jit", "cuda", _jax_probe, gemm=_jax_gemm, dense=_jax_dense, train=_jax_train, family="jax",
-             precisions=MIXED),
+        jax_impl("jax-jit", "cuda", _jax_probe),
     ]
     return {impl.name: impl for impl in impls}
 

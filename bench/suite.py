@@ -286,6 +286,16 @@ class Entry:
         self.row = self.runner = self.timer = None
 
 
+def checked_runner(make, kind, check, n_sets, what):
+    """(runner, relative error): a runner from make(), run on the input sets of check_calls(kind), then its result
+    checked against the float64 reference (`check`, which raises timing.Refused when it disagrees)."""
+    runner = make()
+    for i in wl.check_calls(kind, n_sets):
+        runner.run(i)
+    runner.sync()
+    return runner, check(runner.result(), what)
+
+
 def run_case(run, workload, device, case, params, entries, check, n_sets, flops=None, nbytes=None, samples=None,
              kind=None):
     """For each entry: build a runner (make()), check its first result against the reference (make_check()
@@ -301,11 +311,8 @@ def run_case(run, workload, device, case, params, entries, check, n_sets, flops=
             e.row.update(status="failed", error=f"not run: the time budget ({c.budget_s:.0f} s) is spent")
             continue
         try:
-            checker = (e.make_check or e.make)()
-            for i in wl.check_calls(kind or KINDS[workload], n_sets):
-                checker.run(i)
-            checker.sync()
-            e.row["rel_err"] = check(checker.result(), f"{e.impl.name} on {workload} {case}")
+            checker, e.row["rel_err"] = checked_runner(e.make_check or e.make, kind or KINDS[workload], check,
+                                                       n_sets, f"{e.impl.name} on {workload} {case}")
             if e.make_check is not None:
                 del checker
                 _free_device_memory()

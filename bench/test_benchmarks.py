@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from bench import impls, suite
-from bench import workloads as wl
 
 
 def test_bench(benchmark, bench_case):
@@ -21,11 +20,8 @@ def test_bench(benchmark, bench_case):
         pytest.skip(f"{name}: {reason}")
     built = suite.build_case(suite.KINDS[workload], params, np.random.default_rng(0))
     entry = built.entry(impl)
-    checker = (entry.make_check or entry.make)()
-    for i in wl.check_calls(suite.KINDS[workload], len(built.sets)):
-        checker.run(i)
-    checker.sync()
-    rel_err = built.check(checker.result(), f"{name} on {workload} {case}")   # raises Refused: the test fails
+    checker, rel_err = suite.checked_runner(entry.make_check or entry.make, suite.KINDS[workload], built.check,
+                                            len(built.sets), f"{name} on {workload} {case}")  # Refused: fails
     runner = entry.make() if entry.make_check else checker
     del checker
     n_sets, calls = len(built.sets), [0]

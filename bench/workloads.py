@@ -22,8 +22,16 @@ from . import timing
 GEMM_TOL = 1e-4     # fp32 lands near 1e-6 here; TF32 near 3e-4: refused
 TRAIN_TOL = 1e-3    # the first step's update against float64, norm-wise
 # ... in a reduced precision: each implementation's own rounding (ours: gpubp/backends/base.py's contract; torch:
-# autocast's) against the same float64 reference; a few units of the format's 2^-8 (bf16) relative error
-TRAIN_TOL_PRECISION = {"fp32": TRAIN_TOL, "tf32": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
+# autocast's; JAX: bf16 operands) against the same float64 reference.
+# The forward (predict): a few units of the format's relative error u (bf16: 2^-8; tf32 and fp16: 2^-11).
+PREDICT_TOL_PRECISION = {"fp32": TRAIN_TOL, "tf32": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
+# The training step's update: more, as √u. NOTE: ReLU's derivative is a step: a unit whose input changes sign
+# under the rounding passes all of its delta or none of it where float64 does the opposite; a fraction ~u of the
+# units flip (bf16 at 784-256-256-10: 0.08% of the first layer's), so the update's norm-wise error grows as √u.
+# Measured on the CPU over 5 draws at 784-256-256-10 b256 softmax_ce, gpubp and torch autocast alike: bf16 0.043
+# to 0.052 (0.034 at 784-1024-1024-10 b1024, JAX too), tf32 and fp16 0.013 to 0.017 (gpubp); the tolerance is
+# about twice that, so a correct bf16 row is not refused for its draw of data.
+TRAIN_TOL_PRECISION = {"fp32": TRAIN_TOL, "tf32": 4e-2, "bf16": 1e-1, "fp16": 4e-2}
 VALIDATE_LR = 0.1   # a large first step, so the float32 update is far above the parameters' rounding
 TIMING_LR = 0.01    # what the timed runs train with (many steps on random data must stay finite)
 CHECK_ROWS = 256    # rows of a big product compared with the float64 reference (every row when fewer)
@@ -262,7 +270,7 @@ def train_sets(mlp, rng):
 def predict_reference(mlp, params0, sets, rng):
     """A check of a runner that last predicted set 0 (check_calls("predict"): set 1, then set 0): sampled rows of
     its output against the float64 forward of params0 (ReLU hidden layers, identity output), within the
-    precision's tolerance (TRAIN_TOL_PRECISION); the whole output must be finite.
+    precision's tolerance (PREDICT_TOL_PRECISION); the whole output must be finite.
 
     NOTE: the error is measured against the output's variation over the rows, ‖got − ref‖ / ‖ref − mean(ref)‖,
     not against ‖ref‖, so that an output that hardly depends on the input (mostly biases) cannot let the output
@@ -282,7 +290,7 @@ def predict_reference(mlp, params0, sets, rng):
             raise timing.Refused(f"{what}: result has NaN or inf, or shape {result.shape} (an element left "
                                  "unwritten, or an overflow)")
         mean = A.mean(axis=0)
-        return timing.check(result[rows] - mean, A - mean, TRAIN_TOL_PRECISION[mlp.precision], what)
+        return timing.check(result[rows] - mean, A - mean, PREDICT_TOL_PRECISION[mlp.precision], what)
     return check
 
 
