@@ -112,7 +112,7 @@ def _fmt(v, spec):
 
 
 def _rate(r):
-    if r["workload"] in ("train", "sweep", "dense", "fit", "fused") and r["samples_per_s"]:
+    if r["workload"] in ("train", "sweep", "dense", "fit", "mixed", "fused") and r["samples_per_s"]:
         return f"{r['samples_per_s']:.3g} samp/s"
     if r["tflops"]:
         return f"{r['tflops']:.3f} TFLOP/s"
