@@ -237,11 +237,7 @@ def plot(run, stem, env):
             ax.set_xscale("log", base=2)
             ax.grid(True, which="both", lw=0.3)
         ax1.legend(fontsize=7)
-        fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
-        fig.tight_layout()
-        written.append(Path(f"{stem}_sweep.png"))
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
+        written.append(_save_figure(fig, env, f"{stem}_sweep.png"))
     gemm = [r for r in run.rows if r["workload"] == "gemm" and r["status"] == "ok"]
     if gemm:
         fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -251,11 +247,7 @@ def plot(run, stem, env):
         ax.set(xscale="log", yscale="log", xlabel="n (n×n×n, float32)", ylabel="TFLOP/s", title="GEMM Z = A·Wᵀ")
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=7)
-        fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
-        fig.tight_layout()
-        written.append(Path(f"{stem}_gemm.png"))
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
+        written.append(_save_figure(fig, env, f"{stem}_gemm.png"))
     written += fused_plot(run.rows, stem, env)
     return written
 
@@ -296,12 +288,17 @@ def fused_plot(rows, stem, env):
            title=f"fused MLP {dims}, bf16 train step (mse, SGD momentum)")
     ax.grid(True, which="both", lw=0.3)
     ax.legend(fontsize=7)
+    return [_save_figure(fig, env, f"{stem}_fused.png")]
+
+
+def _save_figure(fig, env, path):
+    """Every plot's ending: the device and date as its title, written to `path` (PNG), closed; returns the path."""
+    import matplotlib.pyplot as plt   # already imported (Agg) by the caller
     fig.suptitle(f"{env['device']}, {env['date_utc'][:10]}", fontsize=9)
     fig.tight_layout()
-    path = Path(f"{stem}_fused.png")
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return [path]
+    return Path(path)
 
 
 def _lines(rows):
