@@ -337,9 +337,11 @@ def test_gpubp_train_under_mpiexec_saves_one_checkpoint_and_resumes(tmp_path):
 
 # ---- NCCL: size 1, on a GPU only -------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_nccl_transport_at_size_one_trains_as_plain_fit():
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-shot", "overlap"])
+def test_nccl_transport_at_size_one_trains_as_plain_fit(overlap):
     pytest.importorskip("cupy")
-    comm = distributed.Communicator()
+    # overlap with a bucket per layer: each bucket's all-reduce on the side stream, the update waiting on it
+    comm = distributed.Communicator(overlap=overlap, bucket_bytes=0)
     comm.transport = distributed.NcclTransport(comm)
     X, y = script.data("softmax_ce", 45)
     nets = [gpubp.Sequential(gpubp.Dense(5, 7, "tanh"), gpubp.Dense(7, 3), backend="cupy", seed=3)
