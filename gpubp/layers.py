@@ -7,7 +7,10 @@
 
 W (out, in) and b (out,) are views into the model's flat parameter buffer, dW and db views into its flat
 gradient buffer; the network binds them (Sequential._bind) once the backend is known, with `precision`, the
-model's GEMM precision (gpubp/precision.py; the backend ops round their operands to it).
+model's GEMM precision (gpubp/precision.py; the backend ops round their operands to it). W16 (bf16/fp16 models):
+W rounded to the precision's 16-bit storage, a view into the model's copy of the parameters that the network
+refreshes at the start of every forward (Sequential._forward); the GEMMs read it in place of W, the same values
+(round_p of a 16-bit value is exact). None: the ops round W themselves.
 """
 import math
 import numbers
@@ -40,7 +43,7 @@ class Dense:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not _finite(alpha):
             raise ValueError(f"Dense alpha: expected a finite number, got {alpha!r}")
         self.alpha = float(alpha)
-        self.W = self.b = self.dW = self.db = None
+        self.W = self.b = self.dW = self.db = self.W16 = None
         self.precision = "fp32"
 
     def param_shapes(self):
@@ -57,7 +60,7 @@ class Dense:
 
     def forward(self, be, A_prev, Z, A):
         """Z = A_prev · Wᵀ + b,  A = g(Z)."""
-        be.dense_forward(A_prev, self.W, self.b, self.act, self.alpha, Z, A, self.precision)
+        be.dense_forward(A_prev, self._W_operand(), self.b, self.act, self.alpha, Z, A, self.precision)
 
     def backward(self, be, A_prev, delta, prev=None, weight_grad_done=None):
         """From this layer's δ (already ⊙ g'(Z): the loss or the next layer applied it):
@@ -71,8 +74,12 @@ class Dense:
             weight_grad_done()
         if prev is not None:
             prev_layer, Z_prev, A_prev_out, delta_prev = prev
-            be.input_grad_masked(delta, self.W, Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha, delta_prev,
-                                 self.precision)
+            be.input_grad_masked(delta, self._W_operand(), Z_prev, A_prev_out, prev_layer.act, prev_layer.alpha,
+                                 delta_prev, self.precision)
+
+    def _W_operand(self):
+        """W as the GEMMs take it: the 16-bit copy when the network keeps one, else the float32 master."""
+        return self.W if self.W16 is None else self.W16
 
     def config(self):
         return {"n_in": self.n_in, "n_out": self.n_out, "activation": self.activation, "bias": self.bias,

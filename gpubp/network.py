@@ -319,6 +319,17 @@ class Sequential:
         # (gpubp/distributed.py).
         self.reduce_buffer = self.backend.zeros((self.layout.size + 1,), self.dtype)
         self.grads = self.backend.view(self.reduce_buffer, 0, (self.layout.size,))
+        # bf16/fp16: the parameters rounded to the 16-bit storage, in the flat buffer's layout; each layer's W16 is
+        # its view. _forward refreshes it first (one round_to_storage over all of it), and the step's GEMMs read
+        # it: one rounding of the weights per forward, shared by forward and backward, instead of one per GEMM.
+        # NOTE: only the float32 master is ever written (optimizer steps, set_params, checkpoints, EarlyStopping's
+        # restore, distributed broadcasts); the copy is rebuilt at the start of every forward, so it cannot go
+        # stale. Made here, once, so a captured step allocates nothing. FlatLayout starts every W at a multiple of
+        # ALIGN (32) elements, so a W16 view is aligned as the per-GEMM scratch was: its rows are 16-byte aligned
+        # (the tensor-core GEMM's cp.async path) exactly when n_in % 8 == 0, as before; no layer needs scratch.
+        self.params16 = None
+        if self.precision in ("bf16", "fp16"):
+            self.params16 = self.backend.zeros((self.layout.size,), self.backend.storage_dtype(self.precision))
         self._bind()
         self.backend.copy_into(self.params, self.layout.flatten(
             [layer.init_params(self.rng) for layer in self.layers], self.dtype))
@@ -341,6 +352,9 @@ class Sequential:
                                self.layout.views(self.backend, self.grads)):
             layer.W, layer.b, layer.dW, layer.db = p["W"], p.get("b"), g["W"], g.get("b")
             layer.precision = self._gemm_precision
+        for layer, w16 in zip(self.layers, [None] * len(self.layers) if self.params16 is None
+                              else self.layout.views(self.backend, self.params16)):
+            layer.W16 = None if w16 is None else w16["W"]
 
     @property
     def _gemm_precision(self):
@@ -493,6 +507,8 @@ class Sequential:
         if self.fused and not keep_z:
             self.backend.fused_forward(X, *self._fused_args(), self.precision, ws.A[-1])
             return ws.A[-1]
+        if self.params16 is not None:   # the layers' W16, from the parameters as they are now
+            self.backend.round_to_storage(self.params, self.params16, self.precision)
         a = X
         for layer, Z, A in zip(self.layers, ws.Z, ws.A):
             layer.forward(self.backend, a, Z, A)

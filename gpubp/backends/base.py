@@ -37,6 +37,11 @@ always pass it). round_p is precision.round_operand (RNE); "store" rounds RNE to
     weight_grad       dW = round_p(δ)ᵀ · round_p(A_prev) (float32 accumulation),  db = Σₙ δₙ of the stored δ
     loss_grad         δ_out = store(scale · ∂L/∂Z), scale the fp16 loss scale (gpubp/loss_scale.py), else 1
 For 16-bit stored arrays round_p is exact; tf32 stores nothing narrow and rounds operands inside the GEMM.
+W may come either way: the float32 master (the op rounds it) or already in storage_dtype(p) (read as it is;
+the same numerics, since rounding a 16-bit value again is exact). A bf16/fp16 model passes the latter:
+    round_to_storage  dst = store(src)  (src (P,) float32, dst (P,) storage_dtype(p): one op over the whole flat
+                      parameter buffer at the start of every forward, gpubp/network.py; dense_forward and
+                      input_grad_masked of that step then read each layer's W from its view of dst)
 
 The fully fused MLP (issue 13; gpubp/fused.py says which models qualify and holds the numpy reference of the
 kernels' numerics). A backend with FUSED = True runs a whole qualifying bf16/fp16 model in two ops, layers
@@ -195,6 +200,11 @@ class Backend:
 
     def input_grad(self, delta, W, dA_prev, precision="fp32"):
         """dA_prev = δ · W."""
+        raise NotImplementedError
+
+    def round_to_storage(self, src, dst, precision):
+        """dst = store(src): src (P,) float32, dst (P,) in storage_dtype(precision) (bf16 or fp16), rounded RNE as
+        gpubp.precision.round_operand does (inf/NaN kept, overflow to inf). One launch, allocates nothing."""
         raise NotImplementedError
 
     def input_grad_masked(self, delta, W, Z_prev, A_prev, act, alpha, delta_prev, precision="fp32"):

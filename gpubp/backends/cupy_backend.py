@@ -22,7 +22,8 @@ Design, in short (the kernels' header comments have the details):
   Stored arrays (storage_dtype): float32 for fp32/tf32; bf16 as raw bits in uint16 (CuPy has no bfloat16);
   fp16 as float16 (CuPy's own, the same bits): so every array's dtype names its format, and loss_grad, which
   takes no precision, knows what to write into δ. A float32 operand of a 16-bit GEMM (W, the master weights;
-  X, layer 0's input) is converted first (to_storage_kernel, RNE) into scratch kept per role and size.
+  X, layer 0's input) is converted first (to_storage_kernel, RNE) into scratch kept per role and size; a 16-bit
+  one is read as it is (a network's W: round_to_storage makes every layer's at once, once per forward).
   The fp16 loss scaler (loss_grad's scale, unscale_gradients, update_scale: kernels/loss_scale.cu) lives in
   device memory like the guard: no host synchronisation, capturable.
 """
@@ -497,15 +498,30 @@ class CupyBackend(Backend):
                             f"{x.dtype}{'' if x.flags.c_contiguous else ' (not C-contiguous)'}")
         return x
 
+    def round_to_storage(self, src, dst, precision):
+        # src (P,) float32, dst (P,) storage_dtype(precision): one to_storage_kernel launch (RNE)
+        self._float32("src", src)
+        if precision not in _NARROW_DTYPES or self._format_of(dst, "dst") != precision or dst.shape != src.shape:
+            raise TypeError(f"round_to_storage: expected dst of {src.shape} in precision {precision!r}'s 16-bit "
+                            f"storage, got {dst.dtype} {dst.shape}")
+        self._to_storage(src, self._bits(dst), precision)
+
+    @staticmethod
+    def _to_storage(src, bits, precision):
+        """bits (uint16, src's size) = src (float32) rounded to precision's format: to_storage_kernel."""
+        if src.size:
+            _kernel("dense_tc.cu", cuda_sources.format_kernel_name("to_storage_kernel", precision))(
+                elementwise_grid(src.size, _sm_count()), (_THREADS,),
+                (src.reshape(-1), bits.reshape(-1), np.int64(src.size)))
+
     def _operand(self, x, precision, role):
         """A GEMM operand in precision's storage, as dense_tc.cu takes it: tf32 float32 as it is; bf16/fp16 bits
-        as they are, or a float32 array (W, X) converted into scratch (to_storage_kernel, RNE)."""
+        as they are (a network's W: its round_to_storage copy), or a float32 array (W, X) converted into scratch
+        (to_storage_kernel, RNE)."""
         fmt = self._format_of(x, role)
         if fmt == "fp32" and precision in _NARROW_DTYPES:
             out = self._scratch_buffer(("tc operand", role), x.size, np.uint16)
-            if x.size:
-                _kernel("dense_tc.cu", cuda_sources.format_kernel_name("to_storage_kernel", precision))(
-                    elementwise_grid(x.size, _sm_count()), (_THREADS,), (x.reshape(-1), out, np.int64(x.size)))
+            self._to_storage(x, out, precision)
             return out
         if fmt == "fp32" or fmt == precision or (x.dtype == np.uint16 and precision == "fp16"):   # raw fp16 bits too
             return self._bits(x)

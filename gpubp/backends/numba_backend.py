@@ -335,8 +335,19 @@ class NumbaBackend(Backend):
         self._input_grad(self._device(delta), self._device(W), True, self._device(Z_prev), self._device(A_prev),
                          act, alpha, delta_prev, precision)
 
+    def round_to_storage(self, src, dst, precision):
+        # src (P,) float32, dst (P,) storage_dtype(precision): one launch of the rounding kernel of dst's kind
+        src, dst = self._device(src), self._device(dst)
+        kind = self._operand_kind(dst, precision)
+        if kind not in (self.k.BF16_BITS, self.k.F16) or np.dtype(src.dtype) != np.float32 or src.shape != dst.shape:
+            raise TypeError(f"round_to_storage: expected float32 src and dst of {src.shape} in precision "
+                            f"{precision!r}'s 16-bit storage, got {src.dtype} and {dst.dtype} {dst.shape}")
+        self._kernel("round_to_storage_kernel_for", kind)[grid_stride_blocks(dst.size), THREADS](src, dst)
+
     def _input_grad(self, delta, W, masked, Z_prev, A_prev, act, alpha, out, precision):
-        kernel = self._kernel("input_grad_kernel_for", W.dtype.name, self._operand_kind(delta, precision),
+        # the kernel's dtype is the model's: W's, or float32 for a 16-bit stored W (bf16/fp16 models are float32)
+        dtype_name = W.dtype.name if np.dtype(W.dtype).itemsize > 2 else "float32"
+        kernel = self._kernel("input_grad_kernel_for", dtype_name, self._operand_kind(delta, precision),
                               self._operand_kind(W, precision), self._stored_kind(A_prev), self._stored_kind(out))
         kernel[_gemm_grid(out.shape[0], out.shape[1]), self.k.GEMM_THREADS](
             delta, W, masked, Z_prev, A_prev, act, float(alpha), out)

@@ -416,6 +416,26 @@ def bias_grad_kernel_for(d_kind=PLAIN):
 bias_grad_kernel = bias_grad_kernel_for(PLAIN)
 
 
+@functools.lru_cache(maxsize=None)
+def round_to_storage_kernel_for(kind):
+    """The rounding of a flat float32 array into 16-bit storage of one kind (BF16_BITS or F16)."""
+
+    @cuda.jit
+    def round_to_storage_kernel(src, dst):
+        """dst = src rounded RNE to the storage format (bfloat16 bits by bf16_bits, float16 by the conversion),
+        as store() rounds an output; src (P,) float32, dst (P,). Launch: 1-D grid-stride over P. Traffic: src
+        read once, dst written once."""
+        start, stride = cuda.grid(1), cuda.gridsize(1)
+        for i in range(start, src.shape[0], stride):
+            x = np.float32(src[i])
+            if kind == BF16_BITS:
+                dst[i] = bf16_bits(x)
+            else:
+                dst[i] = x
+
+    return _built("round_to_storage_kernel", ("any", kind), round_to_storage_kernel)
+
+
 # ---- elementwise ------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def activation_mask_kernel_for(da_kind=PLAIN, a_kind=PLAIN, d_kind=PLAIN):
@@ -569,24 +589,30 @@ def _kind_array(kind, ndim=2):
 def precision_launches(precision):
     """[(factory, kinds, argtypes)]: the reduced-precision kernels a float32 network of `precision` launches
     (tf32, bf16, fp16), with the argument types it launches them with. Per layer the backend picks the kinds
-    from the arrays: an operand is rounded (X, W: float32) or stored (hidden A, δ: storage_dtype); an output
+    from the arrays: an operand is rounded (X, W: float32) or stored (hidden A, δ, and W from the bf16/fp16
+    network's copy made by round_to_storage_kernel: storage_dtype); an output
     is float32 (Z, the output layer's A, dW) or stored. The fp16 loss gradient carries the loss scale."""
     i64, f64, flag = numba.int64, numba.float64, numba.boolean
     mat, vec = numba.float32[:, ::1], numba.float32[::1]
     r, s = ROUNDING[precision], STORED[precision]
     h = r if s == PLAIN else s                 # a hidden A or a δ as a GEMM operand
     out = []
+    ws = sorted({r, h})                        # W: float32 (rounded), or the network's 16-bit copy (stored)
     for x in sorted({r, h}):                   # A_prev: the staged X (float32), or a hidden A
-        for a in sorted({s, PLAIN}):           # A: a hidden layer's (stored), or the output layer's (float32)
-            # A_prev, W, b, has_bias, act, alpha, Z, A
-            out.append((dense_forward_kernel_for, ("float32", x, r, a),
-                        (_kind_array(x), mat, vec, flag, i64, f64, mat, _kind_array(a))))
+        for w in ws:
+            for a in sorted({s, PLAIN}):       # A: a hidden layer's (stored), or the output layer's (float32)
+                # A_prev, W, b, has_bias, act, alpha, Z, A
+                out.append((dense_forward_kernel_for, ("float32", x, w, a),
+                            (_kind_array(x), _kind_array(w), vec, flag, i64, f64, mat, _kind_array(a))))
         # delta, A_prev, accumulate, dW
         out.append((weight_grad_kernel_for, ("float32", h, x), (_kind_array(h), _kind_array(x), flag, mat)))
-    # delta, W, masked, Z_prev, A_prev, act, alpha, out
-    out.append((input_grad_kernel_for, ("float32", h, r, s, s),
-                (_kind_array(h), mat, flag, mat, _kind_array(s), i64, f64, _kind_array(s))))
+    for w in ws:
+        # delta, W, masked, Z_prev, A_prev, act, alpha, out
+        out.append((input_grad_kernel_for, ("float32", h, w, s, s),
+                    (_kind_array(h), _kind_array(w), flag, mat, _kind_array(s), i64, f64, _kind_array(s))))
     if s != PLAIN:
+        # src, dst: the network's 16-bit copy of its parameters
+        out.append((round_to_storage_kernel_for, (s,), (vec, _kind_array(s, 1))))
         # delta, accumulate, db
         out.append((bias_grad_kernel_for, (s,), (_kind_array(s), flag, vec)))
         # dA, Z, A, act, alpha, delta

@@ -118,6 +118,13 @@ class NumpyBackend(Backend):
             dA = self._operand(delta, precision) @ self._operand(W, precision)
             self._store(delta_prev, acts.derivative_mask(act, dA, Z_prev, self._decoded(A_prev), alpha, out=dA))
 
+    def round_to_storage(self, src, dst, precision):
+        # src (P,) float32, dst (P,) ml_dtypes.bfloat16 / float16: the reference's rounding (RNE), as round_operand
+        if dst.dtype != P.storage_dtype(precision) or dst.dtype.itemsize != 2 or src.shape != dst.shape:
+            raise TypeError(f"round_to_storage: expected dst of {src.shape} in precision {precision!r}'s 16-bit "
+                            f"storage, got {dst.dtype} {dst.shape}")
+        self._store(dst, src)
+
     @staticmethod
     def _operand(x, precision):
         """x as a reduced-precision GEMM multiplies it: float32 holding round_p(x) (exact for 16-bit storage)."""
