@@ -282,7 +282,8 @@ def test_the_backend_launches_with_the_table_types(dtype):
 def test_a_reduced_precision_network_launches_with_the_table_types(precision):
     """The ops of a float32 network of `precision`, as the layers launch them (X float32 -> hidden A in
     storage_dtype -> output A float32; every δ in storage_dtype; the fp16 loss gradient scaled), plus the
-    unfused input_grad and activation_mask: each launch is a table entry, with its argument types; and every
+    unfused input_grad and activation_mask, and for bf16/fp16 the 16-bit copy of the weights (round_to_storage)
+    read by the GEMMs: each launch is a table entry, with its argument types; and every
     reduced-precision entry of the precision is launched (the table lists no kernel a network never runs)."""
     calls = []
     be = _recording_backend(calls)
@@ -302,6 +303,13 @@ def test_a_reduced_precision_network_launches_with_the_table_types(precision):
     be.weight_grad(G1, X, f32(n_hid, n_in), f32(n_hid), precision=precision)
     be.input_grad(G2, W2, st(N, n_hid), precision=precision)
     be.activation_mask(G1, Z1, A1, 1, 0.0, G1)
+    if sd.itemsize == 2:   # bf16/fp16: the network's 16-bit copy of the parameters, and its W read as stored
+        be.round_to_storage(f32(11), st(11), precision)
+        W1s, W2s = st(n_hid, n_in), st(n_out, n_hid)
+        for W, b, Z, A, A_prev in ((W1s, b1, Z1, A1, X), (W2s, b2, Z2, A2, A1), (W2s, b2, Z2, st(N, n_out), A1),
+                                   (W1s, b1, Z1, f32(N, n_hid), X)):
+            be.dense_forward(A_prev, W, b, 1, 0.0, Z, A, precision=precision)
+        be.input_grad_masked(G2, W2s, Z1, A1, 3, 0.0, G1, precision=precision)
     launched = _check_launches(calls, "float32")
     wanted = {(e.name, e.dtype, e.variant) for e in TABLE if e.variant} & {
         (k.py_func.__name__, "float32", numba_kernels.variant_name(key[1:] if isinstance(key[0], str) else key))
