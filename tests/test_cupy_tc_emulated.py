@@ -438,11 +438,11 @@ def test_loss_scale_layout_matches_the_kernels():
 
 
 # ---- whole networks against the numpy backend in the same precision --------------------------------------------
-def _net(backend_obj, precision, sizes=(7, 33, 17, 3), hidden="tanh"):
+def _net(backend_obj, precision, sizes=(7, 33, 17, 3), hidden="tanh", fused="auto"):
     import gpubp
     layers = [gpubp.Dense(a, b, hidden if i < len(sizes) - 2 else "identity")
               for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    return gpubp.Sequential(*layers, backend=backend_obj, dtype="float32", seed=3, precision=precision)
+    return gpubp.Sequential(*layers, backend=backend_obj, dtype="float32", seed=3, precision=precision, fused=fused)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -498,6 +498,87 @@ def test_fp16_overflow_backs_off_as_the_numpy_backend(backend, rng):
     for got, want in zip(seen["cupy"][3], seen["numpy"][3]):
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=2e-2, atol=1e-3)
+
+
+def _per_gemm_weights(net):
+    """The model as before the shared 16-bit copy: every GEMM converts the float32 W itself (into scratch)."""
+    net.params16 = None
+    for layer in net.layers:
+        layer.W16 = None
+    return net
+
+
+class _CountedKernel:
+    """A kernel that notes (name, size) of each to_storage_kernel launch (size: its last argument) in `log`."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __call__(self, grid, block, args):
+        if self.name.startswith("to_storage_kernel"):
+            self.log.append(int(args[-1]))
+        return self.kernel(grid, block, args)
+
+
+@pytest.mark.parametrize("precision, sizes", [("bf16", (7, 33, 17, 3)), ("fp16", (7, 5, 3))])
+def test_a_step_rounds_the_weights_once_bit_identical_to_per_gemm_rounding(backend, precision, sizes, monkeypatch,
+                                                                             rng):
+    """bf16/fp16, the per-layer path: a train step converts W once, all of the flat parameters in one to_storage_kernel launch
+    (round_to_storage into the model's 16-bit copy), instead of once per GEMM that reads it (forward, and input_grad
+    for every layer but the first); X is converted by the two GEMMs that read it, as before. Parameters and losses after steps that include CUDA graph
+    replays are bit-identical to the per-GEMM conversion's. Widths 7, 33, 17, 5 make rows of W that are not 16 bytes
+    (8 elements) long: the tensor-core kernels' element-by-element loads."""
+    import gpubp
+    X = rng.standard_normal((37, sizes[0]))
+    y = rng.integers(0, sizes[-1], 37)
+    real_kernel = cb._kernel   # the emulator's (the fixture's patch)
+    log = []
+    monkeypatch.setattr(cb, "_kernel", lambda filename, name: _CountedKernel(real_kernel(filename, name), name, log))
+    nets = {"shared": _net(backend, precision, sizes, fused=False),
+            "per GEMM": _per_gemm_weights(_net(backend, precision, sizes, fused=False))}
+    conversions = {}
+    backend.use_graphs = False   # launches counted eagerly (a replayed graph looks up no kernels)
+    for name, net in nets.items():
+        del log[:]
+        net.train_step(X, y, "softmax_ce", gpubp.SGD(net, lr=1e-2))
+        conversions[name] = list(log)
+    layers = len(sizes) - 1
+    # the weights, then X (float32) as layer 0's forward and weight_grad read it, each converting it as before
+    assert conversions["shared"] == [nets["shared"].layout.size, X.size, X.size]
+    assert sorted(conversions["per GEMM"]) == sorted([X.size] * 2 + [a * b for a, b in zip(sizes, sizes[1:])]
+                                                     + [a * b for a, b in zip(sizes[1:-1], sizes[2:])])
+    assert len(conversions["per GEMM"]) == 2 + 2 * layers - 1
+    backend.use_graphs = True
+    curves, params = {}, {}
+    for name, net in nets.items():
+        opt = gpubp.Adam(net, lr=1e-2)
+        curves[name] = [net.train_step(X, y, "softmax_ce", opt) for _ in range(3)]
+        params[name] = net.get_params()
+    assert not backend.graph_errors
+    assert any(isinstance(state, tuple) for state in backend._steps.values())   # the third step a graph's replay
+    assert curves["shared"] == curves["per GEMM"]
+    for got, want in zip(params["shared"], params["per GEMM"]):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    np.testing.assert_array_equal(nets["shared"].predict(X), nets["per GEMM"].predict(X))
+
+
+def test_odd_widths_match_the_numpy_backend(backend, rng):
+    """7-5-3 in bf16 on the per-layer path: W rows of 7 and 5 elements (not 16-byte aligned) read from the 16-bit copy give the numpy
+    reference's gradients (as test_network_gradients_and_steps_match_the_numpy_backend's tolerance) and, after a
+    step moved the weights, its predictions: the copy follows the parameters."""
+    import gpubp
+    from gpubp.backends.numpy_backend import NumpyBackend
+    X = rng.standard_normal((19, 7))
+    y = rng.integers(0, 3, 19)
+    nets = {name: _net(be, "bf16", (7, 5, 3), fused=False) for name, be in (("cupy", backend), ("numpy", NumpyBackend()))}
+    grads = {k: net.gradients(X, y, loss="softmax_ce") for k, net in nets.items()}
+    for got, want in zip(grads["cupy"], grads["numpy"]):
+        for key in want:
+            assert np.abs(got[key] - want[key]).max() <= 2e-3 * np.abs(want[key]).max(), key
+    for net in nets.values():
+        net.train_step(X, y, "softmax_ce", gpubp.SGD(net, lr=0.5))
+    np.testing.assert_allclose(nets["cupy"].predict(X), nets["numpy"].predict(X), rtol=2e-2, atol=2e-3)
 
 
 def test_gemm_tc_bench_row_says_why_it_skips_without_a_gpu(capsys):

@@ -188,6 +188,40 @@ def test_fifty_steps_track_fp32(rng, precision):
     np.testing.assert_allclose(curves[precision], curves["fp32"], rtol=0.05, atol=0.01)
 
 
+@pytest.mark.parametrize("precision", SIXTEEN)
+def test_one_16_bit_copy_of_the_weights_follows_the_parameters(rng, precision):
+    """bf16/fp16 on the per-layer path: every layer's W16 is a view of the model's one 16-bit copy of its flat
+    parameters, at W's offset, holding round_p(W) after a forward (a step's update comes after its forward: until the next
+    one the copy holds the weights before it, read by nothing); steps are bit-identical to rounding W in every
+    GEMM (no copy), and set_params between steps reaches the next forward (the copy is rebuilt each time)."""
+    X, y = make_data(rng, 17, 7, 3, "softmax_ce")
+    new = lambda: gpubp.Sequential(gpubp.Dense(7, 5, "tanh"), gpubp.Dense(5, 3), backend="numpy",  # noqa: E731
+                                   precision=precision, fused=False)
+    nets = {"copy": new(), "per GEMM": new()}
+    nets["per GEMM"].params16 = None
+    for layer in nets["per GEMM"].layers:
+        layer.W16 = None
+    for net in nets.values():
+        opt = gpubp.Adam(net, lr=1e-2)
+        net.curve = [net.train_step(X, y, "softmax_ce", opt) for _ in range(3)]
+    net = nets["copy"]
+    assert net.curve == nets["per GEMM"].curve
+    for got, want in zip(net.get_params(), nets["per GEMM"].get_params()):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    np.testing.assert_array_equal(net.predict(X), nets["per GEMM"].predict(X))   # a forward: the copy is current
+    for layer, (_, name, _, offset) in zip(net.layers, [e for e in net.layout.entries if e[1] == "W"]):
+        assert layer.W16.dtype == P.storage_dtype(precision) and np.shares_memory(layer.W16, net.params16)
+        assert offset % 8 == 0   # 16-byte aligned start (FlatLayout.ALIGN): rows aligned whenever n_in % 8 == 0
+        np.testing.assert_array_equal(layer.W16.astype(np.float32), P.round_operand(layer.W, precision))
+    params = [{k: v * 2 for k, v in p.items()} for p in net.get_params()]
+    for each in nets.values():
+        each.set_params(params)
+    np.testing.assert_array_equal(net.predict(X), nets["per GEMM"].predict(X))
+    for layer in net.layers:
+        np.testing.assert_array_equal(layer.W16.astype(np.float32), P.round_operand(layer.W, precision))
+
+
 # ---- the fp16 loss scaler -------------------------------------------------------------------------------------
 def test_loss_scaler_skips_an_overflow_and_backs_off(rng):
     """A planted overflow: a scale of 2⁶⁰ makes the stored fp16 δ infinite. The step is skipped (parameters and
