@@ -523,11 +523,12 @@ class _CountedKernel:
 @pytest.mark.parametrize("precision, sizes", [("bf16", (7, 33, 17, 3)), ("fp16", (7, 5, 3))])
 def test_a_step_rounds_the_weights_once_bit_identical_to_per_gemm_rounding(backend, precision, sizes, monkeypatch,
                                                                              rng):
-    """bf16/fp16, the per-layer path: a train step converts W once, all of the flat parameters in one to_storage_kernel launch
-    (round_to_storage into the model's 16-bit copy), instead of once per GEMM that reads it (forward, and input_grad
-    for every layer but the first); X is converted by the two GEMMs that read it, as before. Parameters and losses after steps that include CUDA graph
-    replays are bit-identical to the per-GEMM conversion's. Widths 7, 33, 17, 5 make rows of W that are not 16 bytes
-    (8 elements) long: the tensor-core kernels' element-by-element loads."""
+    """bf16/fp16, the per-layer path: a train step converts W once, all of the flat parameters in one
+    to_storage_kernel launch (round_to_storage into the model's 16-bit copy), instead of once per GEMM that reads it
+    (forward, and input_grad for every layer but the first); X is converted by the two GEMMs that read it, as
+    before. Parameters and losses after steps that include a CUDA graph's replay are bit-identical to the per-GEMM
+    conversion's. Widths 7, 33, 17, 5 make rows of W that are not 16 bytes (8 elements) long: the tensor-core
+    kernels' element-by-element loads."""
     import gpubp
     X = rng.standard_normal((37, sizes[0]))
     y = rng.integers(0, sizes[-1], 37)
@@ -564,14 +565,15 @@ def test_a_step_rounds_the_weights_once_bit_identical_to_per_gemm_rounding(backe
 
 
 def test_odd_widths_match_the_numpy_backend(backend, rng):
-    """7-5-3 in bf16 on the per-layer path: W rows of 7 and 5 elements (not 16-byte aligned) read from the 16-bit copy give the numpy
-    reference's gradients (as test_network_gradients_and_steps_match_the_numpy_backend's tolerance) and, after a
-    step moved the weights, its predictions: the copy follows the parameters."""
+    """7-5-3 in bf16 on the per-layer path: W rows of 7 and 5 elements (not 16-byte aligned) read from the 16-bit
+    copy give the numpy reference's gradients (test_network_gradients_and_steps_match_the_numpy_backend's tolerance)
+    and, after a step moved the weights, its predictions."""
     import gpubp
     from gpubp.backends.numpy_backend import NumpyBackend
     X = rng.standard_normal((19, 7))
     y = rng.integers(0, 3, 19)
-    nets = {name: _net(be, "bf16", (7, 5, 3), fused=False) for name, be in (("cupy", backend), ("numpy", NumpyBackend()))}
+    nets = {name: _net(be, "bf16", (7, 5, 3), fused=False)
+            for name, be in (("cupy", backend), ("numpy", NumpyBackend()))}
     grads = {k: net.gradients(X, y, loss="softmax_ce") for k, net in nets.items()}
     for got, want in zip(grads["cupy"], grads["numpy"]):
         for key in want:

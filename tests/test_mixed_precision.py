@@ -191,9 +191,9 @@ def test_fifty_steps_track_fp32(rng, precision):
 @pytest.mark.parametrize("precision", SIXTEEN)
 def test_one_16_bit_copy_of_the_weights_follows_the_parameters(rng, precision):
     """bf16/fp16 on the per-layer path: every layer's W16 is a view of the model's one 16-bit copy of its flat
-    parameters, at W's offset, holding round_p(W) after a forward (a step's update comes after its forward: until the next
-    one the copy holds the weights before it, read by nothing); steps are bit-identical to rounding W in every
-    GEMM (no copy), and set_params between steps reaches the next forward (the copy is rebuilt each time)."""
+    parameters, at W's offset, holding round_p(W) after a forward (a step's update follows its forward: until the
+    next forward the copy holds the weights before it, which nothing reads); steps are bit-identical to rounding W
+    in every GEMM (no copy), and set_params between steps reaches the next forward (the copy is rebuilt each time)."""
     X, y = make_data(rng, 17, 7, 3, "softmax_ce")
     new = lambda: gpubp.Sequential(gpubp.Dense(7, 5, "tanh"), gpubp.Dense(5, 3), backend="numpy",  # noqa: E731
                                    precision=precision, fused=False)
