@@ -340,7 +340,8 @@ def _writes_or_rounds_fp16(entry):
     """The variant stores float16 (an f16 output kind) or rounds a float32 operand to fp16."""
     kinds = entry.variant.split(",")
     outputs = {"dense_forward_kernel": kinds[-1:], "input_grad_kernel": kinds[-1:],
-               "activation_mask_kernel": kinds[-1:], "loss_rows_kernel": kinds[:1]}.get(entry.name, [])
+               "activation_mask_kernel": kinds[-1:], "loss_rows_kernel": kinds[:1],
+               "round_to_storage_kernel": kinds[-1:]}.get(entry.name, [])
     return "f16" in outputs or "fp16" in kinds
 
 
