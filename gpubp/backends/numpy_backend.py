@@ -199,7 +199,7 @@ class NumpyBackend(Backend):
             self._store(deltas[l][:, :d.shape[1]], d)
 
     def sgd_update(self, params, grads, momentum_buf, step, hyper, guard):
-        if guard[G.FAULT] or self._gradient_fault(grads, guard):
+        if guard[G.FAULT] or self._fault_if_nonfinite(guard, G.GRADIENT, grads):   # the raw gradient, checked first
             return
         lr, momentum, dampening, weight_decay, nesterov = (float(h) for h in hyper)   # Python floats: float32 stays float32
         with self._rollback_on_overflow(guard, params, momentum_buf if momentum != 0 else None):
@@ -223,7 +223,7 @@ class NumpyBackend(Backend):
         self._count_good_step(step, guard)
 
     def adam_update(self, params, grads, m, v, step, hyper, guard):
-        if guard[G.FAULT] or self._gradient_fault(grads, guard):
+        if guard[G.FAULT] or self._fault_if_nonfinite(guard, G.GRADIENT, grads):   # the raw gradient, checked first
             return
         lr, beta1, beta2, eps, weight_decay = (float(h) for h in hyper)
         with self._rollback_on_overflow(guard, params, m, v):
@@ -250,14 +250,6 @@ class NumpyBackend(Backend):
             params -= update                                  # θ = θ − lr/(1 − β1ᵗ) · m / denom
         self._count_good_step(step, guard)
 
-    def _gradient_fault(self, grads, guard):
-        """A guarded update's first check: a non-finite gradient, as backward made it (before weight decay), sets
-        FAULT = GRADIENT with its smallest flat index and the update writes nothing. True when it did."""
-        if np.isfinite(grads).all():   # the fast test first: the index is wanted only after a fault
-            return False
-        self._set_fault(guard, G.GRADIENT, int(np.flatnonzero(~np.isfinite(grads))[0]))
-        return True
-
     @contextlib.contextmanager
     def _rollback_on_overflow(self, guard, params, *state):
         """The guarded update on the CPU: keep copies of what the update writes, apply it, and when a value went
@@ -269,9 +261,7 @@ class NumpyBackend(Backend):
         with np.errstate(over="ignore", invalid="ignore"):   # overflow is what this guards against: no warning
             yield
         for k, b, _ in buffers:
-            if not np.isfinite(b).all():   # the fast test first: the index is wanted only after a fault
-                self._set_fault(guard, G.PARAMS if k == 0 else G.STATE + k - 1,
-                                int(np.flatnonzero(~np.isfinite(b))[0]))
+            if self._fault_if_nonfinite(guard, G.PARAMS if k == 0 else G.STATE + k - 1, b):
                 for _, buf, copy in buffers:
                     np.copyto(buf, copy)
                 return
@@ -279,6 +269,14 @@ class NumpyBackend(Backend):
     @staticmethod
     def _set_fault(guard, code, index):
         guard[G.FAULT], guard[G.FAULT_STEP], guard[G.FAULT_INDEX] = code, guard[G.STEP], index
+
+    @classmethod
+    def _fault_if_nonfinite(cls, guard, code, x):
+        """When x holds a NaN or inf: FAULT = code at x's smallest non-finite flat index, and True."""
+        if np.isfinite(x).all():   # the fast test first: the index is wanted only after a fault
+            return False
+        cls._set_fault(guard, code, int(np.flatnonzero(~np.isfinite(x))[0]))
+        return True
 
     @staticmethod
     def _count_good_step(step, guard):
@@ -305,8 +303,7 @@ class NumpyBackend(Backend):
         if guard[G.FAULT]:
             return
         grads *= grads.dtype.type(1.0 / scaler[LS.SCALE])
-        if not np.isfinite(grads).all():
-            self._set_fault(guard, G.OVERFLOW, int(np.flatnonzero(~np.isfinite(grads))[0]))
+        self._fault_if_nonfinite(guard, G.OVERFLOW, grads)
 
     def update_scale(self, scaler, guard):
         if guard[G.FAULT] == G.OVERFLOW:
